@@ -1,0 +1,79 @@
+"""Job configuration: which sources are mixed, in what role, with what shapes and seed."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mixer_service.engine.mixture import MAX_SOURCES
+from mixer_service.errors import InvalidInput
+
+ROLES = ("repeat", "once")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    role: str  # "repeat": consumed in epochs (domain set); "once": a single pass (web)
+    fingerprint: str | None = None  # content fingerprint the job was created against
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    sources: tuple[SourceSpec, ...]
+    seq_len: int
+    global_batch: int
+    seed: int
+    total_steps: int
+    allow_wrap: bool = False  # let a "once" source start a second pass instead of refusing the schedule
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    @classmethod
+    def parse(cls, data: Any) -> JobConfig:
+        """Validate a job document; every error names the offending field."""
+        if not isinstance(data, dict):
+            raise InvalidInput("job: must be an object")
+        unknown = set(data) - {"sources", "seq_len", "global_batch", "seed", "total_steps", "allow_wrap"}
+        if unknown:
+            raise InvalidInput(f"job: unknown field(s) {sorted(unknown)}")
+        raw_sources = data.get("sources")
+        if not isinstance(raw_sources, list) or not 1 <= len(raw_sources) <= MAX_SOURCES:
+            raise InvalidInput(f"sources: must be a list of 1 to {MAX_SOURCES} sources")
+        sources = []
+        for i, raw in enumerate(raw_sources):
+            where = f"sources[{i}]"
+            if not isinstance(raw, dict):
+                raise InvalidInput(f"{where}: must be an object with name and role")
+            name, role, fp = raw.get("name"), raw.get("role"), raw.get("fingerprint")
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise InvalidInput(f"{where}.name: must match {_NAME.pattern}, got {name!r}")
+            if role not in ROLES:
+                raise InvalidInput(f"{where}.role: must be one of {list(ROLES)}, got {role!r}")
+            if fp is not None and not isinstance(fp, str):
+                raise InvalidInput(f"{where}.fingerprint: must be a string")
+            if set(raw) - {"name", "role", "fingerprint"}:
+                raise InvalidInput(f"{where}: unknown field(s) {sorted(set(raw) - {'name', 'role', 'fingerprint'})}")
+            sources.append(SourceSpec(name, role, fp))
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise InvalidInput(f"sources: names must be unique, got {names}")
+        ints = {}
+        for field, low in (("seq_len", 2), ("global_batch", 1), ("seed", 0), ("total_steps", 1)):
+            value = data.get(field, 0 if field == "seed" else None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidInput(f"{field}: must be an integer >= {low}, got {value!r}")
+            ints[field] = value
+        allow_wrap = data.get("allow_wrap", False)
+        if not isinstance(allow_wrap, bool):
+            raise InvalidInput("allow_wrap: must be true or false")
+        return cls(tuple(sources), allow_wrap=allow_wrap, **ints)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["sources"] = [{k: v for k, v in asdict(s).items() if v is not None} for s in self.sources]
+        return out

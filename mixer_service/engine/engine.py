@@ -1,0 +1,152 @@
+"""The mixing engine: the exact content of any global batch, random-access, as a pure function.
+
+Batch ``t`` depends only on (job config, source contents, schedule log). Per step the engine does
+O(B * L) copying plus O(number of schedule pieces) exact arithmetic; nothing is replayed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from mixer_service.engine.config import JobConfig
+from mixer_service.engine.layout import SourceLayout, Span, TokenSource
+from mixer_service.engine.mixture import MixturePlan
+from mixer_service.engine.permutation import Permutation, derive_key
+from mixer_service.engine.schedule import Schedule, schedule_pieces
+from mixer_service.errors import InvalidInput, NotFound
+
+log = logging.getLogger(__name__)
+
+ScheduleLog = list[tuple[int, Schedule]]  # [(effective_step, schedule), ...], first at step 0
+
+
+@dataclass(frozen=True)
+class Batch:
+    step: int
+    rank: int
+    world: int
+    tokens: np.ndarray  # [rows, seq_len]
+    source_ids: np.ndarray  # [rows] index into the job's sources
+    seq_ids: np.ndarray  # [rows] per-source sequence index
+
+
+@dataclass(frozen=True)
+class SequenceProvenance:
+    source: str
+    seq_id: int
+    spans: list[Span]
+
+
+class MixingEngine:
+    """One job under one schedule log. ``with_log`` gives the engine for a changed schedule."""
+
+    @classmethod
+    def create(cls, config: JobConfig, sources: Mapping[str, TokenSource],
+               schedule_log: ScheduleLog) -> MixingEngine:
+        missing = [s.name for s in config.sources if s.name not in sources]
+        if missing:
+            raise NotFound(f"sources: not available on this server: {missing}")
+        layouts = [SourceLayout(sources[s.name], s.name, config.seq_len, config.seed, repeat=s.role == "repeat")
+                   for s in config.sources]
+        return cls(config, layouts, schedule_log)
+
+    def __init__(self, config: JobConfig, layouts: list[SourceLayout], schedule_log: ScheduleLog) -> None:
+        self.config = config
+        self.layouts = layouts
+        self.schedule_log = list(schedule_log)
+        self.plan = MixturePlan(schedule_pieces(self.schedule_log), len(config.sources), config.global_batch)
+        self.token_dtype = np.result_type(*(lay.source.tokens.dtype for lay in self.layouts))
+        self.warnings = self._check_exhaustion()
+        self._assignment = lru_cache(maxsize=256)(self._compute_assignment)
+
+    def with_log(self, schedule_log: ScheduleLog) -> MixingEngine:
+        """The same job under another schedule log; raises InvalidInput if it cannot be served."""
+        return MixingEngine(self.config, self.layouts, schedule_log)
+
+    def _check_exhaustion(self) -> list[str]:
+        """Refuse (or, with allow_wrap, warn about) a single-pass source that runs dry before the end."""
+        warnings = []
+        for k, (spec, lay) in enumerate(zip(self.config.sources, self.layouts, strict=True)):
+            if spec.role != "once":
+                continue
+            step = self.plan.first_step_exceeding(k, lay.num_chunks, self.config.total_steps)
+            if step is None:
+                continue
+            needed = self.plan.realized(self.config.total_steps)[k]
+            msg = (f"schedule: source {spec.name!r} (role once) runs out at step {step}: it has "
+                   f"{lay.num_chunks} sequences of {self.config.seq_len} tokens but the schedule needs "
+                   f"{needed} by total_steps={self.config.total_steps}")
+            if not self.config.allow_wrap:
+                raise InvalidInput(msg + "; lower its weight, add data, or create the job with allow_wrap")
+            log.warning("once source wraps", extra={"source": spec.name, "step": step})
+            warnings.append(msg + "; it wraps into a second pass (allow_wrap)")
+        return warnings
+
+    def check_step(self, step: int) -> None:
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self.config.total_steps:
+            raise InvalidInput(f"step: must be an integer in [0, {self.config.total_steps}), got {step!r}")
+
+    def _rows(self, rank: int, world: int) -> slice:
+        b = self.config.global_batch
+        if not (isinstance(world, int) and world >= 1 and b % world == 0):
+            raise InvalidInput(f"world: must be a positive divisor of global_batch={b}, got {world!r}")
+        if not (isinstance(rank, int) and 0 <= rank < world):
+            raise InvalidInput(f"rank: must be in [0, {world}), got {rank!r}")
+        per_rank = b // world
+        return slice(rank * per_rank, (rank + 1) * per_rank)
+
+    def _compute_assignment(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source and per-source sequence index of every row of global batch ``step``.
+
+        Rows are shuffled by a per-step permutation so that every rank slice sees the mixture, while the
+        global batch stays independent of the world size.
+        """
+        counts = self.plan.step_counts(step)
+        before = self.plan.realized(step)
+        src = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        seq = np.concatenate([np.arange(b, b + c, dtype=np.int64) for b, c in zip(before, counts, strict=True)])
+        order = Permutation(len(src), derive_key("rows", self.config.seed, step)).apply(np.arange(len(src)))
+        return src[order], seq[order]
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> Batch:
+        self.check_step(step)
+        rows = self._rows(rank, world)
+        src, seq = (a[rows] for a in self._assignment(step))
+        tokens = np.empty((len(src), self.config.seq_len), dtype=self.token_dtype)
+        for k, lay in enumerate(self.layouts):
+            sel = np.flatnonzero(src == k)
+            if sel.size:
+                part = np.empty((sel.size, self.config.seq_len), dtype=lay.source.tokens.dtype)
+                lay.gather(seq[sel], part)
+                tokens[sel] = part
+        return Batch(step, rank, world, tokens, src.astype(np.int16), seq)
+
+    def provenance(self, step: int, rank: int = 0, world: int = 1) -> list[SequenceProvenance]:
+        self.check_step(step)
+        src, seq = (a[self._rows(rank, world)] for a in self._assignment(step))
+        return [SequenceProvenance(self.layouts[k].name, int(j), self.layouts[k].spans(int(j)))
+                for k, j in zip(src.tolist(), seq.tolist(), strict=True)]
+
+    def source_index(self, name: str) -> int:
+        try:
+            return self.config.source_names.index(name)
+        except ValueError:
+            raise NotFound(f"source {name!r} is not part of this job ({self.config.source_names})") from None
+
+    def sequences_served(self, step: int) -> tuple[int, ...]:
+        """Cumulative sequences per source once steps ``0..step`` have been served (-1: none)."""
+        return self.plan.realized(step + 1)
+
+    def repetition_counts(self, source: str, step: int) -> np.ndarray:
+        """Times each document of ``source`` has been fully served in steps ``<= step``."""
+        k = self.source_index(source)
+        return self.layouts[k].repetition_counts(self.sequences_served(step)[k])
+
+    def repetition_count(self, source: str, doc: int, step: int) -> int:
+        k = self.source_index(source)
+        return self.layouts[k].repetition_count(doc, self.sequences_served(step)[k])

@@ -1,0 +1,148 @@
+"""Where the j-th sequence of a source comes from: epochs, chunk permutations and document spans.
+
+A source's canonical token stream is its documents in prepared order, each followed by EOS (``S``
+tokens). For a job with sequence length ``L`` an epoch is that stream rotated by a seeded offset and cut
+into ``M = ceil(S / L)`` chunks of ``L`` tokens (the last one wraps around to the start), served in a
+seeded permuted order. Every quantity here is O(1) per sequence: no epoch is ever materialised.
+
+Repetition invariant (the one place it lives): a document counts as seen once in an epoch when every chunk
+that holds one of its tokens has been served in that epoch. All ``M`` chunks of epoch ``e`` are served
+before any chunk of epoch ``e + 1``, so after any step every document has been seen ``e`` or ``e + 1``
+times, where ``e`` is the number of completed epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from mixer_service.engine.permutation import Permutation, derive_key
+from mixer_service.errors import InvalidInput, NotFound
+
+
+class TokenSource(Protocol):
+    """What the engine needs of a prepared source (``mixer_service.prepare.PreparedSource`` is one)."""
+
+    tokens: np.ndarray  # 1-D, every document followed by its EOS
+    doc_offsets: np.ndarray  # int64, num_docs + 1
+
+
+@dataclass(frozen=True)
+class Span:
+    """A run of ``length`` tokens of document ``doc`` starting at ``offset`` inside it."""
+
+    doc: int
+    offset: int
+    length: int
+
+
+class SourceLayout:
+    """Epoch/chunk arithmetic for one source of one job."""
+
+    def __init__(self, source: TokenSource, name: str, seq_len: int, seed: int, repeat: bool) -> None:
+        self.source = source
+        self.name = name
+        self.seq_len = seq_len
+        self.repeat = repeat
+        self.num_tokens = int(source.doc_offsets[-1])
+        if self.num_tokens < seq_len:
+            raise InvalidInput(f"sources.{name}: has {self.num_tokens} tokens, fewer than seq_len={seq_len}")
+        self.num_chunks = -(-self.num_tokens // seq_len)
+        self._key = derive_key("layout", seed, name)
+        self._perms: dict[int, Permutation] = {}
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.source.doc_offsets) - 1
+
+    def _perm(self, epoch: int) -> Permutation:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            if len(self._perms) > 64:
+                self._perms.clear()
+            perm = self._perms[epoch] = Permutation(self.num_chunks, derive_key(self._key, "epoch", epoch))
+        return perm
+
+    def rotation(self, epoch: int) -> int:
+        """Token offset of epoch ``epoch``'s first chunk boundary: chunk edges move every epoch."""
+        return derive_key(self._key, "rotation", epoch) % self.num_tokens if self.repeat else 0
+
+    def sequence_starts(self, seq_ids: np.ndarray) -> np.ndarray:
+        """Canonical start position of each sequence (its L tokens continue cyclically)."""
+        seq_ids = np.asarray(seq_ids, dtype=np.int64)
+        epochs, pos = np.divmod(seq_ids, self.num_chunks)
+        starts = np.empty_like(seq_ids)
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            chunks = self._perm(int(epoch)).apply(pos[sel])
+            starts[sel] = (chunks * self.seq_len + self.rotation(int(epoch))) % self.num_tokens
+        return starts
+
+    def gather(self, seq_ids: np.ndarray, out: np.ndarray) -> None:
+        """Copy the tokens of each sequence into the rows of ``out`` (shape ``[len(seq_ids), L]``)."""
+        tokens, length, total = self.source.tokens, self.seq_len, self.num_tokens
+        for row, start in enumerate(self.sequence_starts(seq_ids).tolist()):
+            end = start + length
+            if end <= total:
+                out[row] = tokens[start:end]
+            else:
+                head = total - start
+                out[row, :head] = tokens[start:]
+                out[row, head:] = tokens[: length - head]
+
+    def spans(self, seq_id: int) -> list[Span]:
+        """The document spans making up one sequence, in order (provenance)."""
+        start = int(self.sequence_starts(np.array([seq_id]))[0])
+        pieces = [(start, min(start + self.seq_len, self.num_tokens))]
+        if start + self.seq_len > self.num_tokens:
+            pieces.append((0, start + self.seq_len - self.num_tokens))
+        offsets = self.source.doc_offsets
+        out: list[Span] = []
+        for lo, hi in pieces:
+            doc = int(np.searchsorted(offsets, lo, side="right")) - 1
+            while lo < hi:
+                doc_end = int(offsets[doc + 1])
+                take = min(hi, doc_end) - lo
+                out.append(Span(doc, lo - int(offsets[doc]), take))
+                lo += take
+                doc += 1
+        return out
+
+    def repetition_counts(self, sequences_served: int) -> np.ndarray:
+        """How many times each document has been fully seen after ``sequences_served`` sequences."""
+        epoch, progress = divmod(sequences_served, self.num_chunks)
+        counts = np.full(self.num_docs, epoch, dtype=np.int64)
+        if progress:
+            counts += self._served_in_epoch(epoch, progress, np.arange(self.num_docs))
+        return counts
+
+    def repetition_count(self, doc: int, sequences_served: int) -> int:
+        if not 0 <= doc < self.num_docs:
+            raise NotFound(f"source {self.name!r} has no document {doc} (it has {self.num_docs})")
+        epoch, progress = divmod(sequences_served, self.num_chunks)
+        if not progress:
+            return epoch
+        return epoch + int(self._served_in_epoch(epoch, progress, np.array([doc]))[0])
+
+    def _served_in_epoch(self, epoch: int, progress: int, docs: np.ndarray) -> np.ndarray:
+        """1 for each doc whose every chunk is among the first ``progress`` chunks of ``epoch``."""
+        served = np.zeros(self.num_chunks, dtype=np.int64)
+        served[self._perm(epoch).apply(np.arange(progress))] = 1
+        unserved_before = np.concatenate([[0], np.cumsum(1 - served)])  # prefix count of unserved chunks
+
+        def unserved(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+            return unserved_before[last + 1] - unserved_before[first]
+
+        offsets = self.source.doc_offsets
+        begin = (offsets[docs] - self.rotation(epoch)) % self.num_tokens  # position in the epoch stream
+        length = offsets[docs + 1] - offsets[docs]
+        end = begin + length - 1  # inclusive, may pass the end of the stream
+        last_in_stream = np.minimum(end, self.num_tokens - 1)
+        missing = unserved(begin // self.seq_len, last_in_stream // self.seq_len)
+        wraps = end >= self.num_tokens
+        if wraps.any():
+            tail_last = (end[wraps] - self.num_tokens) // self.seq_len
+            missing[wraps] += unserved(np.zeros_like(tail_last), tail_last)
+        return (missing == 0).astype(np.int64)

@@ -1,0 +1,134 @@
+"""Mixing schedules: phases of per-source weights, constant or linearly ramped, and their change log.
+
+Weights are held as exact fractions so that the cumulative targets of the exact-mixture contract are the
+same on every machine and never drift with floating-point error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from mixer_service.errors import InvalidInput
+
+_SUM_TOLERANCE = Fraction(1, 10**9)
+
+
+def parse_weight(value: Any, field: str) -> Fraction:
+    """Accept a JSON number or a ``"p/q"`` string; floats go through their shortest decimal repr."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidInput(f"{field}: weight must be a number or 'p/q' string, got {value!r}")
+    try:
+        weight = Fraction(repr(value) if isinstance(value, float) else value)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise InvalidInput(f"{field}: cannot parse weight {value!r}") from exc
+    if weight < 0:
+        raise InvalidInput(f"{field}: weight must be >= 0, got {value!r}")
+    return weight
+
+
+def weight_to_json(weight: Fraction) -> float | str:
+    """A float when it round-trips exactly through ``parse_weight``, else the exact ``"p/q"``."""
+    as_float = float(weight)
+    return as_float if Fraction(repr(as_float)) == weight else f"{weight.numerator}/{weight.denominator}"
+
+
+@dataclass(frozen=True)
+class Phase:
+    start_step: int
+    weights: tuple[Fraction, ...]  # in the job's source order, summing to exactly 1
+    ramp: bool = False  # ramp linearly towards the next phase's weights, reached at its start step
+
+
+@dataclass(frozen=True)
+class Schedule:
+    phases: tuple[Phase, ...]
+
+    @classmethod
+    def parse(cls, data: Any, source_names: list[str]) -> Schedule:
+        """Validate a schedule document; every error names the offending field."""
+        if not isinstance(data, dict) or not isinstance(data.get("phases"), list) or not data["phases"]:
+            raise InvalidInput("schedule.phases: must be a non-empty list")
+        phases: list[Phase] = []
+        for i, raw in enumerate(data["phases"]):
+            where = f"schedule.phases[{i}]"
+            if not isinstance(raw, dict):
+                raise InvalidInput(f"{where}: must be an object")
+            unknown_keys = set(raw) - {"start_step", "weights", "ramp"}
+            if unknown_keys:
+                raise InvalidInput(f"{where}: unknown field(s) {sorted(unknown_keys)}")
+            start = raw.get("start_step")
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise InvalidInput(f"{where}.start_step: must be an integer >= 0, got {start!r}")
+            if i == 0 and start != 0:
+                raise InvalidInput(f"{where}.start_step: the first phase must start at step 0")
+            if phases and start <= phases[-1].start_step:
+                raise InvalidInput(f"{where}.start_step: steps must increase ({start} after "
+                                   f"{phases[-1].start_step})")
+            weights = raw.get("weights")
+            if not isinstance(weights, dict) or not weights:
+                raise InvalidInput(f"{where}.weights: must be a non-empty object source -> weight")
+            unknown = sorted(set(weights) - set(source_names))
+            if unknown:
+                raise InvalidInput(f"{where}.weights: unknown source(s) {unknown}; job sources are "
+                                   f"{source_names}")
+            parsed = [parse_weight(weights.get(name, 0), f"{where}.weights.{name}") for name in source_names]
+            total = sum(parsed)
+            if abs(total - 1) > _SUM_TOLERANCE:
+                raise InvalidInput(f"{where}.weights: must sum to 1, got {float(total):.9g}")
+            ramp = raw.get("ramp", False)
+            if not isinstance(ramp, bool):
+                raise InvalidInput(f"{where}.ramp: must be true or false")
+            phases.append(Phase(start, tuple(w / total for w in parsed), ramp))
+        if phases[-1].ramp:
+            raise InvalidInput(f"schedule.phases[{len(phases) - 1}].ramp: the last phase has nothing to "
+                               "ramp towards")
+        return cls(tuple(phases))
+
+    def to_json(self, source_names: list[str]) -> dict[str, Any]:
+        return {"phases": [
+            {"start_step": p.start_step,
+             "weights": {n: weight_to_json(w) for n, w in zip(source_names, p.weights, strict=True)},
+             "ramp": p.ramp}
+            for p in self.phases]}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of steps ``[start, end)`` where per-step weights are ``w0 + slope * (step - start)``."""
+
+    start: int
+    end: int | None  # None: runs forever
+    w0: tuple[Fraction, ...]
+    slope: tuple[Fraction, ...]
+
+
+def schedule_pieces(log: list[tuple[int, Schedule]]) -> list[Piece]:
+    """Flatten a schedule log ``[(effective_step, schedule), ...]`` into pieces covering ``[0, inf)``.
+
+    Version ``v`` governs steps ``[effective_v, effective_{v+1})``; history before a change is never
+    rewritten because a later version only owns steps from its own effective step on.
+    """
+    if not log or log[0][0] != 0:
+        raise InvalidInput("schedule log: the first version must take effect at step 0")
+    pieces: list[Piece] = []
+    for v, (eff, sched) in enumerate(log):
+        v_end = log[v + 1][0] if v + 1 < len(log) else None
+        if v_end is not None and v_end < eff:
+            raise InvalidInput("schedule log: effective steps must not decrease")
+        for i, phase in enumerate(sched.phases):
+            nxt = sched.phases[i + 1] if i + 1 < len(sched.phases) else None
+            p_end = nxt.start_step if nxt else None
+            lo = max(eff, phase.start_step)
+            hi = p_end if v_end is None else (v_end if p_end is None else min(v_end, p_end))
+            if hi is not None and hi <= lo:
+                continue
+            if phase.ramp and nxt is not None:
+                span = nxt.start_step - phase.start_step
+                slope = tuple((b - a) / span for a, b in zip(phase.weights, nxt.weights, strict=True))
+            else:
+                slope = tuple(Fraction(0) for _ in phase.weights)
+            w0 = tuple(a + s * (lo - phase.start_step) for a, s in zip(phase.weights, slope, strict=True))
+            pieces.append(Piece(lo, hi, w0, slope))
+    return pieces

@@ -1,0 +1,33 @@
+"""One exception hierarchy for the whole service.
+
+Every error a user can cause is a ``MixerError`` with a message that names the bad field or file; the HTTP
+layer maps each subclass to one status code (RFC 9457 problem+json) and the CLI prints it as one line.
+"""
+
+
+class MixerError(Exception):
+    """Base of every error the service reports to a user."""
+
+
+class InvalidInput(MixerError):
+    """A request, config or schedule is malformed (HTTP 422)."""
+
+
+class NotFound(MixerError):
+    """An unknown job, source or document (HTTP 404)."""
+
+
+class Conflict(MixerError):
+    """The request contradicts existing state, e.g. a source fingerprint mismatch (HTTP 409)."""
+
+
+class StaleVersion(MixerError):
+    """An If-Match precondition no longer holds (HTTP 412)."""
+
+
+class CorruptData(MixerError):
+    """A prepared source is truncated, corrupt or incomplete; the message names the file."""
+
+
+class StoreUnavailable(MixerError):
+    """The state store (e.g. Redis) cannot be reached (HTTP 503, retry later)."""
