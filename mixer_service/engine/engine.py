@@ -87,6 +87,14 @@ class MixingEngine:
             warnings.append(msg + "; it wraps into a second pass (allow_wrap)")
         return warnings
 
+    def first_changeable_step(self, served_high_water: int) -> int:
+        """Earliest step a schedule change may take effect at without altering steps already served.
+
+        Usually ``served_high_water + 1``; later when a tiny weight leaves a fractional sequence pending,
+        because the rounding of already-served steps then depends on the weights still to come.
+        """
+        return max(served_high_water + 1, self.plan.horizon(served_high_water + 1) + 1)
+
     def check_step(self, step: int) -> None:
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self.config.total_steps:
             raise InvalidInput(f"step: must be an integer in [0, {self.config.total_steps}), got {step!r}")

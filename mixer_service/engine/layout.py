@@ -127,22 +127,26 @@ class SourceLayout:
         return epoch + int(self._served_in_epoch(epoch, progress, np.array([doc]))[0])
 
     def _served_in_epoch(self, epoch: int, progress: int, docs: np.ndarray) -> np.ndarray:
-        """1 for each doc whose every chunk is among the first ``progress`` chunks of ``epoch``."""
+        """1 for each doc all of whose tokens are covered by the first ``progress`` chunks of ``epoch``.
+
+        A token is covered by the chunk it falls in; the first ``M * L - S`` tokens of the epoch stream
+        are also covered by the last chunk, which wraps around onto them.
+        """
         served = np.zeros(self.num_chunks, dtype=np.int64)
         served[self._perm(epoch).apply(np.arange(progress))] = 1
         unserved_before = np.concatenate([[0], np.cumsum(1 - served)])  # prefix count of unserved chunks
+        covered_by_wrap = self.num_chunks * self.seq_len - self.num_tokens if served[-1] else 0
 
-        def unserved(first: np.ndarray, last: np.ndarray) -> np.ndarray:
-            return unserved_before[last + 1] - unserved_before[first]
+        def missing(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+            """Unserved chunks under token positions [first, last] of the stream, outside the wrap."""
+            first = np.maximum(first, covered_by_wrap)
+            count = unserved_before[last // self.seq_len + 1] - unserved_before[first // self.seq_len]
+            return np.where(first <= last, count, 0)
 
         offsets = self.source.doc_offsets
         begin = (offsets[docs] - self.rotation(epoch)) % self.num_tokens  # position in the epoch stream
-        length = offsets[docs + 1] - offsets[docs]
-        end = begin + length - 1  # inclusive, may pass the end of the stream
-        last_in_stream = np.minimum(end, self.num_tokens - 1)
-        missing = unserved(begin // self.seq_len, last_in_stream // self.seq_len)
+        end = begin + (offsets[docs + 1] - offsets[docs]) - 1  # inclusive, may pass the end of the stream
+        total = missing(begin, np.minimum(end, self.num_tokens - 1))
         wraps = end >= self.num_tokens
-        if wraps.any():
-            tail_last = (end[wraps] - self.num_tokens) // self.seq_len
-            missing[wraps] += unserved(np.zeros_like(tail_last), tail_last)
-        return (missing == 0).astype(np.int64)
+        total[wraps] += missing(np.zeros(int(wraps.sum()), dtype=np.int64), end[wraps] - self.num_tokens)
+        return (total == 0).astype(np.int64)

@@ -10,6 +10,11 @@ the stream down a binary tree of sources. A node's realised count ``y`` is trans
 through the inverse of the node's own target curve, and its left child receives
 ``round(C_left(C_node^-1(y)))``. That map is monotone with slope <= 1, so both children stay monotone,
 and each level adds at most 1/2 of error: a tree of depth <= 2 (up to four sources) keeps the bound <= 1.
+
+A node that is ahead of its target is split by looking at where its target *will* cross ``y``, so
+``N(tau)`` may depend on the weights of a few steps at or after ``tau``; ``horizon(tau)`` names the last
+such step. A schedule change must take effect after the horizon of everything already served, which is
+how "changes never rewrite history" stays exact (see ``MixingEngine.first_changeable_step``).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ class MixturePlan:
             self._cum_at_start.append(tuple(cum))
             if p.end is not None:
                 cum = list(self._advance(p, tuple(cum), p.end - p.start))
-        self.realized = lru_cache(maxsize=4096)(self._realized)
+        self._split = lru_cache(maxsize=4096)(self._compute_split)
 
     def _advance(self, p: Piece, cum: tuple[Fraction, ...], m: int) -> tuple[Fraction, ...]:
         """Targets after ``m`` more steps of piece ``p`` (sum of an arithmetic series)."""
@@ -103,38 +108,50 @@ class MixturePlan:
             return p.start + lo - 1
         raise AssertionError("schedule pieces must end with an open piece")
 
-    def _left_share(self, node: tuple[Tree, Tree], y: int) -> Fraction:
-        """``C_left(C_node^-1(y))``: the left child's target at the moment the node's target reached y."""
+    def _left_share(self, node: tuple[Tree, Tree], y: int) -> tuple[Fraction, int]:
+        """``C_left(C_node^-1(y))``, the left child's target when the node's target reached ``y``, and the
+        last step whose weights that consulted."""
         if y <= 0:
-            return Fraction(0)
+            return Fraction(0), -1
         leaves, left = _leaves(node), _leaves(node[0])
         tau = self._crossing_step(leaves, Fraction(y))
         if tau is None:  # the node's target stops below y, so the left child's target has stopped too
             last = self._cum_at_start[-1]
-            return sum((last[k] for k in left), Fraction(0))
+            return sum((last[k] for k in left), Fraction(0)), self.pieces[-1].start
         c0, c1 = self.target(tau), self.target(tau + 1)
         node0 = sum((c0[k] for k in leaves), Fraction(0))
         node_rate = sum((c1[k] - c0[k] for k in leaves), Fraction(0))
         left0 = sum((c0[k] for k in left), Fraction(0))
         left_rate = sum((c1[k] - c0[k] for k in left), Fraction(0))
         if node_rate == 0:
-            return left0
-        return left0 + (Fraction(y) - node0) * left_rate / node_rate
+            return left0, tau
+        return left0 + (Fraction(y) - node0) * left_rate / node_rate, tau
 
-    def _realized(self, tau: int) -> tuple[int, ...]:
-        """``N_s(tau)``: sequences each source has contributed in steps ``< tau`` (cached, pure)."""
+    def _compute_split(self, tau: int) -> tuple[tuple[int, ...], int]:
         counts = [0] * self.num_sources
+        horizon = tau - 1
 
         def split(node: Tree, y: int) -> None:
+            nonlocal horizon
             if isinstance(node, int):
                 counts[node] = y
                 return
-            left = int((self._left_share(node, y) + _HALF).__floor__())
+            share, consulted = self._left_share(node, y)
+            horizon = max(horizon, consulted)
+            left = int((share + _HALF).__floor__())
             split(node[0], left)
             split(node[1], y - left)
 
         split(self._tree, self.batch_size * tau)
-        return tuple(counts)
+        return tuple(counts), horizon
+
+    def realized(self, tau: int) -> tuple[int, ...]:
+        """``N_s(tau)``: sequences each source has contributed in steps ``< tau`` (cached, pure)."""
+        return self._split(tau)[0]
+
+    def horizon(self, tau: int) -> int:
+        """Last step whose weights ``realized(tau)`` depends on (>= tau - 1; non-decreasing in tau)."""
+        return self._split(tau)[1]
 
     def step_counts(self, step: int) -> tuple[int, ...]:
         """Sequences per source in global batch ``step``."""
