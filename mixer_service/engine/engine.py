@@ -17,7 +17,7 @@ from mixer_service.engine.config import JobConfig
 from mixer_service.engine.layout import SourceLayout, Span, TokenSource
 from mixer_service.engine.mixture import MixturePlan
 from mixer_service.engine.permutation import Permutation, derive_key
-from mixer_service.engine.schedule import Schedule, schedule_pieces
+from mixer_service.engine.schedule import Schedule, active_versions, schedule_pieces
 from mixer_service.errors import InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,10 @@ class MixingEngine:
         because the rounding of already-served steps then depends on the weights still to come.
         """
         return max(served_high_water + 1, self.plan.horizon(served_high_water + 1) + 1)
+
+    def version_at(self, step: int) -> int:
+        """The 1-based schedule version that governs ``step``: part of every batch's header."""
+        return [number for eff, _, number in active_versions(self.schedule_log) if eff <= step][-1]
 
     def check_step(self, step: int) -> None:
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self.config.total_steps:

@@ -104,19 +104,32 @@ class Piece:
     slope: tuple[Fraction, ...]
 
 
+def active_versions(log: list[tuple[int, Schedule]]) -> list[tuple[int, Schedule, int]]:
+    """The versions that govern some steps, as (effective_step, schedule, 1-based version number).
+
+    A later version supersedes pending versions that would start at or after its own effective step.
+    """
+    active: list[tuple[int, Schedule, int]] = []
+    for number, (eff, sched) in enumerate(log, start=1):
+        while active and active[-1][0] >= eff:
+            active.pop()
+        active.append((eff, sched, number))
+    return active
+
+
 def schedule_pieces(log: list[tuple[int, Schedule]]) -> list[Piece]:
     """Flatten a schedule log ``[(effective_step, schedule), ...]`` into pieces covering ``[0, inf)``.
 
-    Version ``v`` governs steps ``[effective_v, effective_{v+1})``; history before a change is never
+    A version governs steps from its effective step until the next version that takes effect later; a
+    version set to start earlier than a still-pending one replaces it. History before a change is never
     rewritten because a later version only owns steps from its own effective step on.
     """
     if not log or log[0][0] != 0:
         raise InvalidInput("schedule log: the first version must take effect at step 0")
+    active = [(eff, sched) for eff, sched, _ in active_versions(log)]
     pieces: list[Piece] = []
-    for v, (eff, sched) in enumerate(log):
-        v_end = log[v + 1][0] if v + 1 < len(log) else None
-        if v_end is not None and v_end < eff:
-            raise InvalidInput("schedule log: effective steps must not decrease")
+    for v, (eff, sched) in enumerate(active):
+        v_end = active[v + 1][0] if v + 1 < len(active) else None
         for i, phase in enumerate(sched.phases):
             nxt = sched.phases[i + 1] if i + 1 < len(sched.phases) else None
             p_end = nxt.start_step if nxt else None

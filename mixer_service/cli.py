@@ -1,0 +1,34 @@
+"""The ``mixer`` command: one sub-command per task, each registered by the module that implements it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mixer_service.errors import MixerError
+from mixer_service.logs import configure
+from mixer_service.prepare import cli as prepare_cli
+from mixer_service.service import cli as serve_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixer", description="Streaming data mixing for specialized pretraining")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (prepare_cli, serve_cli):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure(os.environ.get("MIXER_LOG_LEVEL", "INFO"))
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MixerError as exc:
+        print(f"mixer {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

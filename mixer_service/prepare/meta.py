@@ -1,0 +1,153 @@
+"""The on-disk layout of a prepared source and its ``meta.json``: one place for names, versions and checks.
+
+Layout of a prepared source directory::
+
+    meta.json          written last; its presence marks the directory complete
+    doc_offsets.npy    int64[num_docs + 1], offsets into the token stream; doc i = [o[i], o[i+1]) incl. EOS
+    tokens-00000.zst   zstd-compressed little-endian token ids (uint16 or uint32), split at shard_tokens
+    .cache/tokens.bin  decompressed local cache, made on first open (not part of the source)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixer_service.errors import CorruptData
+
+FORMAT_NAME = "mixer-prepared-source"
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+OFFSETS_FILE = "doc_offsets.npy"
+DTYPES = ("uint16", "uint32")
+
+
+def shard_file_name(index: int) -> str:
+    """Name of the ``index``-th token shard."""
+    return f"tokens-{index:05d}.zst"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65536), else uint32: half the disk and cache for most vocabs."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def content_fingerprint(
+    tokenizer_fingerprint: str, dtype: str, tokens_sha256: str, offsets_sha256: str
+) -> str:
+    """Identity of the prepared content: independent of name, paths, time and shard size.
+
+    Hashes the whole token stream (not per-shard hashes) so re-sharding the same content keeps the id.
+    """
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "dtype": dtype,
+        "tokens_sha256": tokens_sha256,
+        "doc_offsets_sha256": offsets_sha256,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One compressed token shard and the hashes that let a reader detect corruption."""
+
+    file: str
+    num_tokens: int
+    sha256: str
+    raw_sha256: str
+
+
+@dataclass(frozen=True)
+class SourceMeta:
+    """What the rest of the service needs to know about a prepared source."""
+
+    name: str
+    fingerprint: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    eos_id: int
+    dtype: str
+    num_docs: int
+    num_tokens: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class MetaFile:
+    """The full parsed ``meta.json``: the public ``SourceMeta`` plus integrity data."""
+
+    source: SourceMeta
+    shards: tuple[ShardInfo, ...]
+    tokens_sha256: str
+    doc_offsets_sha256: str
+    skipped_empty_docs: int
+
+    def to_json(self) -> str:
+        """Deterministic serialization (sorted keys, no time or absolute paths)."""
+        s = self.source
+        obj = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "name": s.name,
+            "fingerprint": s.fingerprint,
+            "tokenizer_fingerprint": s.tokenizer_fingerprint,
+            "vocab_size": s.vocab_size,
+            "eos_id": s.eos_id,
+            "dtype": s.dtype,
+            "num_docs": s.num_docs,
+            "num_tokens": s.num_tokens,
+            "compression": "zstd",
+            "tokens_sha256": self.tokens_sha256,
+            "doc_offsets_file": OFFSETS_FILE,
+            "doc_offsets_sha256": self.doc_offsets_sha256,
+            "skipped_empty_docs": self.skipped_empty_docs,
+            "shards": [vars(sh) for sh in self.shards],
+        }
+        return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def load(cls, directory: Path) -> MetaFile:
+        """Parse and sanity-check ``meta.json``; anything missing or inconsistent is ``CorruptData``."""
+        path = directory / META_FILE
+        if not path.is_file():
+            raise CorruptData(f"{directory}: not a complete prepared source ({META_FILE} missing)")
+        try:
+            obj: dict[str, Any] = json.loads(path.read_text())
+            if obj.get("format") != FORMAT_NAME or obj.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"unsupported format {obj.get('format')!r} v{obj.get('format_version')!r}")
+            if obj["dtype"] not in DTYPES:
+                raise ValueError(f"unknown dtype {obj['dtype']!r}")
+            shards = tuple(
+                ShardInfo(str(sh["file"]), int(sh["num_tokens"]), str(sh["sha256"]), str(sh["raw_sha256"]))
+                for sh in obj["shards"]
+            )
+            meta = cls(
+                source=SourceMeta(
+                    name=str(obj["name"]),
+                    fingerprint=str(obj["fingerprint"]),
+                    tokenizer_fingerprint=str(obj["tokenizer_fingerprint"]),
+                    vocab_size=int(obj["vocab_size"]),
+                    eos_id=int(obj["eos_id"]),
+                    dtype=str(obj["dtype"]),
+                    num_docs=int(obj["num_docs"]),
+                    num_tokens=int(obj["num_tokens"]),
+                    path=directory,
+                ),
+                shards=shards,
+                tokens_sha256=str(obj["tokens_sha256"]),
+                doc_offsets_sha256=str(obj["doc_offsets_sha256"]),
+                skipped_empty_docs=int(obj.get("skipped_empty_docs", 0)),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptData(f"{path}: invalid meta.json ({exc})") from exc
+        if sum(sh.num_tokens for sh in shards) != meta.source.num_tokens:
+            raise CorruptData(f"{path}: shard token counts do not add up to num_tokens")
+        return meta

@@ -1,0 +1,55 @@
+"""Prometheus metrics; names are a contract with deploy/ (dashboard and alert rules)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+QUANTILES = ("0", "0.5", "0.9", "1")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mixer_requests", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.latency = Histogram("mixer_request_duration_seconds", "Request latency", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("mixer_tokens_served", "Tokens served", ["job", "source"], registry=r)
+        self.batches = Counter("mixer_batches_served", "Batches served", ["job"], registry=r)
+        self.repetition = Gauge("mixer_repetition_count", "Repetition count quantiles over domain documents "
+                                "at the trained step", ["job", "source", "quantile"], registry=r)
+        self.schedule_version = Gauge("mixer_schedule_version", "Current schedule version", ["job"], registry=r)
+        self.store_up = Gauge("mixer_store_up", "1 when the state store answers", registry=r)
+        self.trained_step = Gauge("mixer_trained_step", "Step trainers reported", ["job"], registry=r)
+        self.high_water = Gauge("mixer_served_high_water", "Highest step served", ["job"], registry=r)
+
+
+class MetricsMiddleware:
+    """Counts and times every request by its route template (not the raw path: bounded cardinality)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(name, scope["method"], str(status["code"])).inc()
+            self.metrics.latency.labels(name).observe(time.perf_counter() - start)

@@ -1,0 +1,1 @@
+"""One APIRouter per resource; handlers stay thin, logic lives in the engine, JobManager and the store."""
