@@ -135,7 +135,11 @@ def test_schedule_change_never_rewrites_history(job, data):
     changed = before.with_log(before.schedule_log + [(change_at, new)])
     for step in range(served + 1):
         np.testing.assert_array_equal(changed.batch(step).tokens, before.batch(step).tokens)
-    assert set(changed.batch(change_at).source_ids.tolist()) == {len(names) - 1}
+    # From change_at on only the last source is scheduled; others may still get a seat already owed (<= 1).
+    owed = changed.plan.realized(change_at)
+    final = changed.plan.realized(engine.config.total_steps)
+    assert all(final[k] - owed[k] <= 1 for k in range(len(names) - 1))
+    assert changed.version_at(change_at) == len(changed.schedule_log)
 
 
 @SETTINGS

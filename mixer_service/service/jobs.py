@@ -135,9 +135,13 @@ class JobManager:
 
     def describe(self, runtime: JobRuntime) -> dict[str, Any]:
         current = runtime.versions[-1]
+        high_water = self.store.served_high_water(runtime.job_id)
+        served = runtime.engine.sequences_served(high_water)
         return {"job_id": runtime.job_id, "config": runtime.config.to_json(),
                 "schedule_version": current.version, "schedule": current.schedule,
-                "served_high_water": self.store.served_high_water(runtime.job_id),
+                "served_high_water": high_water,
+                "tokens_through_high_water": {name: n * runtime.config.seq_len for name, n in
+                                              zip(runtime.config.source_names, served, strict=True)},
                 "trained_step": self.store.trained_step(runtime.job_id),
                 "warnings": runtime.engine.warnings, "time": time.time()}
 
