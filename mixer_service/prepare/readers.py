@@ -15,7 +15,7 @@ import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import pyarrow.parquet as pq
 import zstandard
@@ -80,7 +80,7 @@ def detect_format(path: Path) -> Format:
     return "text"
 
 
-def _open_binary(path: Path) -> IO[bytes]:
+def _open_binary(path: Path) -> io.BufferedIOBase:
     name = path.name.lower()
     if name.endswith(".zst"):
         return io.BufferedReader(zstandard.open(path, "rb"), 1 << 20)  # adds readline / line iteration
@@ -162,7 +162,7 @@ def read_mds(root: Path, text_field: str = "text") -> Iterator[str]:
     """
     # Heavy imports (torch): only when MDS is actually used.
     from streaming.base.compression import decompress
-    from streaming.base.format import reader_from_json
+    from streaming.base.format.mds import MDSReader
 
     try:
         index = json.loads((root / MDS_INDEX).read_text())
@@ -171,14 +171,18 @@ def read_mds(root: Path, text_field: str = "text") -> Iterator[str]:
         raise InvalidInput(f"{root / MDS_INDEX}: unreadable MDS index ({exc})") from exc
     with tempfile.TemporaryDirectory(prefix="mds-") as tmp:
         for info in infos:
-            shard = reader_from_json(str(root), None, info)
+            if info.get("format") != "mds":
+                raise InvalidInput(
+                    f"{root}: shard format {info.get('format')!r} is not supported (only 'mds')"
+                )
+            shard = MDSReader.from_json(str(root), None, info)
             try:
                 shard.validate(allow_unsafe_types=False)  # never unpickle just to read text
             except ValueError as exc:
                 raise InvalidInput(f"{root}: {exc}") from exc
-            names = getattr(shard, "column_names", None)
-            if names is not None and text_field not in names:
-                raise InvalidInput(f"{root}: no column {text_field!r} (columns: {', '.join(names)})")
+            if text_field not in shard.column_names:
+                columns = ", ".join(shard.column_names)
+                raise InvalidInput(f"{root}: no column {text_field!r} (columns: {columns})")
             unpacked: Path | None = None
             if not (root / shard.raw_data.basename).exists() and shard.zip_data is not None:
                 unpacked = Path(tmp) / shard.raw_data.basename
@@ -186,7 +190,7 @@ def read_mds(root: Path, text_field: str = "text") -> Iterator[str]:
                 unpacked.write_bytes(
                     decompress(shard.compression, (root / shard.zip_data.basename).read_bytes())
                 )
-                shard = reader_from_json(tmp, None, info)
+                shard = MDSReader.from_json(tmp, None, info)
             for i in range(shard.samples):
                 yield _text_value(shard.get_item(i).get(text_field), text_field, f"{root} sample {i}")
             if unpacked is not None:
@@ -200,7 +204,10 @@ def iter_documents(
     split_regex: str | None = None,
     glob: str | None = None,
 ) -> Iterator[str]:
-    """All documents of all inputs, in deterministic order; the one entry point the CLI uses."""
+    """All documents of all inputs, in deterministic order; the one entry point the CLI uses.
+
+    Arguments and paths are checked now (not at first ``next``), so bad input fails before any work.
+    """
     if fmt not in FORMATS:
         raise InvalidInput(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     try:
@@ -208,12 +215,19 @@ def iter_documents(
     except re.error as exc:
         raise InvalidInput(f"invalid --split-regex {split_regex!r}: {exc}") from exc
     paths = expand_inputs(inputs, glob)
+    kinds = [detect_format(p) if fmt == "auto" else fmt for p in paths]
+    for path, kind in zip(paths, kinds, strict=True):
+        if kind == "mds" and not (path / MDS_INDEX).is_file():
+            raise InvalidInput(f"{path}: not an MDS dataset (no {MDS_INDEX})")
     logger.info("reading %d inputs", len(paths), extra={"event": "prepare.inputs", "num_inputs": len(paths)})
-    for path in paths:
-        kind = detect_format(path) if fmt == "auto" else fmt
+    return _read_all(paths, kinds, text_field, pattern)
+
+
+def _read_all(
+    paths: list[Path], kinds: list[Format], text_field: str, pattern: re.Pattern[str] | None
+) -> Iterator[str]:
+    for path, kind in zip(paths, kinds, strict=True):
         if kind == "mds":
-            if not (path / MDS_INDEX).is_file():
-                raise InvalidInput(f"{path}: not an MDS dataset (no {MDS_INDEX})")
             yield from read_mds(path, text_field)
         elif kind == "jsonl":
             yield from read_jsonl(path, text_field)

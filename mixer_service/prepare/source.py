@@ -51,13 +51,16 @@ class PreparedSource:
     def open(cls, path: Path | str, cache_dir: Path | None = None, *, verify: bool = False) -> PreparedSource:
         """Validate ``path``, build the token cache if needed, and memory-map it.
 
-        An existing cache of the right size is trusted (fast path); ``verify=True`` re-hashes the cache and
-        the offsets index, and rebuilds a cache that does not match.
+        An existing cache of the right size is trusted (fast path); ``verify=True`` re-hashes the shards,
+        the offsets index and the cache, and rebuilds a cache that does not match.
         """
         directory = Path(path)
         info = MetaFile.load(directory)
         meta = info.source
         offsets = cls._open_offsets(directory, info, verify)
+        if verify:
+            for shard in info.shards:
+                _check_shard_hash(directory / shard.file, shard.sha256)
         dtype = np.dtype(meta.dtype).newbyteorder("<")
         cache = (
             Path(cache_dir) / f"{meta.fingerprint}.bin"
@@ -111,6 +114,15 @@ class PreparedSource:
         return self.tokens[start : end - 1]
 
 
+def _check_shard_hash(path: Path, expected: str) -> None:
+    try:
+        ok = _hash_file(path) == expected
+    except OSError as exc:
+        raise CorruptData(f"{path}: cannot read shard ({exc})") from exc
+    if not ok:
+        raise CorruptData(f"{path}: shard checksum mismatch (corrupt or truncated)")
+
+
 def _build_cache(directory: Path, info: MetaFile, cache: Path) -> None:
     """Decompress every shard into ``cache`` (temp file + rename), checking sizes and both hashes."""
     try:
@@ -130,8 +142,7 @@ def _build_cache(directory: Path, info: MetaFile, cache: Path) -> None:
                 path = directory / shard.file
                 try:
                     # Check the compressed bytes first so corrupt data never reaches the decompressor.
-                    if _hash_file(path) != shard.sha256:
-                        raise CorruptData(f"{path}: shard checksum mismatch (corrupt or truncated)")
+                    _check_shard_hash(path, shard.sha256)
                     raw_hash, raw_size = hashlib.sha256(), 0
                     with open(path, "rb") as fh, dctx.stream_reader(fh, read_across_frames=True) as reader:
                         while chunk := reader.read(_READ_CHUNK):

@@ -1,12 +1,14 @@
 """Turn a stream of documents into a prepared source: zstd token shards, a doc-offset index and meta.json.
 
-Everything is written into a temp directory beside the target and renamed into place at the end, with
-``meta.json`` written last, so a crash or Ctrl-C never leaves a directory that looks complete. Memory is
-bounded by one batch of documents, whatever the corpus size.
+Everything is written into a temp directory under ``<parent>/.prepare-staging/`` (same filesystem) and
+renamed into place at the end, with ``meta.json`` written last, so a crash or Ctrl-C never leaves a
+directory that looks like a complete source next to real ones. Memory is bounded by one batch of
+documents, whatever the corpus size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -40,6 +42,7 @@ DEFAULT_SHARD_TOKENS = 1 << 26  # 64 Mi tokens: 128 MiB raw at uint16, few files
 DEFAULT_BATCH_CHARS = 4 << 20  # enough text per encode_batch call to keep every core busy
 DEFAULT_BATCH_DOCS = 16384
 ZSTD_LEVEL = 3
+STAGING_DIR = ".prepare-staging"
 
 
 def _fsync(path: Path) -> None:
@@ -178,7 +181,7 @@ def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists():
         os.rename(tmp, out_dir)
         return
-    trash = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+    trash = tmp.parent / f"{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
     os.rename(out_dir, trash)
     os.rename(tmp, out_dir)
     shutil.rmtree(trash)
@@ -222,9 +225,12 @@ def prepare_source(
     if max_docs is not None and max_docs <= 0:
         raise InvalidInput(f"max_docs must be positive, got {max_docs}")
     _check_target(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # The temp dir sits one level down (same filesystem, so the final rename is atomic): a crash just
+    # before that rename leaves a complete-looking dir, but never as a sibling of real sources.
+    staging = out_dir.parent / STAGING_DIR
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=staging))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished source should be shareable
     shards = _ShardWriter(tmp, dtype, shard_tokens)
     offsets = _OffsetsWriter(tmp)
@@ -279,6 +285,8 @@ def prepare_source(
         raise
     finally:
         bar.close()
+        with contextlib.suppress(OSError):  # still in use by a concurrent prepare
+            staging.rmdir()
     elapsed = time.perf_counter() - started
     s = meta.source
     logger.info(
