@@ -1,0 +1,161 @@
+"""The trainer-side data loader: the service's batches as torch tensors, prefetched in order, resumable.
+
+Each served row holds ``seq_len`` tokens and becomes ``input_ids = row[:-1]``, ``labels = row[1:]``, so
+the model's context length is ``seq_len - 1``. Since a batch is a pure function of (job, step, rank,
+world), resuming needs only the next step: ``state_dict()`` is ``{"next_step", "job"}``, plain values a
+``torch.load(weights_only=True)`` checkpoint can hold.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, get_worker_info
+
+from client.http import MixerClient
+
+THREAD_PREFIX = "mixer-prefetch"
+_MAX_WORKERS = 4  # requests are I/O-bound; a few in flight hide latency, more only load the service
+
+
+class MixerLoader:
+    """One rank's slice of a job's steps ``[start_step, end_step)``: the trainer's ``BatchSource``.
+
+    Yields ``{"input_ids", "labels": LongTensor[b, seq_len - 1], "source_ids": LongTensor[b], "step": int,
+    "sources": list[str]}`` (``source_ids`` index ``sources``). Up to ``prefetch`` steps are fetched ahead by
+    a small thread pool and handed out strictly in step order; a fetch that failed (after the client's
+    retries) raises in the consumer at that step, and the next call retries that same step. ``rank`` and
+    ``world`` default to the initialized ``torch.distributed`` process group, else 0 and 1. ``end_step``
+    defaults to the job's ``total_steps``.
+    """
+
+    def __init__(self, client_or_urls: MixerClient | str | list[str], job: str, start_step: int = 0,
+                 end_step: int | None = None, rank: int | None = None, world: int | None = None,
+                 prefetch: int = 4, pin_memory: bool = False, token: str | None = None,
+                 compression: str = "zstd") -> None:
+        dist_rank, dist_world = _process_group_position()
+        self.rank = dist_rank if rank is None else rank
+        self.world = dist_world if world is None else world
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank must be in [0, world), got rank={self.rank} world={self.world}")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        owned: MixerClient | None = None
+        if isinstance(client_or_urls, MixerClient):
+            if token is not None:
+                raise ValueError("token: give it to the MixerClient passed in, not to the loader")
+            self.client = client_or_urls
+        else:
+            self.client = owned = MixerClient(client_or_urls, token=token)  # closed with the loader
+        self.job, self.end_step, self.prefetch, self.compression = job, end_step, prefetch, compression
+        self._pin = pin_memory and torch.cuda.is_available()  # pinning needs a CUDA driver; no-op on CPU
+        self._next_step = start_step  # the next step __next__ returns
+        self._submitted = start_step  # the next step to hand to the pool
+        self._pending: deque[Future[dict[str, Any]]] = deque()
+        self._pool = ThreadPoolExecutor(min(prefetch, _MAX_WORKERS), thread_name_prefix=THREAD_PREFIX)
+        # also runs when the loader is garbage-collected or the interpreter exits, so threads never leak
+        self._finalizer = weakref.finalize(self, _shutdown, self._pool, owned)
+
+    def __iter__(self) -> MixerLoader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if not self._finalizer.alive:
+            raise RuntimeError("MixerLoader is closed")
+        if self.end_step is None:
+            self.end_step = int(self.client.job(self.job)["config"]["total_steps"])
+        if self._next_step >= self.end_step:
+            raise StopIteration
+        self._fill()
+        future = self._pending.popleft()
+        try:
+            batch = future.result()
+        except BaseException:
+            self._restart(self._next_step)  # drop the look-ahead; the next call fetches this step again
+            raise
+        self._next_step += 1
+        self._fill()  # keep the pipeline full while the trainer computes on this batch
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where to resume: the step the next ``__next__`` would return."""
+        return {"next_step": self._next_step, "job": self.job}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a ``state_dict()``; batches already prefetched are discarded."""
+        if state["job"] != self.job:
+            raise ValueError(f"state is for job {state['job']!r}, this loader reads {self.job!r}")
+        self._restart(int(state["next_step"]))
+
+    def close(self) -> None:
+        """Cancel queued fetches, wait for running ones, stop the threads (idempotent)."""
+        self._finalizer()
+
+    def __enter__(self) -> MixerLoader:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _fill(self) -> None:
+        assert self.end_step is not None
+        while len(self._pending) < self.prefetch and self._submitted < self.end_step:
+            self._pending.append(self._pool.submit(_fetch, self.client, self.job, self._submitted, self.rank,
+                                                   self.world, self.compression, self._pin))
+            self._submitted += 1
+
+    def _restart(self, step: int) -> None:
+        for future in self._pending:
+            future.cancel()  # queued ones never run; running ones finish and are dropped
+        self._pending.clear()
+        self._next_step = self._submitted = step
+
+
+class MixerDataset(IterableDataset[dict[str, Any]]):
+    """A ``MixerLoader`` behind torch's ``IterableDataset``, for code built around ``DataLoader``.
+
+    Use ``DataLoader(dataset, batch_size=None, num_workers=0)``: batches arrive already collated, and the
+    loader prefetches in threads, so worker processes would only fetch every step once per worker.
+    """
+
+    def __init__(self, client_or_urls: MixerClient | str | list[str], job: str, **loader_args: Any) -> None:
+        self.client_or_urls, self.job, self.loader_args = client_or_urls, job, loader_args
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if get_worker_info() is not None:
+            raise RuntimeError("MixerDataset prefetches in threads; use DataLoader(num_workers=0)")
+        with MixerLoader(self.client_or_urls, self.job, **self.loader_args) as loader:
+            yield from loader
+
+
+def _process_group_position() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _fetch(client: MixerClient, job: str, step: int, rank: int, world: int, compression: str,
+           pin: bool) -> dict[str, Any]:
+    """Runs in a pool thread; a plain function, so pending work never keeps the loader itself alive."""
+    batch = client.batch(job, step, rank, world, compression)
+    tokens = torch.from_numpy(batch.tokens.astype(np.int64))
+    tensors = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+               "source_ids": torch.from_numpy(batch.source_ids.astype(np.int64))}
+    if pin:
+        tensors = {k: v.pin_memory() for k, v in tensors.items()}
+    return tensors | {"step": step, "sources": list(batch.header["sources"])}
+
+
+def _shutdown(pool: ThreadPoolExecutor, owned: MixerClient | None) -> None:
+    if owned is not None:
+        owned.close()  # fails in-flight retries fast instead of waiting out their backoff
+    pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,54 @@
+"""One exception per failure kind, so a trainer can catch at the level it cares about (as in httpx).
+
+MixerClientError
+├── RequestError          no usable answer from any replica (refused, timed out, dropped), retries spent
+├── HTTPStatusError       the service answered with an error status (problem+json ``detail`` kept)
+│   ├── ClientRequestError    4xx: the request itself is wrong (token, job, step), so retrying cannot help
+│   └── ServerError           5xx on every retry
+└── ChecksumError         every answer failed verification (corrupt payload, or not the batch asked for)
+
+Every error carries ``attempts``: how many requests were sent before giving up, so callers and tests can
+tell a fail-fast error (1) from one that survived the whole retry budget.
+"""
+
+from __future__ import annotations
+
+
+class MixerClientError(Exception):
+    """Base of everything the mixer client raises."""
+
+    def __init__(self, message: str, *, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
+class RequestError(MixerClientError):
+    """No replica produced an HTTP response: connection refused or reset, or timed out, on every attempt."""
+
+    def __init__(self, message: str, *, attempts: int, urls: list[str]) -> None:
+        super().__init__(message, attempts=attempts)
+        self.urls = urls
+
+
+class HTTPStatusError(MixerClientError):
+    """The service answered with an error status; ``detail`` is the problem+json explanation.
+
+    ``retry_after`` is the server's Retry-After in seconds (503 while the state store is down), if any.
+    """
+
+    def __init__(self, message: str, *, attempts: int, status: int, detail: str, url: str,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, attempts=attempts)
+        self.status, self.detail, self.url, self.retry_after = status, detail, url, retry_after
+
+
+class ClientRequestError(HTTPStatusError):
+    """A 4xx: bad token (401/403), unknown job (404), invalid step/rank/world (422); never retried."""
+
+
+class ServerError(HTTPStatusError):
+    """A 5xx (e.g. 503 while the state store is down) that persisted through every retry and replica."""
+
+
+class ChecksumError(MixerClientError):
+    """Every batch received failed verification: malformed, checksum mismatch, or another step/rank/world."""

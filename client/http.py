@@ -1,0 +1,197 @@
+"""Blocking HTTP client for the mixer service: verified batches, retries with backoff, replica failover.
+
+Every replica serves identical bytes for a (job, step, rank, world) (they share one state store), so any
+failure that might be transient (refused or dropped connection, timeout, 5xx, a batch that fails its
+checksum) is retried on the next replica after an exponential backoff with full jitter. A 4xx is the
+caller's mistake and is raised at once. The client sticks to the replica that last answered, so a healthy
+deployment keeps one warm keep-alive connection per replica and no request pays for failover.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from client.errors import ChecksumError, ClientRequestError, HTTPStatusError, RequestError, ServerError
+from mixer_service import wire
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_RETRYABLE_4XX = frozenset({408, 429})  # a timed-out or rate-limited request may succeed later
+_CONNECT_TIMEOUT_S = 5.0  # a dead replica should cost seconds, not the full read timeout, before failover
+
+
+class MixerClient:
+    """Thread-safe client for one service deployment (one URL per replica).
+
+    ``timeout`` bounds each request in seconds (connecting to a dead replica gives up sooner).
+    ``max_retries`` counts retries after the first attempt; the n-th retry waits a random time in
+    ``[0, min(backoff_max, backoff_base * 2**(n-1))]`` ("full jitter", so many trainers restarting at once
+    do not hammer a recovering service in lockstep), or at least the server's Retry-After, capped at
+    ``backoff_max``.
+    """
+
+    def __init__(self, urls: list[str] | str, token: str | None = None, timeout: float = 30.0,
+                 max_retries: int = 8, backoff_base: float = 0.25, backoff_max: float = 8.0) -> None:
+        self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
+        if not self.urls:
+            raise ValueError("urls: need at least one replica URL")
+        if max_retries < 0 or backoff_base < 0 or backoff_max < 0:
+            raise ValueError("max_retries, backoff_base and backoff_max must be >= 0")
+        self.max_retries, self.backoff_base, self.backoff_max = max_retries, backoff_base, backoff_max
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(headers=headers,
+                                  timeout=httpx.Timeout(timeout, connect=min(timeout, _CONNECT_TIMEOUT_S)))
+        self._current = 0  # index of the replica to try first
+        self._lock = threading.Lock()
+        self._closed = threading.Event()  # wakes threads sleeping in a backoff when the client closes
+
+    def batch(self, job: str, step: int, rank: int = 0, world: int = 1,
+              compression: str = "zstd") -> wire.WireBatch:
+        """Rows ``rank::world`` of the job's global batch at ``step``, checksum- and header-verified."""
+        want = {"job": job, "step": step, "rank": rank, "world": world}
+
+        def verify(response: httpx.Response) -> wire.WireBatch:
+            batch = wire.decode(response.content)
+            got = {k: batch.header.get(k) for k in want}
+            if got != want:  # a misrouting proxy or cache would otherwise train on the wrong data silently
+                raise wire.WireError(f"asked for {want}, the batch header says {got}")
+            return batch
+
+        params = {"rank": rank, "world": world, "compression": compression}
+        return self._request("GET", f"{_job_path(job)}/batches/{step}", verify, params=params)
+
+    def job(self, job: str) -> dict[str, Any]:
+        """The job's description (config incl. ``total_steps``, schedule version, progress)."""
+        return self._request("GET", _job_path(job), lambda r: r.json())
+
+    def report_progress(self, job: str, step: int) -> None:
+        """Tell the service the last step trained, so repetition metrics follow training (idempotent)."""
+        self._request("PUT", f"{_job_path(job)}/progress", lambda r: None, json={"trained_step": step})
+
+    def close(self) -> None:
+        """Close connections and wake any thread waiting to retry (it then raises its last error)."""
+        self._closed.set()
+        self._http.close()
+
+    def __enter__(self) -> MixerClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, parse: Callable[[httpx.Response], T], **kwargs: Any) -> T:
+        tried: list[str] = []
+        attempt = 0
+        while True:
+            attempt += 1
+            with self._lock:
+                index = self._current
+            base = self.urls[index]
+            if base not in tried:
+                tried.append(base)
+            try:
+                result = self._attempt(method, base + path, parse, attempt, kwargs)
+            except (RequestError, HTTPStatusError, ChecksumError) as error:
+                retryable = not isinstance(error, HTTPStatusError) or (
+                    isinstance(error, ServerError) or error.status in _RETRYABLE_4XX)
+                if not retryable:
+                    raise
+                if attempt > self.max_retries or self._closed.is_set():
+                    raise _give_up(error, method, path, attempt, tried) from error
+                self._fail_over(index)
+                retry_after = error.retry_after if isinstance(error, HTTPStatusError) else None
+                delay = self._backoff(attempt, retry_after)
+                log.warning("mixer request failed, retrying", extra={
+                    "method": method, "path": path, "url": base, "attempt": attempt, "error": str(error),
+                    "retry_in_s": round(delay, 3)})
+                if self._closed.wait(delay):
+                    raise _give_up(error, method, path, attempt, tried) from error
+                continue
+            with self._lock:
+                self._current = index  # stick to the replica that answered
+            return result
+
+    def _attempt(self, method: str, url: str, parse: Callable[[httpx.Response], T], attempt: int,
+                 kwargs: dict[str, Any]) -> T:
+        """One request to one replica, mapped onto the client's error types."""
+        try:
+            response = self._http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise RequestError(f"{method} {url}: {type(exc).__name__}: {exc}", attempts=attempt,
+                               urls=[url]) from exc
+        if response.is_error:
+            detail = _problem_detail(response)
+            cls = ClientRequestError if response.status_code < 500 else ServerError
+            raise cls(f"{method} {url}: HTTP {response.status_code}: {detail}", attempts=attempt,
+                      status=response.status_code, detail=detail, url=url, retry_after=_retry_after(response))
+        try:
+            return parse(response)
+        except wire.WireError as exc:
+            raise ChecksumError(f"{method} {url}: {exc}", attempts=attempt) from exc
+
+    def _fail_over(self, failed: int) -> None:
+        """Move to the next replica, unless a concurrent request already moved away from the failed one."""
+        with self._lock:
+            if self._current == failed:
+                self._current = (failed + 1) % len(self.urls)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        delay = random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)))
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.backoff_max))
+        return delay
+
+
+def _job_path(job: str) -> str:
+    return f"/v1/jobs/{quote(job, safe='')}"
+
+
+def _give_up(error: RequestError | HTTPStatusError | ChecksumError, method: str, path: str, attempts: int,
+             tried: list[str]) -> RequestError | HTTPStatusError | ChecksumError:
+    """The last error, restated with the whole retry history (attempt count, every replica tried)."""
+    message = f"{method} {path}: gave up after {attempts} attempt(s) on {', '.join(tried)}; last: {error}"
+    if isinstance(error, RequestError):
+        return RequestError(message, attempts=attempts, urls=tried)
+    if isinstance(error, HTTPStatusError):
+        return type(error)(message, attempts=attempts, status=error.status, detail=error.detail,
+                           url=error.url, retry_after=error.retry_after)
+    return ChecksumError(message, attempts=attempts)
+
+
+def _problem_detail(response: httpx.Response) -> str:
+    """The RFC 9457 ``detail`` when the body is problem+json, else the start of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500]
+    if isinstance(body, dict):
+        return str(body.get("detail") or body.get("title") or body)
+    return str(body)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds; the header may be delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

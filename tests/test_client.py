@@ -1,0 +1,339 @@
+"""The trainer-side client against real ``mixer serve`` processes on loopback (and a scripted stub server)."""
+
+from __future__ import annotations
+
+import gc
+import io
+import itertools
+import json
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_port
+from service_helpers import JOB, SCHEDULE, Server, prepare_real_sources
+from torch.utils.data import DataLoader
+
+from client import (
+    ChecksumError,
+    ClientRequestError,
+    MixerClient,
+    MixerDataset,
+    MixerLoader,
+    RequestError,
+    ServerError,
+)
+from client.dataset import THREAD_PREFIX
+from mixer_service.engine import JobConfig, MixingEngine, Schedule
+from mixer_service.prepare.source import PreparedSource
+
+OPERATOR, READER = "op-secret", "rd-secret"
+TOKENS = {"MIXER_OPERATOR_TOKEN": OPERATOR, "MIXER_READER_TOKEN": READER}
+FAST_RETRIES = {"backoff_base": 0.01, "backoff_max": 0.1}
+BATCH_ROUTE = 'route="/v1/jobs/{job_id}/batches/{step}"'
+
+
+@pytest.fixture(scope="session")
+def sources_dir(tmp_path_factory):
+    return prepare_real_sources(tmp_path_factory.mktemp("sources"))
+
+
+@pytest.fixture(scope="module")
+def server(sources_dir, tmp_path_factory) -> Iterator[Server]:
+    """One embedded-store server with tokens on, shared by the tests that do not kill servers."""
+    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), free_port(), env=TOKENS).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Every test must leave no prefetch thread behind, whatever it did."""
+    yield
+    assert not prefetch_threads()
+
+
+def prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+
+
+def new_job(url: str, token: str | None = OPERATOR) -> str:
+    job_id = f"job-{uuid.uuid4().hex[:8]}"
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    body = {"job_id": job_id, "config": JOB, "schedule": SCHEDULE, "author": "test", "reason": "client"}
+    r = httpx.post(f"{url}/v1/jobs", json=body, headers=headers)
+    assert r.status_code == 201, r.text
+    return job_id
+
+
+def local_engine(sources_dir) -> MixingEngine:
+    config = JobConfig.parse(JOB)
+    srcs = {n: PreparedSource.open(sources_dir / n) for n in ("abc", "sotu")}
+    return MixingEngine.create(config, srcs, [(0, Schedule.parse(SCHEDULE, config.source_names))])
+
+
+def assert_engine_batches(batches: list[dict[str, Any]], engine: MixingEngine, steps: range) -> None:
+    """Loader output is the engine's batch, shifted by one token into (input_ids, labels)."""
+    assert [b["step"] for b in batches] == list(steps)
+    for batch in batches:
+        want = engine.batch(batch["step"])
+        tokens = torch.from_numpy(want.tokens.astype(np.int64))
+        assert batch["input_ids"].dtype == batch["labels"].dtype == batch["source_ids"].dtype == torch.int64
+        assert batch["input_ids"].shape == (JOB["global_batch"], JOB["seq_len"] - 1)
+        assert torch.equal(batch["input_ids"], tokens[:, :-1]) and torch.equal(batch["labels"], tokens[:, 1:])
+        assert torch.equal(batch["source_ids"], torch.from_numpy(want.source_ids.astype(np.int64)))
+        assert batch["sources"] == ["abc", "sotu"]
+
+
+def assert_same_batches(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    assert [b["step"] for b in got] == [b["step"] for b in want]
+    for g, w in zip(got, want, strict=True):
+        for key in ("input_ids", "labels", "source_ids"):
+            assert torch.equal(g[key], w[key]), (g["step"], key)
+
+
+def served_count(url: str, status: int) -> float:
+    """mixer_requests_total for the batch route with this status: what the server really received."""
+    wanted = ("mixer_requests_total{", BATCH_ROUTE, f'status="{status}"')
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if all(w in line for w in wanted))
+
+
+def batches_served(url: str, job: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    match = re.search(rf'^mixer_batches_served_total{{job="{job}"}} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_resume_from_state_dict_yields_identical_batches(server):
+    job = new_job(server.url)
+    with MixerLoader(server.url, job, end_step=10, token=READER) as loader:
+        first = []
+        for batch in loader:
+            first.append(batch)
+            if batch["step"] == 4:
+                state = loader.state_dict()
+    assert [b["step"] for b in first] == list(range(10))
+    assert state == {"next_step": 5, "job": job}
+    buf = io.BytesIO()
+    torch.save({"data": [state]}, buf)  # the trainer's checkpoint loads with weights_only=True
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)["data"][0]
+
+    with MixerLoader(server.url, job, end_step=10, token=READER) as resumed:
+        assert [next(resumed)["step"] for _ in range(2)] == [0, 1]  # steps up to 5 now prefetched in flight
+        resumed.load_state_dict(state)
+        assert_same_batches(list(resumed), first[5:])
+        with pytest.raises(ValueError, match="job"):
+            resumed.load_state_dict({"next_step": 0, "job": "another"})
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_batches_equal_the_in_process_engine(server, sources_dir, compression):
+    job = new_job(server.url)
+    with MixerLoader(server.url, job, token=READER, compression=compression) as loader:  # end: total_steps
+        batches = list(itertools.islice(loader, 10))
+        assert loader.end_step == JOB["total_steps"]
+    assert_engine_batches(batches, local_engine(sources_dir), range(10))
+
+
+def test_torch_dataloader_over_the_dataset_wrapper(server, sources_dir):
+    job = new_job(server.url)
+    dataset = MixerDataset(server.url, job, start_step=3, end_step=6, token=READER)
+    assert_engine_batches(list(DataLoader(dataset, batch_size=None)), local_engine(sources_dir), range(3, 6))
+
+
+def test_progress_reports_reach_the_service(server):
+    job = new_job(server.url)
+    with MixerClient(server.url, token=READER) as client:
+        client.report_progress(job, 7)
+        assert client.job(job)["trained_step"] == 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pin_memory_pins_every_tensor(server):
+    job = new_job(server.url)
+    with MixerLoader(server.url, job, end_step=2, pin_memory=True, token=READER) as loader:
+        for batch in loader:
+            assert all(batch[k].is_pinned() for k in ("input_ids", "labels", "source_ids"))
+
+
+@pytest.fixture
+def replicas(sources_dir, tmp_path, clean_redis_url) -> Iterator[list[Server]]:
+    servers = [Server(sources_dir, tmp_path / f"r{i}", free_port(), redis_url=clean_redis_url).start()
+               for i in range(2)]
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def test_failover_to_the_other_replica_when_one_is_killed(replicas, sources_dir):
+    a, b = replicas
+    job = new_job(a.url, token=None)
+    client = MixerClient([a.url, b.url], **FAST_RETRIES)
+    batches = []
+    with client, MixerLoader(client, job, end_step=14, prefetch=4) as loader:
+        for batch in loader:
+            batches.append(batch)
+            if batch["step"] == 3:
+                a.kill()  # mid-iteration: steps 4..7 are in flight or done, 8.. not yet asked for
+    assert_engine_batches(batches, local_engine(sources_dir), range(14))
+    assert batches_served(b.url, job) >= 14 - 8
+
+
+def test_retries_carry_the_loader_through_a_server_restart(sources_dir, tmp_path):
+    srv = Server(sources_dir, tmp_path, free_port()).start()
+    restarted = threading.Thread(target=srv.start)
+    try:
+        job = new_job(srv.url, token=None)
+        client = MixerClient(srv.url, max_retries=300, backoff_base=0.02, backoff_max=0.1)  # ~15 s window
+        batches = []
+        with client, MixerLoader(client, job, end_step=10, prefetch=2) as loader:
+            for batch in loader:
+                batches.append(batch)
+                if batch["step"] == 2:
+                    srv.kill()
+                    restarted.start()  # same port, same state dir, while the loader keeps retrying
+        restarted.join()
+        assert srv.proc is not None and srv.proc.poll() is None
+        assert_engine_batches(batches, local_engine(sources_dir), range(10))
+    finally:
+        if restarted.is_alive():
+            restarted.join()
+        srv.stop()
+
+
+@pytest.mark.parametrize("token, job, step, status", [
+    ("wrong-token", None, 0, 401),
+    (READER, "no-such-job", 0, 404),
+    (READER, None, JOB["total_steps"], 422),
+])
+def test_client_errors_fail_fast_with_a_single_request(server, token, job, step, status):
+    job = job or new_job(server.url)
+    before = served_count(server.url, status)
+    client = MixerClient(server.url, token=token, max_retries=5, backoff_base=60, backoff_max=60)
+    with client, MixerLoader(client, job, start_step=step, end_step=step + 1) as loader:
+        with pytest.raises(ClientRequestError) as info:
+            next(loader)
+        assert loader.state_dict()["next_step"] == step  # a failed step is not skipped
+    assert info.value.status == status and info.value.attempts == 1 and info.value.detail
+    assert served_count(server.url, status) - before == 1
+
+
+def test_unreachable_replicas_raise_request_error_after_bounded_retries():
+    urls = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]  # nothing listens there
+    with MixerClient(urls, max_retries=3, **FAST_RETRIES) as client:
+        with MixerLoader(client, "job", end_step=5) as loader, pytest.raises(RequestError) as info:
+            next(loader)
+        assert loader.state_dict()["next_step"] == 0
+    assert info.value.attempts == 4 and info.value.urls == urls
+    assert all(url in str(info.value) for url in urls)
+
+
+class _Scripted(BaseHTTPRequestHandler):
+    """Answers each request with the next (status, headers, body) of the server's script."""
+
+    def do_GET(self) -> None:
+        status, headers, body = self.server.script.pop(0) if self.server.script else self.server.default
+        self.server.requests += 1
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def scripted() -> Iterator[ThreadingHTTPServer]:
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    stub.script, stub.requests, stub.default = [], 0, None
+    thread = threading.Thread(target=stub.serve_forever, daemon=True)
+    thread.start()
+    yield stub
+    stub.shutdown()
+    stub.server_close()
+    thread.join()
+
+
+def test_corrupt_misaddressed_and_unavailable_answers_are_retried(server, scripted):
+    job = new_job(server.url)
+    reader = {"Authorization": f"Bearer {READER}"}
+    good, other_step = (httpx.get(f"{server.url}/v1/jobs/{job}/batches/{s}", headers=reader).content
+                        for s in (0, 1))
+    corrupt = good[:-1] + bytes([good[-1] ^ 0xFF])
+    batch_type = {"Content-Type": "application/x-mixer-batch"}
+    unavailable = (503, {"Content-Type": "application/problem+json", "Retry-After": "0"},
+                   json.dumps({"status": 503, "detail": "state store unavailable"}).encode())
+    url = f"http://127.0.0.1:{scripted.server_address[1]}"
+
+    scripted.script = [unavailable, (200, batch_type, corrupt), (200, batch_type, other_step),
+                       (200, batch_type, good)]
+    with MixerClient(url, max_retries=3, **FAST_RETRIES) as client:
+        assert client.batch(job, 0).header["step"] == 0 and scripted.requests == 4
+
+        scripted.requests, scripted.default = 0, (200, batch_type, corrupt)
+        with pytest.raises(ChecksumError, match="checksum") as corrupt_info:
+            client.batch(job, 0)
+        scripted.default = unavailable
+        with pytest.raises(ServerError) as unavailable_info:
+            client.batch(job, 0)
+    assert corrupt_info.value.attempts == 4 and scripted.requests == 8
+    assert unavailable_info.value.status == 503 and unavailable_info.value.detail == "state store unavailable"
+    assert unavailable_info.value.retry_after == 0
+
+
+def _ddp_rank(rank: int, world: int, port: int, url: str, job: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with MixerLoader(url, job, end_step=3, token=READER) as loader:  # rank/world from the process group
+            assert (loader.rank, loader.world) == (rank, world)
+            torch.save([{k: b[k] for k in ("input_ids", "labels", "source_ids", "step")} for b in loader],
+                       f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_pull_slices_that_tile_the_global_batch(server, tmp_path):
+    job = new_job(server.url)
+    mp.spawn(_ddp_rank, args=(2, free_port(), server.url, job, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    with MixerLoader(server.url, job, end_step=3, world=1, token=READER) as loader:
+        whole = list(loader)
+    for step, batch in enumerate(whole):
+        parts = [r[step] for r in ranks]
+        assert [p["step"] for p in parts] == [step, step]
+        for key in ("input_ids", "labels", "source_ids"):
+            assert torch.equal(torch.cat([p[key] for p in parts]), batch[key])
+
+
+def test_close_and_garbage_collection_stop_the_prefetch_threads(server):
+    job = new_job(server.url)
+    loader = MixerLoader(server.url, job, end_step=100, prefetch=4, token=READER)
+    next(loader)
+    assert prefetch_threads()
+    loader.close()
+    assert not prefetch_threads()
+    loader.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        next(loader)
+
+    loader = MixerLoader(server.url, job, end_step=100, prefetch=4, token=READER)
+    next(loader)
+    assert prefetch_threads()
+    del loader
+    gc.collect()
+    assert not prefetch_threads()
