@@ -1,0 +1,239 @@
+"""In-process engine throughput vs. mosaicml-streaming on the same tokens, in one run.
+
+Job: B=512 sequences of L=2048 GPT-2 tokens per step, 5% domain (ABC tunes, role repeat) / 95% web (State
+of the Union, role once). SOTU holds ~2.07 M tokens = 1013 sequences, about two steps' worth at 95%, so the
+job is created with ``allow_wrap=True`` (the web source starts further passes); the peer likewise repeats
+its web stream (streaming upsamples a stream whose proportion needs more samples than it has).
+
+Engine: ``MixingEngine.batch(step)`` -> a [512, 2048] uint16 array, timed over ``--steps`` fresh steps
+after ``--warmup`` steps. Peer: ``StreamingDataset`` with two local ``Stream``s (proportion 0.95 web / 0.05
+domain, no remote), ``batch_size=512``, ``shuffle=True``, ``epoch_size`` = the same number of samples, each
+sample's ``tokens`` copied into a [512, 2048] batch buffer (the same output the engine gives). Engine and
+peer run round-robin ``--rounds`` times so background load hits both alike; the table shows the best round
+of each and the ratio line also gives the median of the per-round ratios.
+
+    python bench/bench_engine.py [--steps 64] [--rounds 5] [--loader-workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import (
+    DOMAIN,
+    WEB,
+    describe_sources,
+    fmt_rate,
+    job_config,
+    mds_datasets,
+    open_sources,
+    print_table,
+    schedule,
+)
+
+B, L, DOMAIN_WEIGHT = 512, 2048, 0.05
+ENGINE_TARGET = 20.0
+
+
+def make_engine(sources: dict, seq_len: int = L, global_batch: int = B, total_steps: int = 100_000):
+    from mixer_service.engine import JobConfig, MixingEngine, Schedule
+
+    config = JobConfig.parse(job_config(seq_len, global_batch, total_steps, allow_wrap=True))
+    sched = Schedule.parse(schedule(DOMAIN_WEIGHT), config.source_names)
+    return MixingEngine.create(config, sources, [(0, sched)])
+
+
+def time_engine(engine, first_step: int, steps: int, rank: int = 0, world: int = 1) -> float:
+    """Seconds for ``steps`` consecutive fresh steps (rank slice ``rank``/``world``)."""
+    t0 = time.perf_counter()
+    for step in range(first_step, first_step + steps):
+        engine.batch(step, rank, world)
+    return time.perf_counter() - t0
+
+
+class StreamingPeer:
+    """mosaicml-streaming over the local MDS copies (see common.py); one dataset, one epoch per run."""
+
+    def __init__(self, samples: int, seq_len: int = L, batch_size: int = B, seed: int = 1234) -> None:
+        from streaming import Stream, StreamingDataset
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()
+        mds = mds_datasets(seq_len)
+        t0 = time.perf_counter()
+        self.dataset = StreamingDataset(
+            streams=[Stream(local=str(mds[WEB]), proportion=1 - DOMAIN_WEIGHT),
+                     Stream(local=str(mds[DOMAIN]), proportion=DOMAIN_WEIGHT)],
+            batch_size=batch_size, shuffle=True, shuffle_seed=seed, epoch_size=samples)
+        self.init_s = time.perf_counter() - t0
+        self.samples, self.seq_len, self.batch_size = samples, seq_len, batch_size
+
+    def run(self) -> tuple[float, float, int]:
+        """One full epoch: (seconds to first sample, seconds from first sample to the end, samples)."""
+        buf = np.empty((self.batch_size, self.seq_len), dtype=np.uint16)
+        t0 = time.perf_counter()
+        first = None
+        n = 0
+        for sample in self.dataset:
+            if first is None:
+                first = time.perf_counter()
+            buf[n % self.batch_size] = sample["tokens"]
+            n += 1
+        end = time.perf_counter()
+        return first - t0, end - first, n
+
+
+def peer_tokens_per_s(tokens: int, rounds: int = 3) -> dict:
+    """Best steady-state tokens/s of the streaming peer over ``tokens`` tokens (used by bench_service)."""
+    peer = StreamingPeer(tokens // L)
+    runs = [peer.run() for _ in range(rounds)]
+    best = min(runs, key=lambda r: r[1])
+    return {"tokens_per_s": (best[2] - 1) * L / best[1], "startup_s": best[0], "samples": best[2]}
+
+
+class LoaderPeer:
+    """Streaming through a torch DataLoader with ``workers`` spawned, persistent worker processes."""
+
+    def __init__(self, samples: int, workers: int) -> None:
+        from torch.utils.data import DataLoader
+
+        self.peer = StreamingPeer(samples)
+        self.loader = DataLoader(self.peer.dataset, batch_size=B, num_workers=workers, collate_fn=_collate,
+                                 multiprocessing_context="spawn", persistent_workers=True)
+
+    def run(self) -> float:
+        """Steady-state tokens/s of one epoch, from the first batch on (that batch not counted)."""
+        first, n = None, 0
+        for batch in self.loader:
+            if first is None:
+                first = time.perf_counter()
+            else:
+                n += batch.shape[0]
+        return n * L / (time.perf_counter() - first)
+
+
+def _collate(samples: list[dict]):
+    import torch
+
+    out = np.empty((len(samples), L), dtype=np.uint16)
+    for i, s in enumerate(samples):
+        out[i] = s["tokens"]
+    return torch.from_numpy(out)
+
+
+def index_load_times(sources: dict, repeat: int = 7) -> dict:
+    """Open (cache present) + create a one-source job over the largest corpus; also a cold open."""
+    from mixer_service.engine import JobConfig, MixingEngine, Schedule
+    from mixer_service.prepare import PreparedSource
+
+    name = max(sources, key=lambda n: sources[n].meta.num_tokens)
+    path = sources[name].meta.path
+    config = JobConfig.parse({"sources": [{"name": name, "role": "repeat"}], "seq_len": L, "global_batch": B,
+                              "seed": 1, "total_steps": 1_000_000})
+    sched = [(0, Schedule.parse({"phases": [{"start_step": 0, "weights": {name: 1}}]}, [name]))]
+    warm = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        src = PreparedSource.open(path)
+        t1 = time.perf_counter()
+        MixingEngine.create(config, {name: src}, sched)
+        warm.append((t1 - t0, time.perf_counter() - t1))
+    with tempfile.TemporaryDirectory() as tmp:  # no cache yet: decompress + verify every shard
+        t0 = time.perf_counter()
+        PreparedSource.open(path, cache_dir=Path(tmp))
+        cold = time.perf_counter() - t0
+    return {"name": name, "tokens": sources[name].meta.num_tokens, "docs": sources[name].meta.num_docs,
+            "open": statistics.median(w[0] for w in warm), "create": statistics.median(w[1] for w in warm),
+            "cold_open": cold}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=64, help="timed steps per round (B*L tokens each)")
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--loader-workers", type=int, default=0,
+                    help="also time streaming through a torch DataLoader with this many workers")
+    args = ap.parse_args()
+
+    sources = open_sources()
+    print(f"cpus={os.cpu_count()}  loadavg(1m)={os.getloadavg()[0]:.2f}  "
+          f"B={B} L={L} domain={DOMAIN_WEIGHT:.0%}  "
+          f"steps/round={args.steps} rounds={args.rounds} (best round shown)")
+    print("\n".join(describe_sources(sources)))
+    engine = make_engine(sources)
+    for w in engine.warnings:
+        print(f"NOTE: {w}")
+    tokens = args.steps * B * L
+    peer = StreamingPeer(args.steps * B)
+    for step in range(args.warmup):
+        engine.batch(step)
+    peer.run()  # warm-up epoch (page cache, shared memory, partition code paths)
+    loader = None
+    if args.loader_workers:
+        loader = LoaderPeer(args.steps * B, args.loader_workers)
+        loader.run()  # warm-up epoch: spawns the workers
+
+    eng_s, peer_runs, ratios, loader_tps, loader_ratios = [], [], [], [], []
+    next_step = args.warmup
+    for _ in range(args.rounds):
+        eng_s.append(time_engine(engine, next_step, args.steps))
+        next_step += args.steps
+        peer_runs.append(peer.run())
+        ratios.append((tokens / eng_s[-1]) / ((peer_runs[-1][2] - 1) * L / peer_runs[-1][1]))
+        if loader:
+            loader_tps.append(loader.run())
+            loader_ratios.append((tokens / eng_s[-1]) / loader_tps[-1])
+    e = min(eng_s)
+    p = min(peer_runs, key=lambda r: r[1])
+    eng_tps, peer_tps = tokens / e, (p[2] - 1) * L / p[1]
+    idx = index_load_times(sources)
+
+    rows = [
+        ["engine MixingEngine.batch (in-process)", args.steps, tokens, f"{e:.3f}", fmt_rate(eng_tps),
+         f"{args.steps / e:.1f}", f"{e / args.steps * 1e3:.2f}"],
+        ["peer streaming StreamingDataset (in-process)", p[2], (p[2]) * L, f"{p[1]:.3f}", fmt_rate(peer_tps),
+         f"{(p[2] - 1) / B / p[1]:.1f}", f"{p[1] / ((p[2] - 1) / B) * 1e3:.2f}"],
+    ]
+    strongest = ("streaming in-process", peer_tps)
+    if loader:
+        lt = max(loader_tps)
+        rows.append([f"peer streaming + DataLoader({args.loader_workers} workers)", "", "", "", fmt_rate(lt),
+                     f"{lt / (B * L):.1f}", f"{B * L / lt * 1e3:.2f}"])
+        if lt > peer_tps:
+            strongest = (f"streaming + DataLoader({args.loader_workers} workers)", lt)
+    print()
+    print_table(["throughput", "batches/samples", "tokens", "sec", "tok/s", "batch/s", "ms/batch"], rows)
+    ratio = eng_tps / strongest[1]
+    print(f"\nengine / strongest peer ({strongest[0]}) tokens/s = {ratio:.1f}x (best round of each); "
+          f"target >= {ENGINE_TARGET:.0f}x: {'MET' if ratio >= ENGINE_TARGET else 'MISSED'}")
+    print(f"engine / streaming in-process, per round (paired, same background load): "
+          f"{' '.join(f'{r:.1f}x' for r in ratios)}; median {statistics.median(ratios):.1f}x")
+    if loader:
+        print(f"engine / streaming + DataLoader({args.loader_workers} workers), per round: "
+              f"{' '.join(f'{r:.1f}x' for r in loader_ratios)}; "
+              f"median {statistics.median(loader_ratios):.1f}x")
+    print(f"peer startup: StreamingDataset() {peer.init_s * 1e3:.1f} ms, time to first sample of an epoch "
+          f"{p[0] * 1e3:.1f} ms (excluded from its tok/s)")
+    print()
+    print_table(["index load (largest corpus)", "docs", "tokens", "open ms", "create ms", "total ms",
+                 "cold open ms"],
+                [[idx["name"], idx["docs"], idx["tokens"], f"{idx['open'] * 1e3:.2f}",
+                  f"{idx['create'] * 1e3:.2f}",
+                  f"{(idx['open'] + idx['create']) * 1e3:.2f}", f"{idx['cold_open'] * 1e3:.1f}"]])
+    print("(open = PreparedSource.open with its token cache present, median of 7; "
+          "create = MixingEngine.create "
+          "for a one-source job; cold open = first open, decompressing and hashing every shard)")
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.getLogger("mixer_service").setLevel(logging.ERROR)  # the expected allow_wrap warning
+    main()
