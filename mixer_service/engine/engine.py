@@ -133,9 +133,7 @@ class MixingEngine:
         for k, lay in enumerate(self.layouts):
             sel = np.flatnonzero(src == k)
             if sel.size:
-                part = np.empty((sel.size, self.config.seq_len), dtype=lay.source.tokens.dtype)
-                lay.gather(seq[sel], part)
-                tokens[sel] = part
+                lay.gather(seq[sel], tokens, sel)
         return Batch(step, rank, world, tokens, src.astype(np.int16), seq)
 
     def provenance(self, step: int, rank: int = 0, world: int = 1) -> list[SequenceProvenance]:

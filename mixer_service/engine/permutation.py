@@ -13,6 +13,7 @@ import hashlib
 import numpy as np
 
 _ROUNDS = 6
+_TABLE_MAX = 1 << 16  # domains up to this size are tabulated once: a lookup beats six Feistel rounds
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
@@ -43,6 +44,7 @@ class Permutation:
         self._half = np.uint64(half)
         self._mask = np.uint64((1 << half) - 1)
         self._keys = [np.uint64(derive_key(key, r)) for r in range(_ROUNDS)]
+        self._table: np.ndarray | None = None
 
     def _round_f(self, right: np.ndarray, k: np.uint64) -> np.ndarray:
         return _mix(right ^ k) & self._mask
@@ -72,6 +74,13 @@ class Permutation:
 
     def apply(self, x: np.ndarray | int) -> np.ndarray:
         """Position -> element (e.g. position q of an epoch -> chunk id)."""
+        if self.n <= _TABLE_MAX:
+            if self._table is None:
+                self._table = self._walk(np.arange(self.n), self._encrypt)
+            positions = np.atleast_1d(np.asarray(x, dtype=np.int64))
+            if positions.size and (positions.min() < 0 or positions.max() >= self.n):
+                raise IndexError(f"permutation index out of range [0, {self.n})")
+            return self._table[positions]
         return self._walk(x, self._encrypt)
 
     def invert(self, y: np.ndarray | int) -> np.ndarray:
