@@ -40,11 +40,11 @@ def role_of(request: Request, tokens: Tokens) -> str:
     raise ProblemError(401, "Unauthorized", "invalid token", {"WWW-Authenticate": "Bearer"})
 
 
-def require_reader(request: Request) -> str:
+async def require_reader(request: Request) -> str:
     return role_of(request, request.app.state.tokens)
 
 
-def require_operator(request: Request) -> str:
+async def require_operator(request: Request) -> str:
     role = role_of(request, request.app.state.tokens)
     if role != "operator":
         raise ProblemError(403, "Forbidden", "this action needs the operator token")

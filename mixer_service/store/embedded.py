@@ -2,9 +2,12 @@
 
 WAL mode lets readers proceed while one writer commits; every write is a ``BEGIN IMMEDIATE`` transaction,
 so the check-then-write steps of ``mark_served`` and the schedule commit are serialized across threads and
-processes by SQLite's own file lock. ``synchronous=FULL`` makes each commit durable before it returns: the
-served high water guards history, so it must not roll back after a crash. Writes happen only when a
-schedule changes or the high water actually rises (once per step, not once per request).
+processes by SQLite's own file lock. ``synchronous=NORMAL`` in WAL mode keeps every
+commit across a process crash (SIGKILL included): the served high water guards history, so it must not roll
+back when a server dies. Only an OS crash or power loss may lose the last commits; deployments that need
+that too use Redis with AOF ``appendfsync always``. NORMAL avoids an fsync per step on the serving path.
+Writes happen only when a schedule changes or the high water actually rises (once per step, not per
+request).
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class EmbeddedStore(StateStore):
         with self._guard() as conn:
             # Journal mode is a property of the file and cannot change inside a transaction.
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA synchronous = NORMAL")
         with self._transaction(write=True) as conn:
             schema = conn.execute("PRAGMA user_version").fetchone()[0]
             if schema not in (0, SCHEMA_VERSION):

@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["batches"], dependencies=[D
 
 @router.get("/batches/{step}", response_class=Response,
             responses={200: {"content": {wire.MEDIA_TYPE: {}}, "description": "docs/protocol.md"}})
-def get_batch(request: Request, job_id: str, step: int, rank: int = 0, world: int = 1,
+async def get_batch(request: Request, job_id: str, step: int, rank: int = 0, world: int = 1,
               compression: Literal["none", "zstd"] = "none", manager: JobManager = Depends(jobs)) -> Response:
     runtime, engine = manager.for_step(job_id, step, rank, world)
     batch = engine.batch(step, rank, world)

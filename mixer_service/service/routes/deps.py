@@ -7,5 +7,5 @@ from fastapi import Request
 from mixer_service.service.jobs import JobManager
 
 
-def jobs(request: Request) -> JobManager:
+async def jobs(request: Request) -> JobManager:
     return request.app.state.jobs
