@@ -17,6 +17,7 @@ python -m pip install -q --upgrade pip
 python -c 'import torch, torchvision' 2>/dev/null || python -m pip install -q torch==2.14.1 torchvision==0.29.1
 python -m pip install -q -e '.[server,client,trainer,streaming,planner,dev]'
 scripts/fetch_corpora.sh
+scripts/fetch_fashion_mnist.sh >/dev/null  # images for the storage-law planner tests
 # Optional: promtool and nginx binaries for the deploy checks (skipped with a reason when unavailable).
 deploy/scripts/fetch-tools.sh >/dev/null 2>&1 || echo "setup: deploy tools unavailable; their checks will skip" >&2
 echo "setup: done" >&2

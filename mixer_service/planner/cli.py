@@ -1,0 +1,335 @@
+"""``mixer plan ...``: fit the scaling laws from measurements and print recommendations.
+
+    mixer plan spt --runs runs.csv --target-tokens 100B --domain-tokens 300M [--plot fit.png] [--json]
+    mixer plan storage --points grid.csv --budget 5M --budget 20M [--codec codec.csv] [--plot fit.png]
+    mixer plan images --out data/fmnist-q50 --quality 50 | --budget 2M [--num-samples 10000]
+
+Counts accept SI suffixes (k, M, G or B = 1e9, T). Bad input prints one line on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mixer_service.errors import InvalidInput, MixerError
+from mixer_service.planner.fit_stats import FitQuality, ParamEstimate
+
+if TYPE_CHECKING:
+    from mixer_service.planner.overfitting_law import SptFit
+    from mixer_service.planner.recommend import Recommendation
+
+# The planner's heavy dependencies (scipy, Pillow, matplotlib: the optional "planner" extra) are imported
+# inside the command functions, so registering ``plan`` never breaks a ``mixer`` installed without them.
+LOSSLESS_WORDS = ("lossless", "png")
+
+_SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9, "T": 1e12}
+
+
+def count(text: str) -> float:
+    """Parse '3e11', '300M' or '1.5B' into a float (argparse type)."""
+    text = text.strip()
+    factor = _SUFFIXES.get(text[-1:], 1.0)
+    try:
+        value = float(text[:-1] if factor != 1.0 else text) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a number: {text!r} (suffixes: {', '.join(_SUFFIXES)})"
+        ) from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _quality(text: str) -> int:
+    from mixer_service.planner.codec import LOSSLESS
+
+    return LOSSLESS if text.lower() in LOSSLESS_WORDS else int(count(text))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``plan`` with its ``spt``, ``storage`` and ``images`` subcommands to a CLI."""
+    plan = subparsers.add_parser("plan", help="fit scaling laws and recommend δ / compression for a budget")
+    sub = plan.add_subparsers(dest="plan_command", required=True)
+
+    spt = sub.add_parser("spt", help="fit the SPT overfitting law from pilot runs and recommend δ*")
+    spt.add_argument("--runs", nargs="+", required=True, help="CSV and/or trainer JSONL files")
+    spt.add_argument("--target-tokens", type=count, required=True, help="pretraining token budget T")
+    spt.add_argument("--domain-tokens", type=count, required=True, help="domain set size |D| in tokens")
+    spt.add_argument("--delta-range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="δ search range")
+    spt.add_argument(
+        "--ft-gain", help="CSV of (tokens, gain) finetuning gains: fits Eq. 7 and corrects the loss"
+    )
+    spt.add_argument("--schedule", nargs=2, metavar=("DOMAIN", "WEB"), help="also emit the schedule for δ*")
+    spt.add_argument("--tokens-key", help="column/key holding tokens (default: tokens, T, ...)")
+    spt.add_argument("--delta-key", help="column/key holding δ (default: delta, domain_fraction, ...)")
+    spt.add_argument("--loss-key", help="column/key holding the domain loss (default: domain_loss, ...)")
+    _common(spt)
+    spt.set_defaults(func=_safe(run_spt))
+
+    storage = sub.add_parser(
+        "storage", help="fit the storage law from a (n, bytes, error) grid; allocate budgets"
+    )
+    storage.add_argument("--points", required=True, help="CSV with columns n, bytes_per_sample, error")
+    storage.add_argument(
+        "--variant", default="additive", help="additive (default), additive_no_floor or multiplicative"
+    )
+    storage.add_argument(
+        "--budget", type=count, action="append", default=[], help="storage budget in bytes (repeatable)"
+    )
+    storage.add_argument("--min-bytes", type=count, help="smallest feasible bytes per sample")
+    storage.add_argument("--max-bytes", type=count, help="largest feasible bytes per sample")
+    storage.add_argument("--max-samples", type=count, help="samples available (caps n)")
+    storage.add_argument("--codec", help="CSV of (quality, bytes): maps each L* to a codec quality")
+    _common(storage)
+    storage.set_defaults(func=_safe(run_storage))
+
+    images = sub.add_parser(
+        "images", help="prepare Fashion-MNIST as an image source at a quality or a byte budget"
+    )
+    images.add_argument("--out", required=True, help="output directory (must not exist)")
+    mode = images.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--quality", type=_quality, help="one JPEG quality 1..100 or 'lossless' for every sample"
+    )
+    mode.add_argument(
+        "--budget", type=count, help="bytes: randomized per-sample qualities meeting this budget"
+    )
+    images.add_argument("--num-samples", type=count, help="use a seeded random subset of this many images")
+    images.add_argument("--split", choices=("train", "test"), default="train")
+    images.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX .gz files")
+    images.add_argument("--min-quality", type=int, default=1)
+    images.add_argument("--max-quality", type=int, default=95)
+    images.add_argument("--lossless-from", type=int, help="randomized levels >= this are stored lossless")
+    images.add_argument("--seed", type=int, default=0)
+    images.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    images.set_defaults(func=_safe(run_images))
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bootstrap", type=int, default=50, help="bootstrap refits for uncertainty (0: none)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", help="write a PNG of the fit and recommendation here")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _safe(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn a user error into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except MixerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except ImportError as e:
+            print(
+                f"error: the planner needs the 'planner' extra (pip install 'mixer-service[planner]'): {e}",
+                file=sys.stderr,
+            )
+            return 2
+
+    return wrapper
+
+
+def run_spt(args: argparse.Namespace) -> int:
+    from mixer_service.planner.overfitting_law import fit_overfitting_law
+    from mixer_service.planner.recommend import fit_finetune_gain, recommend_delta, schedule_for_delta
+    from mixer_service.planner.spt_runs import load_runs
+
+    runs = load_runs(args.runs, args.tokens_key, args.delta_key, args.loss_key)
+    fit = fit_overfitting_law(runs, n_bootstrap=args.bootstrap, seed=args.seed)
+    finetune = None
+    if args.ft_gain:
+        columns = _read_columns(args.ft_gain, ("tokens", "gain"))
+        finetune = fit_finetune_gain(columns["tokens"], columns["gain"])
+    rec = recommend_delta(fit, args.target_tokens, args.domain_tokens, args.delta_range, finetune)
+    schedule = schedule_for_delta(rec.delta, *args.schedule) if args.schedule else None
+    if args.plot:
+        from mixer_service.planner.plots import plot_spt
+
+        plot_spt(fit, runs, rec, args.plot)
+    if args.json:
+        out = {"fit": fit.to_dict(), "recommendation": rec.to_dict()}
+        if finetune is not None:
+            out["finetune_gain"] = finetune.to_dict()
+        if schedule is not None:
+            out["schedule"] = schedule
+        print(json.dumps(out, indent=2))
+    else:
+        _print_spt(fit, rec, schedule)
+    for warning in rec.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _print_spt(fit: SptFit, rec: Recommendation, schedule: dict | None) -> None:
+    print(_quality_line("joint fit", fit.quality))
+    per_delta = [
+        [f"{p.delta:g}", p.n_points, f"{p.tokens_min:.3g}–{p.tokens_max:.3g}", f"{p.b:.4f}", f"{p.h:.4f}",
+         f"{p.quality.r2:.5f}", f"{p.quality.rmse:.3g}"]
+        for p in fit.per_delta
+    ]  # fmt: skip
+    print(_table(["δ", "points", "T range", "b", "h (gap)", "R²", "RMSE"], per_delta))
+    print(_param_table(fit.params))
+    rows: list[list[object]] = [
+        ["target tokens T", f"{rec.target_tokens:.4g}"],
+        ["δ*", _with_interval(rec.delta, rec.delta_interval, ".4g")],
+        ["predicted domain loss", _with_interval(rec.predicted_loss, rec.loss_interval, ".4f")],
+        ["repetitions E* = T·δ*/|D|", f"{rec.repetitions:.3g}"],
+        ["domain tokens needed T·δ*", f"{rec.target_tokens * rec.delta:.4g}"],
+    ]
+    if rec.predicted_loss_after_finetune is not None:
+        rows.append(["predicted loss after finetuning (Eq. 7)", f"{rec.predicted_loss_after_finetune:.4f}"])
+    print(_table(["recommendation", "value"], rows))
+    if schedule is not None:
+        print(json.dumps(schedule))
+
+
+def run_storage(args: argparse.Namespace) -> int:
+    from mixer_service.planner.codec import CodecCurve
+    from mixer_service.planner.storage_law import allocate, fit_storage_law, load_points
+
+    n, size, err = load_points(args.points)
+    fit = fit_storage_law(n, size, err, variant=args.variant, n_bootstrap=args.bootstrap, seed=args.seed)
+    codec = None
+    if args.codec:
+        columns = _read_columns(args.codec, ("quality", "bytes"))
+        codec = CodecCurve(columns["quality"], columns["bytes"])
+    bytes_range = None
+    if args.min_bytes is not None or args.max_bytes is not None:
+        bytes_range = (args.min_bytes or 0.0, args.max_bytes or np.inf)
+    allocations = [allocate(fit.law, s, bytes_range, args.max_samples) for s in args.budget]
+    qualities = [codec.quality_for(a.bytes_per_sample) if codec else None for a in allocations]
+    if args.plot:
+        from mixer_service.planner.plots import plot_storage
+
+        plot_storage(fit, n, size, err, allocations, args.plot)
+    if args.json:
+        allocs = [dict(a.to_dict(), quality=q) for a, q in zip(allocations, qualities, strict=True)]
+        print(json.dumps({"fit": fit.to_dict(), "allocations": allocs}, indent=2))
+        return 0
+    print(_quality_line(f"{fit.law.variant} fit", fit.quality))
+    print(_param_table(fit.params))
+    if allocations:
+        print(
+            _table(
+                ["budget s (B)", "L* (B/sample)", "n*", "predicted error", "quality", "limited by"],
+                [
+                    [
+                        f"{a.budget:.4g}",
+                        f"{a.bytes_per_sample:.4g}",
+                        f"{a.num_samples:.4g}",
+                        f"{a.predicted_error:.4f}",
+                        "-" if q is None else q,
+                        a.limited_by or "-",
+                    ]
+                    for a, q in zip(allocations, qualities, strict=True)
+                ],
+            )
+        )
+    return 0
+
+
+def run_images(args: argparse.Namespace) -> int:
+    from mixer_service.planner.fashion_mnist import load_fashion_mnist
+    from mixer_service.planner.images import EncodedSizes, prepare_image_source
+    from mixer_service.planner.randomized import assign_randomized
+
+    images, labels = load_fashion_mnist(args.split, args.data_dir)
+    if args.num_samples is not None:
+        if not 1 <= args.num_samples <= len(images):
+            raise InvalidInput(f"--num-samples must be in [1, {len(images)}], got {args.num_samples:g}")
+        pick = np.sort(np.random.default_rng(args.seed).permutation(len(images))[: int(args.num_samples)])
+        images, labels = images[pick], labels[pick]
+    summary: dict = {"num_samples": len(images)}
+    if args.budget is not None:
+        sizes = EncodedSizes(images)
+        assignment = assign_randomized(
+            sizes.total_bytes,
+            len(images),
+            int(args.budget),
+            args.min_quality,
+            args.max_quality,
+            args.seed,
+            args.lossless_from,
+        )
+        qualities = assignment.qualities
+        summary["assignment"] = assignment.to_dict()
+        summary["max_sample_bytes"] = sizes.max_sample_bytes(qualities)
+    else:
+        qualities = np.full(len(images), args.quality)
+    meta = prepare_image_source(images, labels, args.out, qualities)
+    summary.update(out=str(args.out), total_bytes=meta.total_bytes, bytes_per_sample=meta.bytes_per_sample)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    rows: list[list[object]] = [
+        ["samples", meta.num_samples],
+        ["total bytes", meta.total_bytes],
+        ["bytes per sample", f"{meta.bytes_per_sample:.1f}"],
+    ]
+    if args.budget is not None:
+        a = summary["assignment"]
+        rows += [
+            ["budget", a["budget"]],
+            ["slack (budget − total)", a["budget"] - meta.total_bytes],
+            ["largest sample", summary["max_sample_bytes"]],
+            ["quality range", f"{a['low']:.3f} – {a['high']:.3f} (searched: {a['searched']})"],
+        ]
+    print(_table(["image source", str(args.out)], rows))
+    return 0
+
+
+def _read_columns(path: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    if not Path(path).is_file():
+        raise InvalidInput(f"file not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in names if c not in (reader.fieldnames or [])]
+        if missing:
+            raise InvalidInput(f"{path}: missing column(s) {', '.join(missing)}")
+        try:
+            rows = [[float(r[c]) for c in names] for r in reader]
+        except (TypeError, ValueError):
+            raise InvalidInput(f"{path}: non-numeric value in columns {', '.join(names)}") from None
+    if not rows:
+        raise InvalidInput(f"{path}: no data rows")
+    arr = np.array(rows)
+    return {c: arr[:, j] for j, c in enumerate(names)}
+
+
+def _quality_line(what: str, q: FitQuality) -> str:
+    worst = f"max |residual|={q.max_abs_residual:.4g}"
+    return f"{what}: {q.n_points} points, R²={q.r2:.5f}, RMSE={q.rmse:.4g}, {worst}"
+
+
+def _with_interval(value: float, interval: tuple[float, float] | None, fmt: str) -> str:
+    text = format(value, fmt)
+    return text if interval is None else f"{text}  (95%: {interval[0]:{fmt}}–{interval[1]:{fmt}})"
+
+
+def _param_table(params: Sequence[ParamEstimate]) -> str:
+    return _table(
+        ["parameter", "value", "bootstrap std", "95% interval"],
+        [[p.name, f"{p.value:.5g}", f"{p.std:.3g}", f"{p.ci_low:.4g} – {p.ci_high:.4g}"] for p in params],
+    )
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[j]) for r in cells) for j in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
