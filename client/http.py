@@ -59,17 +59,16 @@ class MixerClient:
     def batch(self, job: str, step: int, rank: int = 0, world: int = 1,
               compression: str = "zstd") -> wire.WireBatch:
         """Rows ``rank::world`` of the job's global batch at ``step``, checksum- and header-verified."""
-        want = {"job": job, "step": step, "rank": rank, "world": world}
-
-        def verify(response: httpx.Response) -> wire.WireBatch:
-            batch = wire.decode(response.content)
-            got = {k: batch.header.get(k) for k in want}
-            if got != want:  # a misrouting proxy or cache would otherwise train on the wrong data silently
-                raise wire.WireError(f"asked for {want}, the batch header says {got}")
-            return batch
-
+        verify = _checked(wire.decode, {"job": job, "step": step, "rank": rank, "world": world})
         params = {"rank": rank, "world": world, "compression": compression}
         return self._request("GET", f"{_job_path(job)}/batches/{step}", verify, params=params)
+
+    def image_batch(self, source: str, step: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
+                    compression: str = "none") -> wire.WireSamples:
+        """Encoded images and labels of an image source's batch ``step`` (decode with client.images)."""
+        verify = _checked(wire.decode_samples, {"source": source, "step": step, "rank": rank, "world": world})
+        params = {"batch_size": batch_size, "seed": seed, "rank": rank, "world": world, "compression": compression}
+        return self._request("GET", f"/v1/images/{quote(source, safe='')}/batches/{step}", verify, params=params)
 
     def job(self, job: str) -> dict[str, Any]:
         """The job's description (config incl. ``total_steps``, schedule version, progress)."""
@@ -152,6 +151,20 @@ class MixerClient:
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.backoff_max))
         return delay
+
+
+def _checked(decode: Callable[[bytes], T], want: dict[str, Any]) -> Callable[[httpx.Response], T]:
+    """Decode a framed body and check its header echoes the request: a misrouting proxy or cache would
+    otherwise train on the wrong data silently."""
+
+    def parse(response: httpx.Response) -> T:
+        decoded = decode(response.content)
+        got = {k: decoded.header.get(k) for k in want}  # type: ignore[attr-defined]
+        if got != want:
+            raise wire.WireError(f"asked for {want}, the batch header says {got}")
+        return decoded
+
+    return parse
 
 
 def _job_path(job: str) -> str:

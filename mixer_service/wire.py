@@ -35,21 +35,18 @@ class WireBatch:
     source_ids: np.ndarray  # [rows], indexes header["sources"]
 
 
-def encode(tokens: np.ndarray, source_ids: np.ndarray, header: dict[str, Any], compression: str) -> bytes:
+def _frame(header: dict[str, Any], raw: bytes, compression: str) -> bytes:
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-    raw = np.ascontiguousarray(tokens, dtype=tokens.dtype.newbyteorder("<")).tobytes()
     payload = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw) if compression == "zstd" else raw
-    full = header | {
-        "format": 1, "dtype": tokens.dtype.name, "shape": list(tokens.shape),
-        "source_ids": source_ids.astype(int).tolist(), "compression": compression,
-        "crc32": zlib.crc32(raw), "payload_bytes": len(payload),
-    }
+    full = header | {"format": 1, "compression": compression, "crc32": zlib.crc32(raw),
+                     "payload_bytes": len(payload)}
     head = json.dumps(full, separators=(",", ":")).encode()
     return MAGIC + _LEN.pack(len(head)) + head + payload
 
 
-def decode(data: bytes) -> WireBatch:
+def _unframe(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """Header and verified, decompressed payload of any framed message."""
     if len(data) < 8 or data[:4] != MAGIC:
         raise WireError("not a mixer batch: bad magic")
     (head_len,) = _LEN.unpack_from(data, 4)
@@ -67,6 +64,40 @@ def decode(data: bytes) -> WireBatch:
             raise WireError(f"zstd payload does not decompress: {exc}") from exc
     if zlib.crc32(payload) != header["crc32"]:
         raise WireError("batch checksum mismatch")
+    return header, payload
+
+
+def encode(tokens: np.ndarray, source_ids: np.ndarray, header: dict[str, Any], compression: str) -> bytes:
+    raw = np.ascontiguousarray(tokens, dtype=tokens.dtype.newbyteorder("<")).tobytes()
+    return _frame(header | {"dtype": tokens.dtype.name, "shape": list(tokens.shape),
+                            "source_ids": source_ids.astype(int).tolist()}, raw, compression)
+
+
+def decode(data: bytes) -> WireBatch:
+    header, payload = _unframe(data)
     dtype = np.dtype(header["dtype"]).newbyteorder("<")
     tokens = np.frombuffer(payload, dtype=dtype).reshape(header["shape"])
     return WireBatch(header, tokens, np.asarray(header["source_ids"], dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class WireSamples:
+    header: dict[str, Any]
+    samples: list[bytes]  # encoded images (JPEG or PNG), one per row
+    labels: np.ndarray
+
+
+def encode_samples(samples: list[bytes], labels: list[int], header: dict[str, Any], compression: str) -> bytes:
+    """Variable-length samples (e.g. images): ``lengths`` in the header split the payload."""
+    return _frame(header | {"kind": "samples", "lengths": [len(b) for b in samples], "labels": labels},
+                  b"".join(samples), compression)
+
+
+def decode_samples(data: bytes) -> WireSamples:
+    header, payload = _unframe(data)
+    ends = np.cumsum(header["lengths"]).tolist()
+    if (ends[-1] if ends else 0) != len(payload):
+        raise WireError("sample lengths do not add up to the payload")
+    starts = [0] + ends[:-1]
+    return WireSamples(header, [payload[a:b] for a, b in zip(starts, ends, strict=True)],
+                       np.asarray(header["labels"], dtype=np.int64))
