@@ -11,7 +11,7 @@ gives 8x2048-token responses and ``world`` = 8 gives 64x2048. Every response is 
 Cells: {8, 64} rows x {none, zstd} x {1, 64} clients, ``--duration`` s each after a short warm-up, each on
 fresh steps. Server and load generator share the machine's cores; the table shows the CPU each used.
 
-    python bench/bench_service.py [--duration 4] [--clients 1 64]
+    python bench/bench_service.py [--duration 4] [--clients 1 64] [--generator wrk]
 """
 
 from __future__ import annotations
@@ -161,6 +161,46 @@ def run_cell(server: Server, job: str, rows: int, compression: str, clients: int
             "cpu_srv": cpu_srv / elapsed, "cpu_cli": cpu_cli / elapsed}
 
 
+_WRK_LUA = """
+counter = 0
+request = function()
+  local i = counter
+  counter = counter + 1
+  return wrk.format("GET", "/v1/jobs/{job}/batches/" .. ({base} + math.floor(i / {world})) ..
+    "?rank=" .. (i % {world}) .. "&world={world}&compression={compression}")
+end
+"""
+
+
+def _wrk_ms(text: str) -> float:
+    value, unit = float(text.rstrip("mus")), text[len(text.rstrip("mus")):]
+    return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def run_cell_wrk(server: Server, job: str, rows: int, compression: str, clients: int, step_base: int,
+                 duration: float) -> dict:
+    """The same request sequence from wrk (C, 2 threads): latency without a GIL-bound generator's queueing.
+
+    wrk does not decode bodies; each of its threads walks the (step, rank) sequence from its own offset.
+    """
+    world = B // rows
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(_WRK_LUA.format(job=job, base=step_base, world=world, compression=compression))
+    cpu_srv = server.cpu_seconds()
+    out = subprocess.run(["wrk", "-t2", f"-c{clients}", f"-d{duration:g}s", "--latency", "-s", script.name,
+                          server.url], capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
+    cpu_srv = server.cpu_seconds() - cpu_srv
+    fields = dict(line.split(None, 1) for line in out.splitlines() if line.strip().startswith(("50%", "99%")))
+    rps = float(out.split("Requests/sec:")[1].split()[0])
+    requests = int(out.split(" requests in ")[0].split()[-1])
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw errors: {out}")
+    return {"rows": rows, "compression": compression, "clients": clients, "requests": requests, "rps": rps,
+            "tps": rps * rows * L, "p50": _wrk_ms(fields["50%"].strip()), "p99": _wrk_ms(fields["99%"].strip()),
+            "mb_s": float("nan"), "cpu_srv": cpu_srv / duration, "cpu_cli": float("nan")}
+
+
 def in_process(engine, rows: int, compression: str | None, seconds: float, step_base: int) -> float:
     """Tokens/s of engine.batch (+ wire.encode when ``compression``) over the same (step, rank) sequence."""
     world = B // rows
@@ -182,6 +222,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per cell")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 64])
+    ap.add_argument("--generator", choices=("python", "wrk"), default="python",
+                    help="load generator: threads with httpx (decode every body) or wrk (apt-get install wrk)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below on SIGTERM too
 
@@ -212,8 +254,12 @@ def main() -> None:
             cells = list(itertools.product(args.rows, ("none", "zstd"), args.clients))
             for idx, (rows, comp, clients) in enumerate(cells):
                 log(f"bench: cell {idx + 1}/{len(cells)}: {rows}x{L} compression={comp} clients={clients}")
-                results.append(run_cell(server, job, rows, comp, clients, idx * CELL_STEPS, args.duration,
-                                        args.warmup))
+                if args.generator == "wrk":
+                    results.append(run_cell_wrk(server, job, rows, comp, clients, idx * CELL_STEPS,
+                                                args.duration))
+                else:
+                    results.append(run_cell(server, job, rows, comp, clients, idx * CELL_STEPS, args.duration,
+                                            args.warmup))
         finally:
             server.stop()
 
