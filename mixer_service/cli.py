@@ -6,8 +6,10 @@ import argparse
 import os
 import sys
 
+from mixer_service import ops_cli
 from mixer_service.errors import MixerError
 from mixer_service.logs import configure
+from mixer_service.planner import cli as planner_cli
 from mixer_service.prepare import cli as prepare_cli
 from mixer_service.service import cli as serve_cli
 
@@ -15,7 +17,7 @@ from mixer_service.service import cli as serve_cli
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixer", description="Streaming data mixing for specialized pretraining")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (prepare_cli, serve_cli):
+    for module in (prepare_cli, serve_cli, planner_cli, ops_cli):
         module.register(sub)
     return parser
 

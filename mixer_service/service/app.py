@@ -11,7 +11,7 @@ from mixer_service.service import problems
 from mixer_service.service.auth import Tokens
 from mixer_service.service.jobs import JobManager
 from mixer_service.service.metrics import Metrics, MetricsMiddleware
-from mixer_service.service.routes import batches, health, jobs, plan, repetitions, schedule
+from mixer_service.service.routes import batches, dashboard, health, images, jobs, plan, repetitions, schedule
 from mixer_service.service.sources import SourceRegistry
 from mixer_service.store import StateStore
 
@@ -61,7 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.tokens = settings.tokens
     app.state.metrics = Metrics()
     problems.install(app)
-    for module in (jobs, batches, schedule, repetitions, plan, health):
+    for module in (jobs, batches, images, schedule, repetitions, plan, health, dashboard):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
