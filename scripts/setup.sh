@@ -6,14 +6,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
 
-if ! command -v redis-server >/dev/null; then
-  echo "setup: installing redis-server (tests start their own on a free port)" >&2
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi
-fi
-if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
-  echo "setup: installing chromium (tests/test_dashboard.py renders the dashboard in headless Chromium)" >&2
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi
-fi
+apt_install() {  # $1: package, $2: why
+  echo "setup: installing $1 ($2)" >&2
+  local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1"
+}
+command -v redis-server >/dev/null || apt_install redis-server "tests start their own on a free port"
+command -v chromium >/dev/null || command -v chromium-browser >/dev/null ||
+  apt_install chromium "tests/test_dashboard.py renders the dashboard in headless Chromium"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
