@@ -54,16 +54,27 @@ class Server:
     def __init__(self, sources: Path, state: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "mixer_service.cli", "serve", "--sources-dir", str(sources),
-                     "--state-dir", str(state), "--port", str(self.port)]
+        self.args = [
+            sys.executable,
+            "-m",
+            "mixer_service.cli",
+            "serve",
+            "--sources-dir",
+            str(sources),
+            "--state-dir",
+            str(state),
+            "--port",
+            str(self.port),
+        ]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MIXER_")}
         self.env["MIXER_LOG_LEVEL"] = "WARNING"
         self.stderr = open(state / "server.stderr", "w+b")
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> Server:
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=self.stderr,
-                                     cwd=ROOT)
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=self.stderr, cwd=ROOT
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -98,16 +109,29 @@ class Server:
 
 def create_job(url: str) -> str:
     job_id = f"bench-{uuid.uuid4().hex[:8]}"
-    body = {"job_id": job_id, "config": job_config(L, B, TOTAL_STEPS, allow_wrap=True),
-            "schedule": schedule(DOMAIN_WEIGHT), "author": "bench", "reason": "bench_service"}
+    body = {
+        "job_id": job_id,
+        "config": job_config(L, B, TOTAL_STEPS, allow_wrap=True),
+        "schedule": schedule(DOMAIN_WEIGHT),
+        "author": "bench",
+        "reason": "bench_service",
+    }
     r = httpx.post(f"{url}/v1/jobs", json=body, timeout=60)
     if r.status_code != 201:
         raise RuntimeError(f"create job: {r.status_code} {r.text}")
     return job_id
 
 
-def run_cell(server: Server, job: str, rows: int, compression: str, clients: int, step_base: int,
-             duration: float, warmup: float) -> dict:
+def run_cell(
+    server: Server,
+    job: str,
+    rows: int,
+    compression: str,
+    clients: int,
+    step_base: int,
+    duration: float,
+    warmup: float,
+) -> dict:
     world = B // rows
     counter = itertools.count()
     stop, measuring = threading.Event(), threading.Event()
@@ -155,10 +179,19 @@ def run_cell(server: Server, job: str, rows: int, compression: str, clients: int
         raise RuntimeError(f"client failed: {errors[0]!r}; server stderr: {server.tail()}")
     all_lat = np.array([x for per in lat for x in per])
     n = len(all_lat)
-    return {"rows": rows, "compression": compression, "clients": clients, "requests": n,
-            "rps": n / elapsed, "tps": n * rows * L / elapsed, "p50": np.percentile(all_lat, 50) * 1e3,
-            "p99": np.percentile(all_lat, 99) * 1e3, "mb_s": sum(payload) / elapsed / 1e6,
-            "cpu_srv": cpu_srv / elapsed, "cpu_cli": cpu_cli / elapsed}
+    return {
+        "rows": rows,
+        "compression": compression,
+        "clients": clients,
+        "requests": n,
+        "rps": n / elapsed,
+        "tps": n * rows * L / elapsed,
+        "p50": np.percentile(all_lat, 50) * 1e3,
+        "p99": np.percentile(all_lat, 99) * 1e3,
+        "mb_s": sum(payload) / elapsed / 1e6,
+        "cpu_srv": cpu_srv / elapsed,
+        "cpu_cli": cpu_cli / elapsed,
+    }
 
 
 _WRK_LUA = """
@@ -173,12 +206,13 @@ end
 
 
 def _wrk_ms(text: str) -> float:
-    value, unit = float(text.rstrip("mus")), text[len(text.rstrip("mus")):]
+    value, unit = float(text.rstrip("mus")), text[len(text.rstrip("mus")) :]
     return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
-def run_cell_wrk(server: Server, job: str, rows: int, compression: str, clients: int, step_base: int,
-                 duration: float) -> dict:
+def run_cell_wrk(
+    server: Server, job: str, rows: int, compression: str, clients: int, step_base: int, duration: float
+) -> dict:
     """The same request sequence from wrk (C, 2 threads): latency without a GIL-bound generator's queueing.
 
     wrk does not decode bodies; each of its threads walks the (step, rank) sequence from its own offset.
@@ -187,8 +221,12 @@ def run_cell_wrk(server: Server, job: str, rows: int, compression: str, clients:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(_WRK_LUA.format(job=job, base=step_base, world=world, compression=compression))
     cpu_srv = server.cpu_seconds()
-    out = subprocess.run(["wrk", "-t2", f"-c{clients}", f"-d{duration:g}s", "--latency", "-s", script.name,
-                          server.url], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{clients}", f"-d{duration:g}s", "--latency", "-s", script.name, server.url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     os.unlink(script.name)
     cpu_srv = server.cpu_seconds() - cpu_srv
     fields = dict(line.split(None, 1) for line in out.splitlines() if line.strip().startswith(("50%", "99%")))
@@ -196,9 +234,19 @@ def run_cell_wrk(server: Server, job: str, rows: int, compression: str, clients:
     requests = int(out.split(" requests in ")[0].split()[-1])
     if "Non-2xx" in out:
         raise RuntimeError(f"wrk saw errors: {out}")
-    return {"rows": rows, "compression": compression, "clients": clients, "requests": requests, "rps": rps,
-            "tps": rps * rows * L, "p50": _wrk_ms(fields["50%"].strip()), "p99": _wrk_ms(fields["99%"].strip()),
-            "mb_s": float("nan"), "cpu_srv": cpu_srv / duration, "cpu_cli": float("nan")}
+    return {
+        "rows": rows,
+        "compression": compression,
+        "clients": clients,
+        "requests": requests,
+        "rps": rps,
+        "tps": rps * rows * L,
+        "p50": _wrk_ms(fields["50%"].strip()),
+        "p99": _wrk_ms(fields["99%"].strip()),
+        "mb_s": float("nan"),
+        "cpu_srv": cpu_srv / duration,
+        "cpu_cli": float("nan"),
+    }
 
 
 def in_process(engine, rows: int, compression: str | None, seconds: float, step_base: int) -> float:
@@ -222,15 +270,21 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per cell")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 64])
-    ap.add_argument("--generator", choices=("python", "wrk"), default="python",
-                    help="load generator: threads with httpx (decode every body) or wrk (apt-get install wrk)")
+    ap.add_argument(
+        "--generator",
+        choices=("python", "wrk"),
+        default="python",
+        help="load generator: threads with httpx (decode every body) or wrk (apt-get install wrk)",
+    )
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below on SIGTERM too
 
     sources_dir = prepared_sources()
-    print(f"cpus={os.cpu_count()}  loadavg(1m)={os.getloadavg()[0]:.2f}  "
-          f"B={B} L={L} domain={DOMAIN_WEIGHT:.0%}  "
-          f"cell={args.duration:g}s (+{args.warmup:g}s warm-up)  server: 1 uvicorn worker, embedded store")
+    print(
+        f"cpus={os.cpu_count()}  loadavg(1m)={os.getloadavg()[0]:.2f}  "
+        f"B={B} L={L} domain={DOMAIN_WEIGHT:.0%}  "
+        f"cell={args.duration:g}s (+{args.warmup:g}s warm-up)  server: 1 uvicorn worker, embedded store"
+    )
 
     # In-process references first, on an idle machine (no server running).
     log("bench: streaming peer (in-process)")
@@ -255,42 +309,87 @@ def main() -> None:
             for idx, (rows, comp, clients) in enumerate(cells):
                 log(f"bench: cell {idx + 1}/{len(cells)}: {rows}x{L} compression={comp} clients={clients}")
                 if args.generator == "wrk":
-                    results.append(run_cell_wrk(server, job, rows, comp, clients, idx * CELL_STEPS,
-                                                args.duration))
+                    results.append(
+                        run_cell_wrk(server, job, rows, comp, clients, idx * CELL_STEPS, args.duration)
+                    )
                 else:
-                    results.append(run_cell(server, job, rows, comp, clients, idx * CELL_STEPS, args.duration,
-                                            args.warmup))
+                    results.append(
+                        run_cell(
+                            server, job, rows, comp, clients, idx * CELL_STEPS, args.duration, args.warmup
+                        )
+                    )
         finally:
             server.stop()
 
     print()
-    print_table(["rows x L", "zstd", "clients", "requests", "req/s", "tok/s", "MB/s wire", "p50 ms", "p99 ms",
-                 "srv CPU", "gen CPU", "in-proc/svc", "svc/peer"],
-                [[f"{r['rows']}x{L}", "yes" if r["compression"] == "zstd" else "no", r["clients"],
-                  r["requests"], f"{r['rps']:.0f}", fmt_rate(r["tps"]), f"{r['mb_s']:.0f}", f"{r['p50']:.2f}",
-                  f"{r['p99']:.2f}",
-                  f"{r['cpu_srv']:.0%}", f"{r['cpu_cli']:.0%}", f"{ref[r['rows'], 'engine'] / r['tps']:.1f}x",
-                  f"{r['tps'] / peer['tokens_per_s']:.2f}x"] for r in results])
-    print("(srv/gen CPU: CPU time of the server process / the load generator per wall second, "
-          "100% = one core; "
-          "in-proc/svc: in-process engine.batch tok/s for the same slices / service tok/s)")
+    print_table(
+        [
+            "rows x L",
+            "zstd",
+            "clients",
+            "requests",
+            "req/s",
+            "tok/s",
+            "MB/s wire",
+            "p50 ms",
+            "p99 ms",
+            "srv CPU",
+            "gen CPU",
+            "in-proc/svc",
+            "svc/peer",
+        ],
+        [
+            [
+                f"{r['rows']}x{L}",
+                "yes" if r["compression"] == "zstd" else "no",
+                r["clients"],
+                r["requests"],
+                f"{r['rps']:.0f}",
+                fmt_rate(r["tps"]),
+                f"{r['mb_s']:.0f}",
+                f"{r['p50']:.2f}",
+                f"{r['p99']:.2f}",
+                f"{r['cpu_srv']:.0%}",
+                f"{r['cpu_cli']:.0%}",
+                f"{ref[r['rows'], 'engine'] / r['tps']:.1f}x",
+                f"{r['tps'] / peer['tokens_per_s']:.2f}x",
+            ]
+            for r in results
+        ],
+    )
+    print(
+        "(srv/gen CPU: CPU time of the server process / the load generator per wall second, "
+        "100% = one core; "
+        "in-proc/svc: in-process engine.batch tok/s for the same slices / service tok/s)"
+    )
     print()
-    print_table(["in-process reference (single thread)", "rows x L", "tok/s"],
-                [[f"engine.batch{' + wire.encode(' + k + ')' if k != 'engine' else ''}", f"{rows}x{L}",
-                  fmt_rate(v)] for (rows, k), v in ref.items()]
-                + [["streaming StreamingDataset, 512-sample batches", f"{B}x{L}",
-                    fmt_rate(peer["tokens_per_s"])]])
+    print_table(
+        ["in-process reference (single thread)", "rows x L", "tok/s"],
+        [
+            [
+                f"engine.batch{' + wire.encode(' + k + ')' if k != 'engine' else ''}",
+                f"{rows}x{L}",
+                fmt_rate(v),
+            ]
+            for (rows, k), v in ref.items()
+        ]
+        + [["streaming StreamingDataset, 512-sample batches", f"{B}x{L}", fmt_rate(peer["tokens_per_s"])]],
+    )
     best = max(results, key=lambda r: r["tps"])
     hi = [r for r in results if r["clients"] == max(args.clients)]
     worst_p99 = max(r["p99"] for r in hi)
-    print(f"\nbest service cell: {best['rows']}x{L} zstd={best['compression']} clients={best['clients']}: "
-          f"{fmt_rate(best['tps'])}tok/s = {best['tps'] / peer['tokens_per_s']:.2f}x the streaming peer "
-          f"(target >= {PEER_TARGET:.0f}x: "
-          f"{'MET' if best['tps'] / peer['tokens_per_s'] >= PEER_TARGET else 'MISSED'})")
+    print(
+        f"\nbest service cell: {best['rows']}x{L} zstd={best['compression']} clients={best['clients']}: "
+        f"{fmt_rate(best['tps'])}tok/s = {best['tps'] / peer['tokens_per_s']:.2f}x the streaming peer "
+        f"(target >= {PEER_TARGET:.0f}x: "
+        f"{'MET' if best['tps'] / peer['tokens_per_s'] >= PEER_TARGET else 'MISSED'})"
+    )
     p99s = " / ".join(f"{r['p99']:.1f}" for r in hi)
-    print(f"p99 at {max(args.clients)} clients: {p99s} ms "
-          f"(target < {P99_TARGET_MS:.0f} ms: {'MET' if worst_p99 < P99_TARGET_MS else 'MISSED'} "
-          f"in {sum(r['p99'] < P99_TARGET_MS for r in hi)}/{len(hi)} cells)")
+    print(
+        f"p99 at {max(args.clients)} clients: {p99s} ms "
+        f"(target < {P99_TARGET_MS:.0f} ms: {'MET' if worst_p99 < P99_TARGET_MS else 'MISSED'} "
+        f"in {sum(r['p99'] < P99_TARGET_MS for r in hi)}/{len(hi)} cells)"
+    )
 
 
 if __name__ == "__main__":

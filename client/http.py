@@ -41,8 +41,15 @@ class MixerClient:
     ``backoff_max``.
     """
 
-    def __init__(self, urls: list[str] | str, token: str | None = None, timeout: float = 30.0,
-                 max_retries: int = 8, backoff_base: float = 0.25, backoff_max: float = 8.0) -> None:
+    def __init__(
+        self,
+        urls: list[str] | str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 8,
+        backoff_base: float = 0.25,
+        backoff_max: float = 8.0,
+    ) -> None:
         self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
         if not self.urls:
             raise ValueError("urls: need at least one replica URL")
@@ -50,25 +57,43 @@ class MixerClient:
             raise ValueError("max_retries, backoff_base and backoff_max must be >= 0")
         self.max_retries, self.backoff_base, self.backoff_max = max_retries, backoff_base, backoff_max
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(headers=headers,
-                                  timeout=httpx.Timeout(timeout, connect=min(timeout, _CONNECT_TIMEOUT_S)))
+        self._http = httpx.Client(
+            headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, _CONNECT_TIMEOUT_S))
+        )
         self._current = 0  # index of the replica to try first
         self._lock = threading.Lock()
         self._closed = threading.Event()  # wakes threads sleeping in a backoff when the client closes
 
-    def batch(self, job: str, step: int, rank: int = 0, world: int = 1,
-              compression: str = "zstd") -> wire.WireBatch:
+    def batch(
+        self, job: str, step: int, rank: int = 0, world: int = 1, compression: str = "zstd"
+    ) -> wire.WireBatch:
         """Rows ``rank::world`` of the job's global batch at ``step``, checksum- and header-verified."""
         verify = _checked(wire.decode, {"job": job, "step": step, "rank": rank, "world": world})
         params = {"rank": rank, "world": world, "compression": compression}
         return self._request("GET", f"{_job_path(job)}/batches/{step}", verify, params=params)
 
-    def image_batch(self, source: str, step: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
-                    compression: str = "none") -> wire.WireSamples:
+    def image_batch(
+        self,
+        source: str,
+        step: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        compression: str = "none",
+    ) -> wire.WireSamples:
         """Encoded images and labels of an image source's batch ``step`` (decode with client.images)."""
         verify = _checked(wire.decode_samples, {"source": source, "step": step, "rank": rank, "world": world})
-        params = {"batch_size": batch_size, "seed": seed, "rank": rank, "world": world, "compression": compression}
-        return self._request("GET", f"/v1/images/{quote(source, safe='')}/batches/{step}", verify, params=params)
+        params = {
+            "batch_size": batch_size,
+            "seed": seed,
+            "rank": rank,
+            "world": world,
+            "compression": compression,
+        }
+        return self._request(
+            "GET", f"/v1/images/{quote(source, safe='')}/batches/{step}", verify, params=params
+        )
 
     def job(self, job: str) -> dict[str, Any]:
         """The job's description (config incl. ``total_steps``, schedule version, progress)."""
@@ -86,8 +111,9 @@ class MixerClient:
     def __enter__(self) -> MixerClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def _request(self, method: str, path: str, parse: Callable[[httpx.Response], T], **kwargs: Any) -> T:
@@ -104,7 +130,8 @@ class MixerClient:
                 result = self._attempt(method, base + path, parse, attempt, kwargs)
             except (RequestError, HTTPStatusError, ChecksumError) as error:
                 retryable = not isinstance(error, HTTPStatusError) or (
-                    isinstance(error, ServerError) or error.status in _RETRYABLE_4XX)
+                    isinstance(error, ServerError) or error.status in _RETRYABLE_4XX
+                )
                 if not retryable:
                     raise
                 if attempt > self.max_retries or self._closed.is_set():
@@ -112,9 +139,17 @@ class MixerClient:
                 self._fail_over(index)
                 retry_after = error.retry_after if isinstance(error, HTTPStatusError) else None
                 delay = self._backoff(attempt, retry_after)
-                log.warning("mixer request failed, retrying", extra={
-                    "method": method, "path": path, "url": base, "attempt": attempt, "error": str(error),
-                    "retry_in_s": round(delay, 3)})
+                log.warning(
+                    "mixer request failed, retrying",
+                    extra={
+                        "method": method,
+                        "path": path,
+                        "url": base,
+                        "attempt": attempt,
+                        "error": str(error),
+                        "retry_in_s": round(delay, 3),
+                    },
+                )
                 if self._closed.wait(delay):
                     raise _give_up(error, method, path, attempt, tried) from error
                 continue
@@ -122,19 +157,32 @@ class MixerClient:
                 self._current = index  # stick to the replica that answered
             return result
 
-    def _attempt(self, method: str, url: str, parse: Callable[[httpx.Response], T], attempt: int,
-                 kwargs: dict[str, Any]) -> T:
+    def _attempt(
+        self,
+        method: str,
+        url: str,
+        parse: Callable[[httpx.Response], T],
+        attempt: int,
+        kwargs: dict[str, Any],
+    ) -> T:
         """One request to one replica, mapped onto the client's error types."""
         try:
             response = self._http.request(method, url, **kwargs)
         except httpx.TransportError as exc:
-            raise RequestError(f"{method} {url}: {type(exc).__name__}: {exc}", attempts=attempt,
-                               urls=[url]) from exc
+            raise RequestError(
+                f"{method} {url}: {type(exc).__name__}: {exc}", attempts=attempt, urls=[url]
+            ) from exc
         if response.is_error:
             detail = _problem_detail(response)
             cls = ClientRequestError if response.status_code < 500 else ServerError
-            raise cls(f"{method} {url}: HTTP {response.status_code}: {detail}", attempts=attempt,
-                      status=response.status_code, detail=detail, url=url, retry_after=_retry_after(response))
+            raise cls(
+                f"{method} {url}: HTTP {response.status_code}: {detail}",
+                attempts=attempt,
+                status=response.status_code,
+                detail=detail,
+                url=url,
+                retry_after=_retry_after(response),
+            )
         try:
             return parse(response)
         except wire.WireError as exc:
@@ -171,15 +219,26 @@ def _job_path(job: str) -> str:
     return f"/v1/jobs/{quote(job, safe='')}"
 
 
-def _give_up(error: RequestError | HTTPStatusError | ChecksumError, method: str, path: str, attempts: int,
-             tried: list[str]) -> RequestError | HTTPStatusError | ChecksumError:
+def _give_up(
+    error: RequestError | HTTPStatusError | ChecksumError,
+    method: str,
+    path: str,
+    attempts: int,
+    tried: list[str],
+) -> RequestError | HTTPStatusError | ChecksumError:
     """The last error, restated with the whole retry history (attempt count, every replica tried)."""
     message = f"{method} {path}: gave up after {attempts} attempt(s) on {', '.join(tried)}; last: {error}"
     if isinstance(error, RequestError):
         return RequestError(message, attempts=attempts, urls=tried)
     if isinstance(error, HTTPStatusError):
-        return type(error)(message, attempts=attempts, status=error.status, detail=error.detail,
-                           url=error.url, retry_after=error.retry_after)
+        return type(error)(
+            message,
+            attempts=attempts,
+            status=error.status,
+            detail=error.detail,
+            url=error.url,
+            retry_after=error.retry_after,
+        )
     return ChecksumError(message, attempts=attempts)
 
 

@@ -15,7 +15,9 @@ from mixer_service.service import cli as serve_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixer", description="Streaming data mixing for specialized pretraining")
+    parser = argparse.ArgumentParser(
+        prog="mixer", description="Streaming data mixing for specialized pretraining"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (prepare_cli, serve_cli, planner_cli, ops_cli):
         module.register(sub)

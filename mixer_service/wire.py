@@ -39,8 +39,12 @@ def _frame(header: dict[str, Any], raw: bytes, compression: str) -> bytes:
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
     payload = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw) if compression == "zstd" else raw
-    full = header | {"format": 1, "compression": compression, "crc32": zlib.crc32(raw),
-                     "payload_bytes": len(payload)}
+    full = header | {
+        "format": 1,
+        "compression": compression,
+        "crc32": zlib.crc32(raw),
+        "payload_bytes": len(payload),
+    }
     head = json.dumps(full, separators=(",", ":")).encode()
     return MAGIC + _LEN.pack(len(head)) + head + payload
 
@@ -51,10 +55,10 @@ def _unframe(data: bytes) -> tuple[dict[str, Any], bytes]:
         raise WireError("not a mixer batch: bad magic")
     (head_len,) = _LEN.unpack_from(data, 4)
     try:
-        header = json.loads(data[8: 8 + head_len])
+        header = json.loads(data[8 : 8 + head_len])
     except ValueError as exc:
         raise WireError("batch header is not valid JSON") from exc
-    payload = data[8 + head_len:]
+    payload = data[8 + head_len :]
     if len(payload) != header.get("payload_bytes"):
         raise WireError(f"payload is {len(payload)} bytes, header says {header.get('payload_bytes')}")
     if header["compression"] == "zstd":
@@ -69,8 +73,16 @@ def _unframe(data: bytes) -> tuple[dict[str, Any], bytes]:
 
 def encode(tokens: np.ndarray, source_ids: np.ndarray, header: dict[str, Any], compression: str) -> bytes:
     raw = np.ascontiguousarray(tokens, dtype=tokens.dtype.newbyteorder("<")).tobytes()
-    return _frame(header | {"dtype": tokens.dtype.name, "shape": list(tokens.shape),
-                            "source_ids": source_ids.astype(int).tolist()}, raw, compression)
+    return _frame(
+        header
+        | {
+            "dtype": tokens.dtype.name,
+            "shape": list(tokens.shape),
+            "source_ids": source_ids.astype(int).tolist(),
+        },
+        raw,
+        compression,
+    )
 
 
 def decode(data: bytes) -> WireBatch:
@@ -87,10 +99,15 @@ class WireSamples:
     labels: np.ndarray
 
 
-def encode_samples(samples: list[bytes], labels: list[int], header: dict[str, Any], compression: str) -> bytes:
+def encode_samples(
+    samples: list[bytes], labels: list[int], header: dict[str, Any], compression: str
+) -> bytes:
     """Variable-length samples (e.g. images): ``lengths`` in the header split the payload."""
-    return _frame(header | {"kind": "samples", "lengths": [len(b) for b in samples], "labels": labels},
-                  b"".join(samples), compression)
+    return _frame(
+        header | {"kind": "samples", "lengths": [len(b) for b in samples], "labels": labels},
+        b"".join(samples),
+        compression,
+    )
 
 
 def decode_samples(data: bytes) -> WireSamples:
@@ -99,5 +116,8 @@ def decode_samples(data: bytes) -> WireSamples:
     if (ends[-1] if ends else 0) != len(payload):
         raise WireError("sample lengths do not add up to the payload")
     starts = [0] + ends[:-1]
-    return WireSamples(header, [payload[a:b] for a, b in zip(starts, ends, strict=True)],
-                       np.asarray(header["labels"], dtype=np.int64))
+    return WireSamples(
+        header,
+        [payload[a:b] for a, b in zip(starts, ends, strict=True)],
+        np.asarray(header["labels"], dtype=np.int64),
+    )

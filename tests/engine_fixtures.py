@@ -24,15 +24,23 @@ class ArraySource:
 @st.composite
 def schedules(draw, names: list[str], max_start: int = 30) -> dict:
     n_phases = draw(st.integers(1, 3))
-    starts = [0] + sorted(draw(st.sets(st.integers(1, max_start), min_size=n_phases - 1,
-                                       max_size=n_phases - 1)))
+    starts = [0] + sorted(
+        draw(st.sets(st.integers(1, max_start), min_size=n_phases - 1, max_size=n_phases - 1))
+    )
     phases = []
     for i, start in enumerate(starts):
-        raw = draw(st.lists(st.sampled_from([0, 0, 1, 2, 3, 7, 50]), min_size=len(names), max_size=len(names)))
+        raw = draw(
+            st.lists(st.sampled_from([0, 0, 1, 2, 3, 7, 50]), min_size=len(names), max_size=len(names))
+        )
         if not sum(raw):
             raw[0] = 1
-        phases.append({"start_step": start, "weights": {n: f"{r}/{sum(raw)}" for n, r in zip(names, raw)},
-                       "ramp": i + 1 < len(starts) and draw(st.booleans())})
+        phases.append(
+            {
+                "start_step": start,
+                "weights": {n: f"{r}/{sum(raw)}" for n, r in zip(names, raw, strict=True)},
+                "ramp": i + 1 < len(starts) and draw(st.booleans()),
+            }
+        )
     return {"phases": phases}
 
 
@@ -50,11 +58,19 @@ def jobs(draw, max_steps: int = 40):
         if sum(lengths) + len(lengths) < seq_len:
             lengths.append(seq_len)
         sources[name] = ArraySource(lengths, salt=i)
-    config = JobConfig.parse({"sources": [{"name": nm, "role": r} for nm, r in zip(names, roles)],
-                              "seq_len": seq_len, "global_batch": batch, "seed": draw(st.integers(0, 2**32)),
-                              "total_steps": max_steps, "allow_wrap": True})
+    config = JobConfig.parse(
+        {
+            "sources": [{"name": nm, "role": r} for nm, r in zip(names, roles, strict=True)],
+            "seq_len": seq_len,
+            "global_batch": batch,
+            "seed": draw(st.integers(0, 2**32)),
+            "total_steps": max_steps,
+            "allow_wrap": True,
+        }
+    )
     n_versions = draw(st.integers(1, 3))
-    effective = [0] + sorted(draw(st.sets(st.integers(1, max_steps - 1), min_size=n_versions - 1,
-                                          max_size=n_versions - 1)))
+    effective = [0] + sorted(
+        draw(st.sets(st.integers(1, max_steps - 1), min_size=n_versions - 1, max_size=n_versions - 1))
+    )
     log = [(eff, Schedule.parse(draw(schedules(names)), names)) for eff in effective]
     return MixingEngine.create(config, sources, log), sources

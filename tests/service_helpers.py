@@ -26,34 +26,58 @@ def prepare_real_sources(out: Path, domain_docs: int = 3000, web_docs: int = 60)
         if not needed.is_dir():
             raise RuntimeError(f"{needed} is missing: run scripts/fetch_corpora.sh first")
     tok = load_tokenizer()
-    abc = itertools.islice(iter_documents([RAW / "abc"], fmt="text", split_regex=r"^X:", glob="**/*.abc"),
-                           domain_docs)
+    abc = itertools.islice(
+        iter_documents([RAW / "abc"], fmt="text", split_regex=r"^X:", glob="**/*.abc"), domain_docs
+    )
     prepare_source(abc, out / "abc", tok, name="abc", progress=False)
     sotu = itertools.islice(iter_documents([RAW / "sotu"], fmt="text", glob="*.txt"), web_docs)
     prepare_source(sotu, out / "sotu", tok, name="sotu", progress=False)
     return out
 
 
-JOB = {"sources": [{"name": "abc", "role": "repeat"}, {"name": "sotu", "role": "once"}],
-       "seq_len": 64, "global_batch": 8, "seed": 11, "total_steps": 2000}
+JOB = {
+    "sources": [{"name": "abc", "role": "repeat"}, {"name": "sotu", "role": "once"}],
+    "seq_len": 64,
+    "global_batch": 8,
+    "seed": 11,
+    "total_steps": 2000,
+}
 SCHEDULE = {"phases": [{"start_step": 0, "weights": {"abc": 0.05, "sotu": 0.95}}]}
 
 
 class Server:
     """``mixer serve`` in its own process on a free loopback port."""
 
-    def __init__(self, sources: Path, state: Path, port: int, redis_url: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        sources: Path,
+        state: Path,
+        port: int,
+        redis_url: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        self.args = [sys.executable, "-m", "mixer_service.cli", "serve", "--sources-dir", str(sources),
-                     "--state-dir", str(state), "--port", str(port)]
+        self.args = [
+            sys.executable,
+            "-m",
+            "mixer_service.cli",
+            "serve",
+            "--sources-dir",
+            str(sources),
+            "--state-dir",
+            str(state),
+            "--port",
+            str(port),
+        ]
         if redis_url:
             self.args += ["--redis-url", redis_url]
         self.env = os.environ | {"MIXER_LOG_LEVEL": "WARNING"} | (env or {})
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> Server:
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

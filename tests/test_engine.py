@@ -8,10 +8,10 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+from engine_fixtures import ArraySource, jobs
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from engine_fixtures import ArraySource, jobs
 from mixer_service.engine import JobConfig, MixingEngine, Schedule
 from mixer_service.errors import InvalidInput, NotFound
 
@@ -19,12 +19,20 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 
 def two_source_engine(total_steps=100, weights=None, allow_wrap=False, web_docs=400, seq_len=16, batch=8):
-    config = JobConfig.parse({"sources": [{"name": "dom", "role": "repeat"}, {"name": "web", "role": "once"}],
-                              "seq_len": seq_len, "global_batch": batch, "seed": 7,
-                              "total_steps": total_steps, "allow_wrap": allow_wrap})
+    config = JobConfig.parse(
+        {
+            "sources": [{"name": "dom", "role": "repeat"}, {"name": "web", "role": "once"}],
+            "seq_len": seq_len,
+            "global_batch": batch,
+            "seed": 7,
+            "total_steps": total_steps,
+            "allow_wrap": allow_wrap,
+        }
+    )
     sources = {"dom": ArraySource([5, 7, 30, 3] * 5, salt=1), "web": ArraySource([50] * web_docs, salt=2)}
-    sched = Schedule.parse({"phases": [{"start_step": 0, "weights": weights or {"dom": 0.05, "web": 0.95}}]},
-                           config.source_names)
+    sched = Schedule.parse(
+        {"phases": [{"start_step": 0, "weights": weights or {"dom": 0.05, "web": 0.95}}]}, config.source_names
+    )
     return MixingEngine.create(config, sources, [(0, sched)])
 
 
@@ -37,9 +45,9 @@ def test_exact_mixture_within_one_of_target(job):
     for tau in range(engine.config.total_steps + 1):
         realized, target = plan.realized(tau), plan.target(tau)
         assert sum(realized) == engine.config.global_batch * tau
-        assert all(abs(n - c) <= 1 for n, c in zip(realized, target))
+        assert all(abs(n - c) <= 1 for n, c in zip(realized, target, strict=True))
         if previous is not None:
-            assert all(n >= p for n, p in zip(realized, previous))
+            assert all(n >= p for n, p in zip(realized, previous, strict=True))
         previous = realized
 
 
@@ -78,7 +86,7 @@ def replay_counts(engine: MixingEngine, last_step: int) -> dict[str, np.ndarray]
                 if key not in covered:
                     offs = lay.source.doc_offsets
                     covered[key] = np.zeros(int(offs[span.doc + 1] - offs[span.doc]), dtype=bool)
-                covered[key][span.offset: span.offset + span.length] = True
+                covered[key][span.offset : span.offset + span.length] = True
     out = {lay.name: np.zeros(lay.num_docs, dtype=np.int64) for lay in engine.layouts}
     for (source, _epoch, doc), mask in covered.items():
         out[source][doc] += int(mask.all())
@@ -105,7 +113,9 @@ def test_provenance_reconstructs_batch_tokens(job, data):
     batch = engine.batch(step)
     for row, seq in enumerate(engine.provenance(step)):
         src = sources[seq.source]
-        rebuilt = np.concatenate([src.tokens[src.doc_offsets[s.doc] + s.offset:][: s.length] for s in seq.spans])
+        rebuilt = np.concatenate(
+            [src.tokens[src.doc_offsets[s.doc] + s.offset :][: s.length] for s in seq.spans]
+        )
         np.testing.assert_array_equal(rebuilt, batch.tokens[row])
 
 
@@ -128,7 +138,9 @@ def test_schedule_change_never_rewrites_history(job, data):
     engine, _ = job
     names = engine.config.source_names
     served = data.draw(st.integers(0, engine.config.total_steps - 2))
-    before = MixingEngine(engine.config, engine.layouts, [(e, s) for e, s in engine.schedule_log if e <= served])
+    before = MixingEngine(
+        engine.config, engine.layouts, [(e, s) for e, s in engine.schedule_log if e <= served]
+    )
     change_at = before.first_changeable_step(served)
     assume(change_at < engine.config.total_steps)
     new = Schedule.parse({"phases": [{"start_step": 0, "weights": {names[-1]: 1}}]}, names)
@@ -181,29 +193,39 @@ def test_once_source_wraps_with_a_warning_when_allowed():
     assert engine.repetition_counts("web", 1999).min() >= 1
 
 
-@pytest.mark.parametrize("phases, field", [
-    ([{"start_step": 0, "weights": {"dom": 0.5, "web": 0.6}}], r"phases\[0\]\.weights: must sum to 1"),
-    ([{"start_step": 0, "weights": {"dom": -0.1, "web": 1.1}}], r"weights\.dom: weight must be >= 0"),
-    ([{"start_step": 0, "weights": {"chem": 1}}], r"unknown source\(s\) \['chem'\]"),
-    ([{"start_step": 5, "weights": {"web": 1}}], r"phases\[0\]\.start_step: the first phase must start"),
-    ([{"start_step": 0, "weights": {"web": 1}}, {"start_step": 0, "weights": {"dom": 1}}],
-     r"phases\[1\]\.start_step: steps must increase"),
-    ([{"start_step": 0, "weights": {"web": 1}, "ramp": True}], r"phases\[0\]\.ramp: the last phase"),
-    ([{"start_step": 0, "weights": {"web": "x"}}], r"weights\.web: cannot parse"),
-    ([], r"schedule\.phases: must be a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "phases, field",
+    [
+        ([{"start_step": 0, "weights": {"dom": 0.5, "web": 0.6}}], r"phases\[0\]\.weights: must sum to 1"),
+        ([{"start_step": 0, "weights": {"dom": -0.1, "web": 1.1}}], r"weights\.dom: weight must be >= 0"),
+        ([{"start_step": 0, "weights": {"chem": 1}}], r"unknown source\(s\) \['chem'\]"),
+        ([{"start_step": 5, "weights": {"web": 1}}], r"phases\[0\]\.start_step: the first phase must start"),
+        (
+            [{"start_step": 0, "weights": {"web": 1}}, {"start_step": 0, "weights": {"dom": 1}}],
+            r"phases\[1\]\.start_step: steps must increase",
+        ),
+        ([{"start_step": 0, "weights": {"web": 1}, "ramp": True}], r"phases\[0\]\.ramp: the last phase"),
+        ([{"start_step": 0, "weights": {"web": "x"}}], r"weights\.web: cannot parse"),
+        ([], r"schedule\.phases: must be a non-empty list"),
+    ],
+)
 def test_invalid_schedules_name_the_field(phases, field):
     with pytest.raises(InvalidInput, match=field):
         Schedule.parse({"phases": phases}, ["dom", "web"])
 
 
-@pytest.mark.parametrize("patch, field", [
-    ({"seq_len": 1}, "seq_len"), ({"global_batch": 0}, "global_batch"), ({"total_steps": "9"}, "total_steps"),
-    ({"sources": [{"name": "a", "role": "twice"}]}, r"sources\[0\]\.role"),
-    ({"sources": [{"name": "a", "role": "once"}] * 2}, "names must be unique"),
-    ({"sources": [{"name": f"s{i}", "role": "once"} for i in range(5)]}, "1 to 4 sources"),
-    ({"colour": 1}, r"unknown field\(s\) \['colour'\]"),
-])
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"seq_len": 1}, "seq_len"),
+        ({"global_batch": 0}, "global_batch"),
+        ({"total_steps": "9"}, "total_steps"),
+        ({"sources": [{"name": "a", "role": "twice"}]}, r"sources\[0\]\.role"),
+        ({"sources": [{"name": "a", "role": "once"}] * 2}, "names must be unique"),
+        ({"sources": [{"name": f"s{i}", "role": "once"} for i in range(5)]}, "1 to 4 sources"),
+        ({"colour": 1}, r"unknown field\(s\) \['colour'\]"),
+    ],
+)
 def test_invalid_job_configs_name_the_field(patch, field):
     base = {"sources": [{"name": "a", "role": "once"}], "seq_len": 8, "global_batch": 4, "total_steps": 10}
     with pytest.raises(InvalidInput, match=field):
@@ -212,8 +234,12 @@ def test_invalid_job_configs_name_the_field(patch, field):
 
 def test_bad_rank_world_and_step_are_refused():
     engine = two_source_engine()
-    for kwargs, field in [({"step": 100}, "step"), ({"step": -1}, "step"), ({"step": 0, "world": 3}, "world"),
-                          ({"step": 0, "rank": 2, "world": 2}, "rank")]:
+    for kwargs, field in [
+        ({"step": 100}, "step"),
+        ({"step": -1}, "step"),
+        ({"step": 0, "world": 3}, "world"),
+        ({"step": 0, "rank": 2, "world": 2}, "rank"),
+    ]:
         with pytest.raises(InvalidInput, match=field):
             engine.batch(**kwargs)
     with pytest.raises(NotFound):
@@ -222,13 +248,28 @@ def test_bad_rank_world_and_step_are_refused():
 
 def test_far_steps_cost_no_replay():
     """Step 10**12 - 1 is computed directly (pytest-timeout fails a replaying engine)."""
-    config = JobConfig.parse({"sources": [{"name": "dom", "role": "repeat"}, {"name": "web", "role": "repeat"}],
-                              "seq_len": 8, "global_batch": 512, "seed": 1, "total_steps": 10**12})
+    config = JobConfig.parse(
+        {
+            "sources": [{"name": "dom", "role": "repeat"}, {"name": "web", "role": "repeat"}],
+            "seq_len": 8,
+            "global_batch": 512,
+            "seed": 1,
+            "total_steps": 10**12,
+        }
+    )
     names = config.source_names
-    sched = Schedule.parse({"phases": [{"start_step": 0, "weights": {"dom": 0.05, "web": 0.95}, "ramp": True},
-                                       {"start_step": 10**11, "weights": {"dom": 0.5, "web": 0.5}}]}, names)
-    engine = MixingEngine.create(config, {"dom": ArraySource([20] * 50), "web": ArraySource([20] * 50)},
-                                 [(0, sched)])
+    sched = Schedule.parse(
+        {
+            "phases": [
+                {"start_step": 0, "weights": {"dom": 0.05, "web": 0.95}, "ramp": True},
+                {"start_step": 10**11, "weights": {"dom": 0.5, "web": 0.5}},
+            ]
+        },
+        names,
+    )
+    engine = MixingEngine.create(
+        config, {"dom": ArraySource([20] * 50), "web": ArraySource([20] * 50)}, [(0, sched)]
+    )
     batch = engine.batch(10**12 - 1)
     assert batch.tokens.shape == (512, 8)
     counts = engine.repetition_counts("dom", 10**12 - 1)
@@ -241,8 +282,9 @@ def test_engine_index_memory_is_bounded_per_document():
     source = ArraySource.__new__(ArraySource)
     source.doc_offsets = np.arange(docs + 1, dtype=np.int64) * 10
     source.tokens = np.zeros(docs * 10, dtype=np.uint16)
-    config = JobConfig.parse({"sources": [{"name": "web", "role": "once"}], "seq_len": 64, "global_batch": 8,
-                              "total_steps": 100})
+    config = JobConfig.parse(
+        {"sources": [{"name": "web", "role": "once"}], "seq_len": 64, "global_batch": 8, "total_steps": 100}
+    )
     sched = Schedule.parse({"phases": [{"start_step": 0, "weights": {"web": 1}}]}, ["web"])
     tracemalloc.start()
     engine = MixingEngine.create(config, {"web": source}, [(0, sched)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from service_helpers import Server, prepare_real_sources
 
 from client import MixerClient
 from client.images import to_tensors
@@ -11,7 +12,6 @@ from mixer_service.engine.samples import sample_indices
 from mixer_service.errors import InvalidInput
 from mixer_service.planner.fashion_mnist import load_fashion_mnist
 from mixer_service.planner.images import ImageSource, prepare_image_source
-from service_helpers import Server, prepare_real_sources
 
 N = 500
 
@@ -43,7 +43,9 @@ def test_image_batches_decode_to_the_stored_samples(server):
 def test_every_sample_once_per_epoch_and_rank_slices_tile(server):
     srv, _ = server
     with MixerClient(srv.url) as client:
-        epoch = [i for step in range(N // 50) for i in client.image_batch("fmnist", step, 50).header["sample_ids"]]
+        epoch = [
+            i for step in range(N // 50) for i in client.image_batch("fmnist", step, 50).header["sample_ids"]
+        ]
         assert sorted(epoch) == list(range(N))
         whole = client.image_batch("fmnist", 12, 50).header["sample_ids"]
         parts = [client.image_batch("fmnist", 12, 50, rank=r, world=5).header["sample_ids"] for r in range(5)]

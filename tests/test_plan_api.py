@@ -5,7 +5,6 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-
 from service_helpers import Server
 from test_planner_overfitting_law import make_runs, true_argmin
 from test_service import new_job, sources_dir  # noqa: F401  (session fixture)
@@ -22,10 +21,17 @@ def server(sources_dir, tmp_path_factory):  # noqa: F811
 
 def test_spt_plan_recommends_the_true_optimum_and_its_schedule_applies(server):
     runs = make_runs()
-    body = {"runs": [{"tokens": t, "delta": d, "domain_loss": loss}
-                     for t, d, loss in zip(runs.tokens, runs.delta, runs.loss)],
-            "target_tokens": 3e10, "domain_tokens": 3e8, "bootstrap": 0,
-            "domain_source": "abc", "web_source": "sotu"}
+    body = {
+        "runs": [
+            {"tokens": t, "delta": d, "domain_loss": loss}
+            for t, d, loss in zip(runs.tokens, runs.delta, runs.loss, strict=True)
+        ],
+        "target_tokens": 3e10,
+        "domain_tokens": 3e8,
+        "bootstrap": 0,
+        "domain_source": "abc",
+        "web_source": "sotu",
+    }
     r = httpx.post(f"{server.url}/v1/plan/spt", json=body, timeout=120)
     assert r.status_code == 200, r.text
     rec = r.json()["recommendation"]
@@ -35,27 +41,43 @@ def test_spt_plan_recommends_the_true_optimum_and_its_schedule_applies(server):
     change = {"schedule": r.json()["schedule"], "author": "planner", "reason": "apply δ*"}
     applied = httpx.put(f"{server.url}/v1/jobs/{job}/schedule", json=change, headers={"If-Match": '"v1"'})
     assert applied.status_code == 200, applied.text
-    assert float(applied.json()["schedule"]["phases"][0]["weights"]["abc"]) == pytest.approx(rec["delta"], abs=1e-6)
+    assert float(applied.json()["schedule"]["phases"][0]["weights"]["abc"]) == pytest.approx(
+        rec["delta"], abs=1e-6
+    )
 
 
 def test_storage_plan_returns_an_allocation_within_budget(server):
     rng = np.random.default_rng(0)
     n = np.repeat([1e3, 4e3, 1.6e4, 6.4e4], 4)
     size = np.tile([200.0, 400.0, 800.0, 1600.0], 4)
-    err = 0.05 + 6.7 * n ** -0.33 + 1355 * size ** -1.06 + rng.normal(0, 1e-4, n.size)
-    body = {"points": [{"n": a, "bytes_per_sample": b, "error": e} for a, b, e in zip(n, size, err)],
-            "budgets": [1e6, 1e7], "bootstrap": 0}
+    err = 0.05 + 6.7 * n**-0.33 + 1355 * size**-1.06 + rng.normal(0, 1e-4, n.size)
+    body = {
+        "points": [{"n": a, "bytes_per_sample": b, "error": e} for a, b, e in zip(n, size, err, strict=True)],
+        "budgets": [1e6, 1e7],
+        "bootstrap": 0,
+    }
     r = httpx.post(f"{server.url}/v1/plan/storage", json=body, timeout=120)
     assert r.status_code == 200, r.text
     for alloc in r.json()["allocations"]:
         assert alloc["bytes_per_sample"] * alloc["num_samples"] <= alloc["budget"] * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("body", [
-    {"runs": [{"tokens": 1e9, "delta": 0.01, "domain_loss": 2.0}], "target_tokens": 1e10, "domain_tokens": 1e8},
-    {"runs": [{"tokens": -1, "delta": 0.01, "domain_loss": 2.0}], "target_tokens": 1e10, "domain_tokens": 1e8},
-    {"runs": [], "target_tokens": 1e10, "domain_tokens": 1e8},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {
+            "runs": [{"tokens": 1e9, "delta": 0.01, "domain_loss": 2.0}],
+            "target_tokens": 1e10,
+            "domain_tokens": 1e8,
+        },
+        {
+            "runs": [{"tokens": -1, "delta": 0.01, "domain_loss": 2.0}],
+            "target_tokens": 1e10,
+            "domain_tokens": 1e8,
+        },
+        {"runs": [], "target_tokens": 1e10, "domain_tokens": 1e8},
+    ],
+)
 def test_degenerate_spt_inputs_get_422(server, body):
     r = httpx.post(f"{server.url}/v1/plan/spt", json=body, timeout=60)
     assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"

@@ -9,11 +9,11 @@ import uuid
 import httpx
 import numpy as np
 import pytest
+from service_helpers import JOB, SCHEDULE, Server, prepare_real_sources
 
 from mixer_service import wire
 from mixer_service.engine import JobConfig, MixingEngine, Schedule
 from mixer_service.prepare.source import PreparedSource
-from service_helpers import JOB, SCHEDULE, Server, prepare_real_sources
 
 OPERATOR = {"Authorization": "Bearer op-secret"}
 READER = {"Authorization": "Bearer rd-secret"}
@@ -36,7 +36,13 @@ def server(sources_dir, tmp_path_factory):
 
 def new_job(url: str, headers=None, schedule=SCHEDULE, **overrides) -> str:
     job_id = f"job-{uuid.uuid4().hex[:8]}"
-    body = {"job_id": job_id, "config": JOB | overrides, "schedule": schedule, "author": "test", "reason": "t"}
+    body = {
+        "job_id": job_id,
+        "config": JOB | overrides,
+        "schedule": schedule,
+        "author": "test",
+        "reason": "t",
+    }
     r = httpx.post(f"{url}/v1/jobs", json=body, headers=headers)
     assert r.status_code == 201, r.text
     return job_id
@@ -96,8 +102,9 @@ def test_provenance_spans_rebuild_the_served_tokens(server, sources_dir):
     srcs = {n: PreparedSource.open(sources_dir / n) for n in ("abc", "sotu")}
     for row, seq in enumerate(prov["sequences"]):
         src = srcs[seq["source"]]
-        rebuilt = np.concatenate([src.tokens[src.doc_offsets[s["doc"]] + s["offset"]:][: s["length"]]
-                                  for s in seq["spans"]])
+        rebuilt = np.concatenate(
+            [src.tokens[src.doc_offsets[s["doc"]] + s["offset"] :][: s["length"]] for s in seq["spans"]]
+        )
         np.testing.assert_array_equal(rebuilt, batch.tokens[row])
 
 
@@ -111,8 +118,12 @@ def test_schedule_change_takes_effect_after_the_highest_served_step(server):
         fetch(server.url, job, step)
     current = httpx.get(f"{server.url}/v1/jobs/{job}/schedule")
     assert current.headers["etag"] == '"v1"'
-    change = {"schedule": {"phases": [{"start_step": 0, "weights": {"abc": 1}}]}, "requested_step": 3,
-              "author": "ops", "reason": "domain-only anneal"}
+    change = {
+        "schedule": {"phases": [{"start_step": 0, "weights": {"abc": 1}}]},
+        "requested_step": 3,
+        "author": "ops",
+        "reason": "domain-only anneal",
+    }
     r = httpx.put(f"{server.url}/v1/jobs/{job}/schedule", json=change, headers={"If-Match": '"v1"'})
     assert r.status_code == 200, r.text
     assert r.json()["effective_step"] == 12 and r.headers["etag"] == '"v2"'
@@ -124,19 +135,34 @@ def test_schedule_change_takes_effect_after_the_highest_served_step(server):
     assert versions[1]["time"] >= versions[0]["time"]
 
 
-@pytest.mark.parametrize("headers, body, status, detail", [
-    ({"If-Match": '"v7"'}, None, 412, "version"),
-    ({}, None, 428, "If-Match"),
-    ({"If-Match": '"v1"'}, {"phases": [{"start_step": 0, "weights": {"abc": 0.5, "sotu": 0.6}}]}, 422,
-     "must sum to 1"),
-    ({"If-Match": '"v1"'}, {"phases": [{"start_step": 0, "weights": {"chem": 1}}]}, 422, "unknown source"),
-    ({"If-Match": '"v1"'}, {"phases": [{"start_step": 0, "weights": {"sotu": 1}}]}, 422, "runs out"),
-])
+@pytest.mark.parametrize(
+    "headers, body, status, detail",
+    [
+        ({"If-Match": '"v7"'}, None, 412, "version"),
+        ({}, None, 428, "If-Match"),
+        (
+            {"If-Match": '"v1"'},
+            {"phases": [{"start_step": 0, "weights": {"abc": 0.5, "sotu": 0.6}}]},
+            422,
+            "must sum to 1",
+        ),
+        (
+            {"If-Match": '"v1"'},
+            {"phases": [{"start_step": 0, "weights": {"chem": 1}}]},
+            422,
+            "unknown source",
+        ),
+        ({"If-Match": '"v1"'}, {"phases": [{"start_step": 0, "weights": {"sotu": 1}}]}, 422, "runs out"),
+    ],
+)
 def test_bad_schedule_changes_are_refused_and_change_nothing(server, headers, body, status, detail):
     half = {"phases": [{"start_step": 0, "weights": {"abc": 0.5, "sotu": 0.5}}]}
     job = new_job(server.url, global_batch=32, schedule=half)  # web lasts at 50%, runs out at 100%
-    change = {"schedule": body or {"phases": [{"start_step": 0, "weights": {"abc": 1}}]},
-              "author": "ops", "reason": "r"}
+    change = {
+        "schedule": body or {"phases": [{"start_step": 0, "weights": {"abc": 1}}]},
+        "author": "ops",
+        "reason": "r",
+    }
     r = httpx.put(f"{server.url}/v1/jobs/{job}/schedule", json=change, headers=headers)
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/problem+json"
@@ -163,21 +189,37 @@ def test_repetition_counts_follow_trained_progress_and_rewind(server, sources_di
     assert httpx.get(f"{base}/repetitions").json()["step"] == 10
 
 
-@pytest.mark.parametrize("method, path, body, status", [
-    ("GET", "/v1/jobs/nope", None, 404),
-    ("GET", "/v1/jobs/{job}/batches/999999", None, 422),
-    ("GET", "/v1/jobs/{job}/batches/-1", None, 422),
-    ("GET", "/v1/jobs/{job}/batches/0?world=3", None, 422),
-    ("GET", "/v1/jobs/{job}/batches/abc", None, 422),
-    ("GET", "/v1/jobs/{job}/repetitions?source=nope", None, 404),
-    ("GET", "/v1/jobs/{job}/repetitions/documents/99999999", None, 404),
-    ("POST", "/v1/jobs", {"job_id": "x", "config": JOB | {"seq_len": 0}, "schedule": SCHEDULE}, 422),
-    ("POST", "/v1/jobs", {"job_id": "bad id!", "config": JOB, "schedule": SCHEDULE}, 422),
-    ("POST", "/v1/jobs", {"job_id": "fp", "config": JOB | {"sources": [
-        {"name": "abc", "role": "repeat", "fingerprint": "0" * 64}, {"name": "sotu", "role": "once"}]},
-        "schedule": SCHEDULE}, 409),
-    ("POST", "/v1/jobs", "x" * (2 << 20), 413),
-])
+@pytest.mark.parametrize(
+    "method, path, body, status",
+    [
+        ("GET", "/v1/jobs/nope", None, 404),
+        ("GET", "/v1/jobs/{job}/batches/999999", None, 422),
+        ("GET", "/v1/jobs/{job}/batches/-1", None, 422),
+        ("GET", "/v1/jobs/{job}/batches/0?world=3", None, 422),
+        ("GET", "/v1/jobs/{job}/batches/abc", None, 422),
+        ("GET", "/v1/jobs/{job}/repetitions?source=nope", None, 404),
+        ("GET", "/v1/jobs/{job}/repetitions/documents/99999999", None, 404),
+        ("POST", "/v1/jobs", {"job_id": "x", "config": JOB | {"seq_len": 0}, "schedule": SCHEDULE}, 422),
+        ("POST", "/v1/jobs", {"job_id": "bad id!", "config": JOB, "schedule": SCHEDULE}, 422),
+        (
+            "POST",
+            "/v1/jobs",
+            {
+                "job_id": "fp",
+                "config": JOB
+                | {
+                    "sources": [
+                        {"name": "abc", "role": "repeat", "fingerprint": "0" * 64},
+                        {"name": "sotu", "role": "once"},
+                    ]
+                },
+                "schedule": SCHEDULE,
+            },
+            409,
+        ),
+        ("POST", "/v1/jobs", "x" * (2 << 20), 413),
+    ],
+)
 def test_bad_requests_get_problem_json_and_change_nothing(server, method, path, body, status):
     job = new_job(server.url)
     before = httpx.get(f"{server.url}/v1/jobs").json()
@@ -188,7 +230,10 @@ def test_bad_requests_get_problem_json_and_change_nothing(server, method, path, 
     assert r.json()["status"] == status and r.json()["detail"]
     after = httpx.get(f"{server.url}/v1/jobs").json()
     assert [j["job_id"] for j in after["jobs"]] == [j["job_id"] for j in before["jobs"]]
-    assert all(a["served_high_water"] == b["served_high_water"] for a, b in zip(after["jobs"], before["jobs"]))
+    assert all(
+        a["served_high_water"] == b["served_high_water"]
+        for a, b in zip(after["jobs"], before["jobs"], strict=True)
+    )
 
 
 def test_creating_an_existing_job_conflicts(server):
@@ -201,17 +246,30 @@ def test_metrics_expose_the_documented_series(server):
     job = new_job(server.url)
     fetch(server.url, job, 0)
     text = httpx.get(f"{server.url}/metrics").text
-    for name in ("mixer_requests_total", "mixer_request_duration_seconds_bucket", "mixer_tokens_served_total",
-                 "mixer_batches_served_total", "mixer_repetition_count", "mixer_schedule_version",
-                 "mixer_store_up 1.0", "mixer_trained_step", "mixer_served_high_water"):
+    for name in (
+        "mixer_requests_total",
+        "mixer_request_duration_seconds_bucket",
+        "mixer_tokens_served_total",
+        "mixer_batches_served_total",
+        "mixer_repetition_count",
+        "mixer_schedule_version",
+        "mixer_store_up 1.0",
+        "mixer_trained_step",
+        "mixer_served_high_water",
+    ):
         assert name in text
     assert f'mixer_tokens_served_total{{job="{job}",source="sotu"}}' in text
 
 
 def test_openapi_documents_the_versioned_api(server):
     paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
-    for p in ("/v1/jobs", "/v1/jobs/{job_id}/batches/{step}", "/v1/jobs/{job_id}/schedule",
-              "/v1/jobs/{job_id}/schedule/history", "/v1/jobs/{job_id}/repetitions/histogram"):
+    for p in (
+        "/v1/jobs",
+        "/v1/jobs/{job_id}/batches/{step}",
+        "/v1/jobs/{job_id}/schedule",
+        "/v1/jobs/{job_id}/schedule/history",
+        "/v1/jobs/{job_id}/repetitions/histogram",
+    ):
         assert p in paths
 
 
@@ -226,7 +284,10 @@ def test_roles_and_tokens(sources_dir, tmp_path):
         assert httpx.post(f"{srv.url}/v1/jobs", json=body, headers=READER).status_code == 403
         assert httpx.post(f"{srv.url}/v1/jobs", json=body, headers=OPERATOR).status_code == 201
         assert httpx.get(f"{srv.url}/v1/jobs/j/batches/0", headers=READER).status_code == 200
-        assert httpx.put(f"{srv.url}/v1/jobs/j/progress", json={"trained_step": 0}, headers=READER).status_code == 200
+        assert (
+            httpx.put(f"{srv.url}/v1/jobs/j/progress", json={"trained_step": 0}, headers=READER).status_code
+            == 200
+        )
         change = {"schedule": SCHEDULE, "author": "a", "reason": "r"}
         r = httpx.put(f"{srv.url}/v1/jobs/j/schedule", json=change, headers=READER | {"If-Match": '"v1"'})
         assert r.status_code == 403
@@ -239,10 +300,24 @@ def test_non_loopback_bind_without_tokens_is_refused(sources_dir, tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "mixer_service.cli", "serve", "--sources-dir", str(sources_dir),
-                        "--host", "0.0.0.0", "--state-dir", str(tmp_path)], capture_output=True, text=True,
-                       timeout=60, env={k: v for k, v in __import__("os").environ.items()
-                                        if not k.startswith("MIXER_")})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mixer_service.cli",
+            "serve",
+            "--sources-dir",
+            str(sources_dir),
+            "--host",
+            "0.0.0.0",
+            "--state-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in __import__("os").environ.items() if not k.startswith("MIXER_")},
+    )
     assert r.returncode == 2 and "non-loopback" in r.stderr
 
 
@@ -253,9 +328,15 @@ def test_sigkill_and_restart_serves_the_same_bytes(sources_dir, tmp_path):
     srv = Server(sources_dir, tmp_path, port).start()
     job = new_job(srv.url)
     before = [httpx.get(f"{srv.url}/v1/jobs/{job}/batches/{s}").content for s in range(6)]
-    change = {"schedule": {"phases": [{"start_step": 0, "weights": {"abc": 0.5, "sotu": 0.5}}]},
-              "author": "a", "reason": "r"}
-    assert httpx.put(f"{srv.url}/v1/jobs/{job}/schedule", json=change, headers={"If-Match": '"v1"'}).status_code == 200
+    change = {
+        "schedule": {"phases": [{"start_step": 0, "weights": {"abc": 0.5, "sotu": 0.5}}]},
+        "author": "a",
+        "reason": "r",
+    }
+    assert (
+        httpx.put(f"{srv.url}/v1/jobs/{job}/schedule", json=change, headers={"If-Match": '"v1"'}).status_code
+        == 200
+    )
     srv.kill()
     srv = Server(sources_dir, tmp_path, port).start()
     try:
@@ -270,8 +351,10 @@ def test_sigkill_and_restart_serves_the_same_bytes(sources_dir, tmp_path):
 def replicas(sources_dir, tmp_path, clean_redis_url):
     from conftest import free_port
 
-    servers = [Server(sources_dir, tmp_path / f"r{i}", free_port(), redis_url=clean_redis_url).start()
-               for i in range(2)]
+    servers = [
+        Server(sources_dir, tmp_path / f"r{i}", free_port(), redis_url=clean_redis_url).start()
+        for i in range(2)
+    ]
     yield servers
     for s in servers:
         s.stop()
@@ -285,22 +368,34 @@ def test_two_replicas_on_redis_serve_identical_bytes_and_honour_changes(replicas
         x = httpx.get(f"{next(urls)}/v1/jobs/{job}/batches/{step}").content
         y = httpx.get(f"{next(urls)}/v1/jobs/{job}/batches/{step}").content
         assert x == y
-    change = {"schedule": {"phases": [{"start_step": 0, "weights": {"abc": 1}}]}, "author": "a", "reason": "r"}
+    change = {
+        "schedule": {"phases": [{"start_step": 0, "weights": {"abc": 1}}]},
+        "author": "a",
+        "reason": "r",
+    }
     r = httpx.put(f"{a.url}/v1/jobs/{job}/schedule", json=change, headers={"If-Match": '"v1"'})
     assert r.status_code == 200 and r.json()["effective_step"] == 8
     from_b = wire.decode(httpx.get(f"{b.url}/v1/jobs/{job}/batches/8").content)
     assert set(from_b.source_ids.tolist()) == {0} and from_b.header["schedule_version"] == 2
-    assert httpx.get(f"{b.url}/v1/jobs/{job}/batches/7").content == httpx.get(f"{a.url}/v1/jobs/{job}/batches/7").content
+    assert (
+        httpx.get(f"{b.url}/v1/jobs/{job}/batches/7").content
+        == httpx.get(f"{a.url}/v1/jobs/{job}/batches/7").content
+    )
 
 
 def test_concurrent_changes_with_the_same_if_match_have_one_winner(replicas):
     a, b = replicas
     job = new_job(a.url)
-    change = {"schedule": {"phases": [{"start_step": 0, "weights": {"abc": 0.1, "sotu": 0.9}}]},
-              "author": "a", "reason": "r"}
+    change = {
+        "schedule": {"phases": [{"start_step": 0, "weights": {"abc": 0.1, "sotu": 0.9}}]},
+        "author": "a",
+        "reason": "r",
+    }
 
     def put(url):
-        return httpx.put(f"{url}/v1/jobs/{job}/schedule", json=change, headers={"If-Match": '"v1"'}).status_code
+        return httpx.put(
+            f"{url}/v1/jobs/{job}/schedule", json=change, headers={"If-Match": '"v1"'}
+        ).status_code
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(put, [a.url, b.url] * 4))

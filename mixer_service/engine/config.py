@@ -57,7 +57,9 @@ class JobConfig:
             if fp is not None and not isinstance(fp, str):
                 raise InvalidInput(f"{where}.fingerprint: must be a string")
             if set(raw) - {"name", "role", "fingerprint"}:
-                raise InvalidInput(f"{where}: unknown field(s) {sorted(set(raw) - {'name', 'role', 'fingerprint'})}")
+                raise InvalidInput(
+                    f"{where}: unknown field(s) {sorted(set(raw) - {'name', 'role', 'fingerprint'})}"
+                )
             sources.append(SourceSpec(name, role, fp))
         names = [s.name for s in sources]
         if len(set(names)) != len(names):

@@ -46,13 +46,16 @@ class MixingEngine:
     """One job under one schedule log. ``with_log`` gives the engine for a changed schedule."""
 
     @classmethod
-    def create(cls, config: JobConfig, sources: Mapping[str, TokenSource],
-               schedule_log: ScheduleLog) -> MixingEngine:
+    def create(
+        cls, config: JobConfig, sources: Mapping[str, TokenSource], schedule_log: ScheduleLog
+    ) -> MixingEngine:
         missing = [s.name for s in config.sources if s.name not in sources]
         if missing:
             raise NotFound(f"sources: not available on this server: {missing}")
-        layouts = [SourceLayout(sources[s.name], s.name, config.seq_len, config.seed, repeat=s.role == "repeat")
-                   for s in config.sources]
+        layouts = [
+            SourceLayout(sources[s.name], s.name, config.seq_len, config.seed, repeat=s.role == "repeat")
+            for s in config.sources
+        ]
         return cls(config, layouts, schedule_log)
 
     def __init__(self, config: JobConfig, layouts: list[SourceLayout], schedule_log: ScheduleLog) -> None:
@@ -78,9 +81,11 @@ class MixingEngine:
             if step is None:
                 continue
             needed = self.plan.realized(self.config.total_steps)[k]
-            msg = (f"schedule: source {spec.name!r} (role once) runs out at step {step}: it has "
-                   f"{lay.num_chunks} sequences of {self.config.seq_len} tokens but the schedule needs "
-                   f"{needed} by total_steps={self.config.total_steps}")
+            msg = (
+                f"schedule: source {spec.name!r} (role once) runs out at step {step}: it has "
+                f"{lay.num_chunks} sequences of {self.config.seq_len} tokens but the schedule needs "
+                f"{needed} by total_steps={self.config.total_steps}"
+            )
             if not self.config.allow_wrap:
                 raise InvalidInput(msg + "; lower its weight, add data, or create the job with allow_wrap")
             log.warning("once source wraps", extra={"source": spec.name, "step": step})
@@ -121,7 +126,9 @@ class MixingEngine:
         counts = self.plan.step_counts(step)
         before = self.plan.realized(step)
         src = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-        seq = np.concatenate([np.arange(b, b + c, dtype=np.int64) for b, c in zip(before, counts, strict=True)])
+        seq = np.concatenate(
+            [np.arange(b, b + c, dtype=np.int64) for b, c in zip(before, counts, strict=True)]
+        )
         order = Permutation(len(src), derive_key("rows", self.config.seed, step)).apply(np.arange(len(src)))
         return src[order], seq[order]
 
@@ -139,8 +146,10 @@ class MixingEngine:
     def provenance(self, step: int, rank: int = 0, world: int = 1) -> list[SequenceProvenance]:
         self.check_step(step)
         src, seq = (a[self._rows(rank, world)] for a in self._assignment(step))
-        return [SequenceProvenance(self.layouts[k].name, int(j), self.layouts[k].spans(int(j)))
-                for k, j in zip(src.tolist(), seq.tolist(), strict=True)]
+        return [
+            SequenceProvenance(self.layouts[k].name, int(j), self.layouts[k].spans(int(j)))
+            for k, j in zip(src.tolist(), seq.tolist(), strict=True)
+        ]
 
     def source_index(self, name: str) -> int:
         try:

@@ -39,8 +39,9 @@ class JobManager:
         self._jobs: dict[str, JobRuntime] = {}
         self._lock = threading.Lock()
 
-    def _engine(self, config: JobConfig, versions: list[ScheduleVersion],
-                base: MixingEngine | None = None) -> MixingEngine:
+    def _engine(
+        self, config: JobConfig, versions: list[ScheduleVersion], base: MixingEngine | None = None
+    ) -> MixingEngine:
         log = [(v.effective_step, Schedule.parse(v.schedule, config.source_names)) for v in versions]
         if base is not None:
             return base.with_log(log)
@@ -53,8 +54,10 @@ class JobManager:
         for spec in config.sources:
             meta = self.sources.get(spec.name).meta
             if spec.fingerprint is not None and spec.fingerprint != meta.fingerprint:
-                raise Conflict(f"source {spec.name!r}: job expects fingerprint {spec.fingerprint}, this server "
-                               f"has {meta.fingerprint}")
+                raise Conflict(
+                    f"source {spec.name!r}: job expects fingerprint {spec.fingerprint}, this server "
+                    f"has {meta.fingerprint}"
+                )
             tokenizers.add(meta.tokenizer_fingerprint)
             pinned.append({"name": spec.name, "role": spec.role, "fingerprint": meta.fingerprint})
         if len(tokenizers) > 1:
@@ -65,8 +68,9 @@ class JobManager:
         config = self._check_sources(JobConfig.parse(config_doc))
         schedule = Schedule.parse(schedule_doc, config.source_names)
         canonical = schedule.to_json(config.source_names)
-        engine = MixingEngine.create(config, {s.name: self.sources.get(s.name) for s in config.sources},
-                                     [(0, schedule)])  # validates before anything is written
+        engine = MixingEngine.create(
+            config, {s.name: self.sources.get(s.name) for s in config.sources}, [(0, schedule)]
+        )  # validates before anything is written
         first = self.store.create_job(job_id, config.to_json(), canonical, author, reason)
         runtime = JobRuntime(job_id, config, engine, [first])
         with self._lock:
@@ -83,8 +87,9 @@ class JobManager:
             config = self._check_sources(JobConfig.parse(self.store.get_job(job_id)))
             runtime = JobRuntime(job_id, config, self._engine(config, versions), versions)
         else:
-            runtime = JobRuntime(job_id, runtime.config, self._engine(runtime.config, versions, runtime.engine),
-                                 versions)
+            runtime = JobRuntime(
+                job_id, runtime.config, self._engine(runtime.config, versions, runtime.engine), versions
+            )
         with self._lock:
             current = self._jobs.get(job_id)
             if current is None or current.version < runtime.version:
@@ -98,12 +103,24 @@ class JobManager:
         runtime.engine._rows(rank, world)  # validates rank/world before any state changes
         version = self.store.mark_served(job_id, step)
         runtime = self.get(job_id, min_version=version)
-        engine = runtime.engine if runtime.version == version else self._engine(
-            runtime.config, [v for v in runtime.versions if v.version <= version], runtime.engine)
+        engine = (
+            runtime.engine
+            if runtime.version == version
+            else self._engine(
+                runtime.config, [v for v in runtime.versions if v.version <= version], runtime.engine
+            )
+        )
         return runtime, engine
 
-    def change_schedule(self, job_id: str, expected_version: int, requested_step: int, schedule_doc: Any,
-                        author: str, reason: str) -> tuple[ScheduleVersion, list[str]]:
+    def change_schedule(
+        self,
+        job_id: str,
+        expected_version: int,
+        requested_step: int,
+        schedule_doc: Any,
+        author: str,
+        reason: str,
+    ) -> tuple[ScheduleVersion, list[str]]:
         runtime = self.get(job_id)
         names = runtime.config.source_names
         schedule = Schedule.parse(schedule_doc, names)
@@ -118,15 +135,24 @@ class JobManager:
                 if effective < earliest:  # the high-water mark moved past the rounding horizon meanwhile
                     raise _Retry
                 if effective >= runtime.config.total_steps:
-                    raise InvalidInput(f"requested_step: the change would take effect at step {effective}, "
-                                       f"at or after total_steps={runtime.config.total_steps}")
+                    raise InvalidInput(
+                        f"requested_step: the change would take effect at step {effective}, "
+                        f"at or after total_steps={runtime.config.total_steps}"
+                    )
                 log = [(v.effective_step, Schedule.parse(v.schedule, names)) for v in runtime.versions]
                 engine = runtime.engine.with_log(log + [(effective, schedule)])
                 warnings[:] = engine.warnings
 
             try:
-                new = self.store.change_schedule(job_id, expected_version, max(requested_step, earliest),
-                                                 schedule.to_json(names), author, reason, validate)
+                new = self.store.change_schedule(
+                    job_id,
+                    expected_version,
+                    max(requested_step, earliest),
+                    schedule.to_json(names),
+                    author,
+                    reason,
+                    validate,
+                )
             except _Retry:
                 continue
             self.get(job_id, min_version=new.version)
@@ -137,13 +163,20 @@ class JobManager:
         current = runtime.versions[-1]
         high_water = self.store.served_high_water(runtime.job_id)
         served = runtime.engine.sequences_served(high_water)
-        return {"job_id": runtime.job_id, "config": runtime.config.to_json(),
-                "schedule_version": current.version, "schedule": current.schedule,
-                "served_high_water": high_water,
-                "tokens_through_high_water": {name: n * runtime.config.seq_len for name, n in
-                                              zip(runtime.config.source_names, served, strict=True)},
-                "trained_step": self.store.trained_step(runtime.job_id),
-                "warnings": runtime.engine.warnings, "time": time.time()}
+        return {
+            "job_id": runtime.job_id,
+            "config": runtime.config.to_json(),
+            "schedule_version": current.version,
+            "schedule": current.schedule,
+            "served_high_water": high_water,
+            "tokens_through_high_water": {
+                name: n * runtime.config.seq_len
+                for name, n in zip(runtime.config.source_names, served, strict=True)
+            },
+            "trained_step": self.store.trained_step(runtime.job_id),
+            "warnings": runtime.engine.warnings,
+            "time": time.time(),
+        }
 
 
 class _Retry(Exception):

@@ -16,13 +16,24 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("mixer_requests", "HTTP requests", ["route", "method", "status"], registry=r)
-        self.latency = Histogram("mixer_request_duration_seconds", "Request latency", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "mixer_request_duration_seconds",
+            "Request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.tokens = Counter("mixer_tokens_served", "Tokens served", ["job", "source"], registry=r)
         self.batches = Counter("mixer_batches_served", "Batches served", ["job"], registry=r)
-        self.repetition = Gauge("mixer_repetition_count", "Repetition count quantiles over domain documents "
-                                "at the trained step", ["job", "source", "quantile"], registry=r)
-        self.schedule_version = Gauge("mixer_schedule_version", "Current schedule version", ["job"], registry=r)
+        self.repetition = Gauge(
+            "mixer_repetition_count",
+            "Repetition count quantiles over domain documents at the trained step",
+            ["job", "source", "quantile"],
+            registry=r,
+        )
+        self.schedule_version = Gauge(
+            "mixer_schedule_version", "Current schedule version", ["job"], registry=r
+        )
         self.store_up = Gauge("mixer_store_up", "1 when the state store answers", registry=r)
         self.trained_step = Gauge("mixer_trained_step", "Step trainers reported", ["job"], registry=r)
         self.high_water = Gauge("mixer_served_high_water", "Highest step served", ["job"], registry=r)

@@ -10,7 +10,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixer_service.errors import (
-    Conflict, CorruptData, InvalidInput, MixerError, NotFound, StaleVersion, StoreUnavailable,
+    Conflict,
+    CorruptData,
+    InvalidInput,
+    MixerError,
+    NotFound,
+    StaleVersion,
+    StoreUnavailable,
 )
 
 log = logging.getLogger(__name__)

@@ -35,8 +35,15 @@ class SourceRegistry:
             if src.meta.name in sources:
                 raise InvalidInput(f"two prepared sources are named {src.meta.name!r} under {root}")
             sources[src.meta.name] = src
-            log.info("source loaded", extra={"source": src.meta.name, "docs": src.meta.num_docs,
-                                             "tokens": src.meta.num_tokens, "fingerprint": src.meta.fingerprint})
+            log.info(
+                "source loaded",
+                extra={
+                    "source": src.meta.name,
+                    "docs": src.meta.num_docs,
+                    "tokens": src.meta.num_tokens,
+                    "fingerprint": src.meta.fingerprint,
+                },
+            )
         return cls(sources, images)
 
     def get(self, name: str) -> PreparedSource:
@@ -49,12 +56,23 @@ class SourceRegistry:
         try:
             return self.images[name]
         except KeyError:
-            raise NotFound(f"image source {name!r} is not on this server (it has {sorted(self.images)})") from None
+            raise NotFound(
+                f"image source {name!r} is not on this server (it has {sorted(self.images)})"
+            ) from None
 
     def describe(self) -> list[dict]:
-        return [{"name": n, "fingerprint": s.meta.fingerprint, "docs": s.meta.num_docs,
-                 "tokens": s.meta.num_tokens, "vocab_size": s.meta.vocab_size, "dtype": s.meta.dtype,
-                 "tokenizer_fingerprint": s.meta.tokenizer_fingerprint} for n, s in sorted(self.sources.items())]
+        return [
+            {
+                "name": n,
+                "fingerprint": s.meta.fingerprint,
+                "docs": s.meta.num_docs,
+                "tokens": s.meta.num_tokens,
+                "vocab_size": s.meta.vocab_size,
+                "dtype": s.meta.dtype,
+                "tokenizer_fingerprint": s.meta.tokenizer_fingerprint,
+            }
+            for n, s in sorted(self.sources.items())
+        ]
 
 
 def _is_image_source(directory: Path) -> bool:

@@ -49,8 +49,12 @@ def plan_spt(body: SptRequest) -> dict[str, Any]:
     from mixer_service.planner.spt_runs import SptRuns
 
     train = [r.domain_train_loss for r in body.runs]
-    runs = SptRuns([r.tokens for r in body.runs], [r.delta for r in body.runs], [r.domain_loss for r in body.runs],
-                   None if any(t is None for t in train) else train)
+    runs = SptRuns(
+        [r.tokens for r in body.runs],
+        [r.delta for r in body.runs],
+        [r.domain_loss for r in body.runs],
+        None if any(t is None for t in train) else train,
+    )
     fit = fit_overfitting_law(runs, n_bootstrap=body.bootstrap)
     rec = recommend_delta(fit, body.target_tokens, body.domain_tokens, body.delta_range)
     out = {"fit": fit.to_dict(), "recommendation": rec.to_dict()}
@@ -65,6 +69,8 @@ def plan_storage(body: StorageRequest) -> dict[str, Any]:
 
     from mixer_service.planner.storage_law import allocate, fit_storage_law
 
-    n, size, err = (np.array([getattr(p, f) for p in body.points]) for f in ("n", "bytes_per_sample", "error"))
+    n, size, err = (
+        np.array([getattr(p, f) for p in body.points]) for f in ("n", "bytes_per_sample", "error")
+    )
     fit = fit_storage_law(n, size, err, variant=body.variant, n_bootstrap=body.bootstrap)
     return {"fit": fit.to_dict(), "allocations": [allocate(fit.law, s).to_dict() for s in body.budgets]}
