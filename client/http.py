@@ -119,10 +119,13 @@ class MixerClient:
     def _request(self, method: str, path: str, parse: Callable[[httpx.Response], T], **kwargs: Any) -> T:
         tried: list[str] = []
         attempt = 0
+        with self._lock:
+            start = self._current
         while True:
             attempt += 1
-            with self._lock:
-                index = self._current
+            # Each request walks the replica ring on its own, so concurrent failovers cannot bounce it
+            # back onto a replica it has just seen fail.
+            index = (start + attempt - 1) % len(self.urls)
             base = self.urls[index]
             if base not in tried:
                 tried.append(base)
