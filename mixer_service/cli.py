@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure(os.environ.get("MIXER_LOG_LEVEL", "INFO"))
     args = build_parser().parse_args(argv)
+    # The service logs its lifecycle; interactive commands keep stderr for progress bars and errors.
+    configure(os.environ.get("MIXER_LOG_LEVEL") or ("INFO" if args.command == "serve" else "WARNING"))
     try:
         return args.func(args)
     except MixerError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import itertools
 import json
 import os
 import select
@@ -240,7 +241,7 @@ def test_dashboard_renders_what_the_api_says(server, job, browser):
     assert set(paths) == {"abc", "sotu"}
     for d in paths.values():
         points = [tuple(map(float, p[1:].split(","))) for p in d.split()]
-        pairs = zip(points, points[1:], strict=True)
+        pairs = itertools.pairwise(points)
         slopes = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in pairs if b[0] != a[0]]
         assert any(abs(s) > 1e-6 for s in slopes), "a ramp must be drawn as a slope"
     assert browser.js("[...document.querySelectorAll('#schedule-chart .version-marker')]"

@@ -1,0 +1,88 @@
+"""The SPT experiment end to end at toy scale: corpora -> `mixer serve` -> pretrain -> finetune -> report.
+
+Runs on small synthetic corpora laid out like data/raw (abc/*.abc tunes, sotu/*.txt speeches), so it needs
+no downloads and finishes in seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from trainer import experiment_spt
+from trainer.experiment_spt import compute_multiplier, curve_interval
+
+NOTES = "ABCDEFGabcdefg"
+WORDS = ("the union nation congress people state law year government world peace country public "
+         "great work new war made time free power right trade").split()
+
+
+def write_corpora(raw: Path) -> None:
+    rng = random.Random(0)
+    (raw / "abc").mkdir(parents=True)
+    for f in range(4):
+        tunes = []
+        for i in range(60):
+            bars = "|".join("".join(rng.choice(NOTES) for _ in range(6)) for _ in range(8))
+            tunes.append(f"X:{i + 1}\nT:Tune {f}-{i}\nM:6/8\nK:D\n|:{bars}:|\n")
+        (raw / "abc" / f"book{f}.abc").write_text("\n".join(tunes))
+    (raw / "sotu").mkdir()
+    for d in range(30):
+        text = " ".join(rng.choice(WORDS) for _ in range(600))
+        (raw / "sotu" / f"{1800 + d}_speech.txt").write_text(text.capitalize() + ".\n")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("spt")
+    write_corpora(root / "raw")
+    out = root / "out"
+    argv = ["--preset", "gpt-tiny", "--seq-len", "33", "--steps", "10", "--batch", "4", "--deltas", "0,0.1",
+            "--curve-points", "2", "--ft-max-epochs", "2", "--ft-lrs", "1e-3,4e-3", "--domain-tokens", "800",
+            "--val-seqs", "16", "--threads", "1", "--raw", str(root / "raw"), "--work", str(root / "work"),
+            "--out", str(out)]
+    assert experiment_spt.main(argv) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_outputs_and_metrics(results: tuple[Path, dict]) -> None:
+    out, res = results
+    for name in ("results.json", "results.md", "spt.png", "runs/d0.json", "runs/d0.1.json"):
+        assert (out / name).is_file(), name
+    assert (out / "spt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert res["deltas"] == [0.0, 0.1]
+    rows = {r["delta"]: r for r in res["rows"]}
+    for row in rows.values():
+        for key in ("pre_ft_domain", "post_ft_domain", "relative_gain_pct", "pre_ft_web", "post_ft_web",
+                    "forgetting", "data_stall_frac", "compute_multiplier", "best_ft_lr", "domain_passes"):
+            assert key in row, key
+        assert row["forgetting"] == pytest.approx(row["post_ft_web"] - row["pre_ft_web"])
+        assert 0.0 <= row["data_stall_frac"] < 1.0
+        assert row["post_ft_domain"] <= row["pre_ft_domain"]  # epoch 0 (no finetuning) is a candidate
+    assert rows[0.0]["relative_gain_pct"] == 0.0
+    assert rows[0.0]["compute_multiplier"] is None
+    assert rows[0.1]["compute_multiplier"]["kind"] in ("interpolated", "upper_bound", "not_reached")
+    assert rows[0.1]["domain_passes"] > 0  # the service really mixed the domain in
+    ref = res["runs"]["0"]
+    assert ref["pretrain_steps_run"] == 15  # δ=0 continues to 1.5x the budget for the multiplier
+    assert [p["step"] for p in ref["reference_curve"]] == [5, 10, 15]
+    assert "| 0.1 |" in (out / "results.md").read_text()
+
+
+def test_compute_multiplier() -> None:
+    curve = [{"tokens": t, "post_ft_domain": loss} for t, loss in ((100, 3.0), (200, 2.0), (400, 1.0))]
+    mid = compute_multiplier(curve, 1.5, 200)
+    assert mid["kind"] == "interpolated" and mid["value"] == pytest.approx(2 ** 0.5)  # halfway in log tokens
+    assert compute_multiplier(curve, 2.0, 200)["value"] == pytest.approx(1.0)
+    assert compute_multiplier(curve, 0.5, 200)["kind"] == "not_reached"
+    assert compute_multiplier(curve, 3.5, 200) == {"value": 0.5, "kind": "upper_bound", "tokens_needed": 100}
+
+
+def test_curve_interval_lands_on_the_budget() -> None:
+    assert curve_interval(300, 4) == 75
+    assert curve_interval(30, 4) == 6
+    assert curve_interval(10, 2) == 5
+    assert curve_interval(3, 4) == 1

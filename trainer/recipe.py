@@ -1,0 +1,124 @@
+"""Reusable pieces of an end-to-end run: corpora -> prepared sources -> `mixer serve` -> a mixture job.
+
+Shared by the demo (`trainer.demo`) and the SPT experiment (`trainer.experiment_spt`). The corpora are the
+ones `scripts/fetch_corpora.sh` puts in data/raw/: ABC folk tunes (the domain) and State of the Union
+addresses (web). Everything here is deterministic: the same documents always give the same splits,
+sources and jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from mixer_service.prepare.readers import iter_documents
+from mixer_service.prepare.tokenizer import TextTokenizer
+from mixer_service.prepare.writer import prepare_source
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW = ROOT / "data" / "raw"
+HOLDOUT_EVERY = 20  # every 20th document is held out for validation
+WEB_HOLDOUT_EVERY = 10  # the web corpus has few, long documents: hold out every 10th
+
+
+def split_docs(docs: Iterable[str], every: int = HOLDOUT_EVERY) -> tuple[list[str], list[str]]:
+    """(train, val): every `every`-th document goes to validation, the rest to training."""
+    train_docs: list[str] = []
+    val_docs: list[str] = []
+    for i, doc in enumerate(docs):
+        (val_docs if i % every == every - 1 else train_docs).append(doc)
+    return train_docs, val_docs
+
+
+def to_sequences(docs: list[str], tokenizer: TextTokenizer, length: int, limit: int) -> torch.Tensor:
+    """Held-out text as [n, length] token rows (each doc followed by EOS), for evaluation."""
+    ids = np.concatenate([np.append(np.asarray(t, dtype=np.int64), tokenizer.eos_id)
+                          for t in tokenizer.encode_batch(docs)])
+    n = min(limit, len(ids) // length)
+    return torch.from_numpy(ids[: n * length].reshape(n, length))
+
+
+def domain_docs(raw: Path = RAW) -> tuple[list[str], list[str]]:
+    """ABC tunes (one document per `X:` header), split into (train, val)."""
+    return split_docs(iter_documents([raw / "abc"], fmt="text", split_regex=r"^X:", glob="**/*.abc"))
+
+
+def web_docs(raw: Path = RAW) -> tuple[list[str], list[str]]:
+    """State of the Union addresses (one document per file), split into (train, val)."""
+    return split_docs(iter_documents([raw / "sotu"], fmt="text", glob="*.txt"), every=WEB_HOLDOUT_EVERY)
+
+
+def prepare_sources(sources: Path, tokenizer: TextTokenizer, named_docs: dict[str, list[str]]) -> None:
+    """Prepare each named document list as a source under `sources/` unless it is there already."""
+    for name, docs in named_docs.items():
+        if not (sources / name / "meta.json").is_file():
+            prepare_source(docs, sources / name, tokenizer, name=name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(sources: Path, state: Path) -> tuple[subprocess.Popen, str]:
+    """A local `mixer serve` (embedded state) on a free port, once it answers /v1/ready: (process, url)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mixer_service.cli", "serve", "--sources-dir", str(sources),
+           "--state-dir", str(state), "--port", str(port)]
+    proc = subprocess.Popen(cmd, env={"MIXER_LOG_LEVEL": "WARNING", **os.environ})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/v1/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("mixer serve did not become ready")
+
+
+@contextmanager
+def serve(sources: Path, state: Path) -> Iterator[str]:
+    """start_server as a context: yields the url, and always stops the server it started."""
+    proc, url = start_server(sources, state)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def job_body(job_id: str, weights: dict[str, float], roles: dict[str, str], seq_len: int, batch: int,
+             total_steps: int, *, seed: int = 0, author: str = "demo", reason: str = "README demo",
+             allow_wrap: bool = False) -> dict[str, Any]:
+    """The POST /v1/jobs document for a constant mixture `weights` from step 0 (sources in `roles` order)."""
+    config: dict[str, Any] = {"sources": [{"name": n, "role": r} for n, r in roles.items()],
+                              "seq_len": seq_len, "global_batch": batch, "seed": seed,
+                              "total_steps": total_steps}
+    if allow_wrap:
+        config["allow_wrap"] = True
+    return {"job_id": job_id, "author": author, "reason": reason, "config": config,
+            "schedule": {"phases": [{"start_step": 0, "weights": weights}]}}
+
+
+def create_job(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST a job_body(...) document; raises on any refusal."""
+    response = httpx.post(f"{url}/v1/jobs", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
