@@ -37,16 +37,19 @@ from trainer.train import TrainConfig, train
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--work", type=Path, default=ROOT / "data" / "demo")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--domain-fraction", type=float, default=0.05)
     ap.add_argument("--seq-len", type=int, default=129, help="tokens per served sequence (context + 1)")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--domain-docs", type=int, default=100,
+                    help="size of the domain set in tunes: small, so it repeats several times as in SPT")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     tok = load_tokenizer()  # byte-level: a small vocabulary keeps a CPU model meaningful in minutes
     abc_train, abc_val = domain_docs()
+    abc_train = abc_train[: args.domain_docs]
     web_train, web_val = web_docs()
-    sources = args.work / "sources"
+    sources = args.work / f"sources-{args.domain_docs}"
     prepare_sources(sources, tok, {"abc": abc_train, "sotu": web_train})
     val = {"domain": to_sequences(abc_val, tok, args.seq_len, 256),
            "web": to_sequences(web_val, tok, args.seq_len, 256)}

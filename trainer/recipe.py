@@ -77,7 +77,7 @@ def start_server(sources: Path, state: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "mixer_service.cli", "serve", "--sources-dir", str(sources),
            "--state-dir", str(state), "--port", str(port)]
-    proc = subprocess.Popen(cmd, env={"MIXER_LOG_LEVEL": "WARNING", **os.environ})
+    proc = subprocess.Popen(cmd, env={**os.environ, "MIXER_LOG_LEVEL": "WARNING"})
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
