@@ -222,7 +222,16 @@ def run_cell_wrk(
         script.write(_WRK_LUA.format(job=job, base=step_base, world=world, compression=compression))
     cpu_srv = server.cpu_seconds()
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{clients}", f"-d{duration:g}s", "--latency", "-s", script.name, server.url],
+        [
+            "wrk",
+            f"-t{min(2, clients)}",
+            f"-c{clients}",
+            f"-d{duration:g}s",
+            "--latency",
+            "-s",
+            script.name,
+            server.url,
+        ],
         capture_output=True,
         text=True,
         check=True,
