@@ -20,7 +20,6 @@ import argparse
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,9 +31,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 from bench_engine import DOMAIN_WEIGHT, B, L, make_engine, peer_tokens_per_s
-from common import ROOT, fmt_rate, job_config, log, open_sources, prepared_sources, print_table, schedule
+from common import fmt_rate, job_config, log, open_sources, prepared_sources, print_table, schedule
 
 from mixer_service import wire
+from mixer_service.service.process import ServerProcess
 
 PEER_TARGET, P99_TARGET_MS = 5.0, 50.0
 TOTAL_STEPS = 1_000_000
@@ -42,69 +42,10 @@ CELL_STEPS = 50_000  # each cell starts on fresh steps: base = cell index * CELL
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    """``mixer serve`` as a subprocess on a free loopback port; stderr goes to a file (never blocks)."""
-
-    def __init__(self, sources: Path, state: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [
-            sys.executable,
-            "-m",
-            "mixer_service.cli",
-            "serve",
-            "--sources-dir",
-            str(sources),
-            "--state-dir",
-            str(state),
-            "--port",
-            str(self.port),
-        ]
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MIXER_")}
-        self.env["MIXER_LOG_LEVEL"] = "WARNING"
-        self.stderr = open(state / "server.stderr", "w+b")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 60) -> Server:
-        self.proc = subprocess.Popen(
-            self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=self.stderr, cwd=ROOT
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.tail()}")
-            try:
-                if httpx.get(self.url + "/v1/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server did not become healthy: {self.tail()}")
-
-    def tail(self) -> str:
-        self.stderr.flush()
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors="replace")[-2000:]
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.stderr.close()
+def cpu_seconds(server: ServerProcess) -> float:
+    """CPU seconds (user + system) the server process has used so far."""
+    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def create_job(url: str) -> str:
@@ -123,7 +64,7 @@ def create_job(url: str) -> str:
 
 
 def run_cell(
-    server: Server,
+    server: ServerProcess,
     job: str,
     rows: int,
     compression: str,
@@ -165,13 +106,13 @@ def run_cell(
     for t in threads:
         t.start()
     time.sleep(warmup)
-    cpu_srv, cpu_cli = server.cpu_seconds(), time.process_time()
+    cpu_srv, cpu_cli = cpu_seconds(server), time.process_time()
     measuring.set()
     t0 = time.perf_counter()
     time.sleep(duration)
     measuring.clear()
     elapsed = time.perf_counter() - t0
-    cpu_srv, cpu_cli = server.cpu_seconds() - cpu_srv, time.process_time() - cpu_cli
+    cpu_srv, cpu_cli = cpu_seconds(server) - cpu_srv, time.process_time() - cpu_cli
     stop.set()
     for t in threads:
         t.join(60)
@@ -211,7 +152,13 @@ def _wrk_ms(text: str) -> float:
 
 
 def run_cell_wrk(
-    server: Server, job: str, rows: int, compression: str, clients: int, step_base: int, duration: float
+    server: ServerProcess,
+    job: str,
+    rows: int,
+    compression: str,
+    clients: int,
+    step_base: int,
+    duration: float,
 ) -> dict:
     """The same request sequence from wrk (C, 2 threads): latency without a GIL-bound generator's queueing.
 
@@ -220,7 +167,7 @@ def run_cell_wrk(
     world = B // rows
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(_WRK_LUA.format(job=job, base=step_base, world=world, compression=compression))
-    cpu_srv = server.cpu_seconds()
+    cpu_srv = cpu_seconds(server)
     out = subprocess.run(
         [
             "wrk",
@@ -237,7 +184,7 @@ def run_cell_wrk(
         check=True,
     ).stdout
     os.unlink(script.name)
-    cpu_srv = server.cpu_seconds() - cpu_srv
+    cpu_srv = cpu_seconds(server) - cpu_srv
     fields = dict(line.split(None, 1) for line in out.splitlines() if line.strip().startswith(("50%", "99%")))
     rps = float(out.split("Requests/sec:")[1].split()[0])
     requests = int(out.split(" requests in ")[0].split()[-1])
@@ -309,7 +256,7 @@ def main() -> None:
 
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-service-") as state:
-        server = Server(sources_dir, Path(state))
+        server = ServerProcess(sources_dir, Path(state))
         try:
             log(f"bench: starting mixer serve on {server.url}")
             server.start()

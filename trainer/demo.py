@@ -27,7 +27,7 @@ from trainer.recipe import (
     domain_docs,
     job_body,
     prepare_sources,
-    start_server,
+    serve,
     to_sequences,
     web_docs,
 )
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     val = {"domain": to_sequences(abc_val, tok, args.seq_len, 256),
            "web": to_sequences(web_val, tok, args.seq_len, 256)}
 
-    proc, url = start_server(sources, args.work / f"state-{int(time.time())}")
-    try:
+    with serve(sources, args.work / f"state-{int(time.time())}") as url:
         job = f"demo-{int(time.time())}"
         d = args.domain_fraction
         create_job(url, job_body(job, {"abc": d, "sotu": 1 - d}, {"abc": "repeat", "sotu": "once"},
@@ -82,9 +81,6 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_served_per_source": info["tokens_through_high_water"],
         }
         print(json.dumps(summary, indent=2))
-    finally:
-        proc.terminate()
-        proc.wait(10)
     return 0
 
 

@@ -8,11 +8,6 @@ sources and jobs.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +20,7 @@ import torch
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import TextTokenizer
 from mixer_service.prepare.writer import prepare_source
+from mixer_service.service.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "data" / "raw"
@@ -66,42 +62,11 @@ def prepare_sources(sources: Path, tokenizer: TextTokenizer, named_docs: dict[st
             prepare_source(docs, sources / name, tokenizer, name=name)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(sources: Path, state: Path) -> tuple[subprocess.Popen, str]:
-    """A local `mixer serve` (embedded state) on a free port, once it answers /v1/ready: (process, url)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "mixer_service.cli", "serve", "--sources-dir", str(sources),
-           "--state-dir", str(state), "--port", str(port)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "MIXER_LOG_LEVEL": "WARNING"})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/v1/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("mixer serve did not become ready")
-
-
 @contextmanager
 def serve(sources: Path, state: Path) -> Iterator[str]:
-    """start_server as a context: yields the url, and always stops the server it started."""
-    proc, url = start_server(sources, state)
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    """A local `mixer serve` (embedded state) while the block runs: yields its url, always stops it."""
+    with ServerProcess(sources, state) as server:
+        yield server.url
 
 
 def job_body(job_id: str, weights: dict[str, float], roles: dict[str, str], seq_len: int, batch: int,

@@ -1,0 +1,87 @@
+"""``mixer serve`` as a child process on loopback: what the demo, experiments, benchmarks and tests run.
+
+One place knows how to start, probe and stop a real server, so every caller exercises the same command line
+an operator would type.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """A ``mixer serve`` process; ``MIXER_*`` variables are not inherited, only those passed in ``env``."""
+
+    def __init__(self, sources_dir: Path, state_dir: Path, port: int | None = None, *,
+                 redis_url: str | None = None, env: dict[str, str] | None = None, workers: int = 1) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "mixer_service.cli", "serve", "--sources-dir", str(sources_dir),
+                     "--state-dir", str(state_dir), "--port", str(self.port), "--workers", str(workers)]
+        if redis_url:
+            self.args += ["--redis-url", redis_url]
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("MIXER_")}
+        self.env = inherited | {"MIXER_LOG_LEVEL": "WARNING"} | (env or {})
+        self.proc: subprocess.Popen | None = None
+        self._stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks
+
+    def start(self, timeout: float = 60) -> ServerProcess:
+        """Start and wait until ``/v1/ready`` answers 200 (store reachable, sources loaded)."""
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mixer serve exited with {self.proc.returncode}: {self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/v1/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"mixer serve did not become ready in {timeout:g} s: {self.tail()}")
+
+    def tail(self, chars: int = 2000) -> str:
+        """The end of the server's stderr, for error messages."""
+        self._stderr.flush()
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")[-chars:]
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM), SIGKILL if it does not exit within 10 s."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
