@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from service_helpers import prepare_real_sources
 
 from mixer_service.service.process import free_port
 
@@ -112,3 +113,9 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = start_redis_server(tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def sources_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real corpora (ABC tunes + State of the Union) prepared once for every test that serves them."""
+    return prepare_real_sources(tmp_path_factory.mktemp("sources"))

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
-from service_helpers import JOB, SCHEDULE, Server, prepare_real_sources
+from service_helpers import JOB, SCHEDULE, Server
 from torch.utils.data import DataLoader
 
 from client import (
@@ -40,11 +40,6 @@ OPERATOR, READER = "op-secret", "rd-secret"
 TOKENS = {"MIXER_OPERATOR_TOKEN": OPERATOR, "MIXER_READER_TOKEN": READER}
 FAST_RETRIES = {"backoff_base": 0.01, "backoff_max": 0.1}
 BATCH_ROUTE = 'route="/v1/jobs/{job_id}/batches/{step}"'
-
-
-@pytest.fixture(scope="session")
-def sources_dir(tmp_path_factory):
-    return prepare_real_sources(tmp_path_factory.mktemp("sources"))
 
 
 @pytest.fixture(scope="module")

@@ -174,10 +174,9 @@ class Browser:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from conftest import free_port
-
+    # A 300-tune domain set, so the served steps complete an epoch and the histogram has two bars.
     sources = prepare_real_sources(tmp_path_factory.mktemp("sources"), domain_docs=300, web_docs=60)
-    srv = Server(sources, tmp_path_factory.mktemp("state"), free_port(), env=TOKENS).start()
+    srv = Server(sources, tmp_path_factory.mktemp("state"), env=TOKENS).start()
     yield srv
     srv.stop()
 

@@ -23,11 +23,8 @@ SERVED, TRAINED = 20, 15
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from conftest import free_port
-
-    sources = prepare_real_sources(tmp_path_factory.mktemp("sources"), domain_docs=300, web_docs=60)
-    srv = Server(sources, tmp_path_factory.mktemp("state"), free_port(), env=TOKENS).start()
+def server(sources_dir, tmp_path_factory):
+    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), env=TOKENS).start()
     yield srv
     srv.stop()
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from service_helpers import Server
 from test_planner_overfitting_law import make_runs, true_argmin
-from test_service import new_job, sources_dir  # noqa: F401  (session fixture)
+from test_service import new_job
 
 
 @pytest.fixture(scope="module")
-def server(sources_dir, tmp_path_factory):  # noqa: F811
+def server(sources_dir, tmp_path_factory):
     from conftest import free_port
 
     srv = Server(sources_dir, tmp_path_factory.mktemp("state"), free_port()).start()

@@ -9,7 +9,7 @@ import uuid
 import httpx
 import numpy as np
 import pytest
-from service_helpers import JOB, SCHEDULE, Server, prepare_real_sources
+from service_helpers import JOB, SCHEDULE, Server
 
 from mixer_service import wire
 from mixer_service.engine import JobConfig, MixingEngine, Schedule
@@ -18,11 +18,6 @@ from mixer_service.prepare.source import PreparedSource
 OPERATOR = {"Authorization": "Bearer op-secret"}
 READER = {"Authorization": "Bearer rd-secret"}
 TOKENS = {"MIXER_OPERATOR_TOKEN": "op-secret", "MIXER_READER_TOKEN": "rd-secret"}
-
-
-@pytest.fixture(scope="session")
-def sources_dir(tmp_path_factory):
-    return prepare_real_sources(tmp_path_factory.mktemp("sources"))
 
 
 @pytest.fixture(scope="module")
