@@ -108,7 +108,7 @@ class MixingEngine:
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self.config.total_steps:
             raise InvalidInput(f"step: must be an integer in [0, {self.config.total_steps}), got {step!r}")
 
-    def _rows(self, rank: int, world: int) -> slice:
+    def rank_rows(self, rank: int, world: int) -> slice:
         b = self.config.global_batch
         if not (isinstance(world, int) and world >= 1 and b % world == 0):
             raise InvalidInput(f"world: must be a positive divisor of global_batch={b}, got {world!r}")
@@ -134,7 +134,7 @@ class MixingEngine:
 
     def batch(self, step: int, rank: int = 0, world: int = 1) -> Batch:
         self.check_step(step)
-        rows = self._rows(rank, world)
+        rows = self.rank_rows(rank, world)
         src, seq = (a[rows] for a in self._assignment(step))
         tokens = np.empty((len(src), self.config.seq_len), dtype=self.token_dtype)
         for k, lay in enumerate(self.layouts):
@@ -145,7 +145,7 @@ class MixingEngine:
 
     def provenance(self, step: int, rank: int = 0, world: int = 1) -> list[SequenceProvenance]:
         self.check_step(step)
-        src, seq = (a[self._rows(rank, world)] for a in self._assignment(step))
+        src, seq = (a[self.rank_rows(rank, world)] for a in self._assignment(step))
         return [
             SequenceProvenance(self.layouts[k].name, int(j), self.layouts[k].spans(int(j)))
             for k, j in zip(src.tolist(), seq.tolist(), strict=True)

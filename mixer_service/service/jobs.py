@@ -100,7 +100,7 @@ class JobManager:
         """Validate the request, then mark the step served and return the engine of its schedule version."""
         runtime = self.get(job_id)
         runtime.engine.check_step(step)
-        runtime.engine._rows(rank, world)  # validates rank/world before any state changes
+        runtime.engine.rank_rows(rank, world)  # validates rank/world before any state changes
         version = self.store.mark_served(job_id, step)
         runtime = self.get(job_id, min_version=version)
         engine = (

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,29 @@ router = APIRouter(
 STEP_HELP = "counts after this step; default: the job's trained step (-1: nothing trained yet)"
 
 
-def _resolve(
-    manager: JobManager, job_id: str, source: str | None, step: int | None
-) -> tuple[JobRuntime, str, int]:
+@dataclass(frozen=True)
+class Counted:
+    """A repetition query resolved once: the job's engine, the source (default: the first repeat
+    source) and the step (default: the job's trained step)."""
+
+    job_id: str
+    runtime: JobRuntime
+    source: str
+    step: int
+
+    def counts(self) -> np.ndarray:
+        return self.runtime.engine.repetition_counts(self.source, self.step)
+
+    def head(self) -> dict[str, Any]:
+        return {"job": self.job_id, "source": self.source, "step": self.step}
+
+
+def counted(
+    job_id: str,
+    source: str | None = None,
+    step: int | None = Query(default=None, description=STEP_HELP),
+    manager: JobManager = Depends(jobs),
+) -> Counted:
     runtime = manager.get(job_id)
     if source is None:
         repeat = [s.name for s in runtime.config.sources if s.role == "repeat"]
@@ -29,88 +50,45 @@ def _resolve(
         step = manager.store.trained_step(job_id)
     elif step != -1:
         runtime.engine.check_step(step)
-    return runtime, source, step
+    return Counted(job_id, runtime, source, step)
 
 
 @router.get("")
-def summary(
-    job_id: str,
-    source: str | None = None,
-    step: int | None = Query(default=None, description=STEP_HELP),
-    manager: JobManager = Depends(jobs),
-) -> dict[str, Any]:
-    runtime, source, step = _resolve(manager, job_id, source, step)
-    counts = runtime.engine.repetition_counts(source, step)
-    lay = runtime.engine.layouts[runtime.engine.source_index(source)]
-    served = runtime.engine.sequences_served(step)[runtime.engine.source_index(source)]
-    return {
-        "job": job_id,
-        "source": source,
-        "step": step,
+def summary(q: Counted = Depends(counted)) -> dict[str, Any]:
+    counts = q.counts()
+    k = q.runtime.engine.source_index(q.source)
+    chunks = q.runtime.engine.layouts[k].num_chunks
+    served = q.runtime.engine.sequences_served(q.step)[k]
+    return q.head() | {
         "documents": int(counts.size),
         "min": int(counts.min()),
         "max": int(counts.max()),
         "mean": float(counts.mean()),
-        "epoch": served // lay.num_chunks,
-        "epoch_progress": (served % lay.num_chunks) / lay.num_chunks,
+        "epoch": served // chunks,
+        "epoch_progress": (served % chunks) / chunks,
         "sequences_served": served,
     }
 
 
 @router.get("/histogram")
-def histogram(
-    job_id: str,
-    source: str | None = None,
-    step: int | None = Query(default=None, description=STEP_HELP),
-    manager: JobManager = Depends(jobs),
-) -> dict[str, Any]:
-    runtime, source, step = _resolve(manager, job_id, source, step)
-    counts = np.bincount(runtime.engine.repetition_counts(source, step))
-    return {
-        "job": job_id,
-        "source": source,
-        "step": step,
-        "histogram": {str(k): int(n) for k, n in enumerate(counts) if n},
-    }
+def histogram(q: Counted = Depends(counted)) -> dict[str, Any]:
+    counts = np.bincount(q.counts())
+    return q.head() | {"histogram": {str(k): int(n) for k, n in enumerate(counts) if n}}
 
 
 @router.get("/documents/{doc}")
-def document_count(
-    job_id: str,
-    doc: int,
-    source: str | None = None,
-    step: int | None = Query(default=None, description=STEP_HELP),
-    manager: JobManager = Depends(jobs),
-) -> dict[str, Any]:
-    runtime, source, step = _resolve(manager, job_id, source, step)
-    return {
-        "job": job_id,
-        "source": source,
-        "step": step,
-        "doc": doc,
-        "count": runtime.engine.repetition_count(source, doc, step),
-    }
+def document_count(doc: int, q: Counted = Depends(counted)) -> dict[str, Any]:
+    return q.head() | {"doc": doc, "count": q.runtime.engine.repetition_count(q.source, doc, q.step)}
 
 
 @router.get("/at-least/{k}")
 def documents_at_least(
-    job_id: str,
     k: int,
-    source: str | None = None,
-    step: int | None = Query(default=None, description=STEP_HELP),
     limit: int = Query(default=100, ge=1, le=10_000),
     offset: int = Query(default=0, ge=0),
-    manager: JobManager = Depends(jobs),
+    q: Counted = Depends(counted),
 ) -> dict[str, Any]:
     if k < 0:
         raise InvalidInput(f"k: must be >= 0, got {k}")
-    runtime, source, step = _resolve(manager, job_id, source, step)
-    docs = np.flatnonzero(runtime.engine.repetition_counts(source, step) >= k)
-    return {
-        "job": job_id,
-        "source": source,
-        "step": step,
-        "k": k,
-        "total": int(docs.size),
-        "documents": docs[offset : offset + limit].tolist(),
-    }
+    docs = np.flatnonzero(q.counts() >= k)
+    return q.head() | {"k": k, "total": int(docs.size), "documents": docs[offset : offset + limit].tolist()}
