@@ -74,7 +74,7 @@ class Schedule:
                 raise InvalidInput(f"{where}.weights: unknown source(s) {unknown}; job sources are "
                                    f"{source_names}")
             parsed = [parse_weight(weights.get(name, 0), f"{where}.weights.{name}") for name in source_names]
-            total = sum(parsed)
+            total = sum(parsed, Fraction(0))
             if abs(total - 1) > _SUM_TOLERANCE:
                 raise InvalidInput(f"{where}.weights: must sum to 1, got {float(total):.9g}")
             ramp = raw.get("ramp", False)

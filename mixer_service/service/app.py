@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mixer_service.service import problems
 from mixer_service.service.auth import Tokens
@@ -41,7 +41,7 @@ class BodyLimit:
                 return
             seen = 0
 
-            async def limited() -> dict:
+            async def limited() -> Message:
                 nonlocal seen
                 message = await receive()
                 seen += len(message.get("body", b""))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
@@ -48,13 +49,12 @@ def plan_spt(body: SptRequest) -> dict[str, Any]:
     from mixer_service.planner.recommend import recommend_delta, schedule_for_delta
     from mixer_service.planner.spt_runs import SptRuns
 
-    train = [r.domain_train_loss for r in body.runs]
-    runs = SptRuns(
-        [r.tokens for r in body.runs],
-        [r.delta for r in body.runs],
-        [r.domain_loss for r in body.runs],
-        None if any(t is None for t in train) else train,
-    )
+    def column(name: str) -> np.ndarray:
+        return np.array([getattr(r, name) for r in body.runs], dtype=float)
+
+    has_train = all(r.domain_train_loss is not None for r in body.runs)
+    runs = SptRuns(column("tokens"), column("delta"), column("domain_loss"),
+                   column("domain_train_loss") if has_train else None)
     fit = fit_overfitting_law(runs, n_bootstrap=body.bootstrap)
     rec = recommend_delta(fit, body.target_tokens, body.domain_tokens, body.delta_range)
     out = {"fit": fit.to_dict(), "recommendation": rec.to_dict()}
@@ -65,8 +65,6 @@ def plan_spt(body: SptRequest) -> dict[str, Any]:
 
 @router.post("/storage")
 def plan_storage(body: StorageRequest) -> dict[str, Any]:
-    import numpy as np
-
     from mixer_service.planner.storage_law import allocate, fit_storage_law
 
     n, size, err = (
