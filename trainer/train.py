@@ -203,6 +203,7 @@ def train(
         eval_results = _evaluate(evaluator, raw_model, step, metrics_path)
     _save_checkpoint(ckpt_path, cfg, raw_model, optimizer, step, tokens, batches, device, ddp)
     if owns_process_group:
+        dist.barrier()  # no rank tears the group down while a peer is still in a collective (gloo aborts)
         dist.destroy_process_group()
     return {
         "model": raw_model,
