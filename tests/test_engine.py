@@ -155,6 +155,17 @@ def test_schedule_change_never_rewrites_history(job, data):
 
 
 @SETTINGS
+@given(jobs(), st.data())
+def test_last_safe_high_water_is_the_exact_bound_for_a_change(job, data):
+    engine, _ = job
+    effective = data.draw(st.integers(0, engine.config.total_steps - 1))
+    bound = engine.last_safe_high_water(effective)
+    assert bound <= effective - 1
+    assert bound == -1 or engine.first_changeable_step(bound) <= effective
+    assert bound == effective - 1 or engine.first_changeable_step(bound + 1) > effective
+
+
+@SETTINGS
 @given(jobs())
 def test_batches_are_a_pure_function_of_config_sources_and_log(job):
     engine, sources = job

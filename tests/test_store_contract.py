@@ -261,6 +261,20 @@ def test_served_steps_below_a_future_effective_step_do_not_force_a_retry(store: 
     assert validated == [100]
 
 
+def test_validate_can_tighten_the_high_water_bound_of_the_commit(store: StateStore, job: str) -> None:
+    """A change that is only safe while at most step 3 has been served is not committed once step 5 was."""
+    bounds: list[int] = []
+
+    def safe_below_four(effective_step: int) -> int:
+        bounds.append(effective_step)
+        store.mark_served(job, 5)  # served after the change read the head
+        return 3
+
+    with pytest.raises(Conflict):
+        store.change_schedule(job, 1, 100, ANNEAL, "bob", "", safe_below_four)
+    assert len(store.schedule_log(job)) == 1 and bounds == [100] * len(bounds) and len(bounds) > 1
+
+
 def test_commit_gives_up_when_serving_keeps_overtaking(store: StateStore, job: str) -> None:
     def always_overtaken(effective_step: int) -> None:
         store.mark_served(job, effective_step)
@@ -482,9 +496,10 @@ def test_redis_writes_replayed_after_a_lost_reply_report_success(clean_redis_url
         config_json = json.dumps(CONFIG, sort_keys=True, separators=(",", ":"))
         assert store._insert_job("job", config_json, first) and store._insert_job("job", config_json, first)
         second = ScheduleVersion(2, 5, ANNEAL, time.time(), "bob", "")
-        assert store._commit_version("job", second) is None and store._commit_version("job", second) is None
+        assert store._commit_version("job", second, -1) is None
+        assert store._commit_version("job", second, -1) is None
         assert not store._insert_job("job", config_json, replace(first, author="mallory"))
-        assert store._commit_version("job", replace(second, author="mallory")) == Head(2, -1)
+        assert store._commit_version("job", replace(second, author="mallory"), -1) == Head(2, -1)
         assert store.schedule_log("job") == [first, second]
 
 

@@ -100,6 +100,17 @@ class MixingEngine:
         """
         return max(served_high_water + 1, self.plan.horizon(served_high_water + 1) + 1)
 
+    def last_safe_high_water(self, effective: int) -> int:
+        """Highest served step under which a change taking effect at ``effective`` rewrites nothing."""
+        lo, hi = -1, effective - 1  # first_changeable_step is non-decreasing in the high water
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.first_changeable_step(mid) <= effective:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def version_at(self, step: int) -> int:
         """The 1-based schedule version that governs ``step``: part of every batch's header."""
         return [number for eff, _, number in active_versions(self.schedule_log) if eff <= step][-1]

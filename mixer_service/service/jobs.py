@@ -17,8 +17,6 @@ from mixer_service.errors import Conflict, InvalidInput
 from mixer_service.service.sources import SourceRegistry
 from mixer_service.store import ScheduleVersion, StateStore
 
-_CHANGE_ATTEMPTS = 5
-
 
 @dataclass
 class JobRuntime:
@@ -121,43 +119,32 @@ class JobManager:
         author: str,
         reason: str,
     ) -> tuple[ScheduleVersion, list[str]]:
-        runtime = self.get(job_id)
+        runtime = self.get(job_id, min_version=expected_version)
         names = runtime.config.source_names
         schedule = Schedule.parse(schedule_doc, names)
         if isinstance(requested_step, bool) or not isinstance(requested_step, int) or requested_step < 0:
             raise InvalidInput(f"requested_step: must be an integer >= 0, got {requested_step!r}")
+        engine = runtime.engine
+        earliest = engine.first_changeable_step(self.store.served_high_water(job_id))
         warnings: list[str] = []
-        for _ in range(_CHANGE_ATTEMPTS):
-            runtime = self.get(job_id, min_version=expected_version)
-            earliest = runtime.engine.first_changeable_step(self.store.served_high_water(job_id))
 
-            def validate(effective: int, runtime: JobRuntime = runtime, earliest: int = earliest) -> None:
-                if effective < earliest:  # the high-water mark moved past the rounding horizon meanwhile
-                    raise _Retry
-                if effective >= runtime.config.total_steps:
-                    raise InvalidInput(
-                        f"requested_step: the change would take effect at step {effective}, "
-                        f"at or after total_steps={runtime.config.total_steps}"
-                    )
-                log = [(v.effective_step, Schedule.parse(v.schedule, names)) for v in runtime.versions]
-                engine = runtime.engine.with_log(log + [(effective, schedule)])
-                warnings[:] = engine.warnings
-
-            try:
-                new = self.store.change_schedule(
-                    job_id,
-                    expected_version,
-                    max(requested_step, earliest),
-                    schedule.to_json(names),
-                    author,
-                    reason,
-                    validate,
+        def validate(effective: int) -> int:
+            """Check the new log, and bound the served high water under which ``effective`` stays safe."""
+            if effective >= runtime.config.total_steps:
+                raise InvalidInput(
+                    f"requested_step: the change would take effect at step {effective}, "
+                    f"at or after total_steps={runtime.config.total_steps}"
                 )
-            except _Retry:
-                continue
-            self.get(job_id, min_version=new.version)
-            return new, warnings
-        raise Conflict("schedule change raced with serving too many times; retry")
+            log = [(v.effective_step, Schedule.parse(v.schedule, names)) for v in runtime.versions]
+            warnings[:] = engine.with_log(log + [(effective, schedule)]).warnings
+            return engine.last_safe_high_water(effective)
+
+        new = self.store.change_schedule(
+            job_id, expected_version, max(requested_step, earliest), schedule.to_json(names), author, reason,
+            validate,
+        )
+        self.get(job_id, min_version=new.version)
+        return new, warnings
 
     def describe(self, runtime: JobRuntime) -> dict[str, Any]:
         current = runtime.versions[-1]
@@ -178,6 +165,3 @@ class JobManager:
             "time": time.time(),
         }
 
-
-class _Retry(Exception):
-    """Internal: recompute the earliest changeable step and try the change again."""

@@ -175,8 +175,9 @@ class StateStore(ABC):
         """Read the current version and served high water consistently (``NotFound`` if unknown)."""
 
     @abstractmethod
-    def _commit_version(self, job_id: str, new: ScheduleVersion) -> Head | None:
-        """Append ``new`` atomically iff the log ends at ``new.version - 1`` and high water < effective step.
+    def _commit_version(self, job_id: str, new: ScheduleVersion, max_high_water: int) -> Head | None:
+        """Append ``new`` atomically iff the log ends at ``new.version - 1`` and the served high water is
+        at most ``max_high_water`` (itself at most ``new.effective_step - 1``).
 
         Returns None when committed, else the head that was observed and blocked the commit.
         """
@@ -202,14 +203,16 @@ class StateStore(ABC):
         schedule: dict[str, Any],
         author: str,
         reason: str,
-        validate: Callable[[int], None],
+        validate: Callable[[int], int | None],
     ) -> ScheduleVersion:
         """Append a schedule version effective at ``max(requested_step, served high water + 1)``.
 
         Optimistic concurrency: ``StaleVersion`` unless the log still ends at ``expected_version``, so of N
         concurrent callers with the same expectation exactly one wins. ``validate(effective_step)`` runs
-        before the commit and outside any lock (it may be slow); if it raises, nothing changes. When only
-        the high water moved past the chosen effective step, the step is recomputed and validated again.
+        before the commit and outside any lock (it may be slow); if it raises, nothing changes. It may return
+        the highest served step under which that effective step is still safe (default: effective - 1); the
+        commit is atomic with that bound. When the high water moved past it, the step is recomputed and
+        validated again.
         """
         check_job_id(job_id)
         check_int(requested_step, "requested step")
@@ -219,9 +222,10 @@ class StateStore(ABC):
         for _ in range(MAX_COMMIT_ATTEMPTS):
             _raise_if_stale(job_id, head, expected_version)
             effective = max(requested_step, head.served_high_water + 1)
-            validate(effective)
+            bound = validate(effective)
+            max_high_water = effective - 1 if bound is None else min(bound, effective - 1)
             new = ScheduleVersion(expected_version + 1, effective, schedule, time.time(), author, reason)
-            blocked = self._commit_version(job_id, new)
+            blocked = self._commit_version(job_id, new, max_high_water)
             if blocked is None:
                 logger.info(
                     "schedule changed",

@@ -159,10 +159,10 @@ class EmbeddedStore(StateStore):
             version, high_water = self._require_job(conn, job_id, "version, served_high_water")
         return Head(version, high_water)
 
-    def _commit_version(self, job_id: str, new: ScheduleVersion) -> Head | None:
+    def _commit_version(self, job_id: str, new: ScheduleVersion, max_high_water: int) -> Head | None:
         with self._transaction(write=True) as conn:
             version, high_water = self._require_job(conn, job_id, "version, served_high_water")
-            if version != new.version - 1 or high_water >= new.effective_step:
+            if version != new.version - 1 or high_water > max_high_water:
                 return Head(version, high_water)
             self._append_version(conn, job_id, new)
             conn.execute("UPDATE jobs SET version = ? WHERE job_id = ?", (new.version, job_id))

@@ -62,8 +62,8 @@ redis.call('SADD', KEYS[5], ARGV[1])
 return {1}
 """
 
-# KEYS: schedule, hw. ARGV: new_version, effective_step, version_json.
-# Appends iff the log ends at new_version - 1 and nothing at or past effective_step was served.
+# KEYS: schedule, hw. ARGV: new_version, high-water limit (max_high_water + 1), version_json.
+# Appends iff the log ends at new_version - 1 and the high water is below the limit.
 # Returns {1} when committed, {-1} for an unknown job, else {0, version, hw, last entry}.
 _COMMIT_VERSION = """
 local version = redis.call('LLEN', KEYS[1])
@@ -166,11 +166,11 @@ class RedisStore(StateStore):
             raise NotFound(f"unknown job {job_id!r}")
         return Head(int(version), int(high_water))
 
-    def _commit_version(self, job_id: str, new: ScheduleVersion) -> Head | None:
+    def _commit_version(self, job_id: str, new: ScheduleVersion, max_high_water: int) -> Head | None:
         new_json = to_json(new.to_dict(), "schedule version")
         keys = [_job_key(job_id, "schedule"), _job_key(job_id, "hw")]
         with self._reachable():
-            outcome = self._commit(keys=keys, args=[new.version, new.effective_step, new_json])
+            outcome = self._commit(keys=keys, args=[new.version, max_high_water + 1, new_json])
         if outcome[0] == -1:
             raise NotFound(f"unknown job {job_id!r}")
         if outcome[0] == 1 or outcome[3] == new_json:
