@@ -41,6 +41,11 @@ def source_tree(num_sources: int) -> Tree:
     return shapes[num_sources]
 
 
+def _total(values: tuple[Fraction, ...], leaves: tuple[int, ...]) -> Fraction:
+    """Sum of the per-source ``values`` over a node's ``leaves``."""
+    return sum((values[k] for k in leaves), Fraction(0))
+
+
 def _leaves(node: Tree) -> tuple[int, ...]:
     return (node,) if isinstance(node, int) else _leaves(node[0]) + _leaves(node[1])
 
@@ -77,24 +82,17 @@ class MixturePlan:
         p = self.pieces[i]
         return self._advance(p, self._cum_at_start[i], tau - p.start)
 
-    def weights(self, step: int) -> tuple[Fraction, ...]:
-        """Per-source weights in force at ``step``."""
-        p = self.pieces[self._piece_index(step)]
-        return tuple(w + s * (step - p.start) for w, s in zip(p.w0, p.slope, strict=True))
-
     def _node_target(self, leaves: tuple[int, ...], tau: int) -> Fraction:
-        t = self.target(tau)
-        return sum((t[k] for k in leaves), Fraction(0))
+        return _total(self.target(tau), leaves)
 
     def _crossing_step(self, leaves: tuple[int, ...], y: Fraction) -> int | None:
         """Smallest ``tau`` with ``C_node(tau + 1) >= y > 0``; None if the node's target never gets there."""
         for i, p in enumerate(self.pieces):
-            start_cum = sum((self._cum_at_start[i][k] for k in leaves), Fraction(0))
             if p.end is None:
-                rate = self.batch_size * sum((p.w0[k] for k in leaves), Fraction(0))
+                rate = self.batch_size * _total(p.w0, leaves)
                 if rate == 0:
                     return None
-                need = -((start_cum - y) // rate)  # ceil((y - start_cum) / rate)
+                need = -((_total(self._cum_at_start[i], leaves) - y) // rate)  # ceil((y - start) / rate)
                 return p.start + int(need) - 1
             if self._node_target(leaves, p.end) < y:
                 continue
@@ -116,13 +114,10 @@ class MixturePlan:
         leaves, left = _leaves(node), _leaves(node[0])
         tau = self._crossing_step(leaves, Fraction(y))
         if tau is None:  # the node's target stops below y, so the left child's target has stopped too
-            last = self._cum_at_start[-1]
-            return sum((last[k] for k in left), Fraction(0)), self.pieces[-1].start
+            return _total(self._cum_at_start[-1], left), self.pieces[-1].start
         c0, c1 = self.target(tau), self.target(tau + 1)
-        node0 = sum((c0[k] for k in leaves), Fraction(0))
-        node_rate = sum((c1[k] - c0[k] for k in leaves), Fraction(0))
-        left0 = sum((c0[k] for k in left), Fraction(0))
-        left_rate = sum((c1[k] - c0[k] for k in left), Fraction(0))
+        node0, left0 = _total(c0, leaves), _total(c0, left)
+        node_rate, left_rate = _total(c1, leaves) - node0, _total(c1, left) - left0
         if node_rate == 0:
             return left0, tau
         return left0 + (Fraction(y) - node0) * left_rate / node_rate, tau
