@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mixer_service.engine import JobConfig, MixingEngine, Schedule
+from mixer_service.engine import JobConfig, MixingEngine, Schedule, ScheduleLog
 from mixer_service.errors import Conflict, InvalidInput
 from mixer_service.service.sources import SourceRegistry
 from mixer_service.store import ScheduleVersion, StateStore
@@ -40,9 +40,12 @@ class JobManager:
     def _engine(
         self, config: JobConfig, versions: list[ScheduleVersion], base: MixingEngine | None = None
     ) -> MixingEngine:
-        log = [(v.effective_step, Schedule.parse(v.schedule, config.source_names)) for v in versions]
+        log = _schedule_log(config, versions)
         if base is not None:
             return base.with_log(log)
+        return self._new_engine(config, log)
+
+    def _new_engine(self, config: JobConfig, log: ScheduleLog) -> MixingEngine:
         return MixingEngine.create(config, {s.name: self.sources.get(s.name) for s in config.sources}, log)
 
     def _check_sources(self, config: JobConfig) -> JobConfig:
@@ -66,9 +69,7 @@ class JobManager:
         config = self._check_sources(JobConfig.parse(config_doc))
         schedule = Schedule.parse(schedule_doc, config.source_names)
         canonical = schedule.to_json(config.source_names)
-        engine = MixingEngine.create(
-            config, {s.name: self.sources.get(s.name) for s in config.sources}, [(0, schedule)]
-        )  # validates before anything is written
+        engine = self._new_engine(config, [(0, schedule)])  # validates before anything is written
         first = self.store.create_job(job_id, config.to_json(), canonical, author, reason)
         runtime = JobRuntime(job_id, config, engine, [first])
         with self._lock:
@@ -126,6 +127,7 @@ class JobManager:
             raise InvalidInput(f"requested_step: must be an integer >= 0, got {requested_step!r}")
         engine = runtime.engine
         earliest = engine.first_changeable_step(self.store.served_high_water(job_id))
+        log = _schedule_log(runtime.config, runtime.versions)
         warnings: list[str] = []
 
         def validate(effective: int) -> int:
@@ -135,7 +137,6 @@ class JobManager:
                     f"requested_step: the change would take effect at step {effective}, "
                     f"at or after total_steps={runtime.config.total_steps}"
                 )
-            log = [(v.effective_step, Schedule.parse(v.schedule, names)) for v in runtime.versions]
             warnings[:] = engine.with_log(log + [(effective, schedule)]).warnings
             return engine.last_safe_high_water(effective)
 
@@ -165,3 +166,8 @@ class JobManager:
             "time": time.time(),
         }
 
+
+
+def _schedule_log(config: JobConfig, versions: list[ScheduleVersion]) -> ScheduleLog:
+    """The engine's view of stored versions: (effective step, parsed schedule)."""
+    return [(v.effective_step, Schedule.parse(v.schedule, config.source_names)) for v in versions]
