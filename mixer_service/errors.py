@@ -31,3 +31,19 @@ class CorruptData(MixerError):
 
 class StoreUnavailable(MixerError):
     """The state store (e.g. Redis) cannot be reached (HTTP 503, retry later)."""
+
+
+class SourceUnavailable(MixerError):
+    """A source a job needs is missing, changed or corrupt on this server (HTTP 503, naming the source)."""
+
+
+class StoreBehind(MixerError):
+    """The state store holds less than this process has already seen: a job missing, a version or served
+    high water lower, another incarnation, or a broken log chain (HTTP 503, naming the fault).
+
+    Serving on would compute bytes under a log this process cannot prove current, so it refuses instead.
+    """
+
+    def __init__(self, fault: str, detail: str) -> None:
+        super().__init__(detail)
+        self.fault = fault

@@ -16,6 +16,8 @@ from mixer_service.errors import (
     MixerError,
     NotFound,
     StaleVersion,
+    SourceUnavailable,
+    StoreBehind,
     StoreUnavailable,
 )
 
@@ -29,6 +31,8 @@ _STATUS: list[tuple[type[MixerError], int, str]] = [
     (Conflict, 409, "Conflict"),
     (StaleVersion, 412, "Precondition failed"),
     (StoreUnavailable, 503, "State store unavailable"),
+    (StoreBehind, 503, "State store is behind this replica"),
+    (SourceUnavailable, 503, "Source unavailable"),
     (CorruptData, 500, "Corrupt source data"),
 ]
 
