@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import experiment_spt
-from trainer.experiment_spt import compute_multiplier, curve_interval
+from experiments import spt
+from experiments.spt import compute_multiplier, curve_interval
 
 NOTES = "ABCDEFGabcdefg"
 WORDS = ("the union nation congress people state law year government world peace country public "
@@ -44,7 +44,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             "--curve-points", "2", "--ft-max-epochs", "2", "--ft-lrs", "1e-3,4e-3", "--domain-tokens", "800",
             "--val-seqs", "16", "--threads", "1", "--raw", str(root / "raw"), "--work", str(root / "work"),
             "--out", str(out)]
-    assert experiment_spt.main(argv) == 0
+    assert spt.main(argv) == 0
     return out, json.loads((out / "results.json").read_text())
 
 

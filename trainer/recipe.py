@@ -1,6 +1,6 @@
 """Reusable pieces of an end-to-end run: corpora -> prepared sources -> `mixer serve` -> a mixture job.
 
-Shared by the demo (`trainer.demo`) and the SPT experiment (`trainer.experiment_spt`). The corpora are the
+Shared by the demo (`trainer.demo`) and the SPT experiment (`experiments.spt`). The corpora are the
 ones `scripts/fetch_corpora.sh` puts in data/raw/: ABC folk tunes (the domain) and State of the Union
 addresses (web). Everything here is deterministic: the same documents always give the same splits,
 sources and jobs.

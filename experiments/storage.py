@@ -7,7 +7,7 @@
    lossless (PNG), a naive choice (Pillow's default JPEG quality 75), the law's choice (L* → quality via
    the measured codec curve) and randomized per-sample qualities (the law's n, levels searched to fit).
 
-Usage: python scripts/experiment_storage.py [--quick] [--out runs/storage_experiment]
+Usage: python -m experiments.storage [--quick] [--out runs/storage_experiment]
 Writes results.json under --out, the figure to docs/storage_experiment.png, and prints a markdown table.
 """
 

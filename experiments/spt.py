@@ -19,8 +19,8 @@ JSON per δ in runs/ (--resume reuses those whose configuration matches, so a lo
 over several invocations with --deltas). --docs also writes docs/spt_experiment.png and the table into
 docs/spt_experiment.md between its result markers.
 
-CPU (minutes):  python -m trainer.experiment_spt --threads 1 --docs
-GPU (H100):     python -m trainer.experiment_spt --device cuda --preset gpt-124m --seq-len 1025 \
+CPU (minutes):  python -m experiments.spt --threads 1 --docs
+GPU (H100):     python -m experiments.spt --device cuda --preset gpt-124m --seq-len 1025 \
                     --batch 32 --steps 1000 --out runs/spt-gpu
 """
 
