@@ -13,6 +13,10 @@ class InvalidInput(MixerError):
     """A request, config or schedule is malformed (HTTP 422)."""
 
 
+class TooLarge(InvalidInput):
+    """A request asks for more work than this server's configured limit (HTTP 413)."""
+
+
 class NotFound(MixerError):
     """An unknown job, source or document (HTTP 404)."""
 

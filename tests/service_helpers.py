@@ -39,4 +39,11 @@ JOB = {
 SCHEDULE = {"phases": [{"start_step": 0, "weights": {"abc": 0.05, "sotu": 0.95}}]}
 
 
+def etag_of(url: str, job: str, headers: dict[str, str] | None = None) -> str:
+    """The schedule's current ETag, as an operator reads it before a change (If-Match)."""
+    import httpx
+
+    return httpx.get(f"{url}/v1/jobs/{job}/schedule", headers=headers).headers["etag"]
+
+
 Server = ServerProcess  # tests say Server(sources, state, port, redis_url=..., env=...)

@@ -199,7 +199,8 @@ def job(server):
         serve(http, server.url, "spt-demo", range(SERVED_BEFORE_CHANGE))
         change = {"schedule": SCHEDULE_V2, "requested_step": 400, "author": "bob",
                   "reason": "anneal earlier: 50% domain by step 600, domain-only from 900"}
-        r = http.put(f"{server.url}/v1/jobs/spt-demo/schedule", json=change, headers={"If-Match": '"v1"'})
+        r = http.put(f"{server.url}/v1/jobs/spt-demo/schedule", json=change,
+                     headers={"If-Match": http.get(f"{server.url}/v1/jobs/spt-demo/schedule").headers["etag"]})
         assert r.status_code == 200 and r.json()["effective_step"] == SERVED_BEFORE_CHANGE, r.text
         serve(http, server.url, "spt-demo", range(SERVED_BEFORE_CHANGE, SERVED))
         r = http.put(f"{server.url}/v1/jobs/spt-demo/progress", json={"trained_step": TRAINED})

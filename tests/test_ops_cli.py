@@ -102,8 +102,8 @@ def test_jobs_lists_aligned_columns_and_shows_one_job(mixer, job, server):
 
 def test_schedule_get_set_history(mixer, job, tmp_path):
     code, out, _ = mixer("schedule", "get", job)
-    assert code == 0 and 'v1 (ETag "v1")' in out and "alice" in out
-    assert json.loads(mixer("schedule", "get", job, "--json")[1])["etag"] == '"v1"'
+    assert code == 0 and 'v1 (ETag "v1.' in out and "alice" in out
+    assert json.loads(mixer("schedule", "get", job, "--json")[1])["etag"].startswith('"v1.')
 
     code, out, err = mixer("schedule", "set", job, "--weights", "abc=0.2,sotu=0.8", "--requested-step", "5",
                            "--author", "ops", "--reason", "more domain")

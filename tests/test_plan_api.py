@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from service_helpers import Server
+from service_helpers import Server, etag_of
 from test_planner_overfitting_law import make_runs, true_argmin
 from test_service import new_job
 
@@ -39,7 +39,8 @@ def test_spt_plan_recommends_the_true_optimum_and_its_schedule_applies(server):
     assert rec["repetitions"] == pytest.approx(3e10 * rec["delta"] / 3e8)
     job = new_job(server.url)
     change = {"schedule": r.json()["schedule"], "author": "planner", "reason": "apply δ*"}
-    applied = httpx.put(f"{server.url}/v1/jobs/{job}/schedule", json=change, headers={"If-Match": '"v1"'})
+    applied = httpx.put(f"{server.url}/v1/jobs/{job}/schedule", json=change, 
+                        headers={"If-Match": etag_of(server.url, job)})
     assert applied.status_code == 200, applied.text
     assert float(applied.json()["schedule"]["phases"][0]["weights"]["abc"]) == pytest.approx(
         rec["delta"], abs=1e-6

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import re
 import uuid
 
 import httpx
 import numpy as np
 import pytest
-from service_helpers import JOB, SCHEDULE, Server
+from service_helpers import JOB, SCHEDULE, Server, etag_of
 
 from mixer_service import wire
 from mixer_service.engine import JobConfig, MixingEngine, Schedule
@@ -112,16 +113,18 @@ def test_schedule_change_takes_effect_after_the_highest_served_step(server):
     for step in range(12):
         fetch(server.url, job, step)
     current = httpx.get(f"{server.url}/v1/jobs/{job}/schedule")
-    assert current.headers["etag"] == '"v1"'
+    assert re.fullmatch(r'"v1\.[0-9a-f]{32}"', current.headers["etag"])
     change = {
         "schedule": {"phases": [{"start_step": 0, "weights": {"abc": 1}}]},
         "requested_step": 3,
         "author": "ops",
         "reason": "domain-only anneal",
     }
-    r = httpx.put(f"{server.url}/v1/jobs/{job}/schedule", json=change, headers={"If-Match": '"v1"'})
+    r = httpx.put(f"{server.url}/v1/jobs/{job}/schedule", json=change,
+                  headers={"If-Match": current.headers["etag"]})
     assert r.status_code == 200, r.text
-    assert r.json()["effective_step"] == 12 and r.headers["etag"] == '"v2"'
+    assert r.json()["effective_step"] == 12
+    assert r.headers["etag"] == current.headers["etag"].replace("v1", "v2")
     assert set(fetch(server.url, job, 12).source_ids.tolist()) == {0}
     assert set(fetch(server.url, job, 11).source_ids.tolist()) != {0}
     versions = history(server.url, job)
@@ -133,7 +136,8 @@ def test_schedule_change_takes_effect_after_the_highest_served_step(server):
 @pytest.mark.parametrize(
     "headers, body, status, detail",
     [
-        ({"If-Match": '"v7"'}, None, 412, "version"),
+        ({"If-Match": '"v7.' + "0" * 32 + '"'}, None, 412, "version"),
+        ({"If-Match": '"v²"'.encode()}, None, 412, "If-Match"),
         ({}, None, 428, "If-Match"),
         (
             {"If-Match": '"v1"'},
@@ -158,6 +162,8 @@ def test_bad_schedule_changes_are_refused_and_change_nothing(server, headers, bo
         "author": "ops",
         "reason": "r",
     }
+    if headers.get("If-Match") == '"v1"':  # the current ETag, so only the body is wrong
+        headers = {"If-Match": etag_of(server.url, job)}
     r = httpx.put(f"{server.url}/v1/jobs/{job}/schedule", json=change, headers=headers)
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/problem+json"
@@ -329,7 +335,8 @@ def test_sigkill_and_restart_serves_the_same_bytes(sources_dir, tmp_path):
         "reason": "r",
     }
     assert (
-        httpx.put(f"{srv.url}/v1/jobs/{job}/schedule", json=change, headers={"If-Match": '"v1"'}).status_code
+        httpx.put(f"{srv.url}/v1/jobs/{job}/schedule", json=change,
+                  headers={"If-Match": etag_of(srv.url, job)}).status_code
         == 200
     )
     srv.kill()
@@ -368,7 +375,7 @@ def test_two_replicas_on_redis_serve_identical_bytes_and_honour_changes(replicas
         "author": "a",
         "reason": "r",
     }
-    r = httpx.put(f"{a.url}/v1/jobs/{job}/schedule", json=change, headers={"If-Match": '"v1"'})
+    r = httpx.put(f"{a.url}/v1/jobs/{job}/schedule", json=change, headers={"If-Match": etag_of(b.url, job)})
     assert r.status_code == 200 and r.json()["effective_step"] == 8
     from_b = wire.decode(httpx.get(f"{b.url}/v1/jobs/{job}/batches/8").content)
     assert set(from_b.source_ids.tolist()) == {0} and from_b.header["schedule_version"] == 2
@@ -387,10 +394,11 @@ def test_concurrent_changes_with_the_same_if_match_have_one_winner(replicas):
         "reason": "r",
     }
 
+    expected = etag_of(a.url, job)
+
     def put(url):
-        return httpx.put(
-            f"{url}/v1/jobs/{job}/schedule", json=change, headers={"If-Match": '"v1"'}
-        ).status_code
+        headers = {"If-Match": expected}
+        return httpx.put(f"{url}/v1/jobs/{job}/schedule", json=change, headers=headers).status_code
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(put, [a.url, b.url] * 4))

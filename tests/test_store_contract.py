@@ -10,6 +10,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,13 +36,35 @@ from mixer_service.errors import (
     StoreUnavailable,
 )
 from mixer_service.store import ScheduleVersion, StateStore, open_store
-from mixer_service.store.base import MAX_COMMIT_ATTEMPTS, Head
+from mixer_service.store.base import MAX_COMMIT_ATTEMPTS, ChangePlan, StoreLimits, verify_chain
 from mixer_service.store.redis_store import RedisStore, redact_url
 
 CONFIG = {"seq_len": 8, "global_batch": 4, "sources": ["web", "domain"]}
 SCHEDULE = {"phases": [{"weights": {"web": 0.9, "domain": 0.1}}]}
 ANNEAL = {"phases": [{"weights": {"web": 0.5, "domain": 0.5}}]}
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def mark_step(store: StateStore, job_id: str, step: int) -> int:
+    """Mark ``step`` served for the job's current incarnation; the version the store answered with."""
+    return store.mark_served(job_id, step, store.head(job_id).incarnation).version
+
+
+def commit_change(store: StateStore, job_id: str, expected_version: int, requested_step: int,
+           schedule: dict[str, Any], author: str, reason: str,
+           validate: Callable[[int], int | None]) -> ScheduleVersion:
+    """A schedule change with the plain effective-step rule max(requested, high water + 1); ``validate``
+    sees each effective step and may tighten the high-water bound of the commit."""
+    log = store.versions(job_id)
+    incarnation = store.head(job_id).incarnation
+    expected = log[-1] if expected_version == log[-1].version else replace(log[-1], version=expected_version)
+
+    def plan(high_water: int) -> ChangePlan:
+        effective = max(requested_step, high_water + 1)
+        bound = validate(effective)
+        return ChangePlan(effective, effective - 1 if bound is None else min(bound, effective - 1))
+
+    return store.change_schedule(job_id, incarnation, expected, schedule, author, reason, plan)
 
 
 def accept(effective_step: int) -> None:
@@ -94,7 +117,9 @@ def latest_version(store: StateStore, job_id: str) -> int:
 
 def test_create_job_starts_schedule_log_at_version_1_step_0(store: StateStore) -> None:
     before = time.time()
-    first = store.create_job("job-1", CONFIG, SCHEDULE, "alice", "initial mix")
+    first, incarnation = store.create_job("job-1", CONFIG, SCHEDULE, "alice", "initial mix")
+    assert re.fullmatch("[0-9a-f]{32}", incarnation) and store.head("job-1").incarnation == incarnation
+    assert first.chain == first.link(incarnation)
     assert (first.version, first.effective_step, first.schedule) == (1, 0, SCHEDULE)
     assert (first.author, first.reason) == ("alice", "initial mix")
     assert before <= first.time <= time.time()
@@ -123,8 +148,8 @@ def test_creating_an_existing_job_conflicts_and_changes_nothing(store: StateStor
 UNKNOWN_JOB_CALLS: dict[str, Callable[[StateStore], object]] = {
     "get_job": lambda s: s.get_job("nope"),
     "schedule_log": lambda s: s.schedule_log("nope"),
-    "change_schedule": lambda s: s.change_schedule("nope", 1, 0, ANNEAL, "bob", "", accept),
-    "mark_served": lambda s: s.mark_served("nope", 0),
+    "change_schedule": lambda s: commit_change(s, "nope", 1, 0, ANNEAL, "bob", "", accept),
+    "mark_served": lambda s: mark_step(s, "nope", 0),
     "served_high_water": lambda s: s.served_high_water("nope"),
     "set_trained_step": lambda s: s.set_trained_step("nope", 3),
     "trained_step": lambda s: s.trained_step("nope"),
@@ -145,7 +170,7 @@ def test_malformed_job_ids_are_rejected(store: StateStore, job_id: str) -> None:
     with pytest.raises(InvalidInput, match="job id"):
         store.create_job(job_id, CONFIG, SCHEDULE, "alice", "")
     with pytest.raises(InvalidInput, match="job id"):
-        store.mark_served(job_id, 0)
+        mark_step(store, job_id, 0)
     assert store.list_jobs() == []
 
 
@@ -155,13 +180,12 @@ def test_longest_allowed_job_id_works(store: StateStore) -> None:
 
 
 BAD_ARGUMENT_CALLS: dict[str, Callable[[StateStore], object]] = {
-    "negative served step": lambda s: s.mark_served("job", -1),
-    "fractional served step": lambda s: s.mark_served("job", 1.5),  # type: ignore[arg-type]
+    "negative served step": lambda s: mark_step(s, "job", -1),
+    "fractional served step": lambda s: mark_step(s, "job", 1.5),  # type: ignore[arg-type]
     "negative trained step": lambda s: s.set_trained_step("job", -2),
-    "negative requested step": lambda s: s.change_schedule("job", 1, -1, ANNEAL, "bob", "", accept),
-    "version zero": lambda s: s.change_schedule("job", 0, 5, ANNEAL, "bob", "", accept),
-    "schedule not an object": lambda s: s.change_schedule("job", 1, 5, [1], "bob", "", accept),  # type: ignore[arg-type]
-    "schedule not JSON": lambda s: s.change_schedule("job", 1, 5, {"w": {1, 2}}, "bob", "", accept),
+    "version zero": lambda s: commit_change(s, "job", 0, 5, ANNEAL, "bob", "", accept),
+    "schedule not an object": lambda s: commit_change(s, "job", 1, 5, [1], "bob", "", accept),  # type: ignore[arg-type]
+    "schedule not JSON": lambda s: commit_change(s, "job", 1, 5, {"w": {1, 2}}, "bob", "", accept),
     "config not JSON": lambda s: s.create_job("other", {"nan": float("nan")}, SCHEDULE, "bob", ""),
 }
 
@@ -181,11 +205,11 @@ def test_bad_arguments_are_invalid_input_and_change_nothing(
 
 
 def test_mark_served_keeps_the_maximum_and_returns_the_latest_version(store: StateStore, job: str) -> None:
-    assert store.mark_served(job, 5) == 1
-    assert store.mark_served(job, 3) == 1
+    assert mark_step(store, job, 5) == 1
+    assert mark_step(store, job, 3) == 1
     assert store.served_high_water(job) == 5
-    store.change_schedule(job, 1, 100, ANNEAL, "bob", "anneal", accept)
-    assert store.mark_served(job, 7) == 2
+    commit_change(store, job, 1, 100, ANNEAL, "bob", "anneal", accept)
+    assert mark_step(store, job, 7) == 2
     assert store.served_high_water(job) == 7
 
 
@@ -201,9 +225,9 @@ def test_trained_step_can_rewind_to_an_earlier_checkpoint(store: StateStore, job
 
 def test_change_takes_effect_after_the_served_high_water(store: StateStore, job: str) -> None:
     validated: list[int] = []
-    store.mark_served(job, 10)
-    second = store.change_schedule(job, 1, 4, ANNEAL, "bob", "anneal now", validated.append)
-    third = store.change_schedule(job, 2, 50, SCHEDULE, "carol", "back", validated.append)
+    mark_step(store, job, 10)
+    second = commit_change(store, job, 1, 4, ANNEAL, "bob", "anneal now", validated.append)
+    third = commit_change(store, job, 2, 50, SCHEDULE, "carol", "back", validated.append)
     assert (second.version, second.effective_step, third.version, third.effective_step) == (2, 11, 3, 50)
     assert validated == [11, 50]
     assert [(v.author, v.reason) for v in store.schedule_log(job)] == [
@@ -215,21 +239,21 @@ def test_change_takes_effect_after_the_served_high_water(store: StateStore, job:
 
 
 def test_stale_expected_version_is_refused_and_names_the_current_one(store: StateStore, job: str) -> None:
-    store.change_schedule(job, 1, 10, ANNEAL, "bob", "", accept)
+    commit_change(store, job, 1, 10, ANNEAL, "bob", "", accept)
     for stale in (1, 3):
         with pytest.raises(StaleVersion, match="at schedule version 2"):
-            store.change_schedule(job, stale, 20, SCHEDULE, "carol", "", accept)
+            commit_change(store, job, stale, 20, SCHEDULE, "carol", "", accept)
     assert latest_version(store, job) == 2
 
 
 def test_failed_validation_propagates_and_changes_nothing(store: StateStore, job: str) -> None:
-    store.mark_served(job, 9)
+    mark_step(store, job, 9)
 
     def refuse(effective_step: int) -> None:
         raise InvalidInput(f"source 'web' runs out before step {effective_step}")
 
     with pytest.raises(InvalidInput, match="before step 10"):
-        store.change_schedule(job, 1, 0, ANNEAL, "bob", "", refuse)
+        commit_change(store, job, 1, 0, ANNEAL, "bob", "", refuse)
     assert latest_version(store, job) == 1
     assert store.served_high_water(job) == 9
 
@@ -242,12 +266,12 @@ def test_commit_recomputes_the_effective_step_when_steps_were_served_meanwhile(
     def serve_while_validating(effective_step: int) -> None:
         validated.append(effective_step)
         if len(validated) == 1:
-            store.mark_served(job, 30)  # a trainer fetched step 30 between read and commit
+            mark_step(store, job, 30)  # a trainer fetched step 30 between read and commit
 
-    change = store.change_schedule(job, 1, 20, ANNEAL, "bob", "", serve_while_validating)
+    changed = commit_change(store, job, 1, 20, ANNEAL, "bob", "", serve_while_validating)
     assert validated == [20, 31]
-    assert change.effective_step == 31
-    assert store.schedule_log(job)[-1] == change
+    assert changed.effective_step == 31
+    assert store.schedule_log(job)[-1] == changed
 
 
 def test_served_steps_below_a_future_effective_step_do_not_force_a_retry(store: StateStore, job: str) -> None:
@@ -255,9 +279,9 @@ def test_served_steps_below_a_future_effective_step_do_not_force_a_retry(store: 
 
     def serve_while_validating(effective_step: int) -> None:
         validated.append(effective_step)
-        store.mark_served(job, 5)
+        mark_step(store, job, 5)
 
-    assert store.change_schedule(job, 1, 100, ANNEAL, "bob", "", serve_while_validating).effective_step == 100
+    assert commit_change(store, job, 1, 100, ANNEAL, "bob", "", serve_while_validating).effective_step == 100
     assert validated == [100]
 
 
@@ -267,20 +291,20 @@ def test_validate_can_tighten_the_high_water_bound_of_the_commit(store: StateSto
 
     def safe_below_four(effective_step: int) -> int:
         bounds.append(effective_step)
-        store.mark_served(job, 5)  # served after the change read the head
+        mark_step(store, job, 5)  # served after the change read the head
         return 3
 
     with pytest.raises(Conflict):
-        store.change_schedule(job, 1, 100, ANNEAL, "bob", "", safe_below_four)
+        commit_change(store, job, 1, 100, ANNEAL, "bob", "", safe_below_four)
     assert len(store.schedule_log(job)) == 1 and bounds == [100] * len(bounds) and len(bounds) > 1
 
 
 def test_commit_gives_up_when_serving_keeps_overtaking(store: StateStore, job: str) -> None:
     def always_overtaken(effective_step: int) -> None:
-        store.mark_served(job, effective_step)
+        mark_step(store, job, effective_step)
 
     with pytest.raises(Conflict, match="retry"):
-        store.change_schedule(job, 1, 0, ANNEAL, "bob", "", always_overtaken)
+        commit_change(store, job, 1, 0, ANNEAL, "bob", "", always_overtaken)
     assert latest_version(store, job) == 1
     assert store.served_high_water(job) == MAX_COMMIT_ATTEMPTS - 1
 
@@ -299,7 +323,7 @@ def test_one_of_eight_concurrent_threads_wins_a_change(store: StateStore, job: s
 
     def change(author: str) -> None:
         try:
-            store.change_schedule(job, 1, 10, ANNEAL, author, "", wait_at(barrier))
+            commit_change(store, job, 1, 10, ANNEAL, author, "", wait_at(barrier))
             outcomes.append("won")
         except StaleVersion:
             outcomes.append("stale")
@@ -317,7 +341,7 @@ def _change_in_child(location: Location, job_id: str, author: str, barrier: Any,
     """Runs in a separate process: one competitor for the same expected version."""
     with location.open() as store:
         try:
-            store.change_schedule(job_id, 1, 10, ANNEAL, author, "", wait_at(barrier))
+            commit_change(store, job_id, 1, 10, ANNEAL, author, "", wait_at(barrier))
             results.put("won")
         except StaleVersion:
             results.put("stale")
@@ -351,14 +375,14 @@ def test_no_served_step_is_affected_by_a_later_version(store: StateStore, job: s
     def serve() -> None:
         while not changes_done.is_set():
             step = next(steps)
-            served.append((step, store.mark_served(job, step)))
+            served.append((step, mark_step(store, job, step)))
             time.sleep(0.0002)  # trainers fetch a step at a time; an unthrottled loop would starve changes
 
     def change(author: str) -> None:
         for _ in range(10):
             while True:
                 try:
-                    store.change_schedule(job, latest_version(store, job), 0, ANNEAL, author, "", accept)
+                    commit_change(store, job, latest_version(store, job), 0, ANNEAL, author, "", accept)
                     break
                 except (StaleVersion, Conflict):  # what an operator's client does: re-read and retry
                     continue
@@ -403,11 +427,11 @@ def test_matches_a_reference_model(
     for kind, step in operations:
         if kind == "serve":
             high_water = max(high_water, step)
-            assert store.mark_served(job_id, step) == len(effective_steps)
+            assert mark_step(store, job_id, step) == len(effective_steps)
         elif kind == "change":
-            change = store.change_schedule(job_id, len(effective_steps), step, ANNEAL, "bob", "", accept)
+            changed = commit_change(store, job_id, len(effective_steps), step, ANNEAL, "bob", "", accept)
             effective_steps.append(max(step, high_water + 1))
-            assert (change.version, change.effective_step) == (len(effective_steps), effective_steps[-1])
+            assert (changed.version, changed.effective_step) == (len(effective_steps), effective_steps[-1])
         else:
             trained = step
             store.set_trained_step(job_id, step)
@@ -421,12 +445,12 @@ def test_matches_a_reference_model(
 def test_state_survives_reopening_the_store(location: Location) -> None:
     with location.open() as store:
         store.create_job("job", CONFIG, SCHEDULE, "alice", "initial mix")
-        store.mark_served("job", 41)
-        change = store.change_schedule("job", 1, 0, ANNEAL, "bob", "anneal", accept)
+        mark_step(store, "job", 41)
+        changed = commit_change(store, "job", 1, 0, ANNEAL, "bob", "anneal", accept)
         store.set_trained_step("job", 40)
     with location.open() as reopened:
         assert reopened.get_job("job") == CONFIG
-        assert reopened.schedule_log("job")[-1] == change
+        assert reopened.schedule_log("job")[-1] == changed
         assert (reopened.served_high_water("job"), reopened.trained_step("job")) == (41, 40)
 
 
@@ -437,10 +461,12 @@ def test_embedded_state_survives_sigkill(tmp_path: Path) -> None:
         import os, signal
         from pathlib import Path
         from mixer_service.store import open_store
+        from mixer_service.store.base import ChangePlan
         store = open_store(None, Path({str(path)!r}))
-        store.create_job("job", {{"seq_len": 8}}, {{"w": 1}}, "alice", "")
-        store.mark_served("job", 7)
-        store.change_schedule("job", 1, 0, {{"w": 2}}, "bob", "", lambda step: None)
+        first, incarnation = store.create_job("job", {{"seq_len": 8}}, {{"w": 1}}, "alice", "")
+        store.mark_served("job", 7, incarnation)
+        plan = lambda hw: ChangePlan(hw + 1, hw)  # noqa: E731
+        store.change_schedule("job", incarnation, first, {{"w": 2}}, "bob", "", plan)
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )
@@ -492,15 +518,99 @@ ALL_CALLS: dict[str, Callable[[StateStore], object]] = {
 def test_redis_writes_replayed_after_a_lost_reply_report_success(clean_redis_url: str) -> None:
     """redis-py resends a command whose reply was lost; the resent write must not turn into an error."""
     with RedisStore(clean_redis_url) as store:
-        first = ScheduleVersion(1, 0, SCHEDULE, time.time(), "alice", "")
+        incarnation = "ab" * 16
+        first = ScheduleVersion(1, 0, SCHEDULE, time.time(), "alice", "").sealed(incarnation)
         config_json = json.dumps(CONFIG, sort_keys=True, separators=(",", ":"))
-        assert store._insert_job("job", config_json, first) and store._insert_job("job", config_json, first)
-        second = ScheduleVersion(2, 5, ANNEAL, time.time(), "bob", "")
-        assert store._commit_version("job", second, -1) is None
-        assert store._commit_version("job", second, -1) is None
-        assert not store._insert_job("job", config_json, replace(first, author="mallory"))
-        assert store._commit_version("job", replace(second, author="mallory"), -1) == Head(2, -1)
+        assert store._insert_job("job", config_json, incarnation, first)
+        assert store._insert_job("job", config_json, incarnation, first)
+        second = ScheduleVersion(2, 5, ANNEAL, time.time(), "bob", "").sealed(first.chain)
+        assert store._commit_version("job", incarnation, first.chain, second, -1) is None
+        assert store._commit_version("job", incarnation, first.chain, second, -1) is None
+        assert not store._insert_job("job", config_json, incarnation, replace(first, author="mallory"))
+        other = replace(second, author="mallory").sealed(first.chain)
+        blocked = store._commit_version("job", incarnation, first.chain, other, -1)
+        assert blocked is not None and (blocked.version, blocked.chain) == (2, second.chain)
         assert store.schedule_log("job") == [first, second]
+
+
+# --- fencing: incarnations, chains, restores, limits -------------------------------------------------
+
+
+def test_every_version_chains_onto_the_previous_one(store: StateStore, job: str) -> None:
+    commit_change(store, job, 1, 5, ANNEAL, "bob", "", accept)
+    commit_change(store, job, 2, 9, SCHEDULE, "carol", "", accept)
+    head, log = store.head(job), store.schedule_log(job)
+    assert verify_chain(head.incarnation, log) and head.chain == log[-1].chain and head.version == 3
+    forged = replace(log[1], reason="rewritten history")
+    assert not verify_chain(head.incarnation, [log[0], forged, log[2]])
+
+
+def test_a_recreated_job_is_another_incarnation_and_old_writes_do_not_touch_it(
+    location: Location, store: StateStore
+) -> None:
+    _, old = store.create_job("job", CONFIG, SCHEDULE, "alice", "")
+    mark_step(store, "job", 3)
+    _delete_job(location, store, "job")
+    _, new = store.create_job("job", CONFIG, SCHEDULE, "alice", "again")
+    assert new != old
+    head = store.mark_served("job", 50, old)  # a replica that still believes in the old incarnation
+    assert (head.incarnation, head.served_high_water) == (new, -1), "a fenced write changes nothing"
+    with pytest.raises(StaleVersion, match="recreated"):
+        store.change_schedule("job", old, store.versions("job")[0], ANNEAL, "bob", "",
+                              lambda hw: ChangePlan(hw + 1, hw))
+    assert store.head("job").version == 1
+
+
+def _delete_job(location: Location, store: StateStore, job_id: str) -> None:
+    """What an operator's FLUSHALL or a restored empty database does to one job."""
+    if location.url is None:
+        import sqlite3
+
+        with sqlite3.connect(location.path) as conn:
+            conn.execute("DELETE FROM schedule_versions WHERE job_id = ?", (job_id,))
+            conn.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+    else:
+        import redis
+
+        with redis.Redis.from_url(location.url) as client:
+            client.delete(*client.keys(f"mixer:{{{job_id}}}:*"))
+            client.srem("mixer:jobs", job_id)
+
+
+def test_restore_puts_back_lost_versions_and_high_water_only_where_they_chain(
+    store: StateStore, job: str
+) -> None:
+    incarnation = store.head(job).incarnation
+    first = store.versions(job)[0]
+    second = ScheduleVersion(2, 20, ANNEAL, time.time(), "bob", "lost").sealed(first.chain)
+    third = ScheduleVersion(3, 30, SCHEDULE, time.time(), "bob", "lost too").sealed(second.chain)
+    head = store.restore(job, incarnation, first.chain, [second, third], 25)
+    assert (head.version, head.chain, head.served_high_water) == (3, third.chain, 25)
+    assert store.schedule_log(job) == [first, second, third]
+    again = store.restore(job, incarnation, first.chain, [second, third], 10)
+    assert (again.version, again.served_high_water) == (3, 25), "restores never go backwards or duplicate"
+    other = store.restore(job, "cd" * 16, third.chain, [], 99)
+    assert other.served_high_water == 25, "another incarnation's restore changes nothing"
+
+
+def test_job_and_version_limits_are_clear_conflicts(location: Location) -> None:
+    with location.open() as store:
+        store.limits = StoreLimits(max_jobs=2, max_versions=2)
+        store.create_job("a", CONFIG, SCHEDULE, "alice", "")
+        store.create_job("b", CONFIG, SCHEDULE, "alice", "")
+        with pytest.raises(Conflict, match="limit of 2 jobs"):
+            store.create_job("c", CONFIG, SCHEDULE, "alice", "")
+        commit_change(store, "a", 1, 0, ANNEAL, "bob", "", accept)
+        with pytest.raises(Conflict, match="limit of 2 schedule versions"):
+            commit_change(store, "a", 2, 0, SCHEDULE, "bob", "", accept)
+        assert store.list_jobs() == ["a", "b"] and store.head("a").version == 2
+
+
+def test_versions_after_returns_only_the_new_entries(store: StateStore, job: str) -> None:
+    for version in range(1, 5):
+        commit_change(store, job, version, 0, ANNEAL, "bob", "", accept)
+    assert [v.version for v in store.versions(job, after=3)] == [4, 5]
+    assert store.versions(job, after=5) == []
 
 
 def test_stopped_redis_fails_fast_with_store_unavailable(redis_server: Any) -> None:
@@ -521,7 +631,7 @@ def test_hung_redis_times_out_with_store_unavailable(redis_server: Any) -> None:
         redis_server.process.send_signal(signal.SIGSTOP)  # accepts connections, never answers
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="unavailable"):
-            store.mark_served("job", 1)
+            mark_step(store, "job", 1)
         assert time.monotonic() - started < 5
         redis_server.process.send_signal(signal.SIGCONT)
-        assert store.mark_served("job", 1) == 1, "the store recovers once Redis answers again"
+        assert mark_step(store, "job", 1) == 1, "the store recovers once Redis answers again"

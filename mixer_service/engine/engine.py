@@ -19,6 +19,7 @@ from mixer_service.engine.mixture import MixturePlan
 from mixer_service.engine.permutation import Permutation, derive_key
 from mixer_service.engine.schedule import Schedule, active_versions, schedule_pieces
 from mixer_service.errors import InvalidInput, NotFound
+from mixer_service.values import RankSlice, check_step
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +117,10 @@ class MixingEngine:
         return [number for eff, _, number in active_versions(self.schedule_log) if eff <= step][-1]
 
     def check_step(self, step: int) -> None:
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self.config.total_steps:
-            raise InvalidInput(f"step: must be an integer in [0, {self.config.total_steps}), got {step!r}")
+        check_step(step, self.config.total_steps)
 
     def rank_rows(self, rank: int, world: int) -> slice:
-        b = self.config.global_batch
-        if not (isinstance(world, int) and world >= 1 and b % world == 0):
-            raise InvalidInput(f"world: must be a positive divisor of global_batch={b}, got {world!r}")
-        if not (isinstance(rank, int) and 0 <= rank < world):
-            raise InvalidInput(f"rank: must be in [0, {world}), got {rank!r}")
-        per_rank = b // world
-        return slice(rank * per_rank, (rank + 1) * per_rank)
+        return RankSlice.of(rank, world, self.config.global_batch).rows(self.config.global_batch)
 
     def _compute_assignment(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Source and per-source sequence index of every row of global batch ``step``.
@@ -161,6 +155,18 @@ class MixingEngine:
             SequenceProvenance(self.layouts[k].name, int(j), self.layouts[k].spans(int(j)))
             for k, j in zip(src.tolist(), seq.tolist(), strict=True)
         ]
+
+    def row_boundaries(self, step: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+        """Per row of ``batch(step, rank, world)``: the start offset of each document piece, first 0.
+
+        Derived from the same spans as ``provenance``, so the two cannot disagree; a trainer uses them
+        for intra-document attention masks and position ids.
+        """
+        rows = []
+        for row in self.provenance(step, rank, world):
+            lengths = np.cumsum([span.length for span in row.spans[:-1]], dtype=np.int64)
+            rows.append([0, *lengths.tolist()])
+        return rows
 
     def source_index(self, name: str) -> int:
         try:

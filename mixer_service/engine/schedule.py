@@ -6,19 +6,38 @@ same on every machine and never drift with floating-point error.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 from mixer_service.errors import InvalidInput
+from mixer_service.values import STEP
 
 _SUM_TOLERANCE = Fraction(1, 10**9)
+MAX_PHASES = 64  # a schedule is a handful of phases; the cap bounds the work one request can cause
+
+
+# Decimal or "p/q" weights with bounded digits: Fraction("1e-10000000") would cost seconds of CPU.
+_WEIGHT_TEXT = re.compile(r"^(?:\d{1,30}(?:\.\d{1,30})?|\d{1,30}/\d{1,30})$")
+WEIGHT_PATTERN = _WEIGHT_TEXT.pattern
 
 
 def parse_weight(value: Any, field: str) -> Fraction:
-    """Accept a JSON number or a ``"p/q"`` string; floats go through their shortest decimal repr."""
+    """Accept a finite JSON number or a decimal / ``"p/q"`` string of at most 30 digits a part.
+
+    Floats go through their shortest decimal repr, so 0.1 means exactly 1/10.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise InvalidInput(f"{field}: weight must be a number or 'p/q' string, got {value!r}")
+    if isinstance(value, str) and not _WEIGHT_TEXT.fullmatch(value):
+        raise InvalidInput(f"{field}: weight strings must be decimals or 'p/q' with at most 30 digits "
+                           f"a part, got {value[:40]!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        raise InvalidInput(f"{field}: weight {value} is out of range")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidInput(f"{field}: weight must be finite, got {value!r}")
     try:
         weight = Fraction(repr(value) if isinstance(value, float) else value)
     except (ValueError, ZeroDivisionError) as exc:
@@ -50,6 +69,8 @@ class Schedule:
         """Validate a schedule document; every error names the offending field."""
         if not isinstance(data, dict) or not isinstance(data.get("phases"), list) or not data["phases"]:
             raise InvalidInput("schedule.phases: must be a non-empty list")
+        if len(data["phases"]) > MAX_PHASES:
+            raise InvalidInput(f"schedule.phases: at most {MAX_PHASES} phases, got {len(data['phases'])}")
         phases: list[Phase] = []
         for i, raw in enumerate(data["phases"]):
             where = f"schedule.phases[{i}]"
@@ -59,8 +80,7 @@ class Schedule:
             if unknown_keys:
                 raise InvalidInput(f"{where}: unknown field(s) {sorted(unknown_keys)}")
             start = raw.get("start_step")
-            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-                raise InvalidInput(f"{where}.start_step: must be an integer >= 0, got {start!r}")
+            STEP.check(start, f"{where}.start_step")
             if i == 0 and start != 0:
                 raise InvalidInput(f"{where}.start_step: the first phase must start at step 0")
             if phases and start <= phases[-1].start_step:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
+import anyio.to_thread
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -15,7 +18,14 @@ from mixer_service.service.routes import batches, dashboard, health, images, job
 from mixer_service.service.sources import SourceRegistry
 from mixer_service.store import StateStore
 
-MAX_BODY_BYTES = 1 << 20
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Per-request bounds of the HTTP layer (the store's own caps live in ``StoreLimits``)."""
+
+    max_body_bytes: int = 1 << 20
+    max_request_tokens: int = 1 << 24  # rows x seq_len of one batch response (64 MiB of uint32)
+    threads: int = 32  # handlers that block (store I/O, batch assembly) run in this many threads
 
 
 @dataclass
@@ -23,46 +33,74 @@ class Settings:
     store: StateStore
     sources: SourceRegistry
     tokens: Tokens
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
 
 
 class BodyLimit:
-    """413 for request bodies over the limit, checked before the body is read into memory."""
+    """413 for request bodies over the limit, before the body reaches a handler.
+
+    A declared Content-Length is checked up front; a chunked body is buffered up to the limit (at most
+    ``limit`` bytes are ever held) and replayed to the app, so the 413 can still be sent.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
 
+    def _too_large(self, scope: Scope) -> ASGIApp:
+        return problems.problem(413, "Content too large", f"request bodies are limited to {self.limit} bytes",
+                                scope["path"])
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and int(length) > self.limit:
-                response = problems.problem(413, "Content too large", f"request bodies are limited to "
-                                            f"{self.limit} bytes", scope["path"])
-                await response(scope, receive, send)
-                return
-            seen = 0
-
-            async def limited() -> Message:
-                nonlocal seen
-                message = await receive()
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise problems.ProblemError(413, "Content too large", f"limit is {self.limit} bytes")
-                return message
-
-            await self.app(scope, limited, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                await self._too_large(scope)(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._too_large(scope)(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title="mixer-service", version="1", description="Exact, deterministic data mixing for "
-                  "specialized pretraining. Wire format: docs/protocol.md.")
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.limits.threads
+        yield
+
+    app = FastAPI(title="mixer-service", version="1", lifespan=lifespan,
+                  description="Exact, deterministic data mixing for specialized pretraining. Wire format: "
+                  "docs/protocol.md. Every error is RFC 9457 problem+json.")
     app.state.jobs = JobManager(settings.store, settings.sources)
     app.state.tokens = settings.tokens
+    app.state.limits = settings.limits
     app.state.metrics = Metrics()
     problems.install(app)
     for module in (jobs, batches, images, schedule, repetitions, plan, health, dashboard):
         app.include_router(module.router)
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
 
+from mixer_service.errors import InvalidInput
 from mixer_service.service.auth import Tokens, check_bind
 
 
@@ -27,7 +29,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help="where decompressed token caches live")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each checks the store "
+                   "on every request, so they never serve a stale view)")
+    limits = p.add_argument_group("limits (every request's work is bounded; over a limit: a clear 4xx)")
+    limits.add_argument("--max-jobs", type=int, default=1000, help="jobs this store may hold (409 beyond)")
+    limits.add_argument("--max-versions", type=int, default=1000,
+                        help="schedule versions per job (409 beyond)")
+    limits.add_argument("--max-request-tokens", type=int, default=1 << 24,
+                        help="rows x seq_len of one batch response (413 beyond: use a larger world)")
+    limits.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (413 beyond)")
+    limits.add_argument("--threads", type=int, default=32,
+                        help="threads for handlers that do store I/O or assemble batches")
+    limits.add_argument("--limit-concurrency", type=int, default=256,
+                        help="connections+requests at once before uvicorn answers 503")
+    limits.add_argument("--timeout-keep-alive", type=float, default=30.0,
+                        help="seconds an idle keep-alive connection is kept open")
     p.add_argument(
         "--insecure-bind",
         action="store_true",
@@ -38,20 +54,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_app():
     """Uvicorn factory: reads its settings from the environment that ``run`` prepared."""
-    from mixer_service.service.app import Settings, create_app
+    from mixer_service.service.app import ServiceLimits, Settings, create_app
     from mixer_service.service.sources import SourceRegistry
     from mixer_service.store import open_store
+    from mixer_service.store.base import StoreLimits
 
     cache = os.environ.get("MIXER_CACHE_DIR")
     state_dir = Path(os.environ["MIXER_STATE_DIR"])
     state_dir.mkdir(parents=True, exist_ok=True)
+    limits = json.loads(os.environ.get("MIXER_LIMITS", "{}"))
     return create_app(
         Settings(
-            store=open_store(os.environ.get("MIXER_REDIS_URL") or None, state_dir / "state.sqlite"),
+            store=open_store(
+                os.environ.get("MIXER_REDIS_URL") or None,
+                state_dir / "state.sqlite",
+                StoreLimits(**{k: limits[k] for k in ("max_jobs", "max_versions") if k in limits}),
+            ),
             sources=SourceRegistry.load(
                 Path(os.environ["MIXER_SOURCES_DIR"]), Path(cache) if cache else None
             ),
             tokens=_tokens(),
+            limits=ServiceLimits(**{k: limits[k] for k in ("max_body_bytes", "max_request_tokens", "threads")
+                                    if k in limits}),
         )
     )
 
@@ -66,6 +90,12 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     check_bind(args.host, _tokens(), args.insecure_bind)
+    for name in ("max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads",
+                 "limit_concurrency"):
+        if getattr(args, name) < 1:
+            raise InvalidInput(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    os.environ["MIXER_LIMITS"] = json.dumps({n: getattr(args, n) for n in (
+        "max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads")})
     os.environ["MIXER_SOURCES_DIR"] = str(args.sources_dir)
     os.environ["MIXER_STATE_DIR"] = str(args.state_dir)
     if args.redis_url:
@@ -84,5 +114,8 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level="info",
         access_log=False,
+        limit_concurrency=args.limit_concurrency,
+        timeout_keep_alive=args.timeout_keep_alive,
+        h11_max_incomplete_event_size=64 * 1024,  # request line + headers
     )
     return 0

@@ -1,54 +1,322 @@
-"""Jobs as the service sees them: config and schedule log in the state store, engines cached per version.
+"""Jobs as the service sees them: fresh views of the store, proven current, or a loud 503.
 
-Replicas share nothing but the store. The serve path bumps the served high-water mark and reads the
-schedule version in one atomic store operation, so a batch is always computed under the log that was in
-force when it was first served, on every replica.
+Replicas (and ``--workers`` processes) share nothing but the store. Every request reads the job's head
+(incarnation, latest version and its chain hash, served high water, trained step) in one store round trip;
+the serve path gets it from the same atomic operation that raises the high water. This process then checks
+the head against everything it has seen before:
+
+* a version it has not seen: fetch only the new log entries and verify that they chain onto its own;
+* the same or an older version of the same chain, read before it learned of the newer one: fine;
+* anything that shows the store has *lost* state this process saw after the read started — the job gone,
+  another incarnation, fewer versions, a lower served high water, or a log that does not chain — is a
+  fault: the request is answered 503 naming it (``StoreBehind``), it is counted, and nothing is served
+  from a log that cannot be proven current. Lost versions and a lost high water are put back from what
+  this process holds (a verified prefix of history), so the next request succeeds; a recreated job stays
+  refused until the replica is restarted, because only an operator can say which incarnation is right.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from mixer_service.engine import JobConfig, MixingEngine, Schedule, ScheduleLog
-from mixer_service.errors import Conflict, InvalidInput
+from mixer_service.errors import (
+    Conflict,
+    InvalidInput,
+    MixerError,
+    NotFound,
+    SourceUnavailable,
+    StaleVersion,
+    StoreBehind,
+    StoreUnavailable,
+    TooLarge,
+)
 from mixer_service.service.sources import SourceRegistry
 from mixer_service.store import ScheduleVersion, StateStore
+from mixer_service.store.base import ChangePlan, JobHead, verify_chain
+from mixer_service.values import STEP, RankSlice, check_step, check_trained_step
+
+log = logging.getLogger(__name__)
+
+FAULTS = ("job_missing", "incarnation_changed", "version_rollback", "high_water_rollback", "chain_broken")
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobRuntime:
+    """One incarnation of a job under a verified prefix of its schedule log."""
+
     job_id: str
     config: JobConfig
+    incarnation: str
+    versions: tuple[ScheduleVersion, ...]
+    log: ScheduleLog
     engine: MixingEngine
-    versions: list[ScheduleVersion]
 
     @property
     def version(self) -> int:
         return self.versions[-1].version
 
+    @property
+    def chain(self) -> str:
+        return self.versions[-1].chain
+
+    @property
+    def current(self) -> ScheduleVersion:
+        return self.versions[-1]
+
+    def etag(self) -> str:
+        return etag(self.version, self.incarnation)
+
+    def extended(self, new: list[ScheduleVersion], engine: MixingEngine | None = None) -> JobRuntime:
+        """This runtime with ``new`` appended; only the new entries are parsed (O(1) in history length)."""
+        names = self.config.source_names
+        log_ = self.log + [(v.effective_step, Schedule.parse(v.schedule, names)) for v in new]
+        return JobRuntime(self.job_id, self.config, self.incarnation, self.versions + tuple(new), log_,
+                          engine or self.engine.with_log(log_))
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as of one store read: the runtime proven current and the head that proved it."""
+
+    runtime: JobRuntime
+    head: JobHead
+
+
+@dataclass
+class _Seen:
+    """The most this process has learned about a job, and when (monotonic seconds) it learned it."""
+
+    incarnation: str
+    version: int
+    high_water: int
+    version_at: float = field(default_factory=time.monotonic)
+    high_water_at: float = field(default_factory=time.monotonic)
+
+
+def etag(version: int, incarnation: str) -> str:
+    """Strong ETag of a schedule version: the incarnation makes a recreated job's v1 another entity."""
+    return f'"v{version}.{incarnation}"'
+
 
 class JobManager:
-    def __init__(self, store: StateStore, sources: SourceRegistry) -> None:
+    def __init__(self, store: StateStore, sources: SourceRegistry,
+                 on_fault: Callable[[str], None] | None = None) -> None:
         self.store = store
         self.sources = sources
+        self._on_fault = on_fault or (lambda fault: None)
         self._jobs: dict[str, JobRuntime] = {}
+        self._seen: dict[str, _Seen] = {}
         self._lock = threading.Lock()
 
-    def _engine(
-        self, config: JobConfig, versions: list[ScheduleVersion], base: MixingEngine | None = None
-    ) -> MixingEngine:
-        log = _schedule_log(config, versions)
-        if base is not None:
-            return base.with_log(log)
-        return self._new_engine(config, log)
+    # -- reading -----------------------------------------------------------------------------------
 
-    def _new_engine(self, config: JobConfig, log: ScheduleLog) -> MixingEngine:
-        return MixingEngine.create(config, {s.name: self.sources.get(s.name) for s in config.sources}, log)
+    def view(self, job_id: str) -> JobView:
+        """The job as the store has it now, checked against everything this process has seen."""
+        started = time.monotonic()
+        try:
+            head = self.store.head(job_id)
+        except NotFound:
+            self._missing(job_id, started)
+            raise
+        return JobView(self._reconcile(job_id, head, started), head)
 
-    def _check_sources(self, config: JobConfig) -> JobConfig:
+    def serve(self, job_id: str, step: int, rank: int, world: int,
+              max_tokens: int) -> tuple[JobView, RankSlice]:
+        """Validate a batch request, mark the step served, and return the runtime that plans it."""
+        runtime = self._jobs.get(job_id) or self.view(job_id).runtime
+        config = runtime.config
+        check_step(step, config.total_steps)
+        ranks = RankSlice.of(rank, world, config.global_batch)
+        tokens = config.global_batch // ranks.world * config.seq_len
+        if tokens > max_tokens:
+            raise TooLarge(f"rank {rank} of {world} asks for {tokens} tokens; this server answers at most "
+                           f"{max_tokens} per request (--max-request-tokens): use a larger world")
+        self._require_sources(runtime.config)
+        started = time.monotonic()
+        try:
+            head = self.store.mark_served(job_id, step, runtime.incarnation)
+        except NotFound:
+            self._missing(job_id, started)
+            raise
+        runtime = self._reconcile(job_id, head, started)
+        # A later version than the head's takes effect after the high water at its commit (>= step), so the
+        # newest runtime plans this step exactly as the head's version does.
+        return JobView(runtime, head), ranks
+
+    def describe(self, view: JobView) -> dict[str, Any]:
+        runtime, head = view.runtime, view.head
+        served = runtime.engine.sequences_served(head.served_high_water)
+        return {
+            "job_id": runtime.job_id,
+            "incarnation": runtime.incarnation,
+            "config": runtime.config.to_json(),
+            "schedule_version": runtime.version,
+            "schedule": runtime.current.schedule,
+            "served_high_water": head.served_high_water,
+            "tokens_through_high_water": {
+                name: n * runtime.config.seq_len
+                for name, n in zip(runtime.config.source_names, served, strict=True)
+            },
+            "trained_step": head.trained_step,
+            "warnings": runtime.engine.warnings,
+            "time": time.time(),
+        }
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every job described; one that cannot be served here is listed with its error, not hidden."""
+        out = []
+        for job_id in self.store.list_jobs():
+            try:
+                out.append(self.describe(self.view(job_id)))
+            except StoreUnavailable:
+                raise
+            except MixerError as exc:
+                out.append({"job_id": job_id, "error": {"type": type(exc).__name__, "detail": str(exc)}})
+        return out
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def create(self, job_id: str, config_doc: Any, schedule_doc: Any, author: str, reason: str) -> JobView:
+        config = self._pin_sources(JobConfig.parse(config_doc))
+        schedule = Schedule.parse(schedule_doc, config.source_names)
+        engine = self._new_engine(config, [(0, schedule)])  # validates before anything is written
+        first, incarnation = self.store.create_job(
+            job_id, config.to_json(), schedule.to_json(config.source_names), author, reason
+        )
+        runtime = JobRuntime(job_id, config, incarnation, (first,), [(0, schedule)], engine)
+        with self._lock:
+            self._jobs[job_id] = runtime
+            self._seen[job_id] = _Seen(incarnation, 1, -1)
+        return JobView(runtime, JobHead(incarnation, 1, first.chain, -1, -1))
+
+    def change_schedule(self, job_id: str, expected_etag: str, requested_step: Any, schedule_doc: Any,
+                        author: str, reason: str) -> tuple[JobRuntime, list[str]]:
+        """Append a schedule version effective at the first step the change cannot rewrite."""
+        runtime = self.view(job_id).runtime
+        if expected_etag != runtime.etag():
+            raise StaleVersion(f"job {job_id!r} is at schedule version {runtime.version} (ETag "
+                               f"{runtime.etag()}), not {expected_etag}")
+        STEP.check(requested_step, "requested_step")
+        names = runtime.config.source_names
+        schedule = Schedule.parse(schedule_doc, names)
+        engines: dict[int, MixingEngine] = {}
+
+        def plan(high_water: int) -> ChangePlan:
+            """The one effective-step rule, re-run with the fresh high water on every commit attempt."""
+            effective = max(requested_step, runtime.engine.first_changeable_step(high_water))
+            if effective >= runtime.config.total_steps:
+                raise InvalidInput(
+                    f"requested_step: the change would take effect at step {effective}, "
+                    f"at or after total_steps={runtime.config.total_steps}"
+                )
+            if effective not in engines:
+                engines[effective] = runtime.engine.with_log(runtime.log + [(effective, schedule)])
+            bound = runtime.engine.last_safe_high_water(effective)
+            return ChangePlan(effective, min(bound, effective - 1))
+
+        new = self.store.change_schedule(
+            job_id, runtime.incarnation, runtime.current, schedule.to_json(names), author, reason, plan
+        )
+        engine = engines[new.effective_step]
+        updated = runtime.extended([new], engine)
+        self._remember(job_id, updated, None)
+        return updated, engine.warnings
+
+    def report_progress(self, job_id: str, trained_step: Any) -> None:
+        runtime = self.view(job_id).runtime
+        check_trained_step(trained_step, runtime.config.total_steps)
+        self.store.set_trained_step(job_id, trained_step)
+
+    # -- the checks --------------------------------------------------------------------------------
+
+    def _fault(self, job_id: str, fault: str, detail: str) -> StoreBehind:
+        log.error("state store is behind this replica", extra={"job_id": job_id, "fault": fault,
+                                                                "detail": detail})
+        self._on_fault(fault)
+        return StoreBehind(fault, f"job {job_id!r}: {detail}; not serving from a log that cannot be "
+                                  "proven current")
+
+    def _missing(self, job_id: str, started: float) -> None:
+        seen = self._seen.get(job_id)
+        if seen is not None and seen.version_at < started:
+            raise self._fault(job_id, "job_missing", "the state store no longer has this job, which this "
+                              f"replica saw at schedule version {seen.version}")
+
+    def _reconcile(self, job_id: str, head: JobHead, started: float) -> JobRuntime:
+        seen = self._seen.get(job_id)
+        cached = self._jobs.get(job_id)
+        if seen is not None and head.incarnation != seen.incarnation:
+            raise self._fault(job_id, "incarnation_changed", "the store holds incarnation "
+                              f"{head.incarnation} "
+                              f"but this replica served incarnation {seen.incarnation} (the job was deleted "
+                              "and recreated); restart the replica to accept the new one")
+        if cached is None or cached.incarnation != head.incarnation:
+            runtime = self._load(job_id, head)
+        elif head.version > cached.version:
+            new = self.store.versions(job_id, after=cached.version)[: head.version - cached.version]
+            if len(new) != head.version - cached.version or not verify_chain(cached.chain, new) \
+                    or new[-1].chain != head.chain:
+                raise self._fault(job_id, "chain_broken", f"versions {cached.version + 1}..{head.version} in "
+                                  "the store do not extend the log this replica holds")
+            runtime = cached.extended(new)
+        elif cached.versions[head.version - 1].chain != head.chain:
+            raise self._fault(job_id, "chain_broken", f"schedule version {head.version} in the store is not "
+                              "the one this replica holds")
+        else:
+            runtime = cached
+            if head.version < cached.version and seen is not None and seen.version_at < started:
+                self.store.restore(job_id, cached.incarnation, head.chain,
+                                   cached.versions[head.version:], seen.high_water)
+                raise self._fault(job_id, "version_rollback", f"the store is at schedule version "
+                                  f"{head.version}, this replica saw {cached.version}; put the missing "
+                                  "versions back")
+        if seen is not None and head.served_high_water < seen.high_water and seen.high_water_at < started:
+            self.store.restore(job_id, runtime.incarnation, runtime.chain, [], seen.high_water)
+            raise self._fault(job_id, "high_water_rollback", f"the store's served high water is "
+                              f"{head.served_high_water}, this replica saw {seen.high_water}; raised it back")
+        self._remember(job_id, runtime, head)
+        return runtime
+
+    def _remember(self, job_id: str, runtime: JobRuntime, head: JobHead | None) -> None:
+        """Keep the newest runtime and raise what this process has seen (never lower it)."""
+        now = time.monotonic()
+        with self._lock:
+            current = self._jobs.get(job_id)
+            replaced = current is None or current.incarnation != runtime.incarnation
+            if replaced or current.version < runtime.version:
+                self._jobs[job_id] = runtime
+            seen = self._seen.get(job_id)
+            if seen is None or seen.incarnation != runtime.incarnation:
+                seen = self._seen[job_id] = _Seen(runtime.incarnation, 0, -1)
+            if runtime.version > seen.version:
+                seen.version, seen.version_at = runtime.version, now
+            if head is not None and head.served_high_water > seen.high_water:
+                seen.high_water, seen.high_water_at = head.served_high_water, now
+
+    def _load(self, job_id: str, head: JobHead) -> JobRuntime:
+        """A job this process has not held yet: its whole log, verified from the incarnation on."""
+        config = self._attach_sources(job_id, JobConfig.parse(self.store.get_job(job_id)))
+        versions = self.store.versions(job_id)[: head.version]
+        if len(versions) != head.version or not verify_chain(head.incarnation, versions) \
+                or versions[-1].chain != head.chain:
+            raise self._fault(job_id, "chain_broken", "the schedule log in the store does not verify against "
+                              "its own chain hashes")
+        log_ = [(v.effective_step, Schedule.parse(v.schedule, config.source_names)) for v in versions]
+        return JobRuntime(job_id, config, head.incarnation, tuple(versions), log_,
+                          self._new_engine(config, log_))
+
+    # -- sources -----------------------------------------------------------------------------------
+
+    def _new_engine(self, config: JobConfig, log_: ScheduleLog) -> MixingEngine:
+        return MixingEngine.create(config, {s.name: self.sources.get(s.name) for s in config.sources}, log_)
+
+    def _pin_sources(self, config: JobConfig) -> JobConfig:
         """Pin each source's fingerprint; a mismatch means this server holds different data (409)."""
         pinned = []
         tokenizers = set()
@@ -60,114 +328,25 @@ class JobManager:
                     f"has {meta.fingerprint}"
                 )
             tokenizers.add(meta.tokenizer_fingerprint)
-            pinned.append({"name": spec.name, "role": spec.role, "fingerprint": meta.fingerprint})
+            pinned.append({**spec.__dict__, "fingerprint": meta.fingerprint})
         if len(tokenizers) > 1:
             raise InvalidInput("sources: all sources of a job must share one tokenizer")
-        return JobConfig.parse(config.to_json() | {"sources": pinned})
+        return JobConfig.parse(config.to_json() | {"sources": [
+            {k: v for k, v in p.items() if v is not None} for p in pinned]})
 
-    def create(self, job_id: str, config_doc: Any, schedule_doc: Any, author: str, reason: str) -> JobRuntime:
-        config = self._check_sources(JobConfig.parse(config_doc))
-        schedule = Schedule.parse(schedule_doc, config.source_names)
-        canonical = schedule.to_json(config.source_names)
-        engine = self._new_engine(config, [(0, schedule)])  # validates before anything is written
-        first = self.store.create_job(job_id, config.to_json(), canonical, author, reason)
-        runtime = JobRuntime(job_id, config, engine, [first])
-        with self._lock:
-            self._jobs[job_id] = runtime
-        return runtime
+    def _attach_sources(self, job_id: str, config: JobConfig) -> JobConfig:
+        """An existing job's sources must be here, unchanged: otherwise this replica cannot serve it (503)."""
+        try:
+            return self._pin_sources(config)
+        except (NotFound, Conflict) as exc:
+            raise SourceUnavailable(f"job {job_id!r} cannot be served by this replica: {exc}") from exc
 
-    def get(self, job_id: str, min_version: int = 0) -> JobRuntime:
-        """The job's runtime, reloaded from the store when it is older than ``min_version``."""
-        runtime = self._jobs.get(job_id)
-        if runtime is not None and runtime.version >= min_version:
-            return runtime
-        versions = self.store.schedule_log(job_id)
-        if runtime is None:
-            config = self._check_sources(JobConfig.parse(self.store.get_job(job_id)))
-            runtime = JobRuntime(job_id, config, self._engine(config, versions), versions)
-        else:
-            runtime = JobRuntime(
-                job_id, runtime.config, self._engine(runtime.config, versions, runtime.engine), versions
-            )
-        with self._lock:
-            current = self._jobs.get(job_id)
-            if current is None or current.version < runtime.version:
-                self._jobs[job_id] = runtime
-        return runtime
-
-    def for_step(self, job_id: str, step: int, rank: int, world: int) -> tuple[JobRuntime, MixingEngine]:
-        """Validate the request, then mark the step served and return the engine of its schedule version."""
-        runtime = self.get(job_id)
-        runtime.engine.check_step(step)
-        runtime.engine.rank_rows(rank, world)  # validates rank/world before any state changes
-        version = self.store.mark_served(job_id, step)
-        runtime = self.get(job_id, min_version=version)
-        engine = (
-            runtime.engine
-            if runtime.version == version
-            else self._engine(
-                runtime.config, [v for v in runtime.versions if v.version <= version], runtime.engine
-            )
-        )
-        return runtime, engine
-
-    def change_schedule(
-        self,
-        job_id: str,
-        expected_version: int,
-        requested_step: int,
-        schedule_doc: Any,
-        author: str,
-        reason: str,
-    ) -> tuple[ScheduleVersion, list[str]]:
-        runtime = self.get(job_id, min_version=expected_version)
-        names = runtime.config.source_names
-        schedule = Schedule.parse(schedule_doc, names)
-        if isinstance(requested_step, bool) or not isinstance(requested_step, int) or requested_step < 0:
-            raise InvalidInput(f"requested_step: must be an integer >= 0, got {requested_step!r}")
-        engine = runtime.engine
-        earliest = engine.first_changeable_step(self.store.served_high_water(job_id))
-        log = _schedule_log(runtime.config, runtime.versions)
-        warnings: list[str] = []
-
-        def validate(effective: int) -> int:
-            """Check the new log, and bound the served high water under which ``effective`` stays safe."""
-            if effective >= runtime.config.total_steps:
-                raise InvalidInput(
-                    f"requested_step: the change would take effect at step {effective}, "
-                    f"at or after total_steps={runtime.config.total_steps}"
-                )
-            warnings[:] = engine.with_log(log + [(effective, schedule)]).warnings
-            return engine.last_safe_high_water(effective)
-
-        new = self.store.change_schedule(
-            job_id, expected_version, max(requested_step, earliest), schedule.to_json(names), author, reason,
-            validate,
-        )
-        self.get(job_id, min_version=new.version)
-        return new, warnings
-
-    def describe(self, runtime: JobRuntime) -> dict[str, Any]:
-        current = runtime.versions[-1]
-        high_water = self.store.served_high_water(runtime.job_id)
-        served = runtime.engine.sequences_served(high_water)
-        return {
-            "job_id": runtime.job_id,
-            "config": runtime.config.to_json(),
-            "schedule_version": current.version,
-            "schedule": current.schedule,
-            "served_high_water": high_water,
-            "tokens_through_high_water": {
-                name: n * runtime.config.seq_len
-                for name, n in zip(runtime.config.source_names, served, strict=True)
-            },
-            "trained_step": self.store.trained_step(runtime.job_id),
-            "warnings": runtime.engine.warnings,
-            "time": time.time(),
-        }
-
-
-
-def _schedule_log(config: JobConfig, versions: list[ScheduleVersion]) -> ScheduleLog:
-    """The engine's view of stored versions: (effective step, parsed schedule)."""
-    return [(v.effective_step, Schedule.parse(v.schedule, config.source_names)) for v in versions]
+    def _require_sources(self, config: JobConfig) -> None:
+        for spec in config.sources:
+            try:
+                source = self.sources.get(spec.name)
+            except NotFound as exc:
+                raise SourceUnavailable(str(exc)) from exc
+            if source.meta.fingerprint != spec.fingerprint:
+                raise SourceUnavailable(f"source {spec.name!r} changed under this server: the job pinned "
+                                        f"{spec.fingerprint}, the server now has {source.meta.fingerprint}")

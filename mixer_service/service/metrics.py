@@ -34,6 +34,12 @@ class Metrics:
         self.schedule_version = Gauge(
             "mixer_schedule_version", "Current schedule version", ["job"], registry=r
         )
+        self.faults = Counter(
+            "mixer_faults",
+            "Requests answered 503 because state or data could not be proven current, by cause",
+            ["fault"],
+            registry=r,
+        )
         self.store_up = Gauge("mixer_store_up", "1 when the state store answers", registry=r)
         self.trained_step = Gauge("mixer_trained_step", "Step trainers reported", ["job"], registry=r)
         self.high_water = Gauge("mixer_served_high_water", "Highest step served", ["job"], registry=r)

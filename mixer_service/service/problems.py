@@ -1,12 +1,14 @@
-"""Domain errors -> RFC 9457 problem+json responses; one table, one handler."""
+"""Domain errors -> RFC 9457 problem+json responses; one table, one handler, and their OpenAPI description."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixer_service.errors import (
@@ -15,10 +17,11 @@ from mixer_service.errors import (
     InvalidInput,
     MixerError,
     NotFound,
-    StaleVersion,
     SourceUnavailable,
+    StaleVersion,
     StoreBehind,
     StoreUnavailable,
+    TooLarge,
 )
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,7 @@ MEDIA_TYPE = "application/problem+json"
 RETRY_AFTER_S = 2
 
 _STATUS: list[tuple[type[MixerError], int, str]] = [
+    (TooLarge, 413, "Content too large"),
     (InvalidInput, 422, "Invalid input"),
     (NotFound, 404, "Not found"),
     (Conflict, 409, "Conflict"),
@@ -33,8 +37,44 @@ _STATUS: list[tuple[type[MixerError], int, str]] = [
     (StoreUnavailable, 503, "State store unavailable"),
     (StoreBehind, 503, "State store is behind this replica"),
     (SourceUnavailable, 503, "Source unavailable"),
-    (CorruptData, 500, "Corrupt source data"),
+    (CorruptData, 503, "Corrupt data"),
 ]
+
+
+# The extension member ``fault`` names why a 503 was answered, for clients, logs and the metric.
+_FAULTS: list[tuple[type[MixerError], str]] = [
+    (SourceUnavailable, "source_unavailable"),
+    (StoreUnavailable, "store_unavailable"),
+    (CorruptData, "corrupt_data"),
+]
+
+_TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
+           405: "Method not allowed",
+           409: "Conflict", 412: "Precondition failed", 413: "Content too large", 422: "Invalid input",
+           428: "Precondition required", 500: "Internal error", 503: "Service unavailable"}
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, as every error of this API is reported."""
+
+    type: str = Field(default="about:blank")
+    title: str
+    status: int
+    detail: str
+    instance: str
+    fault: str | None = Field(default=None, description="503 only: why the service is unavailable "
+                              "(store_unavailable, source_unavailable, corrupt_data, job_missing, "
+                              "incarnation_changed, "
+                              "version_rollback, high_water_rollback, chain_broken)")
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the problem statuses a route can answer (401 and 503 apply everywhere)."""
+    return {
+        status: {"model": Problem, "description": _TITLES[status],
+                 "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+        for status in sorted(set(statuses) | {401, 422, 503})
+    }
 
 
 class ProblemError(Exception):
@@ -45,9 +85,19 @@ class ProblemError(Exception):
         self.status, self.title, self.detail, self.headers = status, title, detail, headers or {}
 
 
-def problem(status: int, title: str, detail: str, instance: str, headers: dict[str, str] | None = None):
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": instance}
+def problem(status: int, title: str, detail: str, instance: str, headers: dict[str, str] | None = None,
+            fault: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail,
+                            "instance": instance}
+    if fault is not None:
+        body["fault"] = fault
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+def fault_of(exc: MixerError) -> str | None:
+    if isinstance(exc, StoreBehind):
+        return exc.fault
+    return next((name for cls, name in _FAULTS if isinstance(exc, cls)), None)
 
 
 def install(app: FastAPI) -> None:
@@ -56,9 +106,13 @@ def install(app: FastAPI) -> None:
         for cls, status, title in _STATUS:
             if isinstance(exc, cls):
                 headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+                fault = fault_of(exc)
+                if fault is not None:
+                    request.app.state.metrics.faults.labels(fault).inc()
                 if status >= 500:
-                    log.error("request failed", extra={"path": request.url.path, "error": str(exc)})
-                return problem(status, title, str(exc), request.url.path, headers)
+                    log.error("request failed", extra={"path": request.url.path, "error": str(exc),
+                                                       "fault": fault})
+                return problem(status, title, str(exc), request.url.path, headers, fault)
         return problem(500, "Internal error", str(exc), request.url.path)
 
     @app.exception_handler(ProblemError)
@@ -72,4 +126,6 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return problem(exc.status_code, str(exc.detail), str(exc.detail), request.url.path)
+        # Starlette's own errors (404 for unknown paths, 405 with its Allow header) keep their headers.
+        return problem(exc.status_code, _TITLES.get(exc.status_code, str(exc.detail)), str(exc.detail),
+                       request.url.path, dict(exc.headers or {}))

@@ -60,6 +60,14 @@ class SourceRegistry:
                 f"image source {name!r} is not on this server (it has {sorted(self.images)})"
             ) from None
 
+    def problems(self) -> list[str]:
+        """What makes a loaded source unservable now (empty when all are intact); cheap enough for probes."""
+        return [
+            f"source {name!r}: {src.meta.path / 'meta.json'} is missing"
+            for name, src in sorted(self.sources.items())
+            if not (src.meta.path / "meta.json").is_file()
+        ]
+
     def describe(self) -> list[dict]:
         return [
             {

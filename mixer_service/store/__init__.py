@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mixer_service.errors import InvalidInput
-from mixer_service.store.base import ScheduleVersion, StateStore
+from mixer_service.store.base import ScheduleVersion, StateStore, StoreLimits
 from mixer_service.store.embedded import EmbeddedStore
 
 __all__ = ["ScheduleVersion", "StateStore", "open_store"]
@@ -18,15 +18,15 @@ __all__ = ["ScheduleVersion", "StateStore", "open_store"]
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-def open_store(url: str | None, path: Path) -> StateStore:
+def open_store(url: str | None, path: Path, limits: StoreLimits | None = None) -> StateStore:
     """A Redis store for a Redis URL (see ``REDIS_SCHEMES``), else the SQLite file at ``path``."""
     if url is None:
-        return EmbeddedStore(path)
+        return EmbeddedStore(path, limits=limits)
     if url.startswith(REDIS_SCHEMES):
         # Imported lazily: redis-py is only a dependency of multi-replica deployments.
         from mixer_service.store.redis_store import RedisStore
 
-        return RedisStore(url)
+        return RedisStore(url, limits=limits)
     # Only the scheme is echoed: the URL may carry a password.
     scheme = urlsplit(url).scheme
     raise InvalidInput(

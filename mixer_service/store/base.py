@@ -1,37 +1,53 @@
-"""The state-store contract: jobs, the append-only schedule log and serving progress.
+"""The state-store contract: jobs, the append-only, hash-chained schedule log and serving progress.
 
-Both implementations (embedded SQLite, Redis) keep the same two invariants, and the only schedule-change
+Both implementations (embedded SQLite, Redis) keep the same invariants, and the only schedule-change
 algorithm lives here so they cannot drift apart:
 
-* the schedule log is append-only with consecutive versions 1, 2, 3, ...;
+* every job has an *incarnation*: a random id fixed at creation, so a job deleted and recreated under the
+  same id is a different job, and every write names the incarnation it means;
+* the schedule log is append-only with consecutive versions 1, 2, 3, ...; version ``v`` carries
+  ``chain = sha256(chain(v - 1) + canonical JSON of v)`` with ``chain(0) = incarnation``, so a replica can
+  prove that the log it holds is a prefix of the store's (or that it is not);
 * a version's ``effective_step`` is greater than the served high water at the instant it is committed.
 
-Together with ``mark_served`` returning the latest version in the same atomic step as it raises the high
-water, this means a step served under version ``v`` can never be affected by a version ``> v``: schedule
-changes never rewrite history, across threads, processes and replicas.
+Together with ``mark_served`` returning the job's head in the same atomic step as it raises the high water,
+a step served under version ``v`` can never be affected by a version ``> v``: schedule changes never
+rewrite history, across threads, processes and replicas.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from types import TracebackType
 from typing import Any
 
 from mixer_service.errors import Conflict, CorruptData, InvalidInput, StaleVersion
+from mixer_service.values import VERSION
 
 logger = logging.getLogger(__name__)
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+INCARNATION_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
 # The high water moves once per training step, so a change only loses the commit race when a step is
 # served between reading the head and committing; a handful of attempts is plenty even at many steps/s.
 MAX_COMMIT_ATTEMPTS = 8
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """Caps that keep every request's work bounded (each is a clear 409 when reached)."""
+
+    max_jobs: int = 1000
+    max_versions: int = 1000
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,7 @@ class ScheduleVersion:
     time: float
     author: str
     reason: str
+    chain: str = ""  # sha256 over the previous chain and this entry (see the module docstring)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,37 +78,57 @@ class ScheduleVersion:
             time=float(data["time"]),
             author=str(data["author"]),
             reason=str(data["reason"]),
+            chain=str(data.get("chain", "")),
         )
+
+    def link(self, previous_chain: str) -> str:
+        """This entry's chain hash when it follows an entry whose chain is ``previous_chain``."""
+        body = {k: v for k, v in self.to_dict().items() if k != "chain"}
+        return hashlib.sha256((previous_chain + canonical_json(body)).encode()).hexdigest()
+
+    def sealed(self, previous_chain: str) -> ScheduleVersion:
+        return replace(self, chain=self.link(previous_chain))
+
+
+def verify_chain(previous_chain: str, versions: Sequence[ScheduleVersion]) -> bool:
+    """Whether ``versions`` link one by one onto ``previous_chain`` (the incarnation for version 1)."""
+    for version in versions:
+        if version.link(previous_chain) != version.chain:
+            return False
+        previous_chain = version.chain
+    return True
 
 
 @dataclass(frozen=True)
-class Head:
-    """The two numbers a schedule change depends on, read together."""
+class JobHead:
+    """Everything a request must know to prove its view of a job current, read in one atomic step."""
 
+    incarnation: str
     version: int
+    chain: str  # chain hash of the latest version
     served_high_water: int
+    trained_step: int
 
 
-def check_job_id(job_id: str) -> str:
-    """Reject ids that could collide in key layouts or paths before they reach a backend."""
-    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
-        raise InvalidInput(f"job id {job_id!r} must match {JOB_ID_PATTERN.pattern}")
-    return job_id
+def new_incarnation() -> str:
+    return secrets.token_hex(16)
 
 
-def check_int(value: int, name: str, minimum: int = 0) -> int:
-    """Steps and versions arrive from JSON and query strings; bools and floats are not integers here."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidInput(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+def job_limit_error(limits: StoreLimits) -> Conflict:
+    return Conflict(f"this server holds its limit of {limits.max_jobs} jobs; raise --max-jobs or remove jobs")
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no whitespace: equal values give equal bytes (and equal chain hashes) everywhere."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def to_json(value: dict[str, Any], what: str) -> str:
-    """Serialize canonically (sorted keys) so equal values give equal bytes in every backend."""
+    """Serialize canonically so equal values give equal bytes in every backend."""
     if not isinstance(value, dict):
         raise InvalidInput(f"{what} must be a JSON object, got {type(value).__name__}")
     try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return canonical_json(value)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{what} is not JSON-serializable: {exc}") from exc
 
@@ -114,17 +151,22 @@ def decode_config(raw: str | bytes, where: str) -> dict[str, Any]:
     return config
 
 
-def _raise_if_stale(job_id: str, head: Head, expected_version: int) -> None:
-    if head.version != expected_version:
-        raise StaleVersion(f"job {job_id!r} is at schedule version {head.version}, not {expected_version}")
+@dataclass(frozen=True)
+class ChangePlan:
+    """Where a schedule change takes effect, and the highest served step under which that is still safe."""
+
+    effective_step: int
+    max_high_water: int
 
 
 class StateStore(ABC):
     """Where jobs, schedule logs and serving progress live; shared by every replica serving a job.
 
     Unknown jobs raise ``NotFound``, malformed arguments ``InvalidInput``, an unreachable backend
-    ``StoreUnavailable``.
+    ``StoreUnavailable``, a reached limit ``Conflict``.
     """
+
+    limits: StoreLimits = StoreLimits()
 
     @abstractmethod
     def get_job(self, job_id: str) -> dict[str, Any]:
@@ -135,119 +177,140 @@ class StateStore(ABC):
         """All job ids, sorted."""
 
     @abstractmethod
-    def schedule_log(self, job_id: str) -> list[ScheduleVersion]:
-        """Every schedule version of the job, oldest first."""
+    def head(self, job_id: str) -> JobHead:
+        """Incarnation, latest version and chain, served high water and trained step, read atomically."""
 
     @abstractmethod
-    def mark_served(self, job_id: str, step: int) -> int:
-        """Raise the served high water to at least ``step`` and return the latest version, atomically.
+    def versions(self, job_id: str, after: int = 0) -> list[ScheduleVersion]:
+        """The schedule versions numbered above ``after``, oldest first (all of them for ``after=0``)."""
 
-        Because every later version takes effect after the high water at its commit, the returned version
-        is final for ``step``: the serve path may plan the batch from the first ``v`` log entries.
+    @abstractmethod
+    def mark_served(self, job_id: str, step: int, incarnation: str) -> JobHead:
+        """Raise the served high water to at least ``step`` and return the head, atomically.
+
+        Nothing is written unless the job's incarnation is ``incarnation`` (a recreated job is another
+        job). Because every later version takes effect after the high water at its commit, the returned
+        version is final for ``step``: the serve path may plan the batch from the first ``v`` log entries.
         """
-
-    @abstractmethod
-    def served_high_water(self, job_id: str) -> int:
-        """The highest step ever passed to ``mark_served`` (-1 if none)."""
 
     @abstractmethod
     def set_trained_step(self, job_id: str, step: int) -> None:
         """Record the trainer's progress; may go down when a job resumes from an older checkpoint."""
 
     @abstractmethod
-    def trained_step(self, job_id: str) -> int:
-        """The last step passed to ``set_trained_step`` (-1 if none)."""
-
-    @abstractmethod
-    def ping(self) -> None:
-        """Raise ``StoreUnavailable`` unless the backend answers (for readiness probes)."""
+    def ping(self, timeout: float | None = None) -> None:
+        """Raise ``StoreUnavailable`` unless the backend answers within ``timeout`` (readiness probes)."""
 
     @abstractmethod
     def close(self) -> None:
         """Release connections; the store must not be used afterwards."""
 
     @abstractmethod
-    def _insert_job(self, job_id: str, config_json: str, first: ScheduleVersion) -> bool:
-        """Store config and first version atomically iff the job does not exist; returns whether it did."""
+    def _insert_job(self, job_id: str, config_json: str, incarnation: str, first: ScheduleVersion) -> bool:
+        """Store config, incarnation and first version atomically iff the job does not exist and fewer than
+        ``limits.max_jobs`` jobs do; returns whether it was created (``Conflict`` when the limit is hit)."""
 
     @abstractmethod
-    def _head(self, job_id: str) -> Head:
-        """Read the current version and served high water consistently (``NotFound`` if unknown)."""
+    def _commit_version(self, job_id: str, incarnation: str, previous_chain: str, new: ScheduleVersion,
+                        max_high_water: int) -> JobHead | None:
+        """Append ``new`` atomically iff the job is still ``incarnation``, its log ends at ``new.version - 1``
+        with ``previous_chain`` (which ``new`` links onto), and the served high water is at most
+        ``max_high_water``.
 
-    @abstractmethod
-    def _commit_version(self, job_id: str, new: ScheduleVersion, max_high_water: int) -> Head | None:
-        """Append ``new`` atomically iff the log ends at ``new.version - 1`` and the served high water is
-        at most ``max_high_water`` (itself at most ``new.effective_step - 1``).
-
-        Returns None when committed, else the head that was observed and blocked the commit.
+        Returns None when committed (or already committed by a retry of this call), else the head that was
+        observed and blocked the commit.
         """
+
+    @abstractmethod
+    def restore(self, job_id: str, incarnation: str, previous_chain: str, missing: Sequence[ScheduleVersion],
+                min_high_water: int) -> JobHead:
+        """Put back state the store lost but a replica holds, and return the head afterwards.
+
+        ``missing`` (possibly empty; verified by the caller to link onto ``previous_chain``) is appended iff
+        the store's log ends with ``previous_chain``; the high water is raised to ``min_high_water``. Both
+        only for the same incarnation.
+        Raising the high water never changes a batch; re-appending verified versions restores history.
+        """
+
+    # -- derived operations: one implementation for every backend ----------------------------------
+
+    def schedule_log(self, job_id: str) -> list[ScheduleVersion]:
+        """Every schedule version of the job, oldest first."""
+        return self.versions(job_id)
+
+    def served_high_water(self, job_id: str) -> int:
+        """The highest step ever passed to ``mark_served`` (-1 if none)."""
+        return self.head(job_id).served_high_water
+
+    def trained_step(self, job_id: str) -> int:
+        """The last step passed to ``set_trained_step`` (-1 if none)."""
+        return self.head(job_id).trained_step
 
     def create_job(
         self, job_id: str, config: dict[str, Any], schedule: dict[str, Any], author: str, reason: str
-    ) -> ScheduleVersion:
-        """Atomically store the config and schedule version 1 (effective at step 0); ``Conflict`` if taken."""
+    ) -> tuple[ScheduleVersion, str]:
+        """Store the config and schedule version 1 (effective at step 0) under a new incarnation.
+
+        Returns the sealed first version and the incarnation; ``Conflict`` if the id is taken.
+        """
         check_job_id(job_id)
         config_json = to_json(config, "job config")
         to_json(schedule, "schedule")
-        first = ScheduleVersion(1, 0, schedule, time.time(), author, reason)
-        if not self._insert_job(job_id, config_json, first):
+        incarnation = new_incarnation()
+        first = ScheduleVersion(1, 0, schedule, time.time(), author, reason).sealed(incarnation)
+        if not self._insert_job(job_id, config_json, incarnation, first):
             raise Conflict(f"job {job_id!r} already exists")
-        logger.info("job created", extra={"job_id": job_id, "author": author})
-        return first
+        logger.info("job created", extra={"job_id": job_id, "author": author, "incarnation": incarnation})
+        return first, incarnation
 
     def change_schedule(
         self,
         job_id: str,
-        expected_version: int,
-        requested_step: int,
+        incarnation: str,
+        expected: ScheduleVersion,
         schedule: dict[str, Any],
         author: str,
         reason: str,
-        validate: Callable[[int], int | None],
+        plan: Callable[[int], ChangePlan],
     ) -> ScheduleVersion:
-        """Append a schedule version effective at ``max(requested_step, served high water + 1)``.
+        """Append a schedule version after ``expected``, where ``plan(served high water)`` says.
 
-        Optimistic concurrency: ``StaleVersion`` unless the log still ends at ``expected_version``, so of N
-        concurrent callers with the same expectation exactly one wins. ``validate(effective_step)`` runs
-        before the commit and outside any lock (it may be slow); if it raises, nothing changes. It may return
-        the highest served step under which that effective step is still safe (default: effective - 1); the
-        commit is atomic with that bound. When the high water moved past it, the step is recomputed and
-        validated again.
+        Optimistic concurrency: ``StaleVersion`` unless the log still ends at ``expected`` (same version and
+        chain) of the same incarnation, so of N concurrent callers with the same expectation exactly one
+        wins. ``plan`` owns the effective-step rule; it runs before the commit and outside any lock (it may
+        be slow), and again with the fresh high water whenever serving moved past its bound. If it raises,
+        nothing changes. The commit is atomic with ``max_high_water``.
         """
         check_job_id(job_id)
-        check_int(requested_step, "requested step")
-        check_int(expected_version, "expected version", minimum=1)
+        VERSION.check(expected.version, "expected version")
         to_json(schedule, "schedule")
-        head = self._head(job_id)
+        head = self.head(job_id)
         for _ in range(MAX_COMMIT_ATTEMPTS):
-            _raise_if_stale(job_id, head, expected_version)
-            effective = max(requested_step, head.served_high_water + 1)
-            bound = validate(effective)
-            max_high_water = effective - 1 if bound is None else min(bound, effective - 1)
-            new = ScheduleVersion(expected_version + 1, effective, schedule, time.time(), author, reason)
-            blocked = self._commit_version(job_id, new, max_high_water)
+            _raise_if_stale(job_id, head, incarnation, expected)
+            if head.version >= self.limits.max_versions:
+                raise Conflict(f"job {job_id!r} has reached the limit of {self.limits.max_versions} "
+                               "schedule versions")
+            planned = plan(head.served_high_water)
+            if planned.max_high_water >= planned.effective_step:
+                raise AssertionError(f"a change plan must keep its bound below its effective step: {planned}")
+            new = ScheduleVersion(
+                expected.version + 1, planned.effective_step, schedule, time.time(), author, reason
+            ).sealed(expected.chain)
+            blocked = self._commit_version(job_id, incarnation, expected.chain, new, planned.max_high_water)
             if blocked is None:
                 logger.info(
                     "schedule changed",
-                    extra={
-                        "job_id": job_id,
-                        "version": new.version,
-                        "requested_step": requested_step,
-                        "effective_step": effective,
-                        "author": author,
-                    },
+                    extra={"job_id": job_id, "version": new.version, "effective_step": new.effective_step,
+                           "author": author},
                 )
                 return new
             logger.debug(
-                "schedule commit retried: steps were served past the effective step",
-                extra={
-                    "job_id": job_id,
-                    "effective_step": effective,
-                    "high_water": blocked.served_high_water,
-                },
+                "schedule commit retried: steps were served past the bound",
+                extra={"job_id": job_id, "bound": planned.max_high_water,
+                       "high_water": blocked.served_high_water},
             )
             head = blocked
-        _raise_if_stale(job_id, head, expected_version)
+        _raise_if_stale(job_id, head, incarnation, expected)
         raise Conflict(
             f"job {job_id!r}: steps were served past the effective step {MAX_COMMIT_ATTEMPTS} times in a row "
             f"while committing the schedule change; retry, or request a later step"
@@ -260,3 +323,20 @@ class StateStore(ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def check_job_id(job_id: str) -> str:
+    """Reject ids that could collide in key layouts or paths before they reach a backend."""
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
+        raise InvalidInput(f"job id {job_id!r} must match {JOB_ID_PATTERN.pattern}")
+    return job_id
+
+
+def _raise_if_stale(job_id: str, head: JobHead, incarnation: str, expected: ScheduleVersion) -> None:
+    if head.incarnation != incarnation:
+        raise StaleVersion(f"job {job_id!r} was recreated (incarnation {head.incarnation}, "
+                           f"not {incarnation})")
+    if head.version != expected.version:
+        raise StaleVersion(f"job {job_id!r} is at schedule version {head.version}, not {expected.version}")
+    if head.chain != expected.chain:
+        raise StaleVersion(f"job {job_id!r}: schedule version {head.version} is not the one expected")

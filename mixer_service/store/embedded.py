@@ -15,28 +15,32 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mixer_service.errors import CorruptData, NotFound, StoreUnavailable
 from mixer_service.store.base import (
-    Head,
+    JobHead,
     ScheduleVersion,
     StateStore,
-    check_int,
+    StoreLimits,
     check_job_id,
     decode_config,
     decode_version,
+    job_limit_error,
+    new_incarnation,
     to_json,
 )
+from mixer_service.values import STEP, TRAINED_STEP
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # How long a writer waits for another process's transaction before reporting the store unavailable.
 BUSY_TIMEOUT_S = 10.0
+_HEAD = "incarnation, version, chain, served_high_water, trained_step"
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -44,7 +48,9 @@ _SCHEMA = (
         config TEXT NOT NULL,
         version INTEGER NOT NULL,
         served_high_water INTEGER NOT NULL DEFAULT -1,
-        trained_step INTEGER NOT NULL DEFAULT -1
+        trained_step INTEGER NOT NULL DEFAULT -1,
+        incarnation TEXT NOT NULL DEFAULT '',
+        chain TEXT NOT NULL DEFAULT ''
     )""",
     """CREATE TABLE IF NOT EXISTS schedule_versions (
         job_id TEXT NOT NULL REFERENCES jobs(job_id),
@@ -58,8 +64,9 @@ _SCHEMA = (
 class EmbeddedStore(StateStore):
     """SQLite-backed store; one connection per store guarded by a lock, safe to share across threads."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, limits: StoreLimits | None = None) -> None:
         self._path = Path(path)
+        self.limits = limits or StoreLimits()
         self._lock = threading.Lock()
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,18 +84,42 @@ class EmbeddedStore(StateStore):
         logger.info("embedded store opened", extra={"path": str(self._path)})
 
     def _initialize(self) -> None:
-        """Create or check the schema; safe when several processes open a fresh file at once."""
+        """Create, migrate or check the schema; safe when several processes open a fresh file at once."""
         with self._guard() as conn:
             # Journal mode is a property of the file and cannot change inside a transaction.
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
         with self._transaction(write=True) as conn:
             schema = conn.execute("PRAGMA user_version").fetchone()[0]
-            if schema not in (0, SCHEMA_VERSION):
+            if schema not in (0, 1, SCHEMA_VERSION):
                 raise CorruptData(f"state database {self._path} has unknown schema version {schema}")
+            if schema == 1:
+                self._migrate_from_v1(conn)
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _migrate_from_v1(self, conn: sqlite3.Connection) -> None:
+        """Version 1 had no incarnations or chains: give each job one and seal its log in place."""
+        conn.execute("ALTER TABLE jobs ADD COLUMN incarnation TEXT NOT NULL DEFAULT ''")
+        conn.execute("ALTER TABLE jobs ADD COLUMN chain TEXT NOT NULL DEFAULT ''")
+        for (job_id,) in conn.execute("SELECT job_id FROM jobs").fetchall():
+            chain = incarnation = new_incarnation()
+            rows = conn.execute(
+                "SELECT version, body FROM schedule_versions WHERE job_id = ? ORDER BY version", (job_id,)
+            ).fetchall()
+            for version, body in rows:
+                sealed = decode_version(body, f"{self._path} job {job_id!r}").sealed(chain)
+                chain = sealed.chain
+                conn.execute(
+                    "UPDATE schedule_versions SET body = ? WHERE job_id = ? AND version = ?",
+                    (to_json(sealed.to_dict(), "schedule version"), job_id, version),
+                )
+            conn.execute(
+                "UPDATE jobs SET incarnation = ?, chain = ? WHERE job_id = ?", (incarnation, chain, job_id)
+            )
+        logger.warning("state database migrated to schema 2 (incarnations, chained logs)",
+                       extra={"path": str(self._path)})
 
     @contextmanager
     def _guard(self) -> Iterator[sqlite3.Connection]:
@@ -120,11 +151,21 @@ class EmbeddedStore(StateStore):
             raise NotFound(f"unknown job {job_id!r}")
         return tuple(row)
 
-    def _insert_job(self, job_id: str, config_json: str, first: ScheduleVersion) -> bool:
+    def _read_head(self, conn: sqlite3.Connection, job_id: str) -> JobHead:
+        incarnation, version, chain, high_water, trained = self._require_job(conn, job_id, _HEAD)
+        return JobHead(incarnation, int(version), chain, int(high_water), int(trained))
+
+    def _insert_job(self, job_id: str, config_json: str, incarnation: str, first: ScheduleVersion) -> bool:
         with self._transaction(write=True) as conn:
             if conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone():
                 return False
-            conn.execute("INSERT INTO jobs (job_id, config, version) VALUES (?, ?, 1)", (job_id, config_json))
+            (count,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
+            if count >= self.limits.max_jobs:
+                raise job_limit_error(self.limits)
+            conn.execute(
+                "INSERT INTO jobs (job_id, config, version, incarnation, chain) VALUES (?, ?, 1, ?, ?)",
+                (job_id, config_json, incarnation, first.chain),
+            )
             self._append_version(conn, job_id, first)
         return True
 
@@ -132,6 +173,9 @@ class EmbeddedStore(StateStore):
         conn.execute(
             "INSERT INTO schedule_versions (job_id, version, body) VALUES (?, ?, ?)",
             (job_id, new.version, to_json(new.to_dict(), "schedule version")),
+        )
+        conn.execute(
+            "UPDATE jobs SET version = ?, chain = ? WHERE job_id = ?", (new.version, new.chain, job_id)
         )
 
     def get_job(self, job_id: str) -> dict[str, Any]:
@@ -144,65 +188,78 @@ class EmbeddedStore(StateStore):
         with self._transaction(write=False) as conn:
             return [row[0] for row in conn.execute("SELECT job_id FROM jobs ORDER BY job_id")]
 
-    def schedule_log(self, job_id: str) -> list[ScheduleVersion]:
+    def head(self, job_id: str) -> JobHead:
+        check_job_id(job_id)
+        with self._transaction(write=False) as conn:
+            return self._read_head(conn, job_id)
+
+    def versions(self, job_id: str, after: int = 0) -> list[ScheduleVersion]:
         check_job_id(job_id)
         with self._transaction(write=False) as conn:
             self._require_job(conn, job_id, "1")
             rows = conn.execute(
-                "SELECT body FROM schedule_versions WHERE job_id = ? ORDER BY version", (job_id,)
+                "SELECT body FROM schedule_versions WHERE job_id = ? AND version > ? ORDER BY version",
+                (job_id, after),
             ).fetchall()
         return [decode_version(body, f"{self._path} job {job_id!r}") for (body,) in rows]
 
-    def _head(self, job_id: str) -> Head:
-        check_job_id(job_id)
-        with self._transaction(write=False) as conn:
-            version, high_water = self._require_job(conn, job_id, "version, served_high_water")
-        return Head(version, high_water)
-
-    def _commit_version(self, job_id: str, new: ScheduleVersion, max_high_water: int) -> Head | None:
+    def _commit_version(self, job_id: str, incarnation: str, previous_chain: str, new: ScheduleVersion,
+                        max_high_water: int) -> JobHead | None:
         with self._transaction(write=True) as conn:
-            version, high_water = self._require_job(conn, job_id, "version, served_high_water")
-            if version != new.version - 1 or high_water > max_high_water:
-                return Head(version, high_water)
+            head = self._read_head(conn, job_id)
+            if (head.incarnation != incarnation or head.version != new.version - 1
+                    or head.chain != previous_chain or head.served_high_water > max_high_water):
+                return head
             self._append_version(conn, job_id, new)
-            conn.execute("UPDATE jobs SET version = ? WHERE job_id = ?", (new.version, job_id))
         return None
 
-    def mark_served(self, job_id: str, step: int) -> int:
+    def restore(self, job_id: str, incarnation: str, previous_chain: str, missing: Sequence[ScheduleVersion],
+                min_high_water: int) -> JobHead:
         check_job_id(job_id)
-        check_int(step, "step")
+        with self._transaction(write=True) as conn:
+            head = self._read_head(conn, job_id)
+            if head.incarnation != incarnation:
+                return head
+            if missing and head.chain == previous_chain:
+                for version in missing:
+                    self._append_version(conn, job_id, version)
+            conn.execute(
+                "UPDATE jobs SET served_high_water = ? WHERE job_id = ? AND served_high_water < ?",
+                (min_high_water, job_id, min_high_water),
+            )
+            return self._read_head(conn, job_id)
+
+    def mark_served(self, job_id: str, step: int, incarnation: str) -> JobHead:
+        check_job_id(job_id)
+        STEP.check(step)
         with self._transaction(write=True) as conn:
             # The WHERE clause keeps the transaction read-only (no WAL write, no fsync) for repeated steps.
             conn.execute(
-                "UPDATE jobs SET served_high_water = ? WHERE job_id = ? AND served_high_water < ?",
-                (step, job_id, step),
+                "UPDATE jobs SET served_high_water = ? "
+                "WHERE job_id = ? AND incarnation = ? AND served_high_water < ?",
+                (step, job_id, incarnation, step),
             )
-            (version,) = self._require_job(conn, job_id, "version")
-        return int(version)
-
-    def served_high_water(self, job_id: str) -> int:
-        check_job_id(job_id)
-        with self._transaction(write=False) as conn:
-            (high_water,) = self._require_job(conn, job_id, "served_high_water")
-        return int(high_water)
+            return self._read_head(conn, job_id)
 
     def set_trained_step(self, job_id: str, step: int) -> None:
         check_job_id(job_id)
-        check_int(step, "step")
+        TRAINED_STEP.check(step)
         with self._transaction(write=True) as conn:
             updated = conn.execute("UPDATE jobs SET trained_step = ? WHERE job_id = ?", (step, job_id))
             if updated.rowcount == 0:
                 raise NotFound(f"unknown job {job_id!r}")
 
-    def trained_step(self, job_id: str) -> int:
-        check_job_id(job_id)
-        with self._transaction(write=False) as conn:
-            (trained,) = self._require_job(conn, job_id, "trained_step")
-        return int(trained)
-
-    def ping(self) -> None:
-        with self._guard() as conn:
-            conn.execute("SELECT 1").fetchone()
+    def ping(self, timeout: float | None = None) -> None:
+        # Waits for this process's connection at most ``timeout``: a writer stuck on another process's
+        # lock must not make the readiness probe hang with it.
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise StoreUnavailable(f"state database {self._path}: busy for more than {timeout:g} s")
+        try:
+            self._conn.execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"state database {self._path}: {exc}") from exc
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         with self._lock:

@@ -3,22 +3,26 @@
 Key layout (the ``{job}`` hash tag puts a job's keys in one cluster slot, so per-job scripts and
 transactions are single-slot):
 
-==========================  ======  ===============================================================
-``mixer:jobs``              SET     every job id (for ``list_jobs``)
-``mixer:{job}:config``      STRING  canonical JSON of the job config
-``mixer:{job}:schedule``    LIST    canonical JSON of each ScheduleVersion; its length is the latest version
-``mixer:{job}:hw``          STRING  served high water (-1 until the first ``mark_served``)
-``mixer:{job}:trained``     STRING  last reported trained step (-1 until reported)
-==========================  ======  ===============================================================
+===============================  ======  ==========================================================
+``mixer:jobs``                   SET     every job id (for ``list_jobs``)
+``mixer:{job}:config``           STRING  canonical JSON of the job config
+``mixer:{job}:incarnation``      STRING  random id fixed at creation (a recreated job gets a new one)
+``mixer:{job}:schedule``         LIST    canonical JSON of each ScheduleVersion (length = latest version)
+``mixer:{job}:chain``            STRING  chain hash of the latest version
+``mixer:{job}:hw``               STRING  served high water (-1 until the first ``mark_served``)
+``mixer:{job}:trained``          STRING  last reported trained step (-1 until reported)
+===============================  ======  ==========================================================
 
-Every multi-key update is one Lua script, so it is atomic across replicas. Writes are made safe to retry
-after a lost reply: when a create or commit finds its own bytes already stored, it reports success.
+Every multi-key read or update is one Lua script, so it is atomic across replicas and costs one round
+trip. Writes are made safe to retry after a lost reply: when a create or commit finds its own bytes already
+stored, it reports success. Durability is Redis's: run it with AOF ``appendfsync always`` (docs/operations.md)
+or a lost second of writes is detected by every replica that saw it, which then answers 503.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -29,61 +33,91 @@ from redis.retry import Retry
 
 from mixer_service.errors import NotFound, StoreUnavailable
 from mixer_service.store.base import (
-    Head,
+    JobHead,
     ScheduleVersion,
     StateStore,
-    check_int,
+    StoreLimits,
     check_job_id,
     decode_config,
     decode_version,
+    job_limit_error,
     to_json,
 )
+from mixer_service.values import STEP, TRAINED_STEP
 
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "mixer"
 JOBS_KEY = f"{KEY_PREFIX}:jobs"
+FIELDS = ("incarnation", "schedule", "chain", "hw", "trained")  # KEYS[1..5] of every per-job script
 
 # A replica must answer its trainers quickly or fail over, never hang on a dead Redis.
 SOCKET_TIMEOUT_S = 2.0
 RETRY_ATTEMPTS = 2
 
-# KEYS: config, schedule, hw, trained, jobs. ARGV: job_id, config_json, first_version_json.
-# Returns {1} when created, else {0, stored config, stored first version} so a retry can recognize itself.
-_CREATE_JOB = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {0, redis.call('GET', KEYS[1]), redis.call('LINDEX', KEYS[2], 0)}
+# The head as one array; ARGV-free. Shared by the scripts below as their return value.
+_HEAD = """
+local function head()
+  return {redis.call('GET', KEYS[1]), redis.call('LLEN', KEYS[2]), redis.call('GET', KEYS[3]),
+          redis.call('GET', KEYS[4]), redis.call('GET', KEYS[5])}
 end
-redis.call('SET', KEYS[1], ARGV[2])
+"""
+
+# KEYS: FIELDS + config, jobs. ARGV: job_id, config_json, first_json, incarnation, first_chain, max_jobs.
+# Returns {1} when created, {-2} at the job limit, else {0, stored config, stored first version}.
+_CREATE_JOB = """
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  return {0, redis.call('GET', KEYS[6]), redis.call('LINDEX', KEYS[2], 0)}
+end
+if redis.call('SCARD', KEYS[7]) >= tonumber(ARGV[6]) then return {-2} end
+redis.call('SET', KEYS[6], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[4])
 redis.call('RPUSH', KEYS[2], ARGV[3])
-redis.call('SET', KEYS[3], '-1')
+redis.call('SET', KEYS[3], ARGV[5])
 redis.call('SET', KEYS[4], '-1')
-redis.call('SADD', KEYS[5], ARGV[1])
+redis.call('SET', KEYS[5], '-1')
+redis.call('SADD', KEYS[7], ARGV[1])
 return {1}
 """
 
-# KEYS: schedule, hw. ARGV: new_version, high-water limit (max_high_water + 1), version_json.
-# Appends iff the log ends at new_version - 1 and the high water is below the limit.
-# Returns {1} when committed, {-1} for an unknown job, else {0, version, hw, last entry}.
-_COMMIT_VERSION = """
-local version = redis.call('LLEN', KEYS[1])
-if version == 0 then return {-1} end
-local hw = tonumber(redis.call('GET', KEYS[2]))
-if version == tonumber(ARGV[1]) - 1 and hw < tonumber(ARGV[2]) then
-  redis.call('RPUSH', KEYS[1], ARGV[3])
-  return {1}
+_READ_HEAD = _HEAD + "return head()"
+
+# ARGV: incarnation, new_version, high-water limit (max_high_water + 1), version_json, previous chain, chain.
+# Appends iff the same incarnation's log ends at new_version - 1 with the previous chain and hw < limit.
+# Returns {1} when committed (or this exact entry already is the last), else {0, head...}.
+_COMMIT_VERSION = _HEAD + """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  local version = redis.call('LLEN', KEYS[2])
+  if version == tonumber(ARGV[2]) - 1 and redis.call('GET', KEYS[3]) == ARGV[5]
+     and tonumber(redis.call('GET', KEYS[4])) < tonumber(ARGV[3]) then
+    redis.call('RPUSH', KEYS[2], ARGV[4])
+    redis.call('SET', KEYS[3], ARGV[6])
+    return {1}
+  end
+  if redis.call('LINDEX', KEYS[2], -1) == ARGV[4] then return {1} end
 end
-return {0, version, hw, redis.call('LINDEX', KEYS[1], -1)}
+return {0, head()}
 """
 
-# KEYS: schedule, hw. ARGV: step. Raises the high water and returns the latest version (0: unknown job).
-_MARK_SERVED = """
-local version = redis.call('LLEN', KEYS[1])
-if version == 0 then return 0 end
-if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[2])) then
-  redis.call('SET', KEYS[2], ARGV[1])
+# ARGV: incarnation, step. Raises the high water of that incarnation; returns the head.
+_MARK_SERVED = _HEAD + """
+if redis.call('GET', KEYS[1]) == ARGV[1] and tonumber(ARGV[2]) > tonumber(redis.call('GET', KEYS[4])) then
+  redis.call('SET', KEYS[4], ARGV[2])
 end
-return version
+return head()
+"""
+
+# ARGV: incarnation, min_high_water, expected chain before the first missing entry, then (json, chain)
+# pairs of the missing entries. Appends them iff the log ends on that chain; raises the high water.
+_RESTORE = _HEAD + """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  if #ARGV > 3 and redis.call('GET', KEYS[3]) == ARGV[3] then
+    for i = 4, #ARGV, 2 do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+    redis.call('SET', KEYS[3], ARGV[#ARGV])
+  end
+  if tonumber(ARGV[2]) > tonumber(redis.call('GET', KEYS[4])) then redis.call('SET', KEYS[4], ARGV[2]) end
+end
+return head()
 """
 
 
@@ -100,11 +134,24 @@ def _job_key(job_id: str, field: str) -> str:
     return f"{KEY_PREFIX}:{{{job_id}}}:{field}"
 
 
+def _keys(job_id: str) -> list[str]:
+    return [_job_key(job_id, f) for f in FIELDS]
+
+
+def _to_head(job_id: str, raw: list[Any]) -> JobHead:
+    incarnation, version, chain, high_water, trained = raw
+    if not incarnation or not version or chain is None or high_water is None or trained is None:
+        raise NotFound(f"unknown job {job_id!r}")
+    return JobHead(incarnation, int(version), chain, int(high_water), int(trained))
+
+
 class RedisStore(StateStore):
     """Redis-backed store; thread-safe (redis-py pools connections), shareable by any number of replicas."""
 
-    def __init__(self, url: str, socket_timeout: float = SOCKET_TIMEOUT_S) -> None:
+    def __init__(self, url: str, socket_timeout: float = SOCKET_TIMEOUT_S,
+                 limits: StoreLimits | None = None) -> None:
         self._url = redact_url(url)
+        self.limits = limits or StoreLimits()
         retryable: list[type[Exception]] = [redis.ConnectionError, redis.TimeoutError]
         self._client = redis.Redis.from_url(
             url,
@@ -115,9 +162,12 @@ class RedisStore(StateStore):
             retry=Retry(EqualJitterBackoff(cap=0.5, base=0.05), RETRY_ATTEMPTS),
             retry_on_error=retryable,
         )
+        self._raw_url = url
         self._create_job = self._client.register_script(_CREATE_JOB)
+        self._read_head = self._client.register_script(_READ_HEAD)
         self._commit = self._client.register_script(_COMMIT_VERSION)
         self._mark_served = self._client.register_script(_MARK_SERVED)
+        self._restore = self._client.register_script(_RESTORE)
         logger.info("redis store opened", extra={"url": self._url})
 
     @contextmanager
@@ -128,11 +178,14 @@ class RedisStore(StateStore):
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError) as exc:
             raise StoreUnavailable(f"redis at {self._url} is unavailable: {exc}") from exc
 
-    def _insert_job(self, job_id: str, config_json: str, first: ScheduleVersion) -> bool:
+    def _insert_job(self, job_id: str, config_json: str, incarnation: str, first: ScheduleVersion) -> bool:
         first_json = to_json(first.to_dict(), "schedule version")
-        keys = [_job_key(job_id, f) for f in ("config", "schedule", "hw", "trained")] + [JOBS_KEY]
+        keys = _keys(job_id) + [_job_key(job_id, "config"), JOBS_KEY]
+        args = [job_id, config_json, first_json, incarnation, first.chain, self.limits.max_jobs]
         with self._reachable():
-            created, *stored = self._create_job(keys=keys, args=[job_id, config_json, first_json])
+            created, *stored = self._create_job(keys=keys, args=args)
+        if created == -2:
+            raise job_limit_error(self.limits)
         return bool(created) or stored == [config_json, first_json]
 
     def get_job(self, job_id: str) -> dict[str, Any]:
@@ -147,72 +200,66 @@ class RedisStore(StateStore):
         with self._reachable():
             return sorted(cast(set[str], self._client.smembers(JOBS_KEY)))
 
-    def schedule_log(self, job_id: str) -> list[ScheduleVersion]:
+    def head(self, job_id: str) -> JobHead:
         check_job_id(job_id)
         with self._reachable():
-            entries = self._client.lrange(_job_key(job_id, "schedule"), 0, -1)
-        if not entries:
-            raise NotFound(f"unknown job {job_id!r}")
-        return [decode_version(entry, f"{self._url} job {job_id!r}") for entry in entries]
+            return _to_head(job_id, self._read_head(keys=_keys(job_id)))
 
-    def _head(self, job_id: str) -> Head:
+    def versions(self, job_id: str, after: int = 0) -> list[ScheduleVersion]:
         check_job_id(job_id)
         with self._reachable():
             pipe = self._client.pipeline(transaction=True)
-            pipe.llen(_job_key(job_id, "schedule"))
-            pipe.get(_job_key(job_id, "hw"))
-            version, high_water = pipe.execute()
-        if version == 0 or high_water is None:
+            pipe.exists(_job_key(job_id, "incarnation"))
+            pipe.lrange(_job_key(job_id, "schedule"), after, -1)
+            exists, entries = pipe.execute()
+        if not exists:
             raise NotFound(f"unknown job {job_id!r}")
-        return Head(int(version), int(high_water))
+        return [decode_version(entry, f"{self._url} job {job_id!r}") for entry in entries]
 
-    def _commit_version(self, job_id: str, new: ScheduleVersion, max_high_water: int) -> Head | None:
+    def _commit_version(self, job_id: str, incarnation: str, previous_chain: str, new: ScheduleVersion,
+                        max_high_water: int) -> JobHead | None:
         new_json = to_json(new.to_dict(), "schedule version")
-        keys = [_job_key(job_id, "schedule"), _job_key(job_id, "hw")]
+        args = [incarnation, new.version, max_high_water + 1, new_json, previous_chain, new.chain]
         with self._reachable():
-            outcome = self._commit(keys=keys, args=[new.version, max_high_water + 1, new_json])
-        if outcome[0] == -1:
-            raise NotFound(f"unknown job {job_id!r}")
-        if outcome[0] == 1 or outcome[3] == new_json:
-            return None
-        return Head(int(outcome[1]), int(outcome[2]))
+            outcome = self._commit(keys=_keys(job_id), args=args)
+        return None if outcome[0] == 1 else _to_head(job_id, outcome[1])
 
-    def mark_served(self, job_id: str, step: int) -> int:
+    def restore(self, job_id: str, incarnation: str, previous_chain: str, missing: Sequence[ScheduleVersion],
+                min_high_water: int) -> JobHead:
         check_job_id(job_id)
-        check_int(step, "step")
-        keys = [_job_key(job_id, "schedule"), _job_key(job_id, "hw")]
+        args: list[Any] = [incarnation, min_high_water, previous_chain]
+        for version in missing:
+            args += [to_json(version.to_dict(), "schedule version"), version.chain]
         with self._reachable():
-            version = int(self._mark_served(keys=keys, args=[step]))
-        if version == 0:
-            raise NotFound(f"unknown job {job_id!r}")
-        return version
+            return _to_head(job_id, self._restore(keys=_keys(job_id), args=args))
 
-    def _read_counter(self, job_id: str, field: str) -> int:
+    def mark_served(self, job_id: str, step: int, incarnation: str) -> JobHead:
         check_job_id(job_id)
+        STEP.check(step)
         with self._reachable():
-            raw = self._client.get(_job_key(job_id, field))
-        if raw is None:
-            raise NotFound(f"unknown job {job_id!r}")
-        return int(raw)
-
-    def served_high_water(self, job_id: str) -> int:
-        return self._read_counter(job_id, "hw")
-
-    def trained_step(self, job_id: str) -> int:
-        return self._read_counter(job_id, "trained")
+            return _to_head(job_id, self._mark_served(keys=_keys(job_id), args=[incarnation, step]))
 
     def set_trained_step(self, job_id: str, step: int) -> None:
         check_job_id(job_id)
-        check_int(step, "step")
+        TRAINED_STEP.check(step)
         with self._reachable():
             # XX: only overwrite the key create_job made, so an unknown job is reported, not created.
             updated = self._client.set(_job_key(job_id, "trained"), step, xx=True)
         if not updated:
             raise NotFound(f"unknown job {job_id!r}")
 
-    def ping(self) -> None:
-        with self._reachable():
-            self._client.ping()
+    def ping(self, timeout: float | None = None) -> None:
+        if timeout is None:
+            with self._reachable():
+                self._client.ping()
+            return
+        # A separate short-lived connection without retries: a hung Redis must fail the probe in time.
+        probe = redis.Redis.from_url(self._raw_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            with self._reachable():
+                probe.ping()
+        finally:
+            probe.close()
 
     def close(self) -> None:
         self._client.close()

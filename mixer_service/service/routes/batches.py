@@ -1,3 +1,6 @@
+"""Batches and provenance. Handlers are plain ``def``: FastAPI runs them in its bounded thread pool, so a
+slow store or a large batch never holds the event loop (health checks and other jobs keep answering)."""
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -7,37 +10,44 @@ from fastapi import APIRouter, Depends, Request, Response
 from mixer_service import wire
 from mixer_service.service.auth import require_reader
 from mixer_service.service.jobs import JobManager
+from mixer_service.service.problems import responses
 from mixer_service.service.routes.deps import jobs
+from mixer_service.values import Rank, Step, World, check_step
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["batches"], dependencies=[Depends(require_reader)])
 
 
 @router.get("/batches/{step}", response_class=Response,
-            responses={200: {"content": {wire.MEDIA_TYPE: {}}, "description": "docs/protocol.md"}})
-async def get_batch(request: Request, job_id: str, step: int, rank: int = 0, world: int = 1,
+            responses={200: {"content": {wire.MEDIA_TYPE: {}}, "description": "docs/protocol.md"}}
+            | responses(404, 413))
+def get_batch(request: Request, job_id: str, step: Step, rank: Rank = 0, world: World = 1,
               compression: Literal["none", "zstd"] = "none", manager: JobManager = Depends(jobs)) -> Response:
-    runtime, engine = manager.for_step(job_id, step, rank, world)
-    batch = engine.batch(step, rank, world)
-    names = runtime.config.source_names
-    header = {"job": job_id, "step": step, "rank": rank, "world": world, "sources": names,
-              "schedule_version": engine.version_at(step)}
+    view, ranks = manager.serve(job_id, step, rank, world, request.app.state.limits.max_request_tokens)
+    runtime = view.runtime
+    config = runtime.config
+    batch = runtime.engine.batch(step, ranks.rank, ranks.world)
+    names = config.source_names
+    header = {"job": job_id, "incarnation": runtime.incarnation, "step": step, "rank": ranks.rank,
+              "world": ranks.world, "sources": names, "schedule_version": runtime.engine.version_at(step)}
     body = wire.encode(batch.tokens, batch.source_ids, header, compression)
     metrics = request.app.state.metrics
     metrics.batches.labels(job_id).inc()
-    counts = batch.source_ids.tolist()
+    rows = batch.source_ids.tolist()
     for k, name in enumerate(names):
-        rows = counts.count(k)
-        if rows:
-            metrics.tokens.labels(job_id, name).inc(rows * runtime.config.seq_len)
+        if count := rows.count(k):
+            metrics.tokens.labels(job_id, name).inc(count * config.seq_len)
     return Response(body, media_type=wire.MEDIA_TYPE)
 
 
-@router.get("/provenance/{step}")
-def get_provenance(job_id: str, step: int, rank: int = 0, world: int = 1,
+@router.get("/provenance/{step}", responses=responses(404))
+def get_provenance(job_id: str, step: Step, rank: Rank = 0, world: World = 1,
                    manager: JobManager = Depends(jobs)) -> dict[str, Any]:
     """Which document spans make up each sequence of a step (an audit trail; does not mark it served)."""
-    runtime = manager.get(job_id)
+    runtime = manager.view(job_id).runtime
+    check_step(step, runtime.config.total_steps)
     rows = runtime.engine.provenance(step, rank, world)
-    return {"job": job_id, "step": step, "rank": rank, "world": world, "sequences": [
-        {"source": r.source, "seq_id": r.seq_id,
-         "spans": [{"doc": s.doc, "offset": s.offset, "length": s.length} for s in r.spans]} for r in rows]}
+    return {"job": job_id, "incarnation": runtime.incarnation, "step": step, "rank": rank, "world": world,
+            "schedule_version": runtime.engine.version_at(step), "sequences": [
+                {"source": r.source, "seq_id": r.seq_id,
+                 "spans": [{"doc": s.doc, "offset": s.offset, "length": s.length} for s in r.spans]}
+                for r in rows]}

@@ -6,13 +6,15 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Depends, Query
 
-from mixer_service.errors import InvalidInput
 from mixer_service.service.auth import require_reader
 from mixer_service.service.jobs import JobManager, JobRuntime
+from mixer_service.service.problems import responses
 from mixer_service.service.routes.deps import jobs
+from mixer_service.values import COUNT, TRAINED_STEP, check_step
 
 router = APIRouter(
-    prefix="/v1/jobs/{job_id}/repetitions", tags=["repetitions"], dependencies=[Depends(require_reader)]
+    prefix="/v1/jobs/{job_id}/repetitions", tags=["repetitions"], dependencies=[Depends(require_reader)],
+    responses=responses(404),
 )
 
 STEP_HELP = "counts after this step; default: the job's trained step (-1: nothing trained yet)"
@@ -38,18 +40,19 @@ class Counted:
 def counted(
     job_id: str,
     source: str | None = None,
-    step: int | None = Query(default=None, description=STEP_HELP),
+    step: TRAINED_STEP.field() | None = Query(default=None, description=STEP_HELP),  # type: ignore[valid-type]
     manager: JobManager = Depends(jobs),
 ) -> Counted:
-    runtime = manager.get(job_id)
+    view = manager.view(job_id)
+    runtime = view.runtime
     if source is None:
         repeat = [s.name for s in runtime.config.sources if s.role == "repeat"]
         source = repeat[0] if repeat else runtime.config.source_names[0]
     runtime.engine.source_index(source)
     if step is None:
-        step = manager.store.trained_step(job_id)
+        step = view.head.trained_step
     elif step != -1:
-        runtime.engine.check_step(step)
+        check_step(step, runtime.config.total_steps)
     return Counted(job_id, runtime, source, step)
 
 
@@ -77,18 +80,16 @@ def histogram(q: Counted = Depends(counted)) -> dict[str, Any]:
 
 
 @router.get("/documents/{doc}")
-def document_count(doc: int, q: Counted = Depends(counted)) -> dict[str, Any]:
+def document_count(doc: COUNT.field(), q: Counted = Depends(counted)) -> dict[str, Any]:  # type: ignore[valid-type]
     return q.head() | {"doc": doc, "count": q.runtime.engine.repetition_count(q.source, doc, q.step)}
 
 
 @router.get("/at-least/{k}")
 def documents_at_least(
-    k: int,
+    k: COUNT.field(),  # type: ignore[valid-type]
     limit: int = Query(default=100, ge=1, le=10_000),
-    offset: int = Query(default=0, ge=0),
+    offset: COUNT.field() = Query(default=0),  # type: ignore[valid-type]
     q: Counted = Depends(counted),
 ) -> dict[str, Any]:
-    if k < 0:
-        raise InvalidInput(f"k: must be >= 0, got {k}")
     docs = np.flatnonzero(q.counts() >= k)
     return q.head() | {"k": k, "total": int(docs.size), "documents": docs[offset : offset + limit].tolist()}

@@ -1,63 +1,65 @@
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from mixer_service.service.auth import require_operator, require_reader
 from mixer_service.service.jobs import JobManager
-from mixer_service.service.problems import ProblemError
+from mixer_service.service.problems import ProblemError, responses
 from mixer_service.service.routes.deps import jobs
-from mixer_service.store import ScheduleVersion
+from mixer_service.service.routes.models import ScheduleModel
+from mixer_service.values import Step
 
 router = APIRouter(prefix="/v1/jobs/{job_id}/schedule", tags=["schedule"])
 
+# A strong ETag as ``etag()`` writes it; weak ones (W/) are refused by RFC 9110 for If-Match on PUT.
+_ETAG = re.compile(r'^"v[0-9]{1,16}\.[0-9a-f]{32}"$')
+
 
 class ScheduleChange(BaseModel):
-    schedule: dict[str, Any] = Field(description="phases: [{start_step, weights, ramp}]")
-    requested_step: int = Field(default=0, ge=0, description="takes effect at max(this, first step not yet "
-                                "served or committed)")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    schedule: ScheduleModel
+    requested_step: Step = Field(default=0, description="takes effect at max(this, first step not yet "
+                                 "served or committed)")
     author: str = Field(min_length=1, max_length=200)
     reason: str = Field(min_length=1, max_length=2000)
 
 
-def etag(version: int) -> str:
-    return f'"v{version}"'
-
-
-def _parse_if_match(value: str | None) -> int:
+def _parse_if_match(value: str | None) -> str:
     if value is None:
-        raise ProblemError(428, "Precondition required", 'schedule changes need If-Match: "v<version>" '
-                           "from GET .../schedule")
-    raw = value.strip().removeprefix("W/").strip('"')
-    if not raw.startswith("v") or not raw[1:].isdigit():
-        raise ProblemError(412, "Precondition failed", f'If-Match must look like "v3", got {value!r}')
-    return int(raw[1:])
+        raise ProblemError(428, "Precondition required", "schedule changes need If-Match with the ETag of "
+                           "GET .../schedule")
+    value = value.strip()
+    if not _ETAG.fullmatch(value):
+        raise ProblemError(412, "Precondition failed", f'If-Match must be the ETag of GET .../schedule, like '
+                           f'"v3.<incarnation>", got {value[:80]!r}')
+    return value
 
 
-@router.get("", dependencies=[Depends(require_reader)])
+@router.get("", dependencies=[Depends(require_reader)], responses=responses(404))
 def get_schedule(job_id: str, response: Response, manager: JobManager = Depends(jobs)) -> dict[str, Any]:
-    current = manager.get(job_id).versions[-1]
-    response.headers["ETag"] = etag(current.version)
-    return current.to_dict()
+    runtime = manager.view(job_id).runtime
+    response.headers["ETag"] = runtime.etag()
+    return runtime.current.to_dict() | {"incarnation": runtime.incarnation}
 
 
-@router.get("/history", dependencies=[Depends(require_reader)])
+@router.get("/history", dependencies=[Depends(require_reader)], responses=responses(404))
 def schedule_history(job_id: str, manager: JobManager = Depends(jobs)) -> dict[str, Any]:
-    return {"job": job_id, "versions": [v.to_dict() for v in manager.store.schedule_log(job_id)]}
+    runtime = manager.view(job_id).runtime
+    return {"job": job_id, "incarnation": runtime.incarnation,
+            "versions": [v.to_dict() for v in runtime.versions]}
 
 
-@router.put("", dependencies=[Depends(require_operator)])
+@router.put("", dependencies=[Depends(require_operator)], responses=responses(403, 404, 409, 412, 413, 428))
 def change_schedule(job_id: str, body: ScheduleChange, response: Response,
                     if_match: str | None = Header(default=None),
                     manager: JobManager = Depends(jobs)) -> dict[str, Any]:
     expected = _parse_if_match(if_match)
-    new, warnings = manager.change_schedule(job_id, expected, body.requested_step, body.schedule,
-                                            body.author, body.reason)
-    response.headers["ETag"] = etag(new.version)
-    return _with_warnings(new, warnings)
-
-
-def _with_warnings(version: ScheduleVersion, warnings: list[str]) -> dict[str, Any]:
-    return version.to_dict() | {"warnings": warnings}
+    runtime, warnings = manager.change_schedule(job_id, expected, body.requested_step, body.schedule.to_doc(),
+                                                body.author, body.reason)
+    response.headers["ETag"] = runtime.etag()
+    return runtime.current.to_dict() | {"incarnation": runtime.incarnation, "warnings": warnings}
