@@ -4,10 +4,15 @@ Each served row holds ``seq_len`` tokens and becomes ``input_ids = row[:-1]``, `
 the model's context length is ``seq_len - 1``. Since a batch is a pure function of (job, step, rank,
 world), resuming needs only the next step: ``state_dict()`` is ``{"next_step", "job"}``, plain values a
 ``torch.load(weights_only=True)`` checkpoint can hold.
+
+Rank and world come, in this order, from the arguments, an initialised process group, or ``RANK`` /
+``WORLD_SIZE`` (set by torchrun, as mosaicml-streaming reads them), so a loader built before
+``init_process_group`` still gets its own slice; where two of them disagree the loader refuses to start.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -33,19 +38,20 @@ class MixerLoader:
     "sources": list[str]}`` (``source_ids`` index ``sources``). Up to ``prefetch`` steps are fetched ahead by
     a small thread pool and handed out strictly in step order; a fetch that failed (after the client's
     retries) raises in the consumer at that step, and the next call retries that same step. ``rank`` and
-    ``world`` default to the initialized ``torch.distributed`` process group, else 0 and 1. ``end_step``
-    defaults to the job's ``total_steps``.
+    ``world`` default to the process group, else ``RANK``/``WORLD_SIZE``, else 0 and 1 (see
+    ``data_parallel_position``). ``end_step`` defaults to the job's ``total_steps``.
+
+    ``boundaries=True`` asks the service for document boundaries and adds ``position_ids``
+    (LongTensor[b, seq_len - 1], restarting at 0 where a document piece starts) and ``cu_seqlens``
+    (IntTensor[pieces + 1], cumulative piece lengths over the flattened batch, as flash-attention's varlen
+    kernels take them) plus ``max_seqlen`` (int).
     """
 
     def __init__(self, client_or_urls: MixerClient | str | list[str], job: str, start_step: int = 0,
                  end_step: int | None = None, rank: int | None = None, world: int | None = None,
                  prefetch: int = 4, pin_memory: bool = False, token: str | None = None,
-                 compression: str = "zstd") -> None:
-        dist_rank, dist_world = _process_group_position()
-        self.rank = dist_rank if rank is None else rank
-        self.world = dist_world if world is None else world
-        if not 0 <= self.rank < self.world:
-            raise ValueError(f"rank must be in [0, world), got rank={self.rank} world={self.world}")
+                 compression: str = "zstd", boundaries: bool = False) -> None:
+        self.rank, self.world = data_parallel_position(rank, world)
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         owned: MixerClient | None = None
@@ -56,6 +62,7 @@ class MixerLoader:
         else:
             self.client = owned = MixerClient(client_or_urls, token=token)  # closed with the loader
         self.job, self.end_step, self.prefetch, self.compression = job, end_step, prefetch, compression
+        self.boundaries = boundaries
         self._pin = pin_memory and torch.cuda.is_available()  # pinning needs a CUDA driver; no-op on CPU
         self._next_step = start_step  # the next step __next__ returns
         self._submitted = start_step  # the next step to hand to the pool
@@ -110,7 +117,7 @@ class MixerLoader:
         assert self.end_step is not None
         while len(self._pending) < self.prefetch and self._submitted < self.end_step:
             self._pending.append(self._pool.submit(_fetch, self.client, self.job, self._submitted, self.rank,
-                                                   self.world, self.compression, self._pin))
+                                                   self.world, self.compression, self._pin, self.boundaries))
             self._submitted += 1
 
     def _restart(self, step: int) -> None:
@@ -137,22 +144,74 @@ class MixerDataset(IterableDataset[dict[str, Any]]):
             yield from loader
 
 
-def _process_group_position() -> tuple[int, int]:
+def data_parallel_position(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """(rank, world) of this process from the arguments, the process group and ``RANK``/``WORLD_SIZE``.
+
+    Every place that states a value must agree: a loader whose explicit rank contradicts torchrun's
+    environment or the initialised group would read another rank's rows (or, with world 1, the whole
+    batch on every rank) and train on duplicated data without a sound, so it raises instead.
+    """
+    stated: dict[str, tuple[int | None, int | None]] = {"argument": (rank, world)}
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        stated["process group"] = (dist.get_rank(), dist.get_world_size())
+    env = tuple(_env_int(name) for name in ("RANK", "WORLD_SIZE"))
+    stated["environment (RANK, WORLD_SIZE)"] = (env[0], env[1])
+    resolved = []
+    for index, (name, default) in enumerate((("rank", 0), ("world", 1))):
+        given = {origin: values[index] for origin, values in stated.items() if values[index] is not None}
+        if len(set(given.values())) > 1:
+            said = ", ".join(f"{origin} says {value}" for origin, value in given.items())
+            raise ValueError(f"{name}: contradictory values ({said}); pass the same one or none")
+        resolved.append(next(iter(given.values()), default))
+    if not 0 <= resolved[0] < resolved[1]:
+        raise ValueError(f"rank must be in [0, world), got rank={resolved[0]} world={resolved[1]}")
+    return resolved[0], resolved[1]
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} in the environment is not an integer") from None
 
 
 def _fetch(client: MixerClient, job: str, step: int, rank: int, world: int, compression: str,
-           pin: bool) -> dict[str, Any]:
+           pin: bool, boundaries: bool) -> dict[str, Any]:
     """Runs in a pool thread; a plain function, so pending work never keeps the loader itself alive."""
-    batch = client.batch(job, step, rank, world, compression)
+    batch = client.batch(job, step, rank, world, compression, boundaries=boundaries)
     tokens = torch.from_numpy(batch.tokens.astype(np.int64))
     tensors = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
                "source_ids": torch.from_numpy(batch.source_ids.astype(np.int64))}
+    extra: dict[str, Any] = {}
+    if batch.boundaries is not None:
+        position_ids, cu_seqlens, max_seqlen = document_positions(batch.boundaries, tokens.shape[1] - 1)
+        tensors |= {"position_ids": position_ids, "cu_seqlens": cu_seqlens}
+        extra["max_seqlen"] = max_seqlen
     if pin:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
-    return tensors | {"step": step, "sources": list(batch.header["sources"])}
+    return tensors | extra | {"step": step, "sources": list(batch.header["sources"])}
+
+
+def document_positions(boundaries: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``position_ids`` [rows, length], ``cu_seqlens`` [pieces + 1] (int32) and the longest piece.
+
+    ``boundaries`` are each row's piece starts; pieces are cut to the first ``length`` tokens (the
+    inputs, ``row[:-1]``), and positions restart at 0 at each piece start, as Megatron's
+    ``reset_position_ids`` does.
+    """
+    positions = np.empty((len(boundaries), length), dtype=np.int64)
+    lengths = []
+    for r, starts in enumerate(boundaries):
+        starts = starts[starts < length]
+        ends = np.append(starts[1:], length)
+        positions[r] = np.arange(length) - np.repeat(starts, ends - starts)
+        lengths.append(ends - starts)
+    flat = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    cu_seqlens = np.concatenate([[0], np.cumsum(flat)]).astype(np.int32)
+    return torch.from_numpy(positions), torch.from_numpy(cu_seqlens), int(flat.max(initial=0))
 
 
 def _shutdown(pool: ThreadPoolExecutor, owned: MixerClient | None) -> None:

@@ -31,15 +31,17 @@ class RequestError(MixerClientError):
 
 
 class HTTPStatusError(MixerClientError):
-    """The service answered with an error status; ``detail`` is the problem+json explanation.
+    """The service answered with an error status; ``title`` and ``detail`` are the problem+json ones.
 
-    ``retry_after`` is the server's Retry-After in seconds (503 while the state store is down), if any.
+    ``retry_after`` is the server's Retry-After in seconds (503 while the state store is down, a source
+    is unavailable or the store is behind), if any.
     """
 
     def __init__(self, message: str, *, attempts: int, status: int, detail: str, url: str,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, title: str = "") -> None:
         super().__init__(message, attempts=attempts)
         self.status, self.detail, self.url, self.retry_after = status, detail, url, retry_after
+        self.title = title
 
 
 class ClientRequestError(HTTPStatusError):
@@ -47,7 +49,7 @@ class ClientRequestError(HTTPStatusError):
 
 
 class ServerError(HTTPStatusError):
-    """A 5xx (e.g. 503 while the state store is down) that persisted through every retry and replica."""
+    """A 5xx (every 503 is retried: store down or behind, source unavailable) that outlived every retry."""
 
 
 class ChecksumError(MixerClientError):

@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -32,7 +32,12 @@ _CONNECT_TIMEOUT_S = 5.0  # a dead replica should cost seconds, not the full rea
 
 
 class MixerClient:
-    """Thread-safe client for one service deployment (one URL per replica).
+    """Thread-safe client for one service deployment (one URL per replica): the one REST client.
+
+    The trainer's loader, the operator CLI, ``mixer export``, the demo and the benchmarks all talk to
+    the service through it, so URL building (``job_path``), problem+json parsing and the retry policy
+    live here once. Every 5xx (503: store down or behind, source unavailable) is retried on the next
+    replica, honouring Retry-After; 408/429 too; any other 4xx raises at once.
 
     ``timeout`` bounds each request in seconds (connecting to a dead replica gives up sooner).
     ``max_retries`` counts retries after the first attempt; the n-th retry waits a random time in
@@ -64,13 +69,39 @@ class MixerClient:
         self._lock = threading.Lock()
         self._closed = threading.Event()  # wakes threads sleeping in a backoff when the client closes
 
+    @property
+    def url(self) -> str:
+        """The replica the next request goes to first (the one that answered last)."""
+        return self.urls[self._current]
+
+    def request(self, method: str, path: str, *, ok: Collection[int] = (), retries: int | None = None,
+                **kwargs: Any) -> httpx.Response:
+        """One REST call with retries and failover; a status outside 2xx and ``ok`` raises.
+
+        ``path`` starts with ``/`` (build job paths with ``job_path``); ``retries`` overrides
+        ``max_retries`` for this call (0 for a request that must not be repeated, such as a POST).
+        """
+        return self._request(method, path, lambda r: r, ok=ok, retries=retries, **kwargs)
+
+    def get(self, path: str, **params: Any) -> Any:
+        """The JSON body of ``GET path?params`` (``None`` values are left out)."""
+        query = {k: v for k, v in params.items() if v is not None}
+        return self._request("GET", path, lambda r: r.json(), params=query)
+
     def batch(
-        self, job: str, step: int, rank: int = 0, world: int = 1, compression: str = "zstd"
+        self, job: str, step: int, rank: int = 0, world: int = 1, compression: str = "zstd",
+        boundaries: bool = False,
     ) -> wire.WireBatch:
-        """Rows ``rank::world`` of the job's global batch at ``step``, checksum- and header-verified."""
-        verify = _checked(wire.decode, {"job": job, "step": step, "rank": rank, "world": world})
-        params = {"rank": rank, "world": world, "compression": compression}
-        return self._request("GET", f"{_job_path(job)}/batches/{step}", verify, params=params)
+        """Rows ``rank::world`` of the job's global batch at ``step``, checksum- and header-verified.
+
+        ``boundaries=True`` also asks for the start offset of every document piece in each row.
+        """
+        verify = _checked(wire.decode, {"job": job, "step": step, "rank": rank, "world": world},
+                          boundaries=boundaries)
+        params: dict[str, Any] = {"rank": rank, "world": world, "compression": compression}
+        if boundaries:
+            params["boundaries"] = "true"
+        return self._request("GET", job_path(job, "batches", step), verify, params=params)
 
     def image_batch(
         self,
@@ -95,13 +126,33 @@ class MixerClient:
             "GET", f"/v1/images/{quote(source, safe='')}/batches/{step}", verify, params=params
         )
 
+    def sources(self) -> list[dict[str, Any]]:
+        """The prepared sources on the server: name, fingerprint, docs, tokens, vocab_size, dtype."""
+        return list(self.get("/v1/sources")["sources"])
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job the service knows, as ``job()`` describes each."""
+        return list(self.get("/v1/jobs")["jobs"])
+
     def job(self, job: str) -> dict[str, Any]:
         """The job's description (config incl. ``total_steps``, schedule version, progress)."""
-        return self._request("GET", _job_path(job), lambda r: r.json())
+        return dict(self.get(job_path(job)))
+
+    def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a job (``{job_id, config, schedule, author, reason}``); sent once, never retried."""
+        return dict(self.request("POST", "/v1/jobs", json=body, retries=0).json())
+
+    def provenance(self, job: str, step: int, rank: int = 0, world: int = 1) -> list[dict[str, Any]]:
+        """Per row: ``{"source", "seq_id", "spans": [{"doc", "offset", "length"}]}`` (an audit trail)."""
+        return list(self.get(job_path(job, "provenance", step), rank=rank, world=world)["sequences"])
+
+    def repetitions(self, job: str, source: str | None = None, step: int | None = None) -> dict[str, Any]:
+        """How often ``source``'s documents were seen through ``step`` (default: the trained step)."""
+        return dict(self.get(job_path(job, "repetitions"), source=source, step=step))
 
     def report_progress(self, job: str, step: int) -> None:
         """Tell the service the last step trained, so repetition metrics follow training (idempotent)."""
-        self._request("PUT", f"{_job_path(job)}/progress", lambda r: None, json={"trained_step": step})
+        self._request("PUT", job_path(job, "progress"), lambda r: None, json={"trained_step": step})
 
     def close(self) -> None:
         """Close connections and wake any thread waiting to retry (it then raises its last error)."""
@@ -116,7 +167,9 @@ class MixerClient:
     ) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, parse: Callable[[httpx.Response], T], **kwargs: Any) -> T:
+    def _request(self, method: str, path: str, parse: Callable[[httpx.Response], T], *,
+                 ok: Collection[int] = (), retries: int | None = None, **kwargs: Any) -> T:
+        max_retries = self.max_retries if retries is None else retries
         tried: list[str] = []
         attempt = 0
         with self._lock:
@@ -130,14 +183,14 @@ class MixerClient:
             if base not in tried:
                 tried.append(base)
             try:
-                result = self._attempt(method, base + path, parse, attempt, kwargs)
+                result = self._attempt(method, base + path, parse, attempt, ok, kwargs)
             except (RequestError, HTTPStatusError, ChecksumError) as error:
                 retryable = not isinstance(error, HTTPStatusError) or (
                     isinstance(error, ServerError) or error.status in _RETRYABLE_4XX
                 )
                 if not retryable:
                     raise
-                if attempt > self.max_retries or self._closed.is_set():
+                if attempt > max_retries or self._closed.is_set():
                     raise _give_up(error, method, path, attempt, tried) from error
                 self._fail_over(index)
                 retry_after = error.retry_after if isinstance(error, HTTPStatusError) else None
@@ -166,6 +219,7 @@ class MixerClient:
         url: str,
         parse: Callable[[httpx.Response], T],
         attempt: int,
+        ok: Collection[int],
         kwargs: dict[str, Any],
     ) -> T:
         """One request to one replica, mapped onto the client's error types."""
@@ -175,16 +229,17 @@ class MixerClient:
             raise RequestError(
                 f"{method} {url}: {type(exc).__name__}: {exc}", attempts=attempt, urls=[url]
             ) from exc
-        if response.is_error:
-            detail = _problem_detail(response)
+        if response.is_error and response.status_code not in ok:
+            title, detail = problem(response)
             cls = ClientRequestError if response.status_code < 500 else ServerError
             raise cls(
-                f"{method} {url}: HTTP {response.status_code}: {detail}",
+                f"{method} {url}: HTTP {response.status_code} {problem_line(title, detail)}",
                 attempts=attempt,
                 status=response.status_code,
                 detail=detail,
                 url=url,
                 retry_after=_retry_after(response),
+                title=title,
             )
         try:
             return parse(response)
@@ -204,22 +259,26 @@ class MixerClient:
         return delay
 
 
-def _checked(decode: Callable[[bytes], T], want: dict[str, Any]) -> Callable[[httpx.Response], T]:
+def _checked(decode: Callable[[bytes], T], want: dict[str, Any], boundaries: bool = False
+             ) -> Callable[[httpx.Response], T]:
     """Decode a framed body and check its header echoes the request: a misrouting proxy or cache would
-    otherwise train on the wrong data silently."""
+    otherwise train on the wrong data silently. Header fields the client does not know are ignored."""
 
     def parse(response: httpx.Response) -> T:
         decoded = decode(response.content)
         got = {k: decoded.header.get(k) for k in want}  # type: ignore[attr-defined]
         if got != want:
             raise wire.WireError(f"asked for {want}, the batch header says {got}")
+        if boundaries and decoded.boundaries is None:  # type: ignore[attr-defined]
+            raise wire.WireError("asked for boundaries; this replica sent none (it predates the option)")
         return decoded
 
     return parse
 
 
-def _job_path(job: str) -> str:
-    return f"/v1/jobs/{quote(job, safe='')}"
+def job_path(job: str, *parts: str | int) -> str:
+    """``/v1/jobs/{job}/{part}/...`` with every segment percent-encoded: the one place job URLs are built."""
+    return "/".join([f"/v1/jobs/{quote(job, safe='')}", *(quote(str(p), safe="") for p in parts)])
 
 
 def _give_up(
@@ -241,19 +300,26 @@ def _give_up(
             detail=error.detail,
             url=error.url,
             retry_after=error.retry_after,
+            title=error.title,
         )
     return ChecksumError(message, attempts=attempts)
 
 
-def _problem_detail(response: httpx.Response) -> str:
-    """The RFC 9457 ``detail`` when the body is problem+json, else the start of the body."""
+def problem(response: httpx.Response) -> tuple[str, str]:
+    """(title, detail) of an RFC 9457 problem+json body; else ("", the start of the body or the reason)."""
     try:
         body = response.json()
     except ValueError:
-        return response.text[:500]
-    if isinstance(body, dict):
-        return str(body.get("detail") or body.get("title") or body)
-    return str(body)
+        return "", " ".join((response.text.strip() or response.reason_phrase).split())[:500]
+    if isinstance(body, dict) and ("detail" in body or "title" in body):
+        return str(body.get("title") or ""), str(body.get("detail") or body.get("title") or "")
+    return "", str(body)[:500]
+
+
+def problem_line(title: str, detail: str) -> str:
+    """``title: detail`` on one line (just one of them when the other is empty or says the same)."""
+    text = f"{title}: {detail}" if title and detail and title != detail else (detail or title)
+    return " ".join(text.split())[:500]
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -1,7 +1,8 @@
 """Operator commands over the REST API: ``mixer status | jobs | schedule get|set|history | repetitions``.
 
-Each command is a thin HTTP call (httpx, no torch) plus a readable table; ``--json`` prints the server's
-JSON instead. Failures print one line on stderr and map onto exit codes scripts can branch on:
+Each command is a thin call through ``client.MixerClient`` (httpx, no torch) plus a readable table;
+``--json`` prints the server's JSON instead. Failures print one line on stderr and map onto exit codes
+scripts can branch on:
 
 ====  =====================================================================
 code  meaning
@@ -30,9 +31,9 @@ from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import httpx
+from client import HTTPStatusError, MixerClient, MixerClientError, RequestError, job_path
+from client.http import problem_line
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_OK, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE = 0, 2, 3, 4, 5
@@ -57,49 +58,17 @@ def exit_code_for(status: int) -> int:
     return EXIT_USAGE
 
 
-class Api:
-    """The few REST calls the commands need; every failure becomes a ``CommandFailed``."""
-
-    def __init__(self, url: str, token: str | None, timeout: float) -> None:
-        self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def request(self, method: str, path: str, ok: Sequence[int] = (), **kwargs: Any) -> httpx.Response:
-        """Send one request; a status outside 2xx and ``ok`` raises ``CommandFailed`` with its detail."""
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise CommandFailed(EXIT_UNAVAILABLE, f"cannot reach {self.url}: {type(exc).__name__}: "
-                                f"{exc or 'no answer'}") from exc
-        if response.is_error and response.status_code not in ok:
-            raise CommandFailed(exit_code_for(response.status_code),
-                                f"HTTP {response.status_code} {_problem_line(response)} ({method} {path})")
-        return response
-
-    def get(self, path: str, **kwargs: Any) -> Any:
-        return self.request("GET", path, **kwargs).json()
+def failure_message(error: MixerClientError, url: str) -> str:
+    """One line for a failed request: ``HTTP 404 title: detail (URL)`` or ``cannot reach URL: why``."""
+    if isinstance(error, HTTPStatusError):
+        return f"HTTP {error.status} {problem_line(error.title, error.detail)} ({error.url})"
+    if isinstance(error, RequestError):
+        return f"cannot reach {url}: {' '.join(str(error.__cause__ or error).split())}"
+    return str(error)
 
 
-def _problem_line(response: httpx.Response) -> str:
-    """The problem+json ``title: detail`` (or the start of a non-JSON body) as one line."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and ("detail" in body or "title" in body):
-        title, detail = str(body.get("title") or ""), str(body.get("detail") or "")
-        text = f"{title}: {detail}" if title and detail and title != detail else (detail or title)
-    else:
-        text = response.text.strip() or response.reason_phrase
-    return " ".join(text.split())[:500]
-
-
-def job_path(job: str) -> str:
-    return f"/v1/jobs/{quote(job, safe='')}"
+def _exit_code(error: MixerClientError) -> int:
+    return exit_code_for(error.status) if isinstance(error, HTTPStatusError) else EXIT_UNAVAILABLE
 
 
 # --- formatting -------------------------------------------------------------------------------------------
@@ -166,7 +135,7 @@ def emit(args: argparse.Namespace, data: Any, text: Callable[[], str]) -> None:
 # --- commands ---------------------------------------------------------------------------------------------
 
 
-def cmd_status(api: Api, args: argparse.Namespace) -> int:
+def cmd_status(api: MixerClient, args: argparse.Namespace) -> int:
     health = api.get("/v1/health")
     ready_response = api.request("GET", "/v1/ready", ok=(503,))
     ready = ready_response.json()
@@ -200,7 +169,7 @@ def _jobs_table(jobs: list[dict[str, Any]]) -> str:
     return table(["JOB", "SOURCES", "VERSION", "SERVED", "TRAINED", "TOTAL", "TOKENS"], rows)
 
 
-def cmd_jobs(api: Api, args: argparse.Namespace) -> int:
+def cmd_jobs(api: MixerClient, args: argparse.Namespace) -> int:
     if args.job is None:
         data = api.get("/v1/jobs")
         emit(args, data, lambda: _jobs_table(data["jobs"]) if data["jobs"] else "no jobs")
@@ -229,7 +198,7 @@ def cmd_jobs(api: Api, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_schedule_get(api: Api, args: argparse.Namespace) -> int:
+def cmd_schedule_get(api: MixerClient, args: argparse.Namespace) -> int:
     response = api.request("GET", f"{job_path(args.job)}/schedule")
     current = response.json()
     data = current | {"etag": response.headers.get("etag")}
@@ -249,7 +218,7 @@ def cmd_schedule_get(api: Api, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_schedule_history(api: Api, args: argparse.Namespace) -> int:
+def cmd_schedule_history(api: MixerClient, args: argparse.Namespace) -> int:
     data = api.get(f"{job_path(args.job)}/schedule/history")
     rows = [[v["version"], v["effective_step"], _when(v["time"]), v["author"] or "-", v["reason"] or "-",
              _phases(v["schedule"])] for v in data["versions"]]
@@ -319,7 +288,7 @@ def _default_author() -> str:
         return "operator"
 
 
-def cmd_schedule_set(api: Api, args: argparse.Namespace) -> int:
+def cmd_schedule_set(api: MixerClient, args: argparse.Namespace) -> int:
     body = _change_body(args)
     path = f"{job_path(args.job)}/schedule"
     if args.if_match:
@@ -339,11 +308,11 @@ def cmd_schedule_set(api: Api, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_repetitions(api: Api, args: argparse.Namespace) -> int:
+def cmd_repetitions(api: MixerClient, args: argparse.Namespace) -> int:
     base = f"{job_path(args.job)}/repetitions"
     params = {k: v for k, v in (("source", args.source), ("step", args.step)) if v is not None}
     if args.histogram:
-        data = api.get(f"{base}/histogram", params=params)
+        data = api.get(f"{base}/histogram", **params)
 
         def text() -> str:
             hist = {int(k): n for k, n in data["histogram"].items()}
@@ -352,14 +321,14 @@ def cmd_repetitions(api: Api, args: argparse.Namespace) -> int:
             return (f"{data['job']} {data['source']} at step {data['step']}\n"
                     + table(["SEEN", "DOCUMENTS", ""], rows))
     elif args.doc is not None:
-        data = api.get(f"{base}/documents/{args.doc}", params=params)
+        data = api.get(f"{base}/documents/{args.doc}", **params)
 
         def text() -> str:
             return f"{data['job']} {data['source']} document {data['doc']}: seen {data['count']} times " \
                    f"through step {data['step']}"
     elif args.at_least is not None:
-        data = api.get(f"{base}/at-least/{args.at_least}", params=params | {"limit": args.limit,
-                                                                            "offset": args.offset})
+        data = api.get(f"{base}/at-least/{args.at_least}", **params, limit=args.limit,
+                       offset=args.offset)
 
         def text() -> str:
             docs = data["documents"]
@@ -368,7 +337,7 @@ def cmd_repetitions(api: Api, args: argparse.Namespace) -> int:
             return (f"{data['job']} {data['source']} at step {data['step']}: {data['total']:,} documents "
                     f"seen >= {data['k']} times (showing {shown})" + (f"\n{listed}" if listed else ""))
     else:
-        data = api.get(base, params=params)
+        data = api.get(base, **params)
 
         def text() -> str:
             rows = [["job", data["job"]], ["source", data["source"]], ["step", data["step"]],
@@ -392,21 +361,28 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print the server's JSON instead of a table")
     common.add_argument("--timeout", type=float, default=10.0,
                         help="seconds per request (default %(default)s)")
+    common.add_argument("--retries", type=_non_negative, default=2,
+                        help="retries of a request that met a 5xx or no answer, honouring Retry-After "
+                             "(default %(default)s)")
     return common
 
 
-Command = Callable[[Api, argparse.Namespace], int]
+Command = Callable[[MixerClient, argparse.Namespace], int]
 
 
 def _runner(command: Command, name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise on a terminal
-        api = Api(args.url, os.environ.get("MIXER_TOKEN") or None, args.timeout)
+        api = MixerClient(args.url, os.environ.get("MIXER_TOKEN") or None, timeout=args.timeout,
+                          max_retries=args.retries, backoff_max=2.0)
         try:
             return command(api, args)
         except CommandFailed as exc:
             print(f"mixer {name}: {exc}", file=sys.stderr)
             return exc.code
+        except MixerClientError as exc:
+            print(f"mixer {name}: {failure_message(exc, args.url)}", file=sys.stderr)
+            return _exit_code(exc)
         except BrokenPipeError:  # `mixer ... | head`: the reader left; no traceback, and none at exit either
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_OK

@@ -50,6 +50,18 @@ def autocast_for(device: torch.device) -> AbstractContextManager:
     return nullcontext()
 
 
+def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool block-diagonal causal mask: query i sees key j iff j <= i in the same document.
+
+    Documents start where ``position_ids`` is 0. A dense boolean mask works with SDPA on every device
+    (it is the CPU path); on GPUs the same information as ``cu_seqlens`` drives varlen flash attention.
+    """
+    doc = torch.cumsum(position_ids == 0, dim=1)  # (B, T) document index within the row
+    T = position_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -60,7 +72,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, doc_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``doc_mask`` (B, 1, T, T) bool, True where a query may attend: replaces the plain causal mask."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -68,7 +81,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         # flash attention when the backend has it: never materialises the (T, T) attention matrix
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=doc_mask, dropout_p=dropout_p, is_causal=doc_mask is None
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -93,8 +108,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, doc_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), doc_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -131,19 +146,30 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        reduction: str = "mean",
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and, given targets, the cross-entropy loss.
 
         reduction="none" returns the loss per token, shape (B, T), so callers can average it per data
         source (domain vs web) instead of per batch; positions labelled IGNORE_INDEX get loss 0.
+        position_ids (B, T), restarting at 0 where a document starts (the loader's, with boundaries),
+        turn on intra-document causal attention: no token attends across a document boundary, and
+        position embeddings count from each document's start, so each document is modelled on its own.
         """
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence length {T} > block_size {self.config.block_size}"
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        doc_mask = None
+        if position_ids is None:
+            pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        else:
+            pos, doc_mask = position_ids, document_causal_mask(position_ids)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, doc_mask)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None

@@ -65,6 +65,8 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     compile: bool = False  # torch.compile the model (CUDA runs; slow to start)
     seed: int = 1337
+    # attention within documents only; needs batches with position_ids (MixerLoader(boundaries=True))
+    doc_causal_mask: bool = False
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -84,12 +86,14 @@ def train(
     batches: BatchSource,
     evaluator: Callable[[GPT], dict[str, float]] | None = None,
     on_step: Callable[[int], None] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train cfg.model on batches for cfg.max_steps (or until the source runs dry); return model + summary.
 
     evaluator(model) -> {source: loss} runs on rank 0 every cfg.eval_interval steps and at the end
     (see trainer.evaluate.evaluate). on_step(data_step) runs on every rank after each optimizer step, with
     batch["step"] of the batch just trained on, so a client can tell the service what was consumed.
+    progress(record) gets rank 0's metrics record of every step (see trainer.progress.ProgressLine).
     """
     # -- distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE ---------------------------------
     ddp = "RANK" in os.environ
@@ -154,13 +158,14 @@ def train(
         micro_size = len(batch["input_ids"]) // cfg.grad_accum_steps
         inputs = batch["input_ids"].to(device, non_blocking=True).split(micro_size)
         labels = batch["labels"].to(device, non_blocking=True).split(micro_size)
+        positions = _position_ids(batch, cfg, device, micro_size, len(inputs))
         loss_sum = torch.zeros((), device=device)
-        for micro_step, (x, y) in enumerate(zip(inputs, labels, strict=True)):
+        for micro_step, (x, y, p) in enumerate(zip(inputs, labels, positions, strict=True)):
             # under DDP, all-reduce gradients once per step (last micro-batch); before that accumulate locally
             sync = not ddp or micro_step == cfg.grad_accum_steps - 1
             with nullcontext() if sync else model.no_sync():  # type: ignore[operator]
                 with ctx:
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, position_ids=p)
                     loss = loss / cfg.grad_accum_steps
                 loss.backward()
             loss_sum += loss.detach()
@@ -191,6 +196,8 @@ def train(
                 "step_time_s": step_time,
             }
             _append_jsonl(metrics_path, record)
+            if progress is not None:
+                progress(record)
         if master and evaluator is not None and cfg.eval_interval and step % cfg.eval_interval == 0:
             eval_results, eval_step = _evaluate(evaluator, raw_model, step, metrics_path), step
         if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
@@ -215,6 +222,18 @@ def train(
         "train_time_s": total_time,
         "data_stall_frac": total_wait / total_time if total_time else 0.0,
     }
+
+
+def _position_ids(
+    batch: dict[str, Any], cfg: TrainConfig, device: torch.device, micro_size: int, micro_steps: int
+) -> list[torch.Tensor | None]:
+    """Per micro-batch position ids when training with intra-document masking, else ``None`` each."""
+    if not cfg.doc_causal_mask:
+        return [None] * micro_steps
+    if "position_ids" not in batch:
+        raise ValueError("doc_causal_mask: batches carry no position_ids; "
+                         "read them with MixerLoader(..., boundaries=True)")
+    return list(batch["position_ids"].to(device, non_blocking=True).split(micro_size))
 
 
 def load_model(path: str, device: str = "cpu") -> GPT:
