@@ -4,6 +4,8 @@ Layout: ``b"MXB1"`` | header length (uint32, little-endian) | header (UTF-8 JSON
 The payload is the token matrix in row-major little-endian order, zstd-compressed when the header says so;
 ``crc32`` is the zlib CRC-32 of the *uncompressed* payload, so corruption anywhere is caught after
 decompression. Everything a reader needs (dtype, shape, step, per-row source) is in the header.
+Optionally (asked for per request) the header also carries ``boundaries``: for each row, the start offsets
+of its document pieces, so a trainer can mask attention within documents; without it nothing changes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class WireBatch:
     header: dict[str, Any]
     tokens: np.ndarray  # [rows, seq_len]
     source_ids: np.ndarray  # [rows], indexes header["sources"]
+    boundaries: list[np.ndarray] | None = None  # per row: increasing piece starts, the first one 0
 
 
 def _frame(header: dict[str, Any], raw: bytes, compression: str) -> bytes:
@@ -71,25 +74,41 @@ def _unframe(data: bytes) -> tuple[dict[str, Any], bytes]:
     return header, payload
 
 
-def encode(tokens: np.ndarray, source_ids: np.ndarray, header: dict[str, Any], compression: str) -> bytes:
+def encode(tokens: np.ndarray, source_ids: np.ndarray, header: dict[str, Any], compression: str,
+           boundaries: list[list[int]] | None = None) -> bytes:
+    """Frame a token matrix; ``boundaries`` (per row, the start offset of each document piece) only when
+    the client asked for them, so the default header stays as it was."""
     raw = np.ascontiguousarray(tokens, dtype=tokens.dtype.newbyteorder("<")).tobytes()
-    return _frame(
-        header
-        | {
-            "dtype": tokens.dtype.name,
-            "shape": list(tokens.shape),
-            "source_ids": source_ids.astype(int).tolist(),
-        },
-        raw,
-        compression,
-    )
+    fields: dict[str, Any] = {
+        "dtype": tokens.dtype.name,
+        "shape": list(tokens.shape),
+        "source_ids": source_ids.astype(int).tolist(),
+    }
+    if boundaries is not None:
+        fields["boundaries"] = boundaries
+    return _frame(header | fields, raw, compression)
 
 
 def decode(data: bytes) -> WireBatch:
     header, payload = _unframe(data)
     dtype = np.dtype(header["dtype"]).newbyteorder("<")
     tokens = np.frombuffer(payload, dtype=dtype).reshape(header["shape"])
-    return WireBatch(header, tokens, np.asarray(header["source_ids"], dtype=np.int64))
+    boundaries = header.get("boundaries")
+    rows = None if boundaries is None else _check_boundaries(boundaries, tokens.shape)
+    return WireBatch(header, tokens, np.asarray(header["source_ids"], dtype=np.int64), rows)
+
+
+def _check_boundaries(boundaries: Any, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Each row's piece starts as an array: one list per row, starting at 0, increasing, below seq_len."""
+    if not isinstance(boundaries, list) or len(boundaries) != shape[0]:
+        raise WireError(f"boundaries: expected one list per row ({shape[0]} rows)")
+    rows = []
+    for r, starts in enumerate(boundaries):
+        row = np.asarray(starts, dtype=np.int64)
+        if row.ndim != 1 or not len(row) or row[0] != 0 or row[-1] >= shape[1] or np.any(np.diff(row) <= 0):
+            raise WireError(f"boundaries[{r}]: must start at 0 and increase below seq_len={shape[1]}")
+        rows.append(row)
+    return rows
 
 
 @dataclass(frozen=True)
