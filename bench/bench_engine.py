@@ -153,6 +153,59 @@ def index_load_times(sources: dict, repeat: int = 7) -> dict:
             "cold_open": cold}
 
 
+class SliceSource:
+    """Documents ``[first, last)`` of a prepared source as a source of their own (zero-copy views)."""
+
+    def __init__(self, source, first: int, last: int) -> None:
+        offsets = np.asarray(source.doc_offsets)
+        self.tokens = np.asarray(source.tokens)[offsets[first]:offsets[last]]
+        self.doc_offsets = offsets[first:last + 1] - offsets[first]
+        self.shard_offsets = np.array([0, self.doc_offsets[-1]], dtype=np.int64)
+
+
+def many_source_engine(source, num_sources: int, total_steps: int = 100_000):
+    """A K-source job over K slices of one corpus, weights 1..K ramping to uniform (two schedule pieces)."""
+    from mixer_service.engine import JobConfig, MixingEngine, Schedule
+
+    edges = np.linspace(0, len(source.doc_offsets) - 1, num_sources + 1).astype(int)
+    names = [f"s{i}" for i in range(num_sources)]
+    sources = {n: SliceSource(source, int(edges[i]), int(edges[i + 1])) for i, n in enumerate(names)}
+    config = JobConfig.parse({"sources": [{"name": n, "role": "repeat"} for n in names], "seq_len": L,
+                              "global_batch": B, "seed": 1, "total_steps": total_steps})
+    skewed = {n: f"{i + 1}/{num_sources * (num_sources + 1) // 2}" for i, n in enumerate(names)}
+    sched = Schedule.parse({"phases": [{"start_step": 0, "weights": skewed, "ramp": True},
+                                       {"start_step": total_steps // 2, "weights": {n: f"1/{num_sources}"
+                                                                                    for n in names}}]}, names)
+    return MixingEngine.create(config, sources, [(0, sched)])
+
+
+def source_count_scaling(source, counts=(2, 8, 64), steps: int = 32, rounds: int = 3) -> list[list]:
+    """ms per fresh step (whole batch, and the mixture arithmetic alone) for K-source jobs, same corpus."""
+    rows = []
+    for k in counts:
+        engine = many_source_engine(source, k)
+        first, batch_s, plan_s = 1000, [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for step in range(first, first + steps):
+                engine.plan.realized(step + 1)  # the arithmetic alone, on steps not yet computed
+            plan_s.append(time.perf_counter() - t0)
+            batch_s.append(time_engine(engine, first, steps))  # arithmetic now cached: gather + assignment
+            first += steps
+        plan_ms, rest_ms = min(plan_s) / steps * 1e3, min(batch_s) / steps * 1e3
+        total_ms = plan_ms + rest_ms
+        rows.append([k, len(engine.plan.pieces), f"{plan_ms:.2f}", f"{rest_ms:.2f}", f"{total_ms:.2f}"])
+    return rows
+
+
+def print_sources_table(sources: dict) -> None:
+    print()
+    print_table(["sources K", "pieces", "mixture ms/step", "rows+gather ms/step", "total ms/step"],
+                source_count_scaling(sources[WEB]))
+    print(f"(K slices of {WEB}, B={B} L={L}, weights 1..K ramping to uniform; best of 3 rounds of 32 fresh "
+          "steps; K=2 is the strongest peer: the shape every job had before issue 10)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=64, help="timed steps per round (B*L tokens each)")
@@ -160,9 +213,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--loader-workers", type=int, default=0,
                     help="also time streaming through a torch DataLoader with this many workers")
+    ap.add_argument("--sources-only", action="store_true",
+                    help="only the sources-per-job table (K = 2, 8, 64), without the streaming peer")
     args = ap.parse_args()
 
     sources = open_sources()
+    if args.sources_only:
+        print_sources_table(sources)
+        return
     print(f"cpus={os.cpu_count()}  loadavg(1m)={os.getloadavg()[0]:.2f}  "
           f"B={B} L={L} domain={DOMAIN_WEIGHT:.0%}  "
           f"steps/round={args.steps} rounds={args.rounds} (best round shown)")
@@ -230,6 +288,7 @@ def main() -> None:
     print("(open = PreparedSource.open with its token cache present, median of 7; "
           "create = MixingEngine.create "
           "for a one-source job; cold open = first open, decompressing and hashing every shard)")
+    print_sources_table(sources)
 
 
 if __name__ == "__main__":

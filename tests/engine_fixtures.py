@@ -45,9 +45,9 @@ def schedules(draw, names: list[str], max_start: int = 30) -> dict:
 
 
 @st.composite
-def jobs(draw, max_steps: int = 40):
+def jobs(draw, max_steps: int = 40, max_sources: int = 4, min_sources: int = 1):
     """A random job: config, sources and a schedule log with changes mid-run."""
-    n = draw(st.integers(1, 4))
+    n = draw(st.integers(min_sources, max_sources))
     names = [f"s{i}" for i in range(n)]
     roles = [draw(st.sampled_from(["repeat", "once"])) for _ in names]
     seq_len = draw(st.integers(2, 12))
@@ -74,3 +74,9 @@ def jobs(draw, max_steps: int = 40):
     )
     log = [(eff, Schedule.parse(draw(schedules(names)), names)) for eff in effective]
     return MixingEngine.create(config, sources, log), sources
+
+
+def cut_log(engine: MixingEngine, served: int) -> MixingEngine:
+    """The engine as it stood when ``served`` was the highest step served: later versions not yet made."""
+    log = [(e, s) for e, s in engine.schedule_log if e <= served]
+    return MixingEngine(engine.config, engine.layouts, log)
