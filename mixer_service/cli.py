@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from mixer_service import ops_cli
+from mixer_service import export, ops_cli
 from mixer_service.errors import MixerError
 from mixer_service.logs import configure
 from mixer_service.planner import cli as planner_cli
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mixer", description="Streaming data mixing for specialized pretraining"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (prepare_cli, serve_cli, planner_cli, ops_cli):
+    for module in (prepare_cli, serve_cli, planner_cli, ops_cli, export):
         module.register(sub)
     return parser
 

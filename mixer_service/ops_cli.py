@@ -354,7 +354,8 @@ def cmd_repetitions(api: MixerClient, args: argparse.Namespace) -> int:
 # --- wiring -----------------------------------------------------------------------------------------------
 
 
-def _common() -> argparse.ArgumentParser:
+def common_options() -> argparse.ArgumentParser:
+    """--url, --json, --timeout, --retries: shared by every command that talks to a running service."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=os.environ.get("MIXER_URL") or DEFAULT_URL,
                         help="service URL (default: $MIXER_URL or %(default)s); token from $MIXER_TOKEN")
@@ -370,7 +371,8 @@ def _common() -> argparse.ArgumentParser:
 Command = Callable[[MixerClient, argparse.Namespace], int]
 
 
-def _runner(command: Command, name: str) -> Callable[[argparse.Namespace], int]:
+def runner(command: Command, name: str) -> Callable[[argparse.Namespace], int]:
+    """The argparse ``func`` for a command: a client from the options, failures as one line + exit code."""
     def run(args: argparse.Namespace) -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise on a terminal
         api = MixerClient(args.url, os.environ.get("MIXER_TOKEN") or None, timeout=args.timeout,
@@ -400,23 +402,23 @@ def _non_negative(text: str) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    common = _common()
+    common = common_options()
     p = subparsers.add_parser("status", parents=[common], help="server health/readiness and a jobs summary")
-    p.set_defaults(func=_runner(cmd_status, "status"))
+    p.set_defaults(func=runner(cmd_status, "status"))
 
     p = subparsers.add_parser("jobs", parents=[common], help="list jobs, or show one job")
     p.add_argument("job", nargs="?", help="show this job's config, progress and tokens per source")
-    p.set_defaults(func=_runner(cmd_jobs, "jobs"))
+    p.set_defaults(func=runner(cmd_jobs, "jobs"))
 
     schedule = subparsers.add_parser("schedule", help="read or change a job's mixing schedule")
     actions = schedule.add_subparsers(dest="action", required=True)
     p = actions.add_parser("get", parents=[common], help="the current schedule version and its ETag")
     p.add_argument("job")
-    p.set_defaults(func=_runner(cmd_schedule_get, "schedule get"))
+    p.set_defaults(func=runner(cmd_schedule_get, "schedule get"))
     p = actions.add_parser("history", parents=[common],
                            help="every schedule version with time, author, reason")
     p.add_argument("job")
-    p.set_defaults(func=_runner(cmd_schedule_history, "schedule history"))
+    p.set_defaults(func=runner(cmd_schedule_history, "schedule history"))
     p = actions.add_parser("set", parents=[common],
                            help="change the schedule (reads the ETag, sends If-Match)",
                            description="Takes effect at max(--requested-step, highest served step + 1).")
@@ -429,7 +431,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reason", default=None, help="recorded with the version (required)")
     p.add_argument("--if-match", default=None, metavar="vN",
                    help="expect this version instead of reading the current one (fails with 4 if stale)")
-    p.set_defaults(func=_runner(cmd_schedule_set, "schedule set"))
+    p.set_defaults(func=runner(cmd_schedule_set, "schedule set"))
 
     p = subparsers.add_parser("repetitions", parents=[common],
                               help="how often domain documents were seen (default: at the trained step)")
@@ -442,4 +444,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     view.add_argument("--at-least", type=_non_negative, metavar="K", help="documents seen at least K times")
     p.add_argument("--limit", type=int, default=100, help="with --at-least: documents to list (default 100)")
     p.add_argument("--offset", type=_non_negative, default=0, help="with --at-least: skip this many")
-    p.set_defaults(func=_runner(cmd_repetitions, "repetitions"))
+    p.set_defaults(func=runner(cmd_repetitions, "repetitions"))

@@ -7,6 +7,8 @@ import io
 import itertools
 import json
 import re
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -32,7 +34,8 @@ from client import (
     RequestError,
     ServerError,
 )
-from client.dataset import THREAD_PREFIX
+from client.dataset import THREAD_PREFIX, data_parallel_position
+from mixer_service import wire
 from mixer_service.engine import JobConfig, MixingEngine, Schedule
 from mixer_service.prepare.source import PreparedSource
 
@@ -332,3 +335,83 @@ def test_close_and_garbage_collection_stop_the_prefetch_threads(server):
     del loader
     gc.collect()
     assert not prefetch_threads()
+
+
+def test_every_503_is_retried_and_the_problem_title_and_detail_reach_the_error(scripted):
+    """Store behind, source unavailable: the service names the fault; the client says it after retries."""
+    engine_like = wire.encode(np.arange(8, dtype=np.uint16).reshape(2, 4), np.zeros(2, dtype=np.int16),
+                              {"job": "j", "step": 0, "rank": 0, "world": 1, "sources": ["abc"],
+                               "incarnation": "i-7", "a_field_from_the_future": [1]}, "zstd")
+    behind = (503, {"Content-Type": "application/problem+json", "Retry-After": "0"},
+              json.dumps({"title": "Store behind", "status": 503,
+                          "detail": "schedule log of job 'j' is older than this replica's"}).encode())
+    url = f"http://127.0.0.1:{scripted.server_address[1]}"
+    scripted.script = [behind, behind, (200, {}, engine_like)]
+    with MixerClient(url, max_retries=2, **FAST_RETRIES) as client:
+        batch = client.batch("j", 0)  # unknown header fields (incarnation, ...) are ignored
+        assert batch.tokens.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and scripted.requests == 3
+        scripted.default = behind
+        with pytest.raises(ServerError) as info:
+            client.job("j")
+    assert info.value.attempts == 3 and info.value.title == "Store behind"
+    assert "HTTP 503 Store behind: schedule log of job 'j' is older" in str(info.value)
+
+
+def test_the_client_imports_without_torch():
+    code = ("import sys; import client, mixer_service.ops_cli, mixer_service.export; "
+            "client.MixerClient('http://127.0.0.1:1').close(); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("env, given, expected", [
+    ({}, (None, None), (0, 1)),
+    ({"RANK": "1", "WORLD_SIZE": "4"}, (None, None), (1, 4)),  # torchrun, before init_process_group
+    ({"RANK": "1", "WORLD_SIZE": "4"}, (1, 4), (1, 4)),
+    ({}, (2, 4), (2, 4)),
+])
+def test_rank_and_world_come_from_arguments_or_the_environment(monkeypatch, env, given, expected):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert data_parallel_position(*given) == expected
+
+
+def test_contradicting_rank_or_world_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"rank: contradictory values \(argument says 0, environment"):
+        MixerLoader("http://127.0.0.1:1", "job", rank=0)
+    with pytest.raises(ValueError, match="world: contradictory"):
+        data_parallel_position(None, 4)
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ValueError, match="RANK='one'"):
+        data_parallel_position()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert data_parallel_position() == (0, 1)
+        monkeypatch.setenv("WORLD_SIZE", "2")  # the group and the environment disagree
+        with pytest.raises(ValueError, match="world: contradictory values .*process group says 1"):
+            data_parallel_position()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_loader_under_torchrun_env_reads_only_its_rows(server, monkeypatch):
+    """The trap the issue describes: loader built before the process group gets its slice from the env."""
+    job = new_job(server.url)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with MixerLoader(server.url, job, end_step=2, token=READER) as loader:
+        mine = list(loader)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    with MixerLoader(server.url, job, end_step=2, token=READER) as loader:
+        whole = list(loader)
+    half = JOB["global_batch"] // 2
+    for step in range(2):
+        assert torch.equal(mine[step]["input_ids"], whole[step]["input_ids"][half:])

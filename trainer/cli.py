@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from client import MixerClient, MixerClientError, MixerLoader
+from mixer_service.export import parse_steps
 from trainer.evaluate import evaluate
 from trainer.finetune import FinetuneConfig, epoch_batches, finetune
 from trainer.model import PRESETS, GPTConfig
@@ -35,18 +36,6 @@ from trainer.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 DEFAULT_EVAL_STEPS = 2  # global batches at the end of the job held out for evaluation by default
-
-
-def parse_steps(text: str) -> range:
-    """``A:B`` → range(A, B) of data steps, with 0 <= A < B."""
-    first, sep, last = text.partition(":")
-    try:
-        steps = range(int(first), int(last))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected A:B (data steps A..B-1), got {text!r}") from None
-    if not sep or steps.start < 0 or not steps:
-        raise argparse.ArgumentTypeError(f"expected A:B with 0 <= A < B, got {text!r}")
-    return steps
 
 
 def build_parser() -> argparse.ArgumentParser:
