@@ -204,6 +204,13 @@ def test_bad_arguments_are_invalid_input_and_change_nothing(
 # --- serving progress -------------------------------------------------------------------------------
 
 
+def test_mark_served_answers_the_head_it_found(store: StateStore, job: str) -> None:
+    incarnation = store.head(job).incarnation
+    assert store.mark_served(job, 4, incarnation).served_high_water == -1
+    assert store.mark_served(job, 2, incarnation).served_high_water == 4
+    assert store.head(job).served_high_water == 4
+
+
 def test_mark_served_keeps_the_maximum_and_returns_the_latest_version(store: StateStore, job: str) -> None:
     assert mark_step(store, job, 5) == 1
     assert mark_step(store, job, 3) == 1
@@ -554,7 +561,8 @@ def test_a_recreated_job_is_another_incarnation_and_old_writes_do_not_touch_it(
     _, new = store.create_job("job", CONFIG, SCHEDULE, "alice", "again")
     assert new != old
     head = store.mark_served("job", 50, old)  # a replica that still believes in the old incarnation
-    assert (head.incarnation, head.served_high_water) == (new, -1), "a fenced write changes nothing"
+    assert (head.incarnation, head.served_high_water) == (new, -1)
+    assert store.head("job").served_high_water == -1, "a fenced write changes nothing"
     with pytest.raises(StaleVersion, match="recreated"):
         store.change_schedule("job", old, store.versions("job")[0], ANNEAL, "bob", "",
                               lambda hw: ChangePlan(hw + 1, hw))

@@ -145,6 +145,7 @@ class JobManager:
             self._missing(job_id, started)
             raise
         runtime = self._reconcile(job_id, head, started)
+        self._remember(job_id, runtime, max(head.served_high_water, step))
         # A later version than the head's takes effect after the high water at its commit (>= step), so the
         # newest runtime plans this step exactly as the head's version does.
         return JobView(runtime, head), ranks
@@ -280,10 +281,10 @@ class JobManager:
             self.store.restore(job_id, runtime.incarnation, runtime.chain, [], seen.high_water)
             raise self._fault(job_id, "high_water_rollback", f"the store's served high water is "
                               f"{head.served_high_water}, this replica saw {seen.high_water}; raised it back")
-        self._remember(job_id, runtime, head)
+        self._remember(job_id, runtime, head.served_high_water)
         return runtime
 
-    def _remember(self, job_id: str, runtime: JobRuntime, head: JobHead | None) -> None:
+    def _remember(self, job_id: str, runtime: JobRuntime, high_water: int | None) -> None:
         """Keep the newest runtime and raise what this process has seen (never lower it)."""
         now = time.monotonic()
         with self._lock:
@@ -296,8 +297,8 @@ class JobManager:
                 seen = self._seen[job_id] = _Seen(runtime.incarnation, 0, -1)
             if runtime.version > seen.version:
                 seen.version, seen.version_at = runtime.version, now
-            if head is not None and head.served_high_water > seen.high_water:
-                seen.high_water, seen.high_water_at = head.served_high_water, now
+            if high_water is not None and high_water > seen.high_water:
+                seen.high_water, seen.high_water_at = high_water, now
 
     def _load(self, job_id: str, head: JobHead) -> JobRuntime:
         """A job this process has not held yet: its whole log, verified from the incarnation on."""

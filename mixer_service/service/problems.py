@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from mixer_service.errors import (
     Conflict,
@@ -126,6 +127,20 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        # Starlette's own errors (404 for unknown paths, 405 with its Allow header) keep their headers.
+        # Starlette's own errors (404 for unknown paths, 405) keep their headers; a 405's Allow lists the
+        # methods of every route on the path, not only the first one Starlette matched.
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(request))
         return problem(exc.status_code, _TITLES.get(exc.status_code, str(exc.detail)), str(exc.detail),
-                       request.url.path, dict(exc.headers or {}))
+                       request.url.path, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Methods some route fully matches on this path (asked the router itself, nested routers included)."""
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        scope = dict(request.scope) | {"method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed

@@ -30,13 +30,15 @@ class ServerProcess:
     """A ``mixer serve`` process; ``MIXER_*`` variables are not inherited, only those passed in ``env``."""
 
     def __init__(self, sources_dir: Path, state_dir: Path, port: int | None = None, *,
-                 redis_url: str | None = None, env: dict[str, str] | None = None, workers: int = 1) -> None:
+                 redis_url: str | None = None, env: dict[str, str] | None = None, workers: int = 1,
+                 extra_args: list[str] | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "mixer_service.cli", "serve", "--sources-dir", str(sources_dir),
                      "--state-dir", str(state_dir), "--port", str(self.port), "--workers", str(workers)]
         if redis_url:
             self.args += ["--redis-url", redis_url]
+        self.args += extra_args or []
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("MIXER_")}
         self.env = inherited | {"MIXER_LOG_LEVEL": "WARNING"} | (env or {})
         self.proc: subprocess.Popen | None = None

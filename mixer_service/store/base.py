@@ -188,6 +188,9 @@ class StateStore(ABC):
     def mark_served(self, job_id: str, step: int, incarnation: str) -> JobHead:
         """Raise the served high water to at least ``step`` and return the head, atomically.
 
+        The head is the one this call found, before it raised the high water: a replica compares that
+        with what it has seen to notice a store that lost steps (the high water is now ``max(it, step)``).
+
         Nothing is written unless the job's incarnation is ``incarnation`` (a recreated job is another
         job). Because every later version takes effect after the high water at its commit, the returned
         version is final for ``step``: the serve path may plan the batch from the first ``v`` log entries.

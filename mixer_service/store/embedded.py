@@ -233,13 +233,14 @@ class EmbeddedStore(StateStore):
         check_job_id(job_id)
         STEP.check(step)
         with self._transaction(write=True) as conn:
+            head = self._read_head(conn, job_id)
             # The WHERE clause keeps the transaction read-only (no WAL write, no fsync) for repeated steps.
             conn.execute(
                 "UPDATE jobs SET served_high_water = ? "
                 "WHERE job_id = ? AND incarnation = ? AND served_high_water < ?",
                 (step, job_id, incarnation, step),
             )
-            return self._read_head(conn, job_id)
+        return head
 
     def set_trained_step(self, job_id: str, step: int) -> None:
         check_job_id(job_id)

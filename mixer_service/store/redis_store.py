@@ -99,12 +99,13 @@ end
 return {0, head()}
 """
 
-# ARGV: incarnation, step. Raises the high water of that incarnation; returns the head.
+# ARGV: incarnation, step. Raises the high water of that incarnation; returns the head found before.
 _MARK_SERVED = _HEAD + """
-if redis.call('GET', KEYS[1]) == ARGV[1] and tonumber(ARGV[2]) > tonumber(redis.call('GET', KEYS[4])) then
+local found = head()
+if found[1] == ARGV[1] and tonumber(ARGV[2]) > tonumber(found[4]) then
   redis.call('SET', KEYS[4], ARGV[2])
 end
-return head()
+return found
 """
 
 # ARGV: incarnation, min_high_water, expected chain before the first missing entry, then (json, chain)
