@@ -56,10 +56,15 @@ def _answers_ping(port: int) -> bool:
         return False
 
 
-def start_redis_server(directory: Path) -> RedisServer:
-    """Start ``redis-server`` on a free port and wait until it answers PING.
+NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+
+
+def start_redis_server(directory: Path, port: int | None = None,
+                       persistence: tuple[str, ...] = NO_PERSISTENCE) -> RedisServer:
+    """Start ``redis-server`` on a free port (or ``port``, to restart one) and wait until it answers PING.
 
     Retries on a new port if another process grabbed the chosen one between probing and binding.
+    ``persistence`` replaces the default "none" (tests/fault_harness.py restarts a Redis with AOF).
     """
     executable = shutil.which("redis-server")
     if executable is None:
@@ -67,15 +72,15 @@ def start_redis_server(directory: Path) -> RedisServer:
             "redis-server is not on PATH; install it (e.g. `apt-get install redis-server`)", pytrace=False
         )
     for _ in range(3):
-        port = free_port()
-        log = directory / f"redis-{port}.log"
-        command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        chosen = port or free_port()
+        log = directory / f"redis-{chosen}.log"
+        command = [executable, "--port", str(chosen), "--bind", "127.0.0.1", *persistence]
         command += ["--dir", str(directory), "--logfile", str(log)]
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        server = RedisServer(process, port, log)
+        server = RedisServer(process, chosen, log)
         deadline = time.monotonic() + REDIS_START_TIMEOUT_S
         while process.poll() is None and time.monotonic() < deadline:
-            if _answers_ping(port):
+            if _answers_ping(chosen):
                 return server
             time.sleep(0.02)
         server.stop()

@@ -1,0 +1,160 @@
+"""Fault injection (issue 9): right or loudly unavailable, under every single fault, with real processes.
+
+Two ``mixer serve`` replicas share one Redis with AOF (``appendfsync always``, as deploy/ sets it). A client
+pulls >= 300 steps through alternating replicas while schedule changes go through the other one, and each
+test breaks one thing, in turn. Every 200 must equal, byte for byte, what a fresh embedded server replaying
+the store's final log of that job incarnation serves; every other answer must be a 503 problem+json naming
+its fault (never a 500, never a 200 with other bytes). The module prints the table of docs/reliability.md
+(``pytest tests/test_faults.py -s``; ``FAULT_TABLE=path`` also writes it to a file).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fault_harness import (
+    FAULT_AT,
+    Cluster,
+    DurableRedis,
+    Pull,
+    TableRow,
+    check_against_replay,
+    corrupt_token_caches,
+    markdown_table,
+    new_job,
+    row,
+)
+from service_helpers import JOB, Server
+
+pytestmark = pytest.mark.slow
+
+FAULT_METRIC = re.compile(r'^mixer_\w*faults_total\{fault="(\w+)"\} (\S+)$', re.M)
+
+
+@pytest.fixture(scope="module")
+def table() -> Iterator[list[TableRow]]:
+    rows: list[TableRow] = []
+    yield rows
+    text = markdown_table(rows)
+    print("\n" + text)
+    if path := os.environ.get("FAULT_TABLE"):
+        Path(path).write_text(text + "\n")
+
+
+@pytest.fixture(scope="module")
+def cluster(sources_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Two replicas on one AOF Redis, serving a private copy of the sources (one test damages its caches)."""
+    sources = tmp_path_factory.mktemp("fault-sources")
+    shutil.copytree(sources_dir, sources, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache"))
+    redis_server = DurableRedis(tmp_path_factory.mktemp("redis-aof"))
+    replicas = Cluster(sources, tmp_path_factory.mktemp("replicas"), redis_server)
+    try:
+        yield replicas.start()
+    finally:
+        replicas.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(sources_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh embedded server (no Redis) on the pristine sources: the replay every answer is held to."""
+    with Server(sources_dir, tmp_path_factory.mktemp("reference")) as srv:
+        yield srv.url
+
+
+@pytest.fixture
+def healthy(cluster: Cluster) -> Cluster:
+    cluster.ensure_running()
+    return cluster
+
+
+def run_fault(name: str, cluster: Cluster, reference: str, table: list[TableRow],
+              actions: dict[int, Callable[[Pull], object]], config: dict = JOB) -> Pull:
+    pull = Pull(cluster, new_job(cluster.url(0), config), config).run(actions)
+    verdict = check_against_replay(pull, reference)
+    table.append(row(name, pull, verdict))
+    bad = pull.unexpected()
+    assert not bad, f"{len(bad)} answers other than 200 / 503 problem+json, e.g. {bad[0].status}: " \
+                    f"{bad[0].body[:300]!r}"
+    assert verdict.mismatched_bytes == 0, (
+        f"{len(verdict.mismatched_steps)} steps served with other bytes than a replay of the store's final "
+        f"log ({verdict.mismatched_bytes} bytes), e.g. steps {verdict.mismatched_steps[:10]}")
+    assert verdict.steps_served >= 300
+    assert_faults_counted(cluster, pull)
+    return pull
+
+
+def assert_faults_counted(cluster: Cluster, pull: Pull) -> None:
+    """Each replica's fault counter covers the 503s it answered since its last restart."""
+    for i in range(2):
+        answered = Counter(a.fault for a in pull.answers
+                           if a.replica == i and a.status == 503 and a.generation == cluster.generation[i])
+        if not answered:
+            continue
+        counted = {f: float(v) for f, v in FAULT_METRIC.findall(httpx.get(f"{cluster.url(i)}/metrics").text)}
+        for fault, n in answered.items():
+            assert counted.get(fault, 0) >= n, f"replica {i}: {n} x {fault} answered, metrics say {counted}"
+
+
+def test_a_replica_killed_and_restarted(healthy, reference, table):
+    def kill_and_restart(pull: Pull) -> None:
+        pull.cluster.kill(1)
+        pull.later(0, lambda: pull.cluster.restart(1))
+
+    pull = run_fault("replica SIGKILLed, restarted", healthy, reference, table, {FAULT_AT: kill_and_restart})
+    assert any(a.status is None for a in pull.answers), "the client saw the replica gone"
+
+
+def test_redis_killed_and_restarted_from_its_aof(healthy, reference, table):
+    def kill_redis(pull: Pull) -> None:
+        pull.cluster.redis.kill()
+        pull.later(1.0, pull.cluster.redis.restart)
+
+    pull = run_fault("Redis SIGKILLed, restarted (AOF always)", healthy, reference, table,
+                     {FAULT_AT: kill_redis})
+    assert {a.fault for a in pull.refusals()} >= {"store_unavailable"}
+
+
+def test_redis_restored_from_an_older_snapshot(healthy, reference, table, tmp_path):
+    """The store goes back to step 60 after versions 3-4 and 90 more steps were committed and served."""
+    def snapshot(pull: Pull) -> None:
+        pull.cluster.redis.snapshot(tmp_path)
+
+    def restore(pull: Pull) -> None:
+        pull.cluster.redis.restore(tmp_path)
+
+    pull = run_fault("Redis restored from an older snapshot", healthy, reference, table,
+                     {60: snapshot, FAULT_AT: restore})
+    assert {a.fault for a in pull.refusals()} & {"version_rollback", "high_water_rollback"}
+
+
+def test_the_job_deleted_and_recreated_with_the_same_id(healthy, reference, table):
+    def recreate(pull: Pull) -> None:
+        pull.recreate(JOB | {"seed": JOB["seed"] + 1}, via=0)
+
+    pull = run_fault("job deleted, recreated with the same id", healthy, reference, table,
+                     {FAULT_AT: recreate})
+    assert {a.fault for a in pull.refusals()} & {"job_missing", "incarnation_changed"}
+    assert len(pull.logs) == 2
+
+
+def test_redis_hung_for_a_few_seconds(healthy, reference, table):
+    def hang(pull: Pull) -> None:
+        pull.cluster.redis.pause()
+        pull.later(5.0, pull.cluster.redis.resume)
+
+    run_fault("Redis hung (SIGSTOP 5 s)", healthy, reference, table, {FAULT_AT: hang})
+
+
+def test_the_token_cache_corrupted(healthy, reference, table):
+    """Runs last: the damage stays in the cluster's private copy of the sources."""
+    def corrupt(pull: Pull) -> None:
+        assert corrupt_token_caches(pull.cluster.sources_dir), "no token cache file found to corrupt"
+
+    run_fault("token cache corrupted (1 bit / 64 bytes)", healthy, reference, table, {FAULT_AT: corrupt})
