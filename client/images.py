@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mixer_service.planner.codec import decode
+from mixer_service.sources.image_codec import decode
 from mixer_service.wire import WireSamples
 
 

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 
 from mixer_service.errors import CorruptData, InvalidInput, NotFound
-from mixer_service.planner.codec import LOSSLESS, CodecCurve, encode, measure_codec_curve, split_header
+from mixer_service.planner.codec import CodecCurve, measure_codec_curve
 from mixer_service.planner.fashion_mnist import find_fashion_mnist, load_fashion_mnist
-from mixer_service.planner.images import EncodedSizes, ImageSource, decode, prepare_image_source
+from mixer_service.planner.images import EncodedSizes
+from mixer_service.sources.image_codec import LOSSLESS, decode, encode, split_header
+from mixer_service.sources.images import ImageSource, prepare_image_source
 
 
 def images(n: int = 40, seed: int = 0) -> np.ndarray:

@@ -246,24 +246,32 @@ def test_dtype_follows_vocab_size(tmp_path: Path) -> None:
     wide = prepare(["abc", "de"], tmp_path / "wide", WideTokenizer())
     assert wide.meta.dtype == "uint32" and wide.tokens.dtype == np.uint32
     assert [WideTokenizer().decode(wide.document(i)) for i in range(2)] == ["abc", "de"]
-    assert int(wide.tokens.max()) == 99_999
+    assert int(np.asarray(wide.tokens).max()) == 99_999
 
 
 # ---------------------------------------------------------------- reading: O(1), cache, integrity
 
 
-def test_open_uses_memory_maps_and_a_cache_built_once(abc_tunes: list[str], tmp_path: Path) -> None:
+def cache_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.bin"))
+
+
+def test_open_reads_no_shard_and_caches_each_on_first_use(abc_tunes: list[str], tmp_path: Path) -> None:
     src = prepare(abc_tunes, tmp_path / "src", shard_tokens=20_000)
-    assert isinstance(src.tokens, np.memmap) and isinstance(src.doc_offsets, np.memmap)
+    assert isinstance(src.doc_offsets, np.memmap)
     assert src.doc_offsets.dtype == np.int64 and src.doc_offsets.shape == (len(abc_tunes) + 1,)
-    cache = src.cache_path
-    assert cache == tmp_path / "src" / ".cache" / "tokens.bin"
-    mtime = cache.stat().st_mtime_ns
+    cache = tmp_path / "src" / ".cache" / "shards"
+    fresh = PreparedSource.open(tmp_path / "src")
+    assert cache_files(cache) == [] and fresh.cache.stats.fetches == 0  # open touched no shard
+    doc = fresh.document(7)
+    assert len(cache_files(cache)) == len(src.tokens.shards_for(*src.doc_offsets[7:9].tolist()))
+    mtimes = [p.stat().st_mtime_ns for p in cache_files(cache)]
     again = PreparedSource.open(tmp_path / "src")
-    assert cache.stat().st_mtime_ns == mtime  # fast path: not rebuilt
-    assert np.array_equal(again.document(7), src.document(7))
-    shared = PreparedSource.open(tmp_path / "src", cache_dir=tmp_path / "cache")
-    assert shared.cache_path == tmp_path / "cache" / f"{src.meta.fingerprint}.bin"
+    assert np.array_equal(again.document(7), doc)
+    assert [p.stat().st_mtime_ns for p in cache_files(cache)] == mtimes  # verified, not rebuilt
+    assert again.cache.stats.verified == len(mtimes) and again.cache.stats.fetches == 0
+    assert src.shard_offsets.tolist() == [*range(0, src.meta.num_tokens, 20_000), src.meta.num_tokens]
+    assert np.array_equal(np.asarray(src.tokens)[src.doc_offsets[1:] - 1], np.full(len(src), 256))
 
 
 def test_document_index_out_of_range(tmp_path: Path) -> None:
@@ -279,14 +287,22 @@ def test_document_index_out_of_range(tmp_path: Path) -> None:
 def test_cache_of_wrong_size_or_content_is_rebuilt(abc_tunes: list[str], tmp_path: Path) -> None:
     src = prepare(abc_tunes[:50], tmp_path / "src")
     expected = ByteTokenizer().decode(src.document(3))
-    with open(src.cache_path, "ab") as fh:
+    [cached] = cache_files(tmp_path / "src" / ".cache" / "shards")
+    with open(cached, "ab") as fh:
         fh.write(b"xx")
     assert ByteTokenizer().decode(PreparedSource.open(tmp_path / "src").document(3)) == expected
-    data = bytearray(src.cache_path.read_bytes())
+    data = bytearray(cached.read_bytes())
     data[int(src.doc_offsets[3]) * 2] ^= 0x01
-    src.cache_path.write_bytes(bytes(data))
-    fixed = PreparedSource.open(tmp_path / "src", verify=True)
-    assert ByteTokenizer().decode(fixed.document(3)) == expected
+    cached.write_bytes(bytes(data))
+    assert ByteTokenizer().decode(PreparedSource.open(tmp_path / "src").document(3)) == expected
+    # Changed under an open source after its first use: the changed stamp makes the next read re-verify.
+    data = bytearray(cached.read_bytes())
+    data[int(src.doc_offsets[3]) * 2] ^= 0x01
+    cached.write_bytes(bytes(data))
+    assert ByteTokenizer().decode(src.document(3)) == expected
+    off = PreparedSource.open(tmp_path / "src", verify="off")  # trusts the cache: benchmarks only
+    cached.write_bytes(bytes(data))
+    assert ByteTokenizer().decode(off.document(3)) != expected
 
 
 def corrupt(path: Path, how: str) -> None:
@@ -302,21 +318,38 @@ def corrupt(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncate", "flip", "delete"])
 def test_corrupt_shard_is_named(how: str, abc_tunes: list[str], tmp_path: Path) -> None:
-    good = PreparedSource.open(prepare(abc_tunes[:5], tmp_path / "good").meta.path)
-    corrupt(sorted((tmp_path / "good").glob("tokens-*.zst"))[0], how)  # cache already built: fast path
-    assert len(PreparedSource.open(tmp_path / "good")) == len(good)
-    with pytest.raises(CorruptData, match="tokens-00000.zst"):  # verify re-hashes the shards at rest
-        PreparedSource.open(tmp_path / "good", verify=True)
     prepare_source(abc_tunes, tmp_path / "src", ByteTokenizer(), shard_tokens=30_000, progress=False)
     shards = sorted((tmp_path / "src").glob("tokens-*.zst"))
     assert len(shards) >= 3
     corrupt(shards[1], how)
     with pytest.raises(CorruptData, match=re.escape(shards[1].name)):
-        PreparedSource.open(tmp_path / "src")
+        PreparedSource.open(tmp_path / "src", verify="full")  # full hashes every shard before serving
+    src = PreparedSource.open(tmp_path / "src")  # fast: the shard is checked on first use
+    assert src.document(0).size  # shard 0 is intact
     with pytest.raises(CorruptData, match=re.escape(shards[1].name)):
-        PreparedSource.open(tmp_path / "src", verify=True)
-    assert not (tmp_path / "src" / ".cache" / "tokens.bin").exists()
-    assert not list((tmp_path / "src" / ".cache").glob("*tmp*"))
+        src.tokens[int(src.shard_offsets[1]) : int(src.shard_offsets[2])]
+    assert src.fault and shards[1].name in src.fault
+    assert any(shards[1].name in p for p in src.problems())
+    assert not list((tmp_path / "src" / ".cache" / "shards").glob("*tmp*"))
+    assert len(cache_files(tmp_path / "src" / ".cache" / "shards")) == 1  # only the good shard
+
+
+def test_edited_index_or_meta_is_refused(abc_tunes: list[str], tmp_path: Path) -> None:
+    src = prepare(abc_tunes[:50], tmp_path / "src")
+    index = tmp_path / "src" / "doc_offsets.npy"
+    offsets = np.load(index)
+    offsets[5] += 1  # same shape, same first and last entry: only the hash can tell
+    np.save(index, offsets)
+    with pytest.raises(CorruptData, match="doc_offsets.npy: document index hash mismatch"):
+        PreparedSource.open(tmp_path / "src")
+    assert any("doc_offsets.npy changed" in p for p in src.problems())
+    assert "doc_offsets.npy was removed or changed" in src.changed()
+    meta_file = tmp_path / "src" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(meta | {"fingerprint": "0" * 64}))
+    with pytest.raises(CorruptData, match="meta.json: fingerprint does not match"):
+        PreparedSource.open(tmp_path / "src")
+    assert "meta.json was removed or changed" in src.changed()
 
 
 def test_incomplete_or_inconsistent_source_is_corrupt(tmp_path: Path) -> None:

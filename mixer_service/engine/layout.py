@@ -3,7 +3,8 @@
 A source's canonical token stream is its documents in prepared order, each followed by EOS (``S``
 tokens). For a job with sequence length ``L`` an epoch is that stream rotated by a seeded offset and cut
 into ``M = ceil(S / L)`` chunks of ``L`` tokens (the last one wraps around to the start), served in a
-seeded permuted order. Every quantity here is O(1) per sequence: no epoch is ever materialised.
+seeded order (``epoch_order.py``: one global permutation, or shards permuted and chunks shuffled inside
+windows of shards). Every quantity here is O(1) per sequence: no epoch is ever materialised.
 
 Repetition invariant (the one place it lives): a document counts as seen once in an epoch when every chunk
 that holds one of its tokens has been served in that epoch. All ``M`` chunks of epoch ``e`` are served
@@ -18,7 +19,8 @@ from typing import Protocol
 
 import numpy as np
 
-from mixer_service.engine.permutation import Permutation, derive_key
+from mixer_service.engine.epoch_order import EpochOrder, GlobalOrder, OrderSpec, WindowOrder
+from mixer_service.engine.permutation import derive_key
 from mixer_service.errors import InvalidInput, NotFound
 
 
@@ -27,6 +29,7 @@ class TokenSource(Protocol):
 
     tokens: np.ndarray  # 1-D, every document followed by its EOS
     doc_offsets: np.ndarray  # int64, num_docs + 1
+    shard_offsets: np.ndarray  # int64, num_shards + 1: shard k holds tokens [shard_offsets[k], [k + 1])
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,13 @@ class Span:
 class SourceLayout:
     """Epoch/chunk arithmetic for one source of one job."""
 
-    def __init__(self, source: TokenSource, name: str, seq_len: int, seed: int, repeat: bool) -> None:
+    def __init__(self, source: TokenSource, name: str, seq_len: int, seed: int, repeat: bool,
+                 order: OrderSpec | None = None) -> None:
         self.source = source
-        self._tokens = np.asarray(source.tokens)  # a plain view: slicing a memmap object costs ~10x more
+        # A plain view of an in-memory array (slicing a memmap object costs ~10x more); a lazily sharded
+        # source (``sources.ShardedTokens``) is kept as is, so only the shards a batch touches are loaded.
+        tokens = source.tokens
+        self._tokens = np.asarray(tokens) if isinstance(tokens, np.ndarray) else tokens
         self.name = name
         self.seq_len = seq_len
         self.repeat = repeat
@@ -52,19 +59,17 @@ class SourceLayout:
             raise InvalidInput(f"sources.{name}: has {self.num_tokens} tokens, fewer than seq_len={seq_len}")
         self.num_chunks = -(-self.num_tokens // seq_len)
         self._key = derive_key("layout", seed, name)
-        self._perms: dict[int, Permutation] = {}
+        # A source without shards (a flat token file) is one shard.
+        shards = getattr(source, "shard_offsets", [0, self.num_tokens])
+        self.shard_offsets = np.asarray(shards, dtype=np.int64)
+        self.order: EpochOrder = (
+            WindowOrder(self._key, self.num_chunks, seq_len, self.shard_offsets, order.window_shards,
+                        self.rotation)
+            if order is not None and order.kind == "window" else GlobalOrder(self._key, self.num_chunks))
 
     @property
     def num_docs(self) -> int:
         return len(self.source.doc_offsets) - 1
-
-    def _perm(self, epoch: int) -> Permutation:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            if len(self._perms) > 64:
-                self._perms.clear()
-            perm = self._perms[epoch] = Permutation(self.num_chunks, derive_key(self._key, "epoch", epoch))
-        return perm
 
     def rotation(self, epoch: int) -> int:
         """Token offset of epoch ``epoch``'s first chunk boundary: chunk edges move every epoch."""
@@ -77,7 +82,7 @@ class SourceLayout:
         starts = np.empty_like(seq_ids)
         for epoch in np.unique(epochs):
             sel = epochs == epoch
-            chunks = self._perm(int(epoch)).apply(pos[sel])
+            chunks = self.order.chunks(int(epoch), pos[sel])
             starts[sel] = (chunks * self.seq_len + self.rotation(int(epoch))) % self.num_tokens
         return starts
 
@@ -92,6 +97,18 @@ class SourceLayout:
                 head = total - start
                 out[row, :head] = tokens[start:]
                 out[row, head:] = tokens[: length - head]
+
+    def shards_touched(self, seq_ids: np.ndarray) -> np.ndarray:
+        """Sorted ids of the shards holding any token of these sequences (what a cache must have)."""
+        starts = self.sequence_starts(seq_ids)
+        bounds, total = self.shard_offsets, self.num_tokens
+        first = np.searchsorted(bounds, starts, side="right") - 1
+        last = np.searchsorted(bounds, (starts + self.seq_len - 1) % total, side="right") - 1
+        # Usually first == last or last == first + 1; a wrap past the end or shards shorter than L
+        # take every shard in between.
+        runs = [np.arange(a, b + 1) if b >= a else np.r_[np.arange(a, len(bounds) - 1), np.arange(0, b + 1)]
+                for a, b in zip(first.tolist(), last.tolist(), strict=True) if a != b]
+        return np.unique(np.concatenate([first, *runs])) if runs else np.unique(first)
 
     def spans(self, seq_id: int) -> list[Span]:
         """The document spans making up one sequence, in order (provenance)."""
@@ -134,7 +151,7 @@ class SourceLayout:
         are also covered by the last chunk, which wraps around onto them.
         """
         served = np.zeros(self.num_chunks, dtype=np.int64)
-        served[self._perm(epoch).apply(np.arange(progress))] = 1
+        served[self.order.chunks(epoch, np.arange(progress))] = 1
         unserved_before = np.concatenate([[0], np.cumsum(1 - served)])  # prefix count of unserved chunks
         covered_by_wrap = self.num_chunks * self.seq_len - self.num_tokens if served[-1] else 0
 

@@ -9,15 +9,9 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "LOSSLESS": "codec",
     "CodecCurve": "codec",
-    "decode": "codec",
-    "encode": "codec",
     "measure_codec_curve": "codec",
     "EncodedSizes": "images",
-    "ImageSource": "images",
-    "ImageSourceMeta": "images",
-    "prepare_image_source": "images",
     "OverfittingLaw": "overfitting_law",
     "SptFit": "overfitting_law",
     "fit_overfitting_law": "overfitting_law",

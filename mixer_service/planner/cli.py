@@ -1,6 +1,7 @@
 """``mixer plan ...``: fit the scaling laws from measurements and print recommendations.
 
     mixer plan spt --runs runs.csv --target-tokens 100B --domain-tokens 300M [--plot fit.png] [--json]
+        [--tokens-unit 1B] [--holdout-delta 0.1] [--predict-delta 0.1] [--ft-gain ft.csv]
     mixer plan storage --points grid.csv --budget 5M --budget 20M [--codec codec.csv] [--plot fit.png]
     mixer plan images --out data/fmnist-q50 --quality 50 | --budget 2M [--num-samples 10000]
 
@@ -24,12 +25,13 @@ from mixer_service.errors import InvalidInput, MixerError
 from mixer_service.planner.fit_stats import FitQuality, ParamEstimate
 
 if TYPE_CHECKING:
-    from mixer_service.planner.overfitting_law import SptFit
+    from mixer_service.planner.overfitting_law import HoldoutCheck, SptFit
     from mixer_service.planner.recommend import Recommendation
 
 # The planner's heavy dependencies (scipy, Pillow, matplotlib: the optional "planner" extra) are imported
 # inside the command functions, so registering ``plan`` never breaks a ``mixer`` installed without them.
 LOSSLESS_WORDS = ("lossless", "png")
+DEFAULT_TOKENS_UNIT = 1e9  # = overfitting_law.DEFAULT_TOKENS_UNIT, repeated: that module needs scipy
 
 _SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9, "T": 1e12}
 
@@ -50,7 +52,7 @@ def count(text: str) -> float:
 
 
 def _quality(text: str) -> int:
-    from mixer_service.planner.codec import LOSSLESS
+    from mixer_service.sources.image_codec import LOSSLESS
 
     return LOSSLESS if text.lower() in LOSSLESS_WORDS else int(count(text))
 
@@ -66,7 +68,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     spt.add_argument("--domain-tokens", type=count, required=True, help="domain set size |D| in tokens")
     spt.add_argument("--delta-range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="δ search range")
     spt.add_argument(
-        "--ft-gain", help="CSV of (tokens, gain) finetuning gains: fits Eq. 7 and corrects the loss"
+        "--ft-gain",
+        help="CSV of finetuning gains (columns tokens, gain, optional delta): fits Eq. 7; with a delta "
+        "column at >= 2 values δ* minimises the post-finetune loss",
+    )
+    spt.add_argument(
+        "--tokens-unit", type=count, default=DEFAULT_TOKENS_UNIT,
+        help="T is divided by this inside the law (default 1B: T in billions); the fit depends on it",
+    )
+    spt.add_argument(
+        "--holdout-delta", type=float, metavar="D",
+        help="§5.3 check: also fit without the runs at δ=D and report the forecast error on that curve",
+    )
+    spt.add_argument(
+        "--predict-delta", type=float, action="append", default=[], metavar="D",
+        help="also report the predicted loss (with interval) at δ=D for the target T (repeatable)",
     )
     spt.add_argument("--schedule", nargs=2, metavar=("DOMAIN", "WEB"), help="also emit the schedule for δ*")
     spt.add_argument("--tokens-key", help="column/key holding tokens (default: tokens, T, ...)")
@@ -144,17 +160,23 @@ def _safe(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespa
 
 
 def run_spt(args: argparse.Namespace) -> int:
-    from mixer_service.planner.overfitting_law import fit_overfitting_law
+    from mixer_service.planner.overfitting_law import fit_overfitting_law, holdout_check
     from mixer_service.planner.recommend import fit_finetune_gain, recommend_delta, schedule_for_delta
     from mixer_service.planner.spt_runs import load_runs
 
     runs = load_runs(args.runs, args.tokens_key, args.delta_key, args.loss_key)
-    fit = fit_overfitting_law(runs, n_bootstrap=args.bootstrap, seed=args.seed)
+    delta_max = args.delta_range[1] if args.delta_range else None
+    fit = fit_overfitting_law(runs, args.bootstrap, args.seed, args.tokens_unit, delta_max)
     finetune = None
     if args.ft_gain:
-        columns = _read_columns(args.ft_gain, ("tokens", "gain"))
-        finetune = fit_finetune_gain(columns["tokens"], columns["gain"])
-    rec = recommend_delta(fit, args.target_tokens, args.domain_tokens, args.delta_range, finetune)
+        columns = _read_columns(args.ft_gain, ("tokens", "gain"), optional=("delta",))
+        finetune = fit_finetune_gain(columns["tokens"], columns["gain"], columns.get("delta"))
+    rec = recommend_delta(
+        fit, args.target_tokens, args.domain_tokens, args.delta_range, finetune, tuple(args.predict_delta)
+    )
+    holdout = None
+    if args.holdout_delta is not None:
+        holdout = holdout_check(runs, args.holdout_delta, args.bootstrap, args.seed, args.tokens_unit)
     schedule = schedule_for_delta(rec.delta, *args.schedule) if args.schedule else None
     if args.plot:
         from mixer_service.planner.plots import plot_spt
@@ -166,16 +188,21 @@ def run_spt(args: argparse.Namespace) -> int:
             out["finetune_gain"] = finetune.to_dict()
         if schedule is not None:
             out["schedule"] = schedule
+        if holdout is not None:
+            out["holdout"] = holdout.to_dict()
         print(json.dumps(out, indent=2))
     else:
-        _print_spt(fit, rec, schedule)
-    for warning in rec.warnings:
+        _print_spt(fit, rec, schedule, holdout)
+    for warning in rec.warnings + (holdout.warnings if holdout else []):
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
-def _print_spt(fit: SptFit, rec: Recommendation, schedule: dict | None) -> None:
+def _print_spt(fit: SptFit, rec: Recommendation, schedule: dict | None, holdout: HoldoutCheck | None) -> None:
+    print(f"T unit: {fit.law.tokens_unit:.4g} tokens; δ as a fraction; b_gap(δ) < 1 imposed on "
+          f"[0, {fit.delta_max:g}]")
     print(_quality_line("joint fit", fit.quality))
+    print(_quality_line("shared-exponent fit (App. D.1, C_train and A_gap free per δ)", fit.shared.quality))
     per_delta = [
         [f"{p.delta:g}", p.n_points, f"{p.tokens_min:.3g}–{p.tokens_max:.3g}", f"{p.b:.4f}", f"{p.h:.4f}",
          f"{p.quality.r2:.5f}", f"{p.quality.rmse:.3g}"]
@@ -184,6 +211,7 @@ def _print_spt(fit: SptFit, rec: Recommendation, schedule: dict | None) -> None:
     print(_table(["δ", "points", "T range", "b", "h (gap)", "R²", "RMSE"], per_delta))
     print(_param_table(fit.params))
     rows: list[list[object]] = [
+        ["objective", rec.objective],
         ["target tokens T", f"{rec.target_tokens:.4g}"],
         ["δ*", _with_interval(rec.delta, rec.delta_interval, ".4g")],
         ["predicted domain loss", _with_interval(rec.predicted_loss, rec.loss_interval, ".4f")],
@@ -193,6 +221,23 @@ def _print_spt(fit: SptFit, rec: Recommendation, schedule: dict | None) -> None:
     if rec.predicted_loss_after_finetune is not None:
         rows.append(["predicted loss after finetuning (Eq. 7)", f"{rec.predicted_loss_after_finetune:.4f}"])
     print(_table(["recommendation", "value"], rows))
+    print(_table(
+        [f"δ (at T={rec.target_tokens:.3g})", "predicted loss", "95% interval", "beyond pilots"],
+        [[f"{p.delta:.4g}", f"{p.loss:.4f}", "-" if p.interval is None else f"{p.interval[0]:.4f}–{p.interval[1]:.4f}",
+          "yes" if p.extrapolated_in_delta else ""] for p in rec.predictions],
+    ))
+    if holdout is not None:
+        print(_table(["holdout check (§5.3)", "value"], [
+            ["held-out δ", f"{holdout.delta:g} (fitted on δ = {', '.join(f'{d:g}' for d in holdout.fitted_deltas)})"],
+            ["forecast RMSE / bias / max |error|",
+             f"{holdout.rmse:.4g} / {holdout.mean_error:+.4g} / {holdout.max_abs_error:.4g}"],
+            [f"at T={holdout.tokens_at_end:.3g}: measured vs predicted",
+             f"{holdout.measured_at_end:.4f} vs " + _with_interval(holdout.predicted_at_end, holdout.interval_at_end, ".4f")],
+            ["held-out points inside the 95% interval",
+             "-" if holdout.share_in_interval is None else f"{holdout.share_in_interval:.0%}"],
+        ]))
+    if rec.warnings:
+        print(_table(["warning"], [[w] for w in rec.warnings]))
     if schedule is not None:
         print(json.dumps(schedule))
 
@@ -244,8 +289,9 @@ def run_storage(args: argparse.Namespace) -> int:
 
 def run_images(args: argparse.Namespace) -> int:
     from mixer_service.planner.fashion_mnist import load_fashion_mnist
-    from mixer_service.planner.images import EncodedSizes, prepare_image_source
+    from mixer_service.planner.images import EncodedSizes
     from mixer_service.planner.randomized import assign_randomized
+    from mixer_service.sources.images import prepare_image_source
 
     images, labels = load_fashion_mnist(args.split, args.data_dir)
     if args.num_samples is not None:
@@ -292,7 +338,8 @@ def run_images(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_columns(path: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _read_columns(path: str, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Numeric CSV columns by name; ``optional`` ones are read when the header has them."""
     if not Path(path).is_file():
         raise InvalidInput(f"file not found: {path}")
     with open(path, newline="") as f:
@@ -300,6 +347,7 @@ def _read_columns(path: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         missing = [c for c in names if c not in (reader.fieldnames or [])]
         if missing:
             raise InvalidInput(f"{path}: missing column(s) {', '.join(missing)}")
+        names = names + tuple(c for c in optional if c in (reader.fieldnames or []))
         try:
             rows = [[float(r[c]) for c in names] for r in reader]
         except (TypeError, ValueError):

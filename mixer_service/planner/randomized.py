@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mixer_service.errors import InvalidInput
-from mixer_service.planner.codec import LOSSLESS, MAX_QUALITY, MIN_QUALITY
+from mixer_service.sources.image_codec import LOSSLESS, MAX_QUALITY, MIN_QUALITY
 
 MAX_ITERATIONS = 200
 

@@ -14,7 +14,16 @@ from mixer_service.service.auth import Tokens, check_bind
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve batches over HTTP (FastAPI + uvicorn)")
-    p.add_argument("--sources-dir", type=Path, required=True, help="directory of prepared sources")
+    p.add_argument("--sources-dir", type=Path, default=None, help="directory of prepared sources")
+    p.add_argument("--sources-url", action="append", default=[], metavar="S3_URL",
+                   help="s3://bucket/prefix of prepared sources (repeatable); shards are fetched on demand")
+    p.add_argument("--s3-endpoint", default=os.environ.get("MIXER_S3_ENDPOINT") or None,
+                   help="S3-compatible endpoint URL (MinIO, GCS interop, ...); default AWS")
+    p.add_argument("--verify", choices=("off", "fast", "full"), default="fast",
+                   help="fast: each shard is hashed before its first use; full: every shard before ready; "
+                   "off: trust files of the right size (benchmarks only)")
+    p.add_argument("--cache-limit", type=_byte_count, default=None,
+                   help="bytes of decompressed shards kept locally, e.g. 20G (least recently used evicted)")
     p.add_argument(
         "--state-dir",
         type=Path,
@@ -71,13 +80,34 @@ def build_app():
                 StoreLimits(**{k: limits[k] for k in ("max_jobs", "max_versions") if k in limits}),
             ),
             sources=SourceRegistry.load(
-                Path(os.environ["MIXER_SOURCES_DIR"]), Path(cache) if cache else None
+                Path(os.environ["MIXER_SOURCES_DIR"]) if os.environ.get("MIXER_SOURCES_DIR") else None,
+                Path(cache) if cache else None, verify=os.environ.get("MIXER_VERIFY", "fast"),
+                cache_limit=_optional_int(os.environ.get("MIXER_CACHE_LIMIT")),
+                remote_urls=json.loads(os.environ.get("MIXER_SOURCES_URLS", "[]")),
+                s3_endpoint=os.environ.get("MIXER_S3_ENDPOINT") or None,
             ),
             tokens=_tokens(),
             limits=ServiceLimits(**{k: limits[k] for k in ("max_body_bytes", "max_request_tokens", "threads")
                                     if k in limits}),
         )
     )
+
+
+def _optional_int(text: str | None) -> int | None:
+    return int(text) if text else None
+
+
+def _byte_count(text: str) -> int:
+    """``20G``, ``512M``, ``1.5T`` or a plain number of bytes (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    scale = units.get(text[-1:].upper(), 1)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (e.g. 20G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
 
 
 def _tokens() -> Tokens:
@@ -96,7 +126,16 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInput(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     os.environ["MIXER_LIMITS"] = json.dumps({n: getattr(args, n) for n in (
         "max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads")})
-    os.environ["MIXER_SOURCES_DIR"] = str(args.sources_dir)
+    if args.sources_dir is None and not args.sources_url:
+        raise InvalidInput("give --sources-dir, --sources-url, or both")
+    if args.sources_dir is not None:
+        os.environ["MIXER_SOURCES_DIR"] = str(args.sources_dir)
+    os.environ["MIXER_SOURCES_URLS"] = json.dumps(args.sources_url)
+    os.environ["MIXER_VERIFY"] = args.verify
+    if args.cache_limit is not None:
+        os.environ["MIXER_CACHE_LIMIT"] = str(args.cache_limit)
+    if args.s3_endpoint:
+        os.environ["MIXER_S3_ENDPOINT"] = args.s3_endpoint
     os.environ["MIXER_STATE_DIR"] = str(args.state_dir)
     if args.redis_url:
         os.environ["MIXER_REDIS_URL"] = args.redis_url

@@ -1,56 +1,101 @@
-"""The prepared sources a server can mix, loaded once at start-up from one directory."""
+"""The sources a server can mix, opened once at start-up: prepared (and adopted) token sources from a local
+directory or an object-store prefix, all sharing one bounded shard cache, and image sources.
+
+A source that cannot be opened (corrupt, truncated, edited) does not stop the server: it is listed by
+``problems()`` (so ``/v1/ready`` answers 503) and ``get`` answers ``SourceUnavailable`` (503) for it, while
+names the server never had stay ``NotFound`` (404).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
-from mixer_service.errors import InvalidInput, NotFound
-from mixer_service.prepare.source import PreparedSource
+from mixer_service.errors import InvalidInput, MixerError, NotFound, SourceUnavailable
+from mixer_service.prepare.meta import META_FILE
+from mixer_service.sources.cache import ShardCache
+from mixer_service.sources.prepared import CACHE_SUBDIR, PreparedSource
+from mixer_service.sources.verify import DEFAULT_VERIFY, VerifyMode
 
 log = logging.getLogger(__name__)
 
 
 class SourceRegistry:
-    """Every sub-directory of ``root`` holding a prepared token or image source, by its name."""
+    """Token sources and image sources by name, plus the names of sources that failed to open."""
 
-    def __init__(self, sources: dict[str, PreparedSource], images: dict | None = None) -> None:
+    def __init__(self, sources: dict[str, PreparedSource], images: dict | None = None,
+                 broken: dict[str, str] | None = None, cache: ShardCache | None = None) -> None:
         self.sources = sources
         self.images = images or {}
+        self.broken = broken or {}
+        self.cache = cache
 
     @classmethod
-    def load(cls, root: Path, cache_dir: Path | None = None) -> SourceRegistry:
-        if not root.is_dir():
+    def load(cls, root: Path | None, cache_dir: Path | None = None, *,
+             verify: str | VerifyMode = DEFAULT_VERIFY,
+             cache_limit: int | None = None, remote_urls: Sequence[str] = (),
+             s3_endpoint: str | None = None) -> SourceRegistry:
+        """Open every source under ``root`` (sub-directories with a ``meta.json``) and under each
+        ``s3://bucket/prefix`` of ``remote_urls``; shards are cached in ``cache_dir`` (default
+        ``root/.cache``) within ``cache_limit`` bytes."""
+        if root is not None and not root.is_dir():
             raise InvalidInput(f"--sources-dir {root}: not a directory")
-        sources: dict[str, PreparedSource] = {}
-        images: dict = {}
-        for sub in sorted(p for p in root.iterdir() if (p / "meta.json").is_file()):
-            if _is_image_source(sub):
-                from mixer_service.planner.images import ImageSource  # Pillow only where images are served
+        if cache_dir is None:
+            if root is None:
+                raise InvalidInput("--cache-dir is required when every source is remote")
+            cache_dir = root / CACHE_SUBDIR
+        mode = VerifyMode(verify)
+        cache = ShardCache(Path(cache_dir) / "shards", cache_limit, mode)
+        registry = cls({}, {}, {}, cache)
+        if root is not None:
+            for sub in sorted(p for p in root.iterdir() if (p / META_FILE).is_file()):
+                registry._open(sub.name, str(sub), lambda d=sub: _open_local(d, cache, mode))
+        index_root = Path(cache_dir) / "index"
+        for url in remote_urls:
+            for name, opener, where in _remote_openers(url, index_root, cache, mode, s3_endpoint):
+                registry._open(name, where, opener)
+        return registry
 
-                images[sub.name] = ImageSource.open(sub)
-                continue
-            src = PreparedSource.open(sub, cache_dir)
-            if src.meta.name in sources:
-                raise InvalidInput(f"two prepared sources are named {src.meta.name!r} under {root}")
-            sources[src.meta.name] = src
-            log.info(
-                "source loaded",
-                extra={
-                    "source": src.meta.name,
-                    "docs": src.meta.num_docs,
-                    "tokens": src.meta.num_tokens,
-                    "fingerprint": src.meta.fingerprint,
-                },
-            )
-        return cls(sources, images)
+    def _open(self, label: str, where: str, opener) -> None:
+        try:
+            kind, src = opener()
+        except MixerError as exc:
+            self.broken[label] = str(exc)
+            log.error("source unavailable", extra={"event": "source.broken", "source": label, "where": where,
+                                                   "error": str(exc)})
+            return
+        if kind == "images":
+            self.images[label] = src
+            return
+        name = src.meta.name
+        if name in self.sources:
+            raise InvalidInput(f"two sources are named {name!r} ({self.sources[name].meta.path} and {where})")
+        self.sources[name] = src
+        log.info("source opened", extra={"event": "source.opened", "source": name, "where": where,
+                                         "docs": src.meta.num_docs, "tokens": src.meta.num_tokens,
+                                         "fingerprint": src.meta.fingerprint})
 
     def get(self, name: str) -> PreparedSource:
-        try:
-            return self.sources[name]
-        except KeyError:
-            raise NotFound(f"source {name!r} is not on this server (it has {sorted(self.sources)})") from None
+        """The source, if it is here and intact; ``SourceUnavailable`` if missing/changed/corrupt here."""
+        src = self.sources.get(name)
+        if src is None:
+            if name in self.broken:
+                raise SourceUnavailable(f"source {name!r} is unavailable on this server: {self.broken[name]}")
+            raise NotFound(f"source {name!r} is not on this server (it has {sorted(self.sources)})")
+        why = src.changed()
+        if why:
+            raise SourceUnavailable(why)
+        return src
+
+    def problems(self) -> list[str]:
+        """Why this server cannot serve every source it started with (stat-level, cheap), or []."""
+        out = [f"source {name!r} is unavailable on this server: {why}"
+               for name, why in sorted(self.broken.items())]
+        for src in self.sources.values():
+            out += src.problems()
+        return out
 
     def image(self, name: str):
         try:
@@ -59,14 +104,6 @@ class SourceRegistry:
             raise NotFound(
                 f"image source {name!r} is not on this server (it has {sorted(self.images)})"
             ) from None
-
-    def problems(self) -> list[str]:
-        """What makes a loaded source unservable now (empty when all are intact); cheap enough for probes."""
-        return [
-            f"source {name!r}: {src.meta.path / 'meta.json'} is missing"
-            for name, src in sorted(self.sources.items())
-            if not (src.meta.path / "meta.json").is_file()
-        ]
 
     def describe(self) -> list[dict]:
         return [
@@ -82,11 +119,50 @@ class SourceRegistry:
             for n, s in sorted(self.sources.items())
         ]
 
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
 
-def _is_image_source(directory: Path) -> bool:
-    from mixer_service.planner.images import FORMAT
 
+def _open_local(directory: Path, cache: ShardCache, mode: VerifyMode):
+    if _format(directory) == "mixer-image-source":
+        from mixer_service.sources.images import ImageSource  # Pillow only where images are served
+
+        return "images", ImageSource.open(directory)
+    return "tokens", PreparedSource.open(directory, cache=cache, verify=mode)
+
+
+def _format(directory: Path) -> str | None:
     try:
-        return json.loads((directory / "meta.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False  # PreparedSource.open reports the broken file with its name
+        return json.loads((directory / META_FILE).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None  # the source's own opener reports the broken file with its name
+
+
+def _remote_openers(url: str, index_root: Path, cache: ShardCache, mode: VerifyMode, endpoint: str | None):
+    """(name, opener, where) for each source under ``s3://bucket/prefix`` (a prefix with a meta.json, or a
+    prefix whose sub-prefixes have one)."""
+    from mixer_service.sources.origins import S3Origin, parse_s3_url, s3_client
+
+    bucket, prefix = parse_s3_url(url)
+    client = s3_client(endpoint)
+    origin = S3Origin(client, bucket, prefix)
+    try:
+        listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", Delimiter="/")
+    except Exception as exc:  # botocore raises many unrelated types; any of them means "not reachable"
+        yield url, _raiser(SourceUnavailable(f"{url}: cannot list the object store ({exc})")), url
+        return
+    keys = {o["Key"].rsplit("/", 1)[-1] for o in listing.get("Contents", [])}
+    subs = [origin] if META_FILE in keys else [
+        S3Origin(client, bucket, p["Prefix"]) for p in listing.get("CommonPrefixes", [])]
+    for sub in subs:
+        name = sub.prefix.rsplit("/", 1)[-1]
+        index_dir = index_root / bucket / sub.prefix
+        yield name, (lambda sub=sub, d=index_dir: (
+            "tokens", PreparedSource.open_remote(sub, d, cache, mode))), sub.describe("")
+
+
+def _raiser(exc: MixerError):
+    def opener():
+        raise exc
+    return opener

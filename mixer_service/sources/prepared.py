@@ -1,0 +1,193 @@
+"""A prepared source (see ``prepare.meta`` for the layout) opened for O(1) random access to documents.
+
+Opening reads ``meta.json`` and memory-maps the document index (8 bytes a document); no shard is touched,
+so the time to open does not grow with the corpus. Each shard is fetched, decompressed and verified into a
+``ShardCache`` the first time a batch needs it. Files that change under a running server are reported by
+``problems()`` (a stat per file, for ``/v1/ready``) and by ``changed()`` (one stat, per request).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import operator
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from mixer_service.errors import CorruptData, MixerError, NotFound
+from mixer_service.prepare.meta import META_FILE, OFFSETS_FILE, MetaFile, SourceMeta, content_fingerprint
+from mixer_service.sources.cache import Shard, ShardCache
+from mixer_service.sources.origins import LocalOrigin, Origin
+from mixer_service.sources.tokens import ShardedTokens
+from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
+
+log = logging.getLogger(__name__)
+
+CACHE_SUBDIR = ".cache"
+
+
+class DocumentIndexError(NotFound, IndexError):
+    """A document index outside ``[0, num_docs)``: ``NotFound`` for the service, ``IndexError`` for Python."""
+
+
+def as_verify_mode(verify: bool | str | VerifyMode) -> VerifyMode:
+    """``True`` is ``full`` and ``False`` is ``off`` (the old boolean flag); strings name a mode."""
+    if isinstance(verify, bool):
+        return VerifyMode.FULL if verify else VerifyMode.OFF
+    return VerifyMode(verify)
+
+
+class PreparedSource:
+    """Tokens (lazily loaded shards) plus the memory-mapped document offsets of one prepared source."""
+
+    def __init__(self, meta: SourceMeta, info: MetaFile, origin: Origin, index_dir: Path,
+                 doc_offsets: np.ndarray, cache: ShardCache) -> None:
+        self.meta = meta
+        self.info = info
+        self.origin = origin
+        self.doc_offsets = doc_offsets
+        self.cache = cache
+        dtype = np.dtype(meta.dtype).newbyteorder("<")
+        self._shards = [Shard(origin, sh.file, sh.num_tokens, dtype, sh.sha256, sh.raw_sha256)
+                        for sh in info.shards]
+        offsets = np.concatenate([[0], np.cumsum([sh.num_tokens for sh in info.shards], dtype=np.int64)])
+        self.tokens = ShardedTokens(offsets, dtype, self._load_shard)
+        self.fault: str | None = None
+        self._index_files = (index_dir / META_FILE, index_dir / OFFSETS_FILE)
+        self._stamps = {path: FileStamp.of(path) for path in self._index_files}
+        for sh in info.shards:
+            stamp = origin.stamp(sh.file)
+            if stamp is not None:
+                self._stamps[Path(origin.describe(sh.file))] = stamp
+
+    @classmethod
+    def open(cls, path: Path | str, cache_dir: Path | None = None, *,
+             verify: bool | str | VerifyMode = DEFAULT_VERIFY,
+             cache: ShardCache | None = None) -> PreparedSource:
+        """Open the prepared source in directory ``path``; shards are cached under ``cache_dir`` (default
+        ``path/.cache/shards``) unless a shared ``cache`` is given."""
+        directory = Path(path)
+        mode = as_verify_mode(verify)
+        if cache is None:
+            where = Path(cache_dir) if cache_dir else directory / CACHE_SUBDIR / "shards"
+            cache = ShardCache(where, verify=mode)
+        return cls._open(LocalOrigin(directory), directory, cache, mode)
+
+    @classmethod
+    def open_remote(cls, origin: Origin, index_dir: Path, cache: ShardCache,
+                    verify: bool | str | VerifyMode = DEFAULT_VERIFY) -> PreparedSource:
+        """Open a source whose files live in ``origin``: ``meta.json`` and the document index are copied
+        into ``index_dir`` (the index must be local to be memory-mapped); shards stay remote until used."""
+        index_dir = Path(index_dir)
+        index_dir.mkdir(parents=True, exist_ok=True)
+        for name in (OFFSETS_FILE, META_FILE):  # meta last: its presence marks a complete copy
+            _write_atomic(index_dir / name, origin.read(name))
+        return cls._open(origin, index_dir, cache, as_verify_mode(verify))
+
+    @classmethod
+    def _open(cls, origin: Origin, index_dir: Path, cache: ShardCache, mode: VerifyMode) -> PreparedSource:
+        info = MetaFile.load(index_dir)
+        meta = info.source
+        if mode != VerifyMode.OFF and meta.fingerprint != content_fingerprint(
+                meta.tokenizer_fingerprint, meta.dtype, info.tokens_sha256, info.doc_offsets_sha256):
+            raise CorruptData(f"{index_dir / META_FILE}: fingerprint does not match the content hashes it "
+                              "lists (edited by hand?)")
+        offsets = _open_offsets(index_dir / OFFSETS_FILE, info, mode)
+        source = cls(meta, info, origin, index_dir, offsets, cache)
+        if mode == VerifyMode.FULL:
+            source.verify_shards()
+        return source
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    @property
+    def shard_offsets(self) -> np.ndarray:
+        """int64[num_shards + 1]: shard ``k`` holds tokens ``[shard_offsets[k], shard_offsets[k + 1])``."""
+        return self.tokens.shard_offsets
+
+    @property
+    def shards(self) -> list[Shard]:
+        return list(self._shards)
+
+    def __len__(self) -> int:
+        return self.meta.num_docs
+
+    def document(self, i: int) -> np.ndarray:
+        """Tokens of document ``i`` without its trailing EOS."""
+        i = operator.index(i)
+        if not 0 <= i < self.meta.num_docs:
+            raise DocumentIndexError(
+                f"document {i} out of range for source {self.meta.name!r} ({self.meta.num_docs} documents)"
+            )
+        return self.tokens.read(int(self.doc_offsets[i]), int(self.doc_offsets[i + 1]) - 1)
+
+    def prefetch(self, shard_ids: Iterable[int]) -> None:
+        """Load these shards in the background (the engine knows which ones the next steps touch)."""
+        self.cache.prefetch(self._shards[k] for k in shard_ids)
+
+    def verify_shards(self) -> None:
+        """Hash every compressed shard now (``--verify full``), without decompressing or caching it."""
+        for shard in self._shards:
+            if hashlib.sha256(shard.origin.read(shard.file)).hexdigest() != shard.sha256:
+                raise CorruptData(f"{shard.label}: shard checksum mismatch (corrupt or truncated)")
+
+    def _load_shard(self, k: int) -> np.ndarray:
+        try:
+            return self.cache.get(self._shards[k])
+        except MixerError as exc:
+            self.fault = str(exc)
+            raise
+
+    # -- change detection --------------------------------------------------------------------------
+
+    def changed(self) -> str | None:
+        """Why this source can no longer be served (a stat of meta.json and of the index), or None.
+
+        Shards need no check here: each is hashed when it enters the cache and re-hashed when its cached
+        file changes, so only the index files, read in place, can change unseen.
+        """
+        if self.fault:
+            return f"source {self.meta.name!r}: {self.fault}"
+        for path in self._index_files:
+            if FileStamp.of(path) != self._stamps[path]:
+                return f"source {self.meta.name!r}: {path} was removed or changed under this server"
+        return None
+
+    def problems(self) -> list[str]:
+        """Every file of this source that is missing or changed since open (stat-level), plus any fault."""
+        out = [f"source {self.meta.name!r}: {self.fault}"] if self.fault else []
+        for path, stamp in self._stamps.items():
+            now = FileStamp.of(path)
+            if now != stamp:
+                what = "was removed" if now is None else "changed"
+                out.append(f"source {self.meta.name!r}: {path} {what} under this server")
+        return out
+
+
+def _open_offsets(path: Path, info: MetaFile, mode: VerifyMode) -> np.ndarray:
+    try:
+        offsets = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise CorruptData(f"{path}: unreadable document index ({exc})") from exc
+    n, total = info.source.num_docs, info.source.num_tokens
+    if (offsets.dtype != np.dtype("<i8") or offsets.shape != (n + 1,)
+            or offsets[0] != 0 or offsets[-1] != total):
+        raise CorruptData(f"{path}: document index does not match meta.json ({n} docs, {total} tokens)")
+    if mode != VerifyMode.OFF and hashlib.sha256(memoryview(offsets)).hexdigest() != info.doc_offsets_sha256:
+        raise CorruptData(f"{path}: document index hash mismatch (corrupt or edited)")
+    return offsets
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
