@@ -12,6 +12,7 @@ from mixer_service.service.auth import require_reader
 from mixer_service.service.jobs import JobManager
 from mixer_service.service.problems import responses
 from mixer_service.service.routes.deps import jobs
+from mixer_service.service.routes.models import JobId
 from mixer_service.values import Rank, Step, World, check_step
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["batches"], dependencies=[Depends(require_reader)])
@@ -20,7 +21,7 @@ router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["batches"], dependencies=[D
 @router.get("/batches/{step}", response_class=Response,
             responses={200: {"content": {wire.MEDIA_TYPE: {}}, "description": "docs/protocol.md"}}
             | responses(404, 413))
-def get_batch(request: Request, job_id: str, step: Step, rank: Rank = 0, world: World = 1,
+def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0, world: World = 1,
               compression: Literal["none", "zstd"] = "none", manager: JobManager = Depends(jobs)) -> Response:
     view, ranks = manager.serve(job_id, step, rank, world, request.app.state.limits.max_request_tokens)
     runtime = view.runtime
@@ -40,7 +41,7 @@ def get_batch(request: Request, job_id: str, step: Step, rank: Rank = 0, world: 
 
 
 @router.get("/provenance/{step}", responses=responses(404))
-def get_provenance(job_id: str, step: Step, rank: Rank = 0, world: World = 1,
+def get_provenance(job_id: JobId, step: Step, rank: Rank = 0, world: World = 1,
                    manager: JobManager = Depends(jobs)) -> dict[str, Any]:
     """Which document spans make up each sequence of a step (an audit trail; does not mark it served)."""
     runtime = manager.view(job_id).runtime

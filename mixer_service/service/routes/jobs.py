@@ -9,7 +9,7 @@ from mixer_service.service.auth import require_operator, require_reader
 from mixer_service.service.jobs import JobManager
 from mixer_service.service.problems import responses
 from mixer_service.service.routes.deps import jobs
-from mixer_service.service.routes.models import JobConfigModel, ScheduleModel
+from mixer_service.service.routes.models import JobConfigModel, JobId, ScheduleModel
 from mixer_service.store.base import JOB_ID_PATTERN
 from mixer_service.values import TrainedStep
 
@@ -33,7 +33,7 @@ class Progress(BaseModel):
 
 
 @router.post("/jobs", status_code=201, dependencies=[Depends(require_operator)],
-             responses=responses(403, 404, 409, 413))
+             responses=responses(400, 403, 404, 409, 413))
 def create_job(body: CreateJob, manager: JobManager = Depends(jobs)) -> dict[str, Any]:
     view = manager.create(body.job_id, body.config.to_doc(), body.schedule.to_doc(), body.author,
                           body.reason)
@@ -47,12 +47,13 @@ def list_jobs(manager: JobManager = Depends(jobs)) -> dict[str, Any]:
 
 
 @router.get("/jobs/{job_id}", dependencies=[Depends(require_reader)], responses=responses(404))
-def get_job(job_id: str, manager: JobManager = Depends(jobs)) -> dict[str, Any]:
+def get_job(job_id: JobId, manager: JobManager = Depends(jobs)) -> dict[str, Any]:
     return manager.describe(manager.view(job_id))
 
 
-@router.put("/jobs/{job_id}/progress", dependencies=[Depends(require_reader)], responses=responses(404, 413))
-def report_progress(job_id: str, body: Progress, manager: JobManager = Depends(jobs)) -> dict[str, Any]:
+@router.put("/jobs/{job_id}/progress", dependencies=[Depends(require_reader)],
+            responses=responses(400, 404, 413))
+def report_progress(job_id: JobId, body: Progress, manager: JobManager = Depends(jobs)) -> dict[str, Any]:
     """Trainers report the step they finished; a run resumed from an older checkpoint rewinds it."""
     manager.report_progress(job_id, body.trained_step)
     return {"job_id": job_id, "trained_step": body.trained_step}

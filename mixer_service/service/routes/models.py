@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from mixer_service.engine.config import _NAME, ROLES
 from mixer_service.engine.mixture import MAX_SOURCES
 from mixer_service.engine.schedule import MAX_PHASES, WEIGHT_PATTERN
+from mixer_service.store.base import JOB_ID_PATTERN
 from mixer_service.values import GLOBAL_BATCH, SEED, SEQ_LEN, STEP, TOTAL_STEPS
 
 SourceName = Annotated[str, Field(pattern=_NAME.pattern)]
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN.pattern, description="the job's id")]
 Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)] | Annotated[
     str, Field(pattern=WEIGHT_PATTERN, description="decimal or 'p/q'")
 ]

@@ -10,6 +10,7 @@ from mixer_service.service.auth import require_reader
 from mixer_service.service.jobs import JobManager, JobRuntime
 from mixer_service.service.problems import responses
 from mixer_service.service.routes.deps import jobs
+from mixer_service.service.routes.models import JobId
 from mixer_service.values import COUNT, TRAINED_STEP, check_step
 
 router = APIRouter(
@@ -38,7 +39,7 @@ class Counted:
 
 
 def counted(
-    job_id: str,
+    job_id: JobId,
     source: str | None = None,
     step: TRAINED_STEP.field() | None = Query(default=None, description=STEP_HELP),  # type: ignore[valid-type]
     manager: JobManager = Depends(jobs),

@@ -10,7 +10,7 @@ from mixer_service.service.auth import require_operator, require_reader
 from mixer_service.service.jobs import JobManager
 from mixer_service.service.problems import ProblemError, responses
 from mixer_service.service.routes.deps import jobs
-from mixer_service.service.routes.models import ScheduleModel
+from mixer_service.service.routes.models import JobId, ScheduleModel
 from mixer_service.values import Step
 
 router = APIRouter(prefix="/v1/jobs/{job_id}/schedule", tags=["schedule"])
@@ -41,21 +41,22 @@ def _parse_if_match(value: str | None) -> str:
 
 
 @router.get("", dependencies=[Depends(require_reader)], responses=responses(404))
-def get_schedule(job_id: str, response: Response, manager: JobManager = Depends(jobs)) -> dict[str, Any]:
+def get_schedule(job_id: JobId, response: Response, manager: JobManager = Depends(jobs)) -> dict[str, Any]:
     runtime = manager.view(job_id).runtime
     response.headers["ETag"] = runtime.etag()
     return runtime.current.to_dict() | {"incarnation": runtime.incarnation}
 
 
 @router.get("/history", dependencies=[Depends(require_reader)], responses=responses(404))
-def schedule_history(job_id: str, manager: JobManager = Depends(jobs)) -> dict[str, Any]:
+def schedule_history(job_id: JobId, manager: JobManager = Depends(jobs)) -> dict[str, Any]:
     runtime = manager.view(job_id).runtime
     return {"job": job_id, "incarnation": runtime.incarnation,
             "versions": [v.to_dict() for v in runtime.versions]}
 
 
-@router.put("", dependencies=[Depends(require_operator)], responses=responses(403, 404, 409, 412, 413, 428))
-def change_schedule(job_id: str, body: ScheduleChange, response: Response,
+@router.put("", dependencies=[Depends(require_operator)],
+            responses=responses(400, 403, 404, 409, 412, 413, 428))
+def change_schedule(job_id: JobId, body: ScheduleChange, response: Response,
                     if_match: str | None = Header(default=None),
                     manager: JobManager = Depends(jobs)) -> dict[str, Any]:
     expected = _parse_if_match(if_match)
