@@ -158,3 +158,16 @@ def test_the_token_cache_corrupted(healthy, reference, table):
         assert corrupt_token_caches(pull.cluster.sources_dir), "no token cache file found to corrupt"
 
     run_fault("token cache corrupted (1 bit / 64 bytes)", healthy, reference, table, {FAULT_AT: corrupt})
+
+
+def test_deploy_runs_redis_with_the_persistence_this_suite_proves():
+    """The promise above is measured with AOF fsynced before every reply; compose and Kubernetes keep it."""
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    compose = yaml.safe_load((deploy / "docker-compose.yml").read_text())["services"]["redis"]["command"]
+    k8s = next(doc for doc in yaml.safe_load_all((deploy / "k8s" / "redis.yaml").read_text())
+               if doc["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    for command in (compose, k8s):
+        flags = dict(zip(command[1::2], command[2::2], strict=False))
+        assert flags["--appendonly"] == "yes" and flags["--appendfsync"] == "always", command
