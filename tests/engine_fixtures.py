@@ -11,7 +11,8 @@ from mixer_service.engine import JobConfig, MixingEngine, Schedule
 class ArraySource:
     """A token source held in memory: documents of given lengths, each followed by EOS."""
 
-    def __init__(self, doc_lengths: list[int], vocab: int = 1000, eos: int = 0, salt: int = 0) -> None:
+    def __init__(self, doc_lengths: list[int], vocab: int = 1000, eos: int = 0, salt: int = 0,
+                 shard_docs: int = 4) -> None:
         rng = np.random.default_rng(salt)
         parts = []
         for n in doc_lengths:
@@ -19,6 +20,7 @@ class ArraySource:
             parts.append(np.array([eos], dtype=np.uint16))
         self.tokens = np.concatenate(parts)
         self.doc_offsets = np.concatenate([[0], np.cumsum(np.array(doc_lengths) + 1)]).astype(np.int64)
+        self.shard_offsets = np.unique(np.r_[self.doc_offsets[::shard_docs], self.doc_offsets[-1]])
 
 
 @st.composite
@@ -46,7 +48,7 @@ def schedules(draw, names: list[str], max_start: int = 30) -> dict:
 
 @st.composite
 def jobs(draw, max_steps: int = 40, max_sources: int = 4, min_sources: int = 1):
-    """A random job: config, sources and a schedule log with changes mid-run."""
+    """A random job (either epoch order): config, sources and a schedule log with changes mid-run."""
     n = draw(st.integers(min_sources, max_sources))
     names = [f"s{i}" for i in range(n)]
     roles = [draw(st.sampled_from(["repeat", "once"])) for _ in names]
@@ -57,7 +59,7 @@ def jobs(draw, max_steps: int = 40, max_sources: int = 4, min_sources: int = 1):
         lengths = draw(st.lists(st.integers(1, 30), min_size=1, max_size=25))
         if sum(lengths) + len(lengths) < seq_len:
             lengths.append(seq_len)
-        sources[name] = ArraySource(lengths, salt=i)
+        sources[name] = ArraySource(lengths, salt=i, shard_docs=draw(st.integers(1, 6)))
     config = JobConfig.parse(
         {
             "sources": [{"name": nm, "role": r} for nm, r in zip(names, roles, strict=True)],
@@ -66,6 +68,9 @@ def jobs(draw, max_steps: int = 40, max_sources: int = 4, min_sources: int = 1):
             "seed": draw(st.integers(0, 2**32)),
             "total_steps": max_steps,
             "allow_wrap": True,
+            "order": draw(st.sampled_from([None, {"kind": "window", "window_shards": 1},
+                                           {"kind": "window", "window_shards": 2},
+                                           {"kind": "window", "window_shards": 5}])),
         }
     )
     n_versions = draw(st.integers(1, 3))

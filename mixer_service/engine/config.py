@@ -6,6 +6,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mixer_service.engine.epoch_order import OrderSpec
 from mixer_service.engine.mixture import MAX_SOURCES
 from mixer_service.errors import InvalidInput
 
@@ -28,6 +29,7 @@ class JobConfig:
     seed: int
     total_steps: int
     allow_wrap: bool = False  # let a "once" source start a second pass instead of refusing the schedule
+    order: OrderSpec = OrderSpec()  # epoch order of every source (docs/epoch_order.md)
 
     @property
     def source_names(self) -> list[str]:
@@ -38,7 +40,8 @@ class JobConfig:
         """Validate a job document; every error names the offending field."""
         if not isinstance(data, dict):
             raise InvalidInput("job: must be an object")
-        unknown = set(data) - {"sources", "seq_len", "global_batch", "seed", "total_steps", "allow_wrap"}
+        unknown = set(data) - {"sources", "seq_len", "global_batch", "seed", "total_steps", "allow_wrap",
+                               "order"}
         if unknown:
             raise InvalidInput(f"job: unknown field(s) {sorted(unknown)}")
         raw_sources = data.get("sources")
@@ -73,9 +76,12 @@ class JobConfig:
         allow_wrap = data.get("allow_wrap", False)
         if not isinstance(allow_wrap, bool):
             raise InvalidInput("allow_wrap: must be true or false")
-        return cls(tuple(sources), allow_wrap=allow_wrap, **ints)
+        return cls(tuple(sources), allow_wrap=allow_wrap, order=OrderSpec.parse(data.get("order")), **ints)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["sources"] = [{k: v for k, v in asdict(s).items() if v is not None} for s in self.sources]
+        out.pop("order")
+        if self.order != OrderSpec():  # a default job's document (and anything hashed from it) is unchanged
+            out["order"] = self.order.to_json()
         return out

@@ -54,7 +54,8 @@ class MixingEngine:
         if missing:
             raise NotFound(f"sources: not available on this server: {missing}")
         layouts = [
-            SourceLayout(sources[s.name], s.name, config.seq_len, config.seed, repeat=s.role == "repeat")
+            SourceLayout(sources[s.name], s.name, config.seq_len, config.seed, repeat=s.role == "repeat",
+                         order=config.order)
             for s in config.sources
         ]
         return cls(config, layouts, schedule_log)
@@ -147,6 +148,21 @@ class MixingEngine:
             if sel.size:
                 lay.gather(seq[sel], tokens, sel)
         return Batch(step, rank, world, tokens, src.astype(np.int16), seq)
+
+    def shards_for_step(self, step: int, rank: int = 0, world: int = 1) -> dict[str, list[int]]:
+        """Shard ids of each source that ``batch(step, rank, world)`` reads: what to prefetch ahead.
+
+        Computed from the schedule and the epoch order alone (no tokens are read), O(rows); sources with
+        no rows in the slice are left out.
+        """
+        self.check_step(step)
+        src, seq = (a[self.rank_rows(rank, world)] for a in self._assignment(step))
+        out = {}
+        for k, lay in enumerate(self.layouts):
+            sel = src == k
+            if sel.any():
+                out[lay.name] = lay.shards_touched(seq[sel]).tolist()
+        return out
 
     def provenance(self, step: int, rank: int = 0, world: int = 1) -> list[SequenceProvenance]:
         self.check_step(step)
