@@ -190,7 +190,8 @@ class EmbeddedStore(StateStore):
 
     def head(self, job_id: str) -> JobHead:
         check_job_id(job_id)
-        with self._transaction(write=False) as conn:
+        # One SELECT is atomic on its own: no explicit transaction, the hot read costs one statement.
+        with self._guard() as conn:
             return self._read_head(conn, job_id)
 
     def versions(self, job_id: str, after: int = 0) -> list[ScheduleVersion]:
