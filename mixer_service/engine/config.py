@@ -9,6 +9,7 @@ from typing import Any
 from mixer_service.engine.epoch_order import OrderSpec
 from mixer_service.engine.mixture import MAX_SOURCES
 from mixer_service.errors import InvalidInput
+from mixer_service.values import GLOBAL_BATCH, SEED, SEQ_LEN, TOTAL_STEPS
 
 ROLES = ("repeat", "once")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -68,11 +69,8 @@ class JobConfig:
         if len(set(names)) != len(names):
             raise InvalidInput(f"sources: names must be unique, got {names}")
         ints = {}
-        for field, low in (("seq_len", 2), ("global_batch", 1), ("seed", 0), ("total_steps", 1)):
-            value = data.get(field, 0 if field == "seed" else None)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InvalidInput(f"{field}: must be an integer >= {low}, got {value!r}")
-            ints[field] = value
+        for bounds in (SEQ_LEN, GLOBAL_BATCH, SEED, TOTAL_STEPS):
+            ints[bounds.name] = bounds.check(data.get(bounds.name, 0 if bounds is SEED else None))
         allow_wrap = data.get("allow_wrap", False)
         if not isinstance(allow_wrap, bool):
             raise InvalidInput("allow_wrap: must be true or false")

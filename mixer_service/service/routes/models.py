@@ -12,6 +12,7 @@ from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from mixer_service.engine.config import _NAME, ROLES
+from mixer_service.engine.epoch_order import MAX_WINDOW_SHARDS
 from mixer_service.engine.mixture import MAX_SOURCES
 from mixer_service.engine.schedule import MAX_PHASES, WEIGHT_PATTERN
 from mixer_service.store.base import JOB_ID_PATTERN
@@ -38,6 +39,13 @@ class SourceModel(_Strict):
                                     description="content fingerprint to pin (409 if the server's differs)")
 
 
+class OrderModel(_Strict):
+    kind: Literal["global", "window"] = Field(description="global: chunks permuted over the whole source; "
+                                              "window: shards permuted, chunks shuffled inside W-shard "
+                                              "windows (docs/epoch_order.md)")
+    window_shards: int | None = Field(default=None, ge=1, le=MAX_WINDOW_SHARDS, description="W, for window")
+
+
 class JobConfigModel(_Strict):
     sources: list[SourceModel] = Field(min_length=1, max_length=MAX_SOURCES)
     seq_len: SEQ_LEN.field()  # type: ignore[valid-type]
@@ -45,6 +53,7 @@ class JobConfigModel(_Strict):
     seed: SEED.field() = 0  # type: ignore[valid-type]
     total_steps: TOTAL_STEPS.field()  # type: ignore[valid-type]
     allow_wrap: bool = Field(default=False, description="let a once-source start a second pass")
+    order: OrderModel | None = None
 
 
 class PhaseModel(_Strict):
