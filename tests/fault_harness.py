@@ -52,6 +52,7 @@ class DurableRedis:
 
     def __init__(self, directory: Path, fsync: str = "always") -> None:
         self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
         self.persistence = aof(fsync)
         self.server: RedisServer = start_redis_server(directory, persistence=self.persistence)
 
