@@ -46,6 +46,7 @@ METRICS = {
     "mixer_store_up": set(),
     "mixer_trained_step": {"job"},
     "mixer_served_high_water": {"job"},
+    "mixer_faults_total": {"fault"},
 }
 HISTOGRAMS = {"mixer_request_duration_seconds"}
 SERIES_NAMES = {name for name in METRICS if name not in HISTOGRAMS} | {
