@@ -1,0 +1,79 @@
+"""Document boundaries: engine (against provenance and EOS tokens), wire format, loader tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from service_helpers import JOB
+
+from client.dataset import document_positions
+from mixer_service import wire
+from mixer_service.engine import JobConfig, MixingEngine, Schedule
+from mixer_service.prepare.source import PreparedSource
+
+# short rows over a domain-heavy mixture: many documents end inside a row
+CONFIG = JOB | {"seq_len": 512, "total_steps": 50, "allow_wrap": True}
+WEIGHTS = {"phases": [{"start_step": 0, "weights": {"abc": 0.5, "sotu": 0.5}}]}
+
+
+@pytest.fixture(scope="module")
+def engine(sources_dir) -> MixingEngine:
+    config = JobConfig.parse(CONFIG)
+    sources = {n: PreparedSource.open(sources_dir / n) for n in ("abc", "sotu")}
+    return MixingEngine.create(config, sources, [(0, Schedule.parse(WEIGHTS, config.source_names))])
+
+
+@pytest.mark.parametrize("step, rank, world", [(0, 0, 1), (7, 1, 2), (49, 3, 4)])
+def test_boundaries_are_the_provenance_span_starts(engine, step, rank, world):
+    rows = engine.row_boundaries(step, rank, world)
+    provenance = engine.provenance(step, rank, world)
+    assert len(rows) == len(provenance) == CONFIG["global_batch"] // world
+    for starts, row in zip(rows, provenance, strict=True):
+        lengths = [span.length for span in row.spans]
+        assert starts == np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+        assert sum(lengths) == CONFIG["seq_len"]
+
+
+def test_every_boundary_follows_an_end_of_document_token(engine, sources_dir):
+    """Independent of provenance: prepared sources end each document with EOS, so a piece that starts
+    inside a row must follow an EOS token of that row; and no EOS appears without a boundary after it."""
+    eos = {name: PreparedSource.open(sources_dir / name).meta.eos_id for name in ("abc", "sotu")}
+    pieces = 0
+    for step in range(10):
+        batch = engine.batch(step)
+        for tokens, source, starts in zip(batch.tokens, batch.source_ids.tolist(),
+                                          engine.row_boundaries(step), strict=True):
+            eos_id = eos[engine.config.source_names[source]]
+            after_eos = (np.flatnonzero(tokens[:-1] == eos_id) + 1).tolist()
+            assert starts[1:] == after_eos
+            pieces += len(starts)
+    assert pieces - 10 * CONFIG["global_batch"] > 40  # the check saw many documents end mid-row
+
+
+def test_the_wire_carries_boundaries_only_when_asked(engine):
+    batch = engine.batch(3)
+    header = {"job": "j", "step": 3, "rank": 0, "world": 1, "sources": ["abc", "sotu"]}
+    plain = wire.encode(batch.tokens, batch.source_ids, header, "zstd")
+    assert b"boundaries" not in plain and wire.decode(plain).boundaries is None
+    rows = engine.row_boundaries(3)
+    decoded = wire.decode(wire.encode(batch.tokens, batch.source_ids, header, "zstd", boundaries=rows))
+    assert [r.tolist() for r in decoded.boundaries] == rows
+    assert decoded.tokens.tobytes() == wire.decode(plain).tokens.tobytes()  # the payload is unchanged
+
+
+@pytest.mark.parametrize("bad", [[[0]], [[1], [0]], [[0, 0], [0]], [[0, 4], [0]], "0,1"])
+def test_malformed_boundaries_are_a_wire_error(bad):
+    tokens = np.zeros((2, 4), dtype=np.uint16)
+    data = wire.encode(tokens, np.zeros(2, dtype=np.int16), {}, "none", boundaries=bad)
+    with pytest.raises(wire.WireError, match="boundaries"):
+        wire.decode(data)
+
+
+def test_position_ids_and_cu_seqlens_from_boundaries():
+    """Rows of 6 served tokens (inputs are the first 5); a piece starting at the last token is dropped."""
+    position_ids, cu_seqlens, longest = document_positions(
+        [np.array([0, 2]), np.array([0]), np.array([0, 3, 5])], length=5)
+    assert position_ids.tolist() == [[0, 1, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert cu_seqlens.tolist() == [0, 2, 5, 10, 13, 15] and cu_seqlens.dtype == torch.int32
+    assert longest == 5
