@@ -13,10 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
 
+from client import MixerClient
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import TextTokenizer
 from mixer_service.prepare.writer import prepare_source
@@ -83,7 +83,6 @@ def job_body(job_id: str, weights: dict[str, float], roles: dict[str, str], seq_
 
 
 def create_job(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """POST a job_body(...) document; raises on any refusal."""
-    response = httpx.post(f"{url}/v1/jobs", json=body, timeout=30)
-    response.raise_for_status()
-    return response.json()
+    """POST a job_body(...) document; raises client.ClientRequestError (with the problem) on a refusal."""
+    with MixerClient(url) as client:
+        return client.create_job(body)
