@@ -15,8 +15,9 @@ from pathlib import Path
 
 from mixer_service.errors import InvalidInput, MixerError, NotFound, SourceUnavailable
 from mixer_service.prepare.meta import META_FILE
+from mixer_service.sources.adopted import AdoptedSource, is_adopted
 from mixer_service.sources.cache import ShardCache
-from mixer_service.sources.prepared import CACHE_SUBDIR, PreparedSource
+from mixer_service.sources.prepared import CACHE_SUBDIR, PreparedSource, ShardedSource
 from mixer_service.sources.verify import DEFAULT_VERIFY, VerifyMode
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class SourceRegistry:
     """Token sources and image sources by name, plus the names of sources that failed to open."""
 
-    def __init__(self, sources: dict[str, PreparedSource], images: dict | None = None,
+    def __init__(self, sources: dict[str, ShardedSource], images: dict | None = None,
                  broken: dict[str, str] | None = None, cache: ShardCache | None = None) -> None:
         self.sources = sources
         self.images = images or {}
@@ -50,7 +51,7 @@ class SourceRegistry:
         cache = ShardCache(Path(cache_dir) / "shards", cache_limit, mode)
         registry = cls({}, {}, {}, cache)
         if root is not None:
-            for sub in sorted(p for p in root.iterdir() if (p / META_FILE).is_file()):
+            for sub in sorted(p for p in root.iterdir() if (p / META_FILE).is_file() or is_adopted(p)):
                 registry._open(sub.name, str(sub), lambda d=sub: _open_local(d, cache, mode))
         index_root = Path(cache_dir) / "index"
         for url in remote_urls:
@@ -77,7 +78,7 @@ class SourceRegistry:
                                          "docs": src.meta.num_docs, "tokens": src.meta.num_tokens,
                                          "fingerprint": src.meta.fingerprint})
 
-    def get(self, name: str) -> PreparedSource:
+    def get(self, name: str) -> ShardedSource:
         """The source, if it is here and intact; ``SourceUnavailable`` if missing/changed/corrupt here."""
         src = self.sources.get(name)
         if src is None:
@@ -125,6 +126,8 @@ class SourceRegistry:
 
 
 def _open_local(directory: Path, cache: ShardCache, mode: VerifyMode):
+    if is_adopted(directory):
+        return "tokens", AdoptedSource.open(directory, cache, verify=mode)
     if _format(directory) == "mixer-image-source":
         from mixer_service.sources.images import ImageSource  # Pillow only where images are served
 

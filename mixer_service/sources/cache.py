@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +45,10 @@ class Shard:
     file: str
     num_tokens: int
     dtype: np.dtype
-    sha256: str  # of the compressed file
+    sha256: str  # of the file as stored
     raw_sha256: str  # of the decompressed tokens: the cache key
+    # Turns the stored file into raw tokens when it is not a plain zstd stream (e.g. an MDS shard).
+    expand: Callable[[bytes], bytes] | None = field(default=None, compare=False, repr=False)
 
     @property
     def raw_bytes(self) -> int:
@@ -210,9 +212,8 @@ class ShardCache:
         tmp = Path(tmp_name)
         try:
             raw_hash, raw_size = hashlib.sha256(), 0
-            with os.fdopen(fd, "wb") as out, zstandard.ZstdDecompressor().stream_reader(
-                    io.BytesIO(data), read_across_frames=True) as reader:
-                while chunk := reader.read(_READ_CHUNK):
+            with os.fdopen(fd, "wb") as out:
+                for chunk in _raw_chunks(shard, data):
                     raw_hash.update(chunk)
                     raw_size += len(chunk)
                     out.write(chunk)
@@ -242,3 +243,12 @@ class ShardCache:
             entry.path.unlink(missing_ok=True)
             total -= entry.size
             self.stats.evictions += 1
+
+
+def _raw_chunks(shard: Shard, data: bytes) -> Iterable[bytes]:
+    if shard.expand is not None:
+        yield shard.expand(data)
+        return
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True) as reader:
+        while chunk := reader.read(_READ_CHUNK):
+            yield chunk

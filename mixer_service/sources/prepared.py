@@ -13,7 +13,7 @@ import logging
 import operator
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -41,28 +41,93 @@ def as_verify_mode(verify: bool | str | VerifyMode) -> VerifyMode:
     return VerifyMode(verify)
 
 
-class PreparedSource:
+class ShardedSource:
+    """What every token source offers the engine and the registry: lazily loaded, verified shards, the
+    memory-mapped document index, and change detection for the files read in place."""
+
+    def __init__(self, meta: SourceMeta, shard_offsets: np.ndarray, load: Callable[[int], np.ndarray],
+                 doc_offsets: np.ndarray, index_files: tuple[Path, ...],
+                 watched: dict[Path, FileStamp | None]) -> None:
+        self.meta = meta
+        self.tokens = ShardedTokens(shard_offsets, np.dtype(meta.dtype).newbyteorder("<"), self._guard(load))
+        self.doc_offsets = doc_offsets
+        self.fault: str | None = None
+        self._index_files = index_files
+        self._stamps = {path: FileStamp.of(path) for path in index_files} | watched
+
+    @property
+    def shard_offsets(self) -> np.ndarray:
+        """int64[num_shards + 1]: shard ``k`` holds tokens ``[shard_offsets[k], shard_offsets[k + 1])``."""
+        return self.tokens.shard_offsets
+
+    def __len__(self) -> int:
+        return self.meta.num_docs
+
+    def document(self, i: int) -> np.ndarray:
+        """Tokens of document ``i`` without its trailing EOS."""
+        i = operator.index(i)
+        if not 0 <= i < self.meta.num_docs:
+            raise DocumentIndexError(
+                f"document {i} out of range for source {self.meta.name!r} ({self.meta.num_docs} documents)"
+            )
+        return self.tokens.read(int(self.doc_offsets[i]), int(self.doc_offsets[i + 1]) - 1)
+
+    def prefetch(self, shard_ids: Iterable[int]) -> None:
+        """Load these shards in the background (the engine knows which ones the next steps touch)."""
+
+    def _guard(self, load: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
+        """``load`` with any failure remembered as this source's fault (for readiness and later requests)."""
+        def guarded(k: int) -> np.ndarray:
+            try:
+                return load(k)
+            except MixerError as exc:
+                self.fault = str(exc)
+                raise
+        return guarded
+
+    def changed(self) -> str | None:
+        """Why this source can no longer be served (a stat of each index file), or None.
+
+        Shards need no check here: each is hashed when it enters the cache and re-hashed when its cached
+        file changes, so only the index files, read in place, can change unseen.
+        """
+        if self.fault:
+            return f"source {self.meta.name!r}: {self.fault}"
+        for path in self._index_files:
+            if FileStamp.of(path) != self._stamps[path]:
+                return f"source {self.meta.name!r}: {path} was removed or changed under this server"
+        return None
+
+    def problems(self) -> list[str]:
+        """Every file of this source that is missing or changed since open (stat-level), plus any fault."""
+        out = [f"source {self.meta.name!r}: {self.fault}"] if self.fault else []
+        for path, stamp in self._stamps.items():
+            now = FileStamp.of(path)
+            if now != stamp:
+                what = "was removed" if now is None else "changed"
+                out.append(f"source {self.meta.name!r}: {path} {what} under this server")
+        return out
+
+
+class PreparedSource(ShardedSource):
     """Tokens (lazily loaded shards) plus the memory-mapped document offsets of one prepared source."""
 
     def __init__(self, meta: SourceMeta, info: MetaFile, origin: Origin, index_dir: Path,
                  doc_offsets: np.ndarray, cache: ShardCache) -> None:
-        self.meta = meta
         self.info = info
         self.origin = origin
-        self.doc_offsets = doc_offsets
         self.cache = cache
         dtype = np.dtype(meta.dtype).newbyteorder("<")
         self._shards = [Shard(origin, sh.file, sh.num_tokens, dtype, sh.sha256, sh.raw_sha256)
                         for sh in info.shards]
         offsets = np.concatenate([[0], np.cumsum([sh.num_tokens for sh in info.shards], dtype=np.int64)])
-        self.tokens = ShardedTokens(offsets, dtype, self._load_shard)
-        self.fault: str | None = None
-        self._index_files = (index_dir / META_FILE, index_dir / OFFSETS_FILE)
-        self._stamps = {path: FileStamp.of(path) for path in self._index_files}
+        watched = {}
         for sh in info.shards:
             stamp = origin.stamp(sh.file)
             if stamp is not None:
-                self._stamps[Path(origin.describe(sh.file))] = stamp
+                watched[Path(origin.describe(sh.file))] = stamp
+        super().__init__(meta, offsets, self._load_shard, doc_offsets,
+                         (index_dir / META_FILE, index_dir / OFFSETS_FILE), watched)
 
     @classmethod
     def open(cls, path: Path | str, cache_dir: Path | None = None, *,
@@ -102,28 +167,9 @@ class PreparedSource:
             source.verify_shards()
         return source
 
-    # -- reading -----------------------------------------------------------------------------------
-
-    @property
-    def shard_offsets(self) -> np.ndarray:
-        """int64[num_shards + 1]: shard ``k`` holds tokens ``[shard_offsets[k], shard_offsets[k + 1])``."""
-        return self.tokens.shard_offsets
-
     @property
     def shards(self) -> list[Shard]:
         return list(self._shards)
-
-    def __len__(self) -> int:
-        return self.meta.num_docs
-
-    def document(self, i: int) -> np.ndarray:
-        """Tokens of document ``i`` without its trailing EOS."""
-        i = operator.index(i)
-        if not 0 <= i < self.meta.num_docs:
-            raise DocumentIndexError(
-                f"document {i} out of range for source {self.meta.name!r} ({self.meta.num_docs} documents)"
-            )
-        return self.tokens.read(int(self.doc_offsets[i]), int(self.doc_offsets[i + 1]) - 1)
 
     def prefetch(self, shard_ids: Iterable[int]) -> None:
         """Load these shards in the background (the engine knows which ones the next steps touch)."""
@@ -136,36 +182,7 @@ class PreparedSource:
                 raise CorruptData(f"{shard.label}: shard checksum mismatch (corrupt or truncated)")
 
     def _load_shard(self, k: int) -> np.ndarray:
-        try:
-            return self.cache.get(self._shards[k])
-        except MixerError as exc:
-            self.fault = str(exc)
-            raise
-
-    # -- change detection --------------------------------------------------------------------------
-
-    def changed(self) -> str | None:
-        """Why this source can no longer be served (a stat of meta.json and of the index), or None.
-
-        Shards need no check here: each is hashed when it enters the cache and re-hashed when its cached
-        file changes, so only the index files, read in place, can change unseen.
-        """
-        if self.fault:
-            return f"source {self.meta.name!r}: {self.fault}"
-        for path in self._index_files:
-            if FileStamp.of(path) != self._stamps[path]:
-                return f"source {self.meta.name!r}: {path} was removed or changed under this server"
-        return None
-
-    def problems(self) -> list[str]:
-        """Every file of this source that is missing or changed since open (stat-level), plus any fault."""
-        out = [f"source {self.meta.name!r}: {self.fault}"] if self.fault else []
-        for path, stamp in self._stamps.items():
-            now = FileStamp.of(path)
-            if now != stamp:
-                what = "was removed" if now is None else "changed"
-                out.append(f"source {self.meta.name!r}: {path} {what} under this server")
-        return out
+        return self.cache.get(self._shards[k])
 
 
 def _open_offsets(path: Path, info: MetaFile, mode: VerifyMode) -> np.ndarray:
