@@ -199,8 +199,8 @@ def job(server):
         serve(http, server.url, "spt-demo", range(SERVED_BEFORE_CHANGE))
         change = {"schedule": SCHEDULE_V2, "requested_step": 400, "author": "bob",
                   "reason": "anneal earlier: 50% domain by step 600, domain-only from 900"}
-        r = http.put(f"{server.url}/v1/jobs/spt-demo/schedule", json=change,
-                     headers={"If-Match": http.get(f"{server.url}/v1/jobs/spt-demo/schedule").headers["etag"]})
+        etag = http.get(f"{server.url}/v1/jobs/spt-demo/schedule").headers["etag"]
+        r = http.put(f"{server.url}/v1/jobs/spt-demo/schedule", json=change, headers={"If-Match": etag})
         assert r.status_code == 200 and r.json()["effective_step"] == SERVED_BEFORE_CHANGE, r.text
         serve(http, server.url, "spt-demo", range(SERVED_BEFORE_CHANGE, SERVED))
         r = http.put(f"{server.url}/v1/jobs/spt-demo/progress", json={"trained_step": TRAINED})
@@ -315,3 +315,24 @@ def test_stats_count_what_this_replica_served(server, job):
     added = sum(after["jobs"][job]["tokens"].values()) - sum(served["tokens"].values())
     assert added == rows * CONFIG["seq_len"]
     assert after["time"] >= before["time"]
+
+
+def test_a_job_this_replica_cannot_serve_is_listed_with_its_error(tmp_path, browser):
+    """One broken job (its web source gone from this replica) must not blank the page for the others."""
+    sources = prepare_real_sources(tmp_path / "sources", domain_docs=120, web_docs=20)
+    state = tmp_path / "state"
+    domain_only = JOB | {"sources": [{"name": "abc", "role": "repeat"}]}
+    with Server(sources, state, env=TOKENS) as srv, httpx.Client(headers=OPERATOR) as http:
+        for job_id, config, weights in (("broken", CONFIG | {"allow_wrap": True}, {"abc": 0.1, "sotu": 0.9}),
+                                        ("healthy", domain_only, {"abc": 1})):
+            body = {"job_id": job_id, "config": config,
+                    "schedule": {"phases": [{"start_step": 0, "weights": weights}]}}
+            assert http.post(f"{srv.url}/v1/jobs", json=body).status_code == 201
+    (sources / "sotu" / "meta.json").unlink()
+    with Server(sources, state, env=TOKENS) as srv:
+        browser.goto(f"{srv.url}/dashboard?token=rd-secret&refresh=1")
+        browser.wait_for("Number(document.body.dataset.refreshes) >= 1")
+        rows = browser.js("[...document.querySelectorAll('#jobs-table tbody tr')].map(r => r.innerText)")
+        assert len(rows) == 2 and "broken" in rows[0] and "sotu" in rows[0] and "healthy" in rows[1]
+        assert browser.js("document.getElementById('job-title').innerText") == "Job healthy"
+        assert browser.js("document.getElementById('error').hidden")

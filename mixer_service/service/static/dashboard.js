@@ -337,6 +337,12 @@
   function renderJobs(jobs) {
     const body = $("jobs-table").tBodies[0];
     body.replaceChildren(...jobs.map((job) => {
+      if (job.error) {  // listed, not hidden: this replica cannot serve it (e.g. a source is missing)
+        const tr = el("tr", { "data-job": job.job_id, class: "broken" });
+        tr.append(el("td", {}, job.job_id), el("td", { class: "wrap error-cell", colspan: "7" },
+          `${job.error.type}: ${job.error.detail}`));
+        return tr;
+      }
       const total = job.config.total_steps;
       const tr = el("tr", { "data-job": job.job_id });
       if (job.job_id === state.job) tr.classList.add("selected");
@@ -435,10 +441,11 @@
         pill.textContent = ready.status === "ready" ? "ready" : `not ready: ${ready.detail || ready.status}`;
         pill.className = "pill " + (ready.status === "ready" ? "ok" : "bad");
         const jobs = jobsDoc.jobs;
-        for (const job of jobs) recordSample(job, stats, now);
-        if (!jobs.some((j) => j.job_id === state.job)) state.job = jobs.length ? jobs[0].job_id : null;
+        const servable = jobs.filter((j) => !j.error);
+        for (const job of servable) recordSample(job, stats, now);
+        if (!servable.some((j) => j.job_id === state.job)) state.job = servable.length ? servable[0].job_id : null;
         renderJobs(jobs);
-        const job = jobs.find((j) => j.job_id === state.job);
+        const job = servable.find((j) => j.job_id === state.job);
         if (job) {
           const names = job.config.sources.map((s) => s.name);
           if (!names.includes(state.source)) {
