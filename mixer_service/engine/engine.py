@@ -6,6 +6,7 @@ O(B * L) copying plus O(number of schedule pieces) exact arithmetic; nothing is 
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ class MixingEngine:
         self.config = config
         self.layouts = layouts
         self.schedule_log = list(schedule_log)
+        active = active_versions(self.schedule_log)  # once per log: version_at runs on every batch
+        self._active_starts = [eff for eff, _, _ in active]
+        self._active_numbers = [number for _, _, number in active]
         self.plan = MixturePlan(schedule_pieces(self.schedule_log), len(config.sources), config.global_batch)
         self.token_dtype = np.result_type(*(lay.source.tokens.dtype for lay in self.layouts))
         self.warnings = self._check_exhaustion()
@@ -115,7 +119,8 @@ class MixingEngine:
 
     def version_at(self, step: int) -> int:
         """The 1-based schedule version that governs ``step``: part of every batch's header."""
-        return [number for eff, _, number in active_versions(self.schedule_log) if eff <= step][-1]
+        i = bisect.bisect_right(self._active_starts, step) - 1
+        return self._active_numbers[i]
 
     def check_step(self, step: int) -> None:
         check_step(step, self.config.total_steps)
