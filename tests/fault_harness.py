@@ -175,8 +175,9 @@ class Answer:
 @dataclass
 class Pull:
     """One trainer-like client run: ``steps`` steps through alternating replicas, and schedule changes (as
-    soon as possible) through the other replica at ``change_steps``, one of them right after the fault.
-    ``run(actions)`` calls ``actions[step](self)`` just before that step (the fault, and e.g. a snapshot)."""
+    soon as possible) through the other replica at ``change_steps``, one of them right after the fault; an
+    operator makes them, so they run beside the pulling, not between its requests. ``run(actions)`` calls
+    ``actions[step](self)`` just before that step (the fault, and e.g. a snapshot)."""
 
     cluster: Cluster
     job: str
@@ -188,6 +189,7 @@ class Pull:
     configs: dict[int, dict] = field(default_factory=dict)  # epoch -> config it was created with
     logs: dict[int, list[dict]] = field(default_factory=dict)  # epoch -> final log of that incarnation
     healers: list[threading.Thread] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
     restarted_to_recover: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -204,11 +206,13 @@ class Pull:
                 if step in actions:
                     actions[step](self)
                 if step in self.change_steps:
-                    self.change(1 - step % 2, next(changes))
+                    self.background(self.change, 1 - step % 2, next(changes))
                 self.fetch(step)
                 step += 1
             for t in self.healers:
                 t.join()
+            if self.errors:
+                raise self.errors[0]
             self._restart_replicas_that_never_recovered()
             for extra in range(step, step + 4):  # both replicas serve again after the fault
                 self.fetch(extra, only_first=True)
@@ -223,7 +227,21 @@ class Pull:
             time.sleep(seconds)
             action()
 
-        thread = threading.Thread(target=delayed, daemon=True)
+        self.background(delayed)
+
+    def background(self, action: Callable[..., object], *args: object) -> None:
+        """Run ``action(*args)`` beside the pulling, after the previous background action has finished."""
+        previous = self.healers[-1] if self.healers else None
+
+        def run() -> None:
+            if previous is not None:
+                previous.join()
+            try:
+                action(*args)
+            except BaseException as exc:  # reported by run() in the test's thread
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
         thread.start()
         self.healers.append(thread)
 
@@ -436,21 +454,38 @@ def new_job(url: str, config: dict | None = None) -> str:
     return job
 
 
-def corrupt_token_caches(sources_root: Path, stride: int = 64) -> list[Path]:
-    """Flip the lowest bit of one byte in every ``stride`` bytes of every token cache file under
-    ``sources_root`` (whatever the source reads its tokens from: ``*.bin`` under a ``.cache``), in place,
-    as a bad disk or a stray write would. Returns the files changed."""
-    files = sorted(p for p in sources_root.rglob("*.bin") if ".cache" in p.parts and p.is_file())
+def token_caches(sources_root: Path) -> list[Path]:
+    """The decompressed token files a server reads from (``*.bin`` under a ``.cache``)."""
+    return sorted(p for p in sources_root.rglob("*.bin") if ".cache" in p.parts and p.is_file())
+
+
+def shards(sources_root: Path) -> list[Path]:
+    """The prepared, compressed token shards themselves (what a cache is rebuilt from)."""
+    return sorted(p for p in sources_root.rglob("tokens-*.zst") if ".cache" not in p.parts)
+
+
+def corrupt(files: list[Path], stride: int = 64) -> dict[Path, bytes]:
+    """Flip the lowest bit of one byte in every ``stride`` bytes of each file, in place (same inode), as a
+    bad disk or a stray write would. Returns the original contents, for ``put_back``."""
+    originals = {}
     for path in files:
-        with open(path, "r+b") as fh:
-            data = bytearray(fh.read())
-            view = np.frombuffer(data, np.uint8)
-            view[::stride] ^= 1
-            fh.seek(0)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    return files
+        originals[path] = path.read_bytes()
+        data = bytearray(originals[path])
+        np.frombuffer(data, np.uint8)[::stride] ^= 1
+        _write_in_place(path, bytes(data))
+    return originals
+
+
+def put_back(originals: dict[Path, bytes]) -> None:
+    for path, data in originals.items():
+        _write_in_place(path, data)
+
+
+def _write_in_place(path: Path, data: bytes) -> None:
+    with open(path, "r+b") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _same_schedule(stored: dict, wanted: dict) -> bool:

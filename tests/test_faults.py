@@ -26,10 +26,13 @@ from fault_harness import (
     Pull,
     TableRow,
     check_against_replay,
-    corrupt_token_caches,
+    corrupt,
     markdown_table,
     new_job,
+    put_back,
     row,
+    shards,
+    token_caches,
 )
 from service_helpers import JOB, Server
 
@@ -153,11 +156,21 @@ def test_redis_hung_for_a_few_seconds(healthy, reference, table):
 
 
 def test_the_token_cache_corrupted(healthy, reference, table):
-    """Runs last: the damage stays in the cluster's private copy of the sources."""
-    def corrupt(pull: Pull) -> None:
-        assert corrupt_token_caches(pull.cluster.sources_dir), "no token cache file found to corrupt"
+    """The decompressed cache a server reads tokens from is damaged in place; it stays damaged."""
+    def damage(pull: Pull) -> None:
+        assert corrupt(token_caches(pull.cluster.sources_dir)), "no token cache file found to corrupt"
 
-    run_fault("token cache corrupted (1 bit / 64 bytes)", healthy, reference, table, {FAULT_AT: corrupt})
+    run_fault("token cache corrupted (1 bit / 64 bytes)", healthy, reference, table, {FAULT_AT: damage})
+
+
+def test_a_shard_corrupted_then_put_back(healthy, reference, table):
+    """The prepared shard itself is damaged (nothing to rebuild from) for 3 s, then restored."""
+    def damage(pull: Pull) -> None:
+        originals = corrupt(shards(pull.cluster.sources_dir))
+        assert originals, "no shard found to corrupt"
+        pull.later(3.0, lambda: put_back(originals))
+
+    run_fault("shard corrupted for 3 s, then put back", healthy, reference, table, {FAULT_AT: damage})
 
 
 def test_deploy_runs_redis_with_the_persistence_this_suite_proves():
