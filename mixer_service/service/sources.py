@@ -157,7 +157,8 @@ def _remote_openers(url: str, index_root: Path, cache: ShardCache, mode: VerifyM
         return
     keys = {o["Key"].rsplit("/", 1)[-1] for o in listing.get("Contents", [])}
     subs = [origin] if META_FILE in keys else [
-        S3Origin(client, bucket, p["Prefix"]) for p in listing.get("CommonPrefixes", [])]
+        S3Origin(client, bucket, p["Prefix"]) for p in listing.get("CommonPrefixes", [])
+        if client.list_objects_v2(Bucket=bucket, Prefix=p["Prefix"] + META_FILE, MaxKeys=1).get("KeyCount")]
     for sub in subs:
         name = sub.prefix.rsplit("/", 1)[-1]
         index_dir = index_root / bucket / sub.prefix

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,8 +146,12 @@ class ShardCache:
                 self._evict(keep=key)
             return array
 
-    def prefetch(self, shards: Iterable[Shard]) -> None:
-        """Start loading the shards not yet present, in the background; failures surface on ``get``."""
+    def prefetch(self, shards: Iterable[Shard]) -> list[Future]:
+        """Start loading the shards not yet present, in the background; failures surface on ``get``.
+
+        Returns the futures of the loads it started (a caller may wait on them; the service does not).
+        """
+        started = []
         for shard in shards:
             key = shard.raw_sha256
             with self._lock:
@@ -155,7 +159,8 @@ class ShardCache:
                 if (entry is not None and entry.array is not None) or key in self._pending:
                     continue
                 self._pending.add(key)
-            self._pool.submit(self._prefetch_one, shard)
+            started.append(self._pool.submit(self._prefetch_one, shard))
+        return started
 
     def _prefetch_one(self, shard: Shard) -> None:
         try:

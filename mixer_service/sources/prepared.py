@@ -14,6 +14,7 @@ import operator
 import os
 import tempfile
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,10 @@ class ShardedSource:
             )
         return self.tokens.read(int(self.doc_offsets[i]), int(self.doc_offsets[i + 1]) - 1)
 
-    def prefetch(self, shard_ids: Iterable[int]) -> None:
-        """Load these shards in the background (the engine knows which ones the next steps touch)."""
+    def prefetch(self, shard_ids: Iterable[int]) -> list[Future]:
+        """Load these shards in the background (the engine knows which ones the next steps touch); a
+        source read in place has nothing to fetch."""
+        return []
 
     def _guard(self, load: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
         """``load`` with any failure remembered as this source's fault (for readiness and later requests)."""
@@ -171,9 +174,9 @@ class PreparedSource(ShardedSource):
     def shards(self) -> list[Shard]:
         return list(self._shards)
 
-    def prefetch(self, shard_ids: Iterable[int]) -> None:
+    def prefetch(self, shard_ids: Iterable[int]) -> list[Future]:
         """Load these shards in the background (the engine knows which ones the next steps touch)."""
-        self.cache.prefetch(self._shards[k] for k in shard_ids)
+        return self.cache.prefetch(self._shards[int(k)] for k in shard_ids)
 
     def verify_shards(self) -> None:
         """Hash every compressed shard now (``--verify full``), without decompressing or caching it."""

@@ -1,0 +1,135 @@
+"""Sources in an S3-compatible object store (moto's standalone server on a loopback port, started here):
+shards fetched on demand into a bounded LRU cache, verified on arrival, retried then refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from service_helpers import JOB, SCHEDULE, Server
+
+from mixer_service import wire
+from mixer_service.engine import JobConfig, MixingEngine, Schedule
+from mixer_service.errors import CorruptData, SourceUnavailable
+from mixer_service.prepare.tokenizer import ByteTokenizer
+from mixer_service.prepare.writer import prepare_source
+from mixer_service.service.process import free_port
+from mixer_service.sources import PreparedSource, ShardCache
+from mixer_service.sources.origins import S3Origin, s3_client
+
+BUCKET = "corpora"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3 API on 127.0.0.1 (moto's threaded server), with one bucket."""
+    server_mod = pytest.importorskip("moto.server")
+    mp = pytest.MonkeyPatch()
+    for key, value in CREDENTIALS.items():
+        mp.setenv(key, value)
+    port = free_port()
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    s3_client(endpoint).create_bucket(Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+    mp.undo()
+
+
+def upload(endpoint: str, directory: Path, prefix: str) -> None:
+    client = s3_client(endpoint)
+    for path in sorted(directory.iterdir()):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory, abc_docs) -> Path:
+    out = tmp_path_factory.mktemp("many") / "abc"
+    prepare_source(abc_docs, out, ByteTokenizer(), name="abc", shard_tokens=40_000, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def abc_docs(sources_dir) -> list[str]:
+    src = PreparedSource.open(sources_dir / "abc")
+    return [ByteTokenizer().decode(src.document(i)) for i in range(len(src))]
+
+
+def test_bounded_cache_serves_the_same_tokens_and_evicts_lru(s3, many_shards, tmp_path) -> None:
+    upload(s3, many_shards, "many/abc")
+    local = PreparedSource.open(many_shards, cache_dir=tmp_path / "local-cache")
+    shard_bytes = max(sh.raw_bytes for sh in local.shards)
+    limit = 3 * shard_bytes
+    cache = ShardCache(tmp_path / "cache", limit_bytes=limit)
+    origin = S3Origin(s3_client(s3), BUCKET, "many/abc")
+    remote = PreparedSource.open_remote(origin, tmp_path / "index", cache)
+    assert remote.meta.fingerprint == local.meta.fingerprint
+    assert len(remote.shards) >= 6 and cache.stats.fetches == 0  # opening fetched no shard
+    for i in range(0, len(local), 7):
+        np.testing.assert_array_equal(remote.document(i), local.document(i))
+        assert sum(p.stat().st_size for p in (tmp_path / "cache").glob("*.bin")) <= limit
+    assert cache.stats.fetches == len(remote.shards) and cache.stats.evictions == len(remote.shards) - 3
+    np.testing.assert_array_equal(remote.document(0), local.document(0))  # evicted: fetched again
+    assert cache.stats.fetches == len(remote.shards) + 1
+    # Prefetch the shards a step will need, then the reads are hits.
+    hits, fetches = cache.stats.hits, cache.stats.fetches
+    for future in remote.prefetch([0, 1]):
+        future.result()
+    assert cache.stats.fetches > fetches
+    remote.tokens.read(0, int(remote.shard_offsets[2]))
+    assert cache.stats.hits == hits + 2
+
+
+def test_corrupt_object_is_refused_by_name(s3, many_shards, tmp_path) -> None:
+    upload(s3, many_shards, "bad/abc")
+    data = bytearray((many_shards / "tokens-00001.zst").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    s3_client(s3).put_object(Bucket=BUCKET, Key="bad/abc/tokens-00001.zst", Body=bytes(data))
+    remote = PreparedSource.open_remote(S3Origin(s3_client(s3), BUCKET, "bad/abc"), tmp_path / "index",
+                                        ShardCache(tmp_path / "cache"))
+    remote.tokens.shard(0)
+    with pytest.raises(CorruptData, match=r"s3://corpora/bad/abc/tokens-00001\.zst: shard checksum mismatch"):
+        remote.tokens.shard(1)
+    assert list((tmp_path / "cache").glob("*.bin")) and not list((tmp_path / "cache").glob("*tmp*"))
+
+
+def test_unreachable_store_retries_then_names_the_shard(s3, many_shards, tmp_path, caplog) -> None:
+    upload(s3, many_shards, "gone/abc")
+    remote = PreparedSource.open_remote(S3Origin(s3_client(s3), BUCKET, "gone/abc"), tmp_path / "index",
+                                        ShardCache(tmp_path / "cache"))
+    dead = S3Origin(s3_client(f"http://127.0.0.1:{free_port()}", timeout_s=1), BUCKET, "gone/abc",
+                    attempts=3, backoff_s=0.01)
+    for shard in remote._shards:
+        object.__setattr__(shard, "origin", dead)  # the store goes away after open
+    with pytest.raises(SourceUnavailable, match=r"s3://corpora/gone/abc/tokens-00000\.zst: object store "
+                                                r"unreachable after 3 attempts"):
+        remote.tokens.shard(0)
+    assert sum("retrying" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_mixer_serve_from_s3_with_a_cache_limit(s3, sources_dir, tmp_path) -> None:
+    for name in ("abc", "sotu"):
+        upload(s3, sources_dir / name, f"job/{name}")
+    config = JobConfig.parse(JOB)
+    local = {n: PreparedSource.open(sources_dir / n, cache_dir=tmp_path / "expect") for n in ("abc", "sotu")}
+    engine = MixingEngine.create(config, local, [(0, Schedule.parse(SCHEDULE, config.source_names))])
+    sizes = [s.meta.num_tokens * 2 for s in local.values()]  # one shard each
+    limit = max(sizes) + 1  # the largest shard fits, not both: every step evicts and fetches again
+    srv = Server(tmp_path / "empty", tmp_path / "state", env=CREDENTIALS)
+    (tmp_path / "empty").mkdir()
+    srv.args += ["--sources-url", f"s3://{BUCKET}/job", "--s3-endpoint", s3, "--cache-dir",
+                 str(tmp_path / "cache"), "--cache-limit", str(limit)]
+    with srv:
+        body = {"job_id": "j", "config": JOB, "schedule": SCHEDULE, "author": "t", "reason": "t"}
+        assert httpx.post(f"{srv.url}/v1/jobs", json=body).status_code == 201
+        for step in range(40):
+            r = httpx.get(f"{srv.url}/v1/jobs/j/batches/{step}")
+            assert r.status_code == 200, r.text
+            assert wire.decode(r.content).tokens.tobytes() == engine.batch(step).tokens.tobytes()
+        assert httpx.get(f"{srv.url}/v1/ready").status_code == 200
+    assert sum(p.stat().st_size for p in (tmp_path / "cache" / "shards").glob("*.bin")) <= limit
