@@ -35,7 +35,8 @@ split depends on weights no one has chosen yet and the horizon is ``UNBOUNDED_HO
 wait until that subtree has caught up, i.e. they are refused).
 
 Cost: per ``tau`` one pass over the ``K - 1`` internal nodes, each O(log pieces) exact arithmetic (a
-bisection over the pieces plus a closed-form solve inside one), with no replay of earlier steps.
+bisection over the pieces plus a closed-form solve inside one), with no replay of earlier steps. Targets
+are held as integers over one common denominator, so the arithmetic is exact without ``Fraction`` costs.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ from mixer_service.errors import InvalidInput
 
 MAX_SOURCES = 256
 UNBOUNDED_HORIZON = 2**62  # "depends on weights not chosen yet": no change may take effect
-_HALF = Fraction(1, 2)
 
 
 def error_bound(num_sources: int) -> Fraction:
@@ -60,27 +60,28 @@ def error_bound(num_sources: int) -> Fraction:
     return Fraction((num_sources - 1).bit_length(), 2)
 
 
-def _round(x: Fraction) -> int:
-    """Round half up, the one rounding rule of the split (pinned: it fixes every user's data order)."""
-    return math.floor(x + _HALF)
+def _round(x: int, scale: int) -> int:
+    """``round(x / scale)``, half up: the one rounding rule of the split (it fixes every job's data order)."""
+    return (2 * x + scale) // (2 * scale)
 
 
 @dataclass(frozen=True)
 class _Curve:
-    """A node's cumulative target, piece by piece: ``C(start_i + m) = c0_i + B (m w_i + s_i m (m-1)/2)``."""
+    """A node's cumulative target times ``scale`` (a common denominator, so all arithmetic is on exact
+    integers), piece by piece: ``C(start_i + m) = c0_i + B (m w_i + s_i m (m-1)/2)``."""
 
     starts: list[int]
-    c0: list[Fraction]  # value at each piece start (non-decreasing)
-    w: list[Fraction]
-    s: list[Fraction]
+    c0: list[int]  # value at each piece start (non-decreasing)
+    w: list[int]
+    s: list[int]
     batch: int
 
-    def at(self, tau: int) -> Fraction:
+    def at(self, tau: int) -> int:
         i = bisect.bisect_right(self.starts, tau) - 1
         return self._in_piece(i, tau - self.starts[i])
 
-    def _in_piece(self, i: int, m: int) -> Fraction:
-        return self.c0[i] + self.batch * (m * self.w[i] + self.s[i] * Fraction(m * (m - 1), 2))
+    def _in_piece(self, i: int, m: int) -> int:
+        return self.c0[i] + self.batch * (m * self.w[i] + self.s[i] * (m * (m - 1) // 2))
 
     def crossing(self, y: int, ends: list[int | None]) -> int | None:
         """Smallest ``tau`` with ``C(tau + 1) >= y > 0``; None if the target stops below ``y``."""
@@ -90,19 +91,19 @@ class _Curve:
             rate = self.batch * self.w[i]
             if rate == 0:
                 return None
-            return self.starts[i] + math.ceil((y - self.c0[i]) / rate) - 1
+            return self.starts[i] - ((self.c0[i] - y) // rate) - 1  # start + ceil((y - c0) / rate) - 1
         return self.starts[i] + self._first_reaching(i, y, end - self.starts[i]) - 1
 
     def _first_reaching(self, i: int, y: int, length: int) -> int:
         """Smallest ``m`` in ``[1, length]`` with ``C(start_i + m) >= y`` (it exists)."""
         a = self.batch * self.s[i] / 2
         b = self.batch * self.w[i] - a
-        c = self.c0[i] - y  # < 0
-        disc = float(b) ** 2 - 4 * float(a) * float(c)
+        c = float(self.c0[i] - y)  # < 0
+        disc = b ** 2 - 4 * a * c
         # The stable root of a m^2 + b m + c = 0 (smaller positive root when a < 0); a float guess that
         # exact comparisons then correct, so the answer does not depend on floating point.
-        denom = float(b) + math.sqrt(max(disc, 0.0))
-        guess = math.ceil(-2 * float(c) / denom) if denom > 0 else length
+        denom = b + math.sqrt(max(disc, 0.0))
+        guess = math.ceil(-2 * c / denom) if denom > 0 and math.isfinite(denom) else length
         lo, hi = 1, length
         guess = min(max(guess, lo), hi)
         reached = self._in_piece(i, guess) >= y
@@ -144,6 +145,8 @@ class MixturePlan:
             self._cum_at_start.append(tuple(cum))
             if p.end is not None:
                 cum = list(self._advance(p, tuple(cum), p.end - p.start))
+        self._scale = math.lcm(*(v.denominator for p, c in zip(pieces, self._cum_at_start, strict=True)
+                                 for v in (*c, *p.w0, *p.slope)))
         self._curves = {node: self._curve(*node) for node in self._nodes(0, num_sources)}
         self._split = lru_cache(maxsize=4096)(self._compute_split)
 
@@ -162,8 +165,8 @@ class MixturePlan:
             yield from self._nodes(mid, hi)
 
     def _curve(self, lo: int, hi: int) -> _Curve:
-        def total(values: tuple[Fraction, ...]) -> Fraction:
-            return sum(values[lo:hi], Fraction(0))
+        def total(values: tuple[Fraction, ...]) -> int:
+            return (sum(values[lo:hi], Fraction(0)) * self._scale).numerator  # an integer: scale is the lcm
 
         pieces = self.pieces
         return _Curve(self._starts, [total(c) for c in self._cum_at_start], [total(p.w0) for p in pieces],
@@ -180,17 +183,19 @@ class MixturePlan:
         if y <= 0:
             return 0, -1
         mid = lo + (hi - lo) // 2
-        node, left = self._curves[lo, hi], self._curves[lo, mid]
-        tau = node.crossing(y, self._ends)
+        node, left, scale = self._curves[lo, hi], self._curves[lo, mid], self._scale
+        y_scaled = y * scale
+        tau = node.crossing(y_scaled, self._ends)
         if tau is None:  # the node's target stops below y: the left child's target has stopped too
             final, stop = left.c0[-1], node.c0[-1]
             consulted = self._starts[-1]
-            if _round(final) != _round(final + (y - stop)):
+            if _round(final, scale) != _round(final + y_scaled - stop, scale):
                 consulted = UNBOUNDED_HORIZON  # a restart of this subtree could round it either way
-            return _round(final), consulted
+            return _round(final, scale), consulted
         node0, left0 = node.at(tau), left.at(tau)
         node_rate, left_rate = node.at(tau + 1) - node0, left.at(tau + 1) - left0
-        return _round(left0 + (y - node0) * left_rate / node_rate), tau
+        # round(left0 + (y - node0) * left_rate / node_rate), all over the common scale
+        return _round(left0 * node_rate + (y_scaled - node0) * left_rate, scale * node_rate), tau
 
     def _compute_split(self, tau: int) -> tuple[tuple[int, ...], int]:
         counts = [0] * self.num_sources
