@@ -18,6 +18,7 @@ from mixer_service.prepare.writer import prepare_source
 from mixer_service.service.process import free_port
 from mixer_service.sources import PreparedSource, ShardCache
 from mixer_service.sources.origins import S3Origin, s3_client
+from mixer_service.sources.prefetch import prefetch_ahead
 
 BUCKET = "corpora"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
@@ -134,3 +135,26 @@ def test_mixer_serve_from_s3_with_a_cache_limit(s3, sources_dir, tmp_path) -> No
             assert wire.decode(r.content).tokens.tobytes() == engine.batch(step).tokens.tobytes()
         assert httpx.get(f"{srv.url}/v1/ready").status_code == 200
     assert sum(p.stat().st_size for p in (tmp_path / "cache" / "shards").glob("*.bin")) <= limit
+
+
+def test_prefetch_ahead_means_steady_steps_never_fetch(s3, many_shards, tmp_path) -> None:
+    """With the window order and a cache of a few shards, prefetching what the next step reads (known from
+    the schedule) leaves every step's own reads as cache hits."""
+    upload(s3, many_shards, "ahead/abc")
+    cache = ShardCache(tmp_path / "cache", limit_bytes=8 * 40_000 * 2)
+    origin = S3Origin(s3_client(s3), BUCKET, "ahead/abc")
+    remote = PreparedSource.open_remote(origin, tmp_path / "index", cache)
+    config = JobConfig.parse({"sources": [{"name": "abc", "role": "repeat"}], "seq_len": 256,
+                              "global_batch": 4, "seed": 5, "total_steps": 400,
+                              "order": {"kind": "window", "window_shards": 2}})
+    engine = MixingEngine.create(config, {"abc": remote},
+                                 [(0, Schedule.parse({"phases": [{"start_step": 0, "weights": {"abc": 1}}]},
+                                                     ["abc"]))])
+    engine.batch(0)
+    for step in range(0, 60):
+        for future in prefetch_ahead(engine, step, lookahead=1):
+            future.result()
+        fetches = cache.stats.fetches
+        engine.batch(step + 1)
+        assert cache.stats.fetches == fetches, f"step {step + 1} waited on a fetch"
+    assert cache.stats.fetches > 2  # the steps did move across shards
