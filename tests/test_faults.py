@@ -164,10 +164,14 @@ def test_the_token_cache_corrupted(healthy, reference, table):
 
 
 def test_a_shard_corrupted_then_put_back(healthy, reference, table):
-    """The prepared shard itself is damaged (nothing to rebuild from) for 3 s, then restored."""
+    """The prepared shard itself is damaged (nothing to rebuild from) for 3 s, then restored. Bytes already
+    verified into the cache stay servable; readiness fails, naming the file, so a balancer drains it."""
     def damage(pull: Pull) -> None:
         originals = corrupt(shards(pull.cluster.sources_dir))
         assert originals, "no shard found to corrupt"
+        for i in range(2):
+            ready = httpx.get(f"{pull.cluster.url(i)}/v1/ready", timeout=10)
+            assert ready.status_code == 503 and "tokens-00000.zst" in ready.text, ready.text
         pull.later(3.0, lambda: put_back(originals))
 
     run_fault("shard corrupted for 3 s, then put back", healthy, reference, table, {FAULT_AT: damage})
