@@ -57,6 +57,8 @@ def test_plan_spt_json_plot_and_schedule(runs_csv, tmp_path, capsys):
             "300M",
             "--bootstrap",
             "5",
+            "--tokens-unit",
+            "1",  # TRUE's constants take T in tokens
             "--plot",
             str(plot),
             "--json",
@@ -95,7 +97,32 @@ def test_plan_spt_table_and_extrapolation_warning(runs_csv, capsys):
     )
     captured = capsys.readouterr()
     assert "δ*" in captured.out and "repetitions E*" in captured.out and "b_train_s" in captured.out
+    assert "T unit: 1e+09 tokens" in captured.out  # the default unit is stated with the result
     assert "warning: target T=1e+13 is far outside" in captured.err
+    assert "target T=1e+13 is far outside" in captured.out  # warnings are in the table too
+
+
+def test_plan_spt_holdout_predictions_and_post_finetune_objective(runs_csv, tmp_path, capsys):
+    ft = tmp_path / "ft.csv"
+    with ft.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["tokens", "delta", "gain"])
+        for d in (0.0, 0.05, 0.1):
+            for t in np.logspace(9, 11, 5):
+                writer.writerow([t, d, (2.0 - 8.0 * d) * (t / 1e9) ** -0.1 + 0.05 - 0.5 * d])
+    argv = ["plan", "spt", "--runs", str(runs_csv), "--target-tokens", "30B", "--domain-tokens", "300M",
+            "--bootstrap", "0", "--tokens-unit", "1", "--holdout-delta", "0.05", "--predict-delta", "0.15"]
+    assert run(argv + ["--json", "--ft-gain", str(ft)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["recommendation"]["objective"].startswith("post-finetune")
+    assert out["finetune_gain"]["a_delta"] == pytest.approx(-8.0 * 1e9**0.1, rel=1e-3)
+    assert out["holdout"]["delta"] == 0.05 and 0.05 not in out["holdout"]["fitted_deltas"]
+    assert out["holdout"]["rmse"] < 0.05
+    assert 0.15 in [p["delta"] for p in out["recommendation"]["predictions"]]
+    assert out["fit"]["tokens_unit"] == 1.0
+    assert run(argv) == 0
+    table = capsys.readouterr().out
+    assert "holdout check (§5.3)" in table and "forecast RMSE" in table and "objective" in table
 
 
 def test_plan_storage_allocates_budgets_with_codec_quality(points_csv, tmp_path, capsys):

@@ -223,16 +223,19 @@ def _print_spt(fit: SptFit, rec: Recommendation, schedule: dict | None, holdout:
     print(_table(["recommendation", "value"], rows))
     print(_table(
         [f"δ (at T={rec.target_tokens:.3g})", "predicted loss", "95% interval", "beyond pilots"],
-        [[f"{p.delta:.4g}", f"{p.loss:.4f}", "-" if p.interval is None else f"{p.interval[0]:.4f}–{p.interval[1]:.4f}",
-          "yes" if p.extrapolated_in_delta else ""] for p in rec.predictions],
+        [
+            [f"{p.delta:.4g}", f"{p.loss:.4f}", _interval(p.interval, ".4f"), "yes" * p.extrapolated_in_delta]
+            for p in rec.predictions
+        ],
     ))
     if holdout is not None:
         print(_table(["holdout check (§5.3)", "value"], [
-            ["held-out δ", f"{holdout.delta:g} (fitted on δ = {', '.join(f'{d:g}' for d in holdout.fitted_deltas)})"],
+            ["held-out δ", f"{holdout.delta:g} (fitted on δ = {', '.join(map(str, holdout.fitted_deltas))})"],
             ["forecast RMSE / bias / max |error|",
              f"{holdout.rmse:.4g} / {holdout.mean_error:+.4g} / {holdout.max_abs_error:.4g}"],
             [f"at T={holdout.tokens_at_end:.3g}: measured vs predicted",
-             f"{holdout.measured_at_end:.4f} vs " + _with_interval(holdout.predicted_at_end, holdout.interval_at_end, ".4f")],
+             f"{holdout.measured_at_end:.4f} vs "
+             + _with_interval(holdout.predicted_at_end, holdout.interval_at_end, ".4f")],
             ["held-out points inside the 95% interval",
              "-" if holdout.share_in_interval is None else f"{holdout.share_in_interval:.0%}"],
         ]))
@@ -365,7 +368,11 @@ def _quality_line(what: str, q: FitQuality) -> str:
 
 def _with_interval(value: float, interval: tuple[float, float] | None, fmt: str) -> str:
     text = format(value, fmt)
-    return text if interval is None else f"{text}  (95%: {interval[0]:{fmt}}–{interval[1]:{fmt}})"
+    return text if interval is None else f"{text}  (95%: {_interval(interval, fmt)})"
+
+
+def _interval(interval: tuple[float, float] | None, fmt: str) -> str:
+    return "-" if interval is None else f"{interval[0]:{fmt}}–{interval[1]:{fmt}}"
 
 
 def _param_table(params: Sequence[ParamEstimate]) -> str:

@@ -2,11 +2,16 @@
 
     L_test(T, δ)  = L_train(T, δ) + L_gap(T, δ)
     L_train(T, δ) = A_train · T^b_train(δ) + C_train(δ),   b_x(δ) = δ·b_x,s + (1 − δ)·b_x,g
-    L_gap(T, δ)   = α1 · δ^α2 · exp(α3·δ) · T^b_gap(δ)
+    L_gap(T, δ)   = α1 · δ^α2 · exp(α3·δ) · T^b_gap(δ)      (exactly 0 at δ = 0)
     C_train(δ)    = κ0 − κ1·log(δ + κ2) − κ3·δ
 
-T is in tokens. The fit follows the paper (App. D.1): a curve per δ first, whose parameters seed the joint
-least-squares fit; the sign constraints are enforced by the parametrisation and bounds, not checked after.
+δ is a fraction (0.05 = 5%). T enters the law divided by ``tokens_unit`` (default 1e9: T in billions);
+the law's family is not invariant to that unit (A_train has no δ term to absorb T's rescaling of
+b_train(δ)), so the unit is part of the fitted law. The fit follows App. D.1: curves per δ (a start),
+a joint fit with A_train and every exponent shared across δ but C_train and A_gap free per δ, the two
+kernels fitted to those per-δ values, then the fully parametric joint fit seeded by all of them.
+Constraints are enforced by the parametrisation: b_train,s < b_train,g < 0, b_gap,g < 0 < b_gap,s and
+b_gap(δ) < 1 on [0, δ_max], the δ range fitted and queried (the paper's statement, not a bound on b_gap,s).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 from scipy.optimize import least_squares, lsq_linear
+from tqdm import tqdm
 
 from mixer_service.errors import InvalidInput
 from mixer_service.planner.fit_stats import (
@@ -41,12 +47,14 @@ PARAM_NAMES = (
     "b_gap_s",
 )
 MIN_DELTAS = 3
+DEFAULT_TOKENS_UNIT = 1e9  # T in billions of tokens, the scale the paper reports budgets in
 _EPS = 1e-4  # margin that keeps the strict inequalities strict
+BOUND_TOLERANCE = 1e-3  # a parameter this close (relative to its allowed width) to a bound is flagged
 
 
 @dataclass(frozen=True)
 class OverfittingLaw:
-    """Fitted constants of the law; evaluation broadcasts over arrays of T and δ."""
+    """Fitted constants of the law; evaluation takes T in tokens and broadcasts over arrays of T and δ."""
 
     A_train: float
     b_train_g: float
@@ -60,6 +68,7 @@ class OverfittingLaw:
     alpha3: float
     b_gap_g: float
     b_gap_s: float
+    tokens_unit: float = 1.0  # T is divided by this before the law sees it
 
     def __post_init__(self) -> None:
         problems = self.violations()
@@ -74,48 +83,61 @@ class OverfittingLaw:
                 self.b_train_s < self.b_train_g < 0,
                 "need b_train_s < b_train_g < 0 (|b_train_g| < |b_train_s|)",
             ),
-            (self.b_gap_g < 0 < self.b_gap_s < 1, "need b_gap_g < 0 < b_gap_s < 1"),
+            (self.b_gap_g < 0 < self.b_gap_s, "need b_gap_g < 0 < b_gap_s"),
             (self.kappa2 > 0, "kappa2 must be > 0 (log(δ + κ2) at δ = 0)"),
             (self.alpha1 > 0 and self.alpha2 >= 0, "need alpha1 > 0 and alpha2 >= 0"),
+            (self.tokens_unit > 0, "tokens_unit must be > 0"),
         ]
         return [msg for ok, msg in checks if not ok]
+
+    def gap_exponent(self, delta: np.ndarray | float) -> np.ndarray:
+        """b_gap(δ); the paper reports it below 1 over the δ it studies."""
+        d = np.asarray(delta, float)
+        return d * self.b_gap_s + (1 - d) * self.b_gap_g
+
+    def delta_gap_exponent_one(self) -> float:
+        """The δ at which b_gap(δ) reaches 1 (the law is only trusted below it)."""
+        return (1 - self.b_gap_g) / (self.b_gap_s - self.b_gap_g)
 
     def c_train(self, delta: np.ndarray | float) -> np.ndarray:
         d = np.asarray(delta, float)
         return self.kappa0 - self.kappa1 * np.log(d + self.kappa2) - self.kappa3 * d
 
     def a_gap(self, delta: np.ndarray | float) -> np.ndarray:
+        """The Gamma kernel; 0 at δ = 0 whatever α2: no domain data, nothing to overfit (0^0 is not 1)."""
         d = np.asarray(delta, float)
-        return self.alpha1 * np.power(d, self.alpha2) * np.exp(self.alpha3 * d)
+        safe = np.where(d > 0, d, 1.0)
+        return np.where(d > 0, self.alpha1 * np.power(safe, self.alpha2) * np.exp(self.alpha3 * d), 0.0)
 
     def train_loss(self, tokens: np.ndarray | float, delta: np.ndarray | float) -> np.ndarray:
         d = np.asarray(delta, float)
         b = d * self.b_train_s + (1 - d) * self.b_train_g
-        return self.A_train * np.exp(b * np.log(tokens)) + self.c_train(d)
+        return self.A_train * np.exp(b * self._log_t(tokens)) + self.c_train(d)
 
     def gap(self, tokens: np.ndarray | float, delta: np.ndarray | float) -> np.ndarray:
-        d = np.asarray(delta, float)
-        b = d * self.b_gap_s + (1 - d) * self.b_gap_g
-        return self.a_gap(d) * np.exp(b * np.log(tokens))
+        return self.a_gap(delta) * np.exp(self.gap_exponent(delta) * self._log_t(tokens))
 
     def test_loss(self, tokens: np.ndarray | float, delta: np.ndarray | float) -> np.ndarray:
         """Predicted held-out domain loss after ``tokens`` pretraining tokens at domain fraction δ."""
         return self.train_loss(tokens, delta) + self.gap(tokens, delta)
+
+    def _log_t(self, tokens: np.ndarray | float) -> np.ndarray:
+        return np.log(np.asarray(tokens, float) / self.tokens_unit)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, float]) -> OverfittingLaw:
-        missing = [f.name for f in fields(cls) if f.name not in values]
+        missing = [f.name for f in fields(cls) if f.name not in values and f.name != "tokens_unit"]
         if missing:
             raise InvalidInput(f"overfitting-law constants missing: {', '.join(missing)}")
-        return cls(**{f.name: float(values[f.name]) for f in fields(cls)})
+        return cls(**{f.name: float(values[f.name]) for f in fields(cls) if f.name in values})
 
 
 @dataclass(frozen=True)
 class PerDeltaFit:
-    """The first-stage curve at one δ: loss = a·T^b + c (+ g·T^h, the gap, when δ > 0)."""
+    """The first-stage curve at one δ: loss = a·T^b + c (+ g·T^h, the gap, if δ > 0), T in the fit's unit."""
 
     delta: float
     n_points: int
@@ -134,51 +156,113 @@ class PerDeltaFit:
         return out
 
 
+@dataclass(frozen=True)
+class SharedFit:
+    """App. D.1's joint stage: A_train and all exponents shared, C_train(δ) and A_gap(δ) free per δ."""
+
+    A_train: float
+    b_train_g: float
+    b_train_s: float
+    b_gap_g: float
+    b_gap_s: float
+    c_train: dict[float, float]
+    a_gap: dict[float, float]
+    quality: FitQuality
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["c_train"] = [{"delta": d, "value": v} for d, v in self.c_train.items()]
+        out["a_gap"] = [{"delta": d, "value": v} for d, v in self.a_gap.items()]
+        out["quality"] = self.quality.to_dict()
+        return out
+
+
 @dataclass
 class SptFit:
     """The joint fit with everything needed to judge it: per-δ fits, residuals and bootstrap spread."""
 
     law: OverfittingLaw
     per_delta: list[PerDeltaFit]
+    shared: SharedFit
     quality: FitQuality
     residuals: np.ndarray
     params: list[ParamEstimate]
     tokens_range: tuple[float, float]
     deltas: tuple[float, ...]
+    delta_max: float
     bootstrap_laws: list[OverfittingLaw] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    def predict(self, tokens: float, delta: float) -> tuple[float, tuple[float, float] | None]:
+        """Predicted test loss at (T, δ) and its bootstrap 95% interval (None without a bootstrap)."""
+        point = float(self.law.test_loss(tokens, delta))
+        if len(self.bootstrap_laws) < 2:
+            return point, None
+        with np.errstate(over="ignore", invalid="ignore"):
+            boot = np.array([float(b.test_loss(tokens, delta)) for b in self.bootstrap_laws])
+        return point, interval95(boot[np.isfinite(boot)], point)
 
     def to_dict(self) -> dict:
         return {
             "law": self.law.to_dict(),
+            "tokens_unit": self.law.tokens_unit,
+            "delta_unit": "fraction",
             "quality": self.quality.to_dict(),
             "params": [p.to_dict() for p in self.params],
             "per_delta": [p.to_dict() for p in self.per_delta],
+            "shared_exponent_fit": self.shared.to_dict(),
             "tokens_range": list(self.tokens_range),
             "deltas": list(self.deltas),
+            "delta_max": self.delta_max,
             "n_bootstrap": len(self.bootstrap_laws),
             "warnings": list(self.warnings),
         }
 
 
-def fit_overfitting_law(runs: SptRuns, n_bootstrap: int = 0, seed: int = 0) -> SptFit:
-    """Fit the law to pilot runs: per-δ curves, then the joint constrained least-squares fit.
+def interval95(values: np.ndarray, point: float) -> tuple[float, float]:
+    """2.5–97.5% percentiles, widened to contain the point estimate (a skewed bootstrap can miss it)."""
+    if values.size == 0:
+        return point, point
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(min(low, point)), float(max(high, point))
 
-    ``n_bootstrap`` refits on resamples drawn within each δ to estimate parameter uncertainty.
+
+def fit_overfitting_law(
+    runs: SptRuns,
+    n_bootstrap: int = 0,
+    seed: int = 0,
+    tokens_unit: float = DEFAULT_TOKENS_UNIT,
+    delta_max: float | None = None,
+) -> SptFit:
+    """Fit the law to pilot runs (App. D.1), with ``n_bootstrap`` refits on resamples drawn within each δ.
+
+    ``delta_max``: b_gap(δ) < 1 is imposed on [0, delta_max], the δ range fitted and later queried
+    (default min(1, 2 × largest fitted δ), the default search range of ``recommend_delta``).
     """
+    if not (np.isfinite(tokens_unit) and tokens_unit > 0):
+        raise InvalidInput(f"tokens unit must be a positive number, got {tokens_unit}")
     _check_design(runs)
-    per_delta = [_fit_one_delta(runs, d) for d in runs.deltas]
-    joint = _JointProblem(runs)
-    best = min((joint.solve(t) for t in joint.best_starts(per_delta)), key=lambda r: r.cost)
-    law = joint.law(best.x)
+    largest = float(runs.deltas.max())
+    delta_max = min(1.0, 2.0 * largest) if delta_max is None else float(delta_max)
+    if not largest <= delta_max <= 1.0:
+        raise InvalidInput(f"delta_max must lie in [largest fitted δ = {largest:g}, 1], got {delta_max:g}")
+    scaled = SptRuns(runs.tokens / tokens_unit, runs.delta, runs.loss, runs.train_loss)
+    per_delta = [_fit_one_delta(scaled, d, tokens_unit) for d in scaled.deltas]
+    joint = _JointProblem(scaled, delta_max)
+    shared = _SharedProblem(scaled, delta_max)
+    shared_x = shared.solve(per_delta)
+    starts = joint.best_starts(per_delta) + [joint.start_from_shared(shared, shared_x)]
+    best = min((joint.solve(s) for s in starts), key=lambda r: r.cost)
+    law = joint.law(best.x, tokens_unit)
     predicted = law.test_loss(runs.tokens, runs.delta)
 
     laws: list[OverfittingLaw] = []
     if n_bootstrap > 0:
         rng = np.random.default_rng(seed)
-        for _ in range(n_bootstrap):
-            resampled = _JointProblem(_subset(runs, stratified_resample(runs.delta, rng)))
-            laws.append(resampled.law(resampled.solve(best.x).x))
+        for _ in tqdm(range(n_bootstrap), desc="bootstrap refits", leave=False,
+                      disable=None if n_bootstrap >= 20 else True):
+            laws.append(_refit(_subset(scaled, stratified_resample(scaled.delta, rng)), per_delta,
+                               best.x, delta_max, tokens_unit))
     samples = np.array([[getattr(b, n) for n in PARAM_NAMES] for b in laws]) if laws else None
     warnings = []
     if not best.success:
@@ -188,17 +272,31 @@ def fit_overfitting_law(runs: SptRuns, n_bootstrap: int = 0, seed: int = 0) -> S
             f"only {len(runs.deltas)} distinct δ values: C_train(δ) has 4 constants, "
             "so its δ-shape is weakly determined"
         )
+    warnings += joint.bound_warnings(best.x)
     return SptFit(
         law=law,
         per_delta=per_delta,
+        shared=shared.result(shared_x),
         quality=fit_quality(runs.loss, predicted),
         residuals=runs.loss - predicted,
         params=summarize_params(PARAM_NAMES, np.array([getattr(law, n) for n in PARAM_NAMES]), samples),
         tokens_range=(float(runs.tokens.min()), float(runs.tokens.max())),
         deltas=tuple(float(d) for d in runs.deltas),
+        delta_max=delta_max,
         bootstrap_laws=laws,
         warnings=warnings,
     )
+
+
+def _refit(runs: SptRuns, per_delta: list[PerDeltaFit], best: np.ndarray, delta_max: float,
+           tokens_unit: float) -> OverfittingLaw:
+    """One bootstrap replicate: the shared stage is redone, so the refit can land in another basin of the
+    law (the δ-extrapolation ambiguity pilots leave open shows up in the intervals, not hidden by a warm
+    start), then the joint fit from both that start and the original optimum; the lower cost wins."""
+    shared = _SharedProblem(runs, delta_max)
+    joint = _JointProblem(runs, delta_max)
+    fits = [joint.solve(best), joint.solve(joint.start_from_shared(shared, shared.solve(per_delta, keep=1)))]
+    return joint.law(min(fits, key=lambda r: r.cost).x, tokens_unit)
 
 
 def _check_design(runs: SptRuns) -> None:
@@ -222,13 +320,13 @@ def _subset(runs: SptRuns, idx: np.ndarray) -> SptRuns:
     return SptRuns(runs.tokens[idx], runs.delta[idx], runs.loss[idx], train)
 
 
-# Both stages use variable projection: the amplitudes (A_train, κ0, κ1, κ3, α1; per δ: a, c, g) enter
-# linearly, so for given exponents they are solved exactly by bounded linear least squares and the
+# Every stage uses variable projection: the amplitudes (A_train, κ0, κ1, κ3, α1; per δ: a, c, g or C_δ, G_δ)
+# enter linearly, so for given exponents they are solved exactly by bounded linear least squares and the
 # nonlinear search runs over the few exponents only. This removes the scale coupling that makes a plain
 # 12-parameter fit stall in poor local minima.
 
 
-def _project(design: np.ndarray, y: np.ndarray, nonneg: tuple[int, ...]) -> np.ndarray:
+def _project(design: np.ndarray, y: np.ndarray, nonneg: tuple[int, ...] | list[int]) -> np.ndarray:
     """Best amplitudes for a fixed design; columns listed in ``nonneg`` are kept >= 0."""
     scale = np.linalg.norm(design, axis=0)
     scale[scale == 0] = 1.0
@@ -250,7 +348,7 @@ def _stack(runs: SptRuns, train_cols: np.ndarray, gap_cols: np.ndarray) -> tuple
 # ---- stage 1: one curve per δ: loss = a·T^b + c (+ g·T^h for the gap when δ > 0) ------------------------
 
 
-def _fit_one_delta(runs: SptRuns, delta: float) -> PerDeltaFit:
+def _fit_one_delta(runs: SptRuns, delta: float, tokens_unit: float) -> PerDeltaFit:
     mask = runs.delta == delta
     sub = _subset(runs, np.flatnonzero(mask))
     logt = np.log(sub.tokens)
@@ -267,8 +365,8 @@ def _fit_one_delta(runs: SptRuns, delta: float) -> PerDeltaFit:
     # then limited to a growing one (h > 0): the onset of overfitting, the part that decides δ*.
     h_lo = -3.0 if sub.train_loss is not None else _EPS
     lo, hi = np.array([-3.0, h_lo]), np.array([-_EPS, 1 - _EPS])
-    h_grid = np.linspace(max(h_lo, -1.5), 0.98, 21 if with_gap else 1)
-    grid = [np.array([b, h]) for b in np.linspace(-1.5, -0.01, 25) for h in h_grid]
+    h_grid = np.linspace(max(h_lo, -1.5), 0.98, 11 if with_gap else 1)
+    grid = [np.array([b, h]) for b in np.linspace(-1.5, -0.01, 16) for h in h_grid]
     start = min(grid, key=lambda e: float(np.sum(solve(e)[1] ** 2)))
     n_exp = 2 if with_gap else 1
     res = least_squares(
@@ -279,8 +377,8 @@ def _fit_one_delta(runs: SptRuns, delta: float) -> PerDeltaFit:
     return PerDeltaFit(
         delta=float(delta),
         n_points=int(mask.sum()),
-        tokens_min=float(sub.tokens.min()),
-        tokens_max=float(sub.tokens.max()),
+        tokens_min=float(sub.tokens.min() * tokens_unit),
+        tokens_max=float(sub.tokens.max() * tokens_unit),
         a=float(coef[0]),
         b=float(exps[0]),
         c=float(coef[1]),
@@ -290,30 +388,129 @@ def _fit_one_delta(runs: SptRuns, delta: float) -> PerDeltaFit:
     )
 
 
-# ---- stage 2: the joint fit -----------------------------------------------------------------------------
-# exponents e = [u, v, log κ2, α2, α3, b_gap_g, b_gap_s] with b_train_g = -u, b_train_s = -u - v, so
-# u, v > 0 encodes b_train_s < b_train_g < 0; amplitudes [A_train, κ0, κ1, κ3, α1] with A_train, α1 >= 0.
+# ---- shared exponents ------------------------------------------------------------------------------------
+# b_train,g = −u, b_train,s = −u − v (u, v > 0 encodes b_train,s < b_train,g < 0). b_gap,s = τ·s_max with
+# s_max = (1 − (1 − δ_max)·b_gap,g)/δ_max and 0 < τ < 1: b_gap,s > 0 and b_gap(δ_max) < 1, hence
+# b_gap(δ) < 1 on all of [0, δ_max] (b_gap is linear in δ); τ → 1 means b_gap(δ_max) → 1.
 
-_LO = np.array([_EPS, _EPS, np.log(1e-6), 0.0, -100.0, -3.0, _EPS])
-_HI = np.array([3.0, 3.0, np.log(10.0), 10.0, 100.0, -_EPS, 1 - _EPS])
+_U, _V, _BGG, _TAU = (_EPS, 3.0), (_EPS, 60.0), (-3.0, -_EPS), (_EPS, 1 - _EPS)
+
+
+def _b_gap_s(b_gap_g: float | np.ndarray, tau: float | np.ndarray, delta_max: float) -> np.ndarray:
+    return np.asarray(tau * (1 - (1 - delta_max) * b_gap_g) / delta_max)
+
+
+def _tau_for(b_gap_g: float, b_gap_s: float, delta_max: float) -> float:
+    return float(b_gap_s / ((1 - (1 - delta_max) * b_gap_g) / delta_max))
+
+
+def _exponent_columns(
+    d: np.ndarray, logt: np.ndarray, u: float, v: float, bgg: float, tau: float, delta_max: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """T^b_train(δ) and T^b_gap(δ) (log of the latter, capped) for given shared exponents."""
+    f_train = np.exp(-(u + v * d) * logt)
+    log_gap = (d * _b_gap_s(bgg, tau, delta_max) + (1 - d) * bgg) * logt
+    return f_train, np.minimum(log_gap, 300.0)
+
+
+class _SharedProblem:
+    """Stage 2 (App. D.1): exponents [u, v, b_gap_g, τ] shared, amplitudes A_train, C_δ, G_δ per δ."""
+
+    def __init__(self, runs: SptRuns, delta_max: float) -> None:
+        self.runs, self.delta_max = runs, delta_max
+        self.logt, self.d = np.log(runs.tokens), runs.delta
+        self.deltas = runs.deltas
+        self.gap_deltas = self.deltas[self.deltas > 0]
+        self.lo = np.array([_U[0], _V[0], _BGG[0], _TAU[0]])
+        self.hi = np.array([_U[1], _V[1], _BGG[1], _TAU[1]])
+
+    def _solve_linear(self, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        u, v, bgg, tau = e
+        f_train, log_gap = _exponent_columns(self.d, self.logt, u, v, bgg, tau, self.delta_max)
+        onehot = (self.d[:, None] == self.deltas[None, :]).astype(float)
+        gap_onehot = (self.d[:, None] == self.gap_deltas[None, :]).astype(float)
+        train_cols = np.hstack([f_train[:, None], onehot])
+        design, y = _stack(self.runs, train_cols, gap_onehot * np.exp(log_gap)[:, None])
+        nonneg = [0] + list(range(train_cols.shape[1], design.shape[1]))
+        coef = _project(design, y, nonneg)
+        return coef, design @ coef - y
+
+    def solve(self, per_delta: list[PerDeltaFit], keep: int = 3) -> np.ndarray:
+        d = np.array([p.delta for p in per_delta])
+        slope, intercept = np.polyfit(d, [p.b for p in per_delta], 1)
+        u0 = float(np.clip(-intercept, 0.01, 2.0))
+        v0 = float(np.clip(-slope, 0.01, 50.0))
+        gd = np.array([p.delta for p in per_delta if p.delta > 0])
+        h_slope, h_int = np.polyfit(gd, [p.h for p in per_delta if p.delta > 0], 1)
+        bgg0 = float(np.clip(h_int, -2.0, -0.01))
+        tau0 = float(np.clip(_tau_for(bgg0, max(h_int + h_slope, 0.01), self.delta_max), 0.05, 0.95))
+        grid = [np.array([u, v, b, t]) for u in {u0, 0.1, 0.3} for v in {v0, 0.1, 2.0}
+                for b in {bgg0, -0.05, -0.3} for t in {tau0, 0.3, 0.7}]
+        cost = [float(np.sum(self._solve_linear(g)[1] ** 2)) for g in grid]
+        best = None
+        for i in np.argsort(cost)[:keep]:
+            res = least_squares(lambda e: self._solve_linear(e)[1], np.clip(grid[i], self.lo, self.hi),
+                                bounds=(self.lo, self.hi), x_scale="jac")
+            best = res if best is None or res.cost < best.cost else best
+        assert best is not None
+        return best.x
+
+    def result(self, e: np.ndarray) -> SharedFit:
+        coef, resid = self._solve_linear(e)
+        n_c = self.deltas.size
+        u, v, bgg, tau = (float(x) for x in e)
+        n_test = self.runs.loss.size
+        return SharedFit(
+            A_train=float(coef[0]), b_train_g=-u, b_train_s=-u - v, b_gap_g=bgg,
+            b_gap_s=float(_b_gap_s(bgg, tau, self.delta_max)),
+            c_train={float(d): float(c) for d, c in zip(self.deltas, coef[1:1 + n_c], strict=True)},
+            a_gap={float(d): float(g) for d, g in zip(self.gap_deltas, coef[1 + n_c:], strict=True)},
+            quality=fit_quality(self.runs.loss, self.runs.loss + resid[-n_test:]),
+        )
+
+
+def _kernel_starts(shared: SharedFit) -> tuple[float, float, float]:
+    """log κ2, α2, α3 from the per-δ values of stage 2: the C_train and Gamma kernels fitted to them."""
+    d = np.array(list(shared.c_train))
+    c = np.array(list(shared.c_train.values()))
+
+    def c_resid(lk2: float) -> float:
+        design = np.column_stack([np.ones_like(d), -np.log(d + np.exp(lk2)), -d])
+        return float(np.sum((design @ np.linalg.lstsq(design, c, rcond=None)[0] - c) ** 2))
+
+    lk2 = min(np.linspace(np.log(1e-5), np.log(5.0), 60), key=c_resid)
+    gd = np.array([k for k, g in shared.a_gap.items() if g > 0])
+    if gd.size >= 3:
+        g = np.log([shared.a_gap[k] for k in gd])
+        a2, a3 = np.linalg.lstsq(np.column_stack([np.ones_like(gd), np.log(gd), gd]), g, rcond=None)[0][1:]
+        return float(lk2), float(np.clip(a2, 0.0, 10.0)), float(np.clip(a3, -100.0, 100.0))
+    return float(lk2), 1.0, 0.0
+
+
+# ---- the fully parametric joint fit ---------------------------------------------------------------------
+# exponents e = [u, v, log κ2, α2, α3, b_gap_g, τ]; amplitudes [A_train, κ0, κ1, κ3, α1], A_train, α1 >= 0.
+
+_NAMES = ("u (−b_train,g)", "v (b_train,g − b_train,s)", "log κ2", "α2", "α3", "b_gap,g", "τ")
+_LO = np.array([_U[0], _V[0], np.log(1e-6), 0.0, -100.0, _BGG[0], _TAU[0]])
+_HI = np.array([_U[1], _V[1], np.log(10.0), 10.0, 100.0, _BGG[1], _TAU[1]])
 _TINY = 1e-300  # A_train, α1 at their bound 0 are stored as this, keeping the law's strict positivity
 
 
 class _JointProblem:
-    """The joint fit on one data set, reduced to its seven exponents."""
+    """The joint fit on one data set (T in the fit's unit), reduced to its seven exponents."""
 
-    def __init__(self, runs: SptRuns) -> None:
-        self.runs = runs
+    def __init__(self, runs: SptRuns, delta_max: float) -> None:
+        self.runs, self.delta_max = runs, delta_max
         self.logt = np.log(runs.tokens)
         self.d = runs.delta
         self.log_d = np.log(np.where(self.d > 0, self.d, 1.0))
 
     def _solve_linear(self, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d, logt = self.d, self.logt
-        f_a = np.exp(-(e[0] + e[1] * d) * logt)
+        d = self.d
+        f_a, log_gap = _exponent_columns(d, self.logt, e[0], e[1], e[5], e[6], self.delta_max)
         train_cols = np.column_stack([f_a, np.ones_like(d), -np.log(d + np.exp(e[2])), -d])
-        log_gap = e[3] * self.log_d + e[4] * d + (d * e[6] + (1 - d) * e[5]) * logt
-        f_gap = np.where(d > 0, np.exp(np.minimum(log_gap, 300.0)), 0.0)
+        log_gap = np.minimum(log_gap + e[3] * self.log_d + e[4] * d, 300.0)
+        f_gap = np.where(d > 0, np.exp(log_gap), 0.0)
         design, y = _stack(self.runs, train_cols, f_gap[:, None])
         coef = _project(design, y, (0, 4))
         return coef, design @ coef - y
@@ -325,9 +522,9 @@ class _JointProblem:
         x0 = np.clip(e0, _LO + 1e-9, _HI - 1e-9)
         return least_squares(self.residuals, x0, bounds=(_LO, _HI), x_scale="jac")
 
-    def law(self, e: np.ndarray) -> OverfittingLaw:
+    def law(self, e: np.ndarray, tokens_unit: float) -> OverfittingLaw:
         a, k0, k1, k3, a1 = (float(c) for c in self._solve_linear(e)[0])
-        u, v, lk2, a2, a3, bgg, bgs = (float(x) for x in e)
+        u, v, lk2, a2, a3, bgg, tau = (float(x) for x in e)
         return OverfittingLaw(
             A_train=max(a, _TINY),
             b_train_g=-u,
@@ -340,27 +537,119 @@ class _JointProblem:
             alpha2=a2,
             alpha3=a3,
             b_gap_g=bgg,
-            b_gap_s=bgs,
+            b_gap_s=float(_b_gap_s(bgg, tau, self.delta_max)),
+            tokens_unit=tokens_unit,
         )
+
+    def bound_warnings(self, e: np.ndarray) -> list[str]:
+        """One line per fitted quantity at (or within BOUND_TOLERANCE of) a bound the fit imposes."""
+        out = []
+        width = _HI - _LO
+        for name, x, lo, hi, w in zip(_NAMES, e, _LO, _HI, width, strict=True):
+            near = BOUND_TOLERANCE * w
+            side = "lower" if x - lo <= near else "upper" if hi - x <= near else ""
+            if not side:
+                continue
+            if name == "τ" and side == "upper":
+                out.append(f"b_gap(δ={self.delta_max:g}) = 1 at the fit's bound b_gap(δ) < 1 on "
+                           f"[0, {self.delta_max:g}]: the pilots ask for faster overfitting than the law "
+                           "allows; "
+                           "predictions near that δ are not trustworthy")
+            elif name == "τ":
+                out.append("b_gap,s is at its bound 0: the pilots show no growing gap")
+            else:
+                out.append(f"fitted {name} = {x:.4g} sits at its {side} bound "
+                           f"[{lo:.4g}, {hi:.4g}]: the law cannot follow the pilots there")
+        coef = self._solve_linear(e)[0]
+        for j, name in ((0, "A_train"), (4, "α1")):
+            if coef[j] <= 0:
+                out.append(f"fitted {name} is at its bound 0: that term of the law is switched off")
+        return out
+
+    def start_from_shared(self, shared: _SharedProblem, x: np.ndarray) -> np.ndarray:
+        lk2, a2, a3 = _kernel_starts(shared.result(x))
+        return np.array([x[0], x[1], lk2, a2, a3, x[2], x[3]])
 
     def best_starts(self, per_delta: list[PerDeltaFit], keep: int = 4) -> list[np.ndarray]:
         """Starting exponents seeded by the per-δ fits, widened by a small grid; the ``keep`` best by cost."""
         d = np.array([p.delta for p in per_delta])
         slope, intercept = np.polyfit(d, [p.b for p in per_delta], 1)
-        u0, v0 = float(np.clip(-intercept, 0.01, 2.0)), float(np.clip(-slope, 0.01, 2.0))
+        u0, v0 = float(np.clip(-intercept, 0.01, 2.0)), float(np.clip(-slope, 0.01, 50.0))
         gd = np.array([p.delta for p in per_delta if p.delta > 0])
         h_slope, h_int = np.polyfit(gd, [p.h for p in per_delta if p.delta > 0], 1)
         bgg0 = float(np.clip(h_int, -2.0, -0.01))
-        bgs0 = float(np.clip(h_int + h_slope, 0.01, 0.99))
+        tau0 = float(np.clip(_tau_for(bgg0, max(h_int + h_slope, 0.01), self.delta_max), 0.02, 0.98))
         candidates = [
-            np.array([u, v, lk2, a2, a3, bgg, bgs])
+            np.array([u, v, lk2, a2, a3, bgg, tau])
             for u in {u0, 0.1}
             for v in {v0, 0.1}
             for lk2 in np.log([1e-3, 1e-2, 1e-1])
             for a2 in (0.5, 1.0, 2.0)
             for a3 in (-10.0, 0.0)
             for bgg in {bgg0, -0.05, -0.3}
-            for bgs in {bgs0, 0.3, 0.8}
+            for tau in {tau0, 0.1, 0.5}
         ]
         costs = [float(np.sum(self.residuals(np.clip(c, _LO, _HI)) ** 2)) for c in candidates]
         return [candidates[i] for i in np.argsort(costs)[:keep]]
+
+
+@dataclass(frozen=True)
+class HoldoutCheck:
+    """§5.3's validation: the law fitted without one δ, scored on that δ's measured curve."""
+
+    delta: float
+    n_points: int
+    fitted_deltas: tuple[float, ...]
+    rmse: float
+    mean_error: float  # predicted − measured, averaged: the forecast's bias
+    max_abs_error: float
+    tokens_at_end: float
+    measured_at_end: float
+    predicted_at_end: float
+    interval_at_end: tuple[float, float] | None
+    share_in_interval: float | None  # held-out points inside the bootstrap 95% interval
+    warnings: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def holdout_check(
+    runs: SptRuns,
+    delta: float,
+    n_bootstrap: int = 0,
+    seed: int = 0,
+    tokens_unit: float = DEFAULT_TOKENS_UNIT,
+    delta_max: float | None = None,
+) -> HoldoutCheck:
+    """Fit on every δ but ``delta`` and report the forecast error on the held-out curve (paper §5.3)."""
+    held = np.isclose(runs.delta, delta)
+    if not held.any():
+        got = ", ".join(f"{d:g}" for d in runs.deltas)
+        raise InvalidInput(f"holdout δ={delta:g} has no runs (runs have δ = {got})")
+    kept = _subset(runs, np.flatnonzero(~held))
+    largest = float(kept.deltas.max())
+    if delta_max is None:
+        delta_max = min(1.0, max(2.0 * largest, float(delta)))
+    fit = fit_overfitting_law(kept, n_bootstrap, seed, tokens_unit, max(delta_max, float(delta)))
+    tokens, measured = runs.tokens[held], runs.loss[held]
+    errors = fit.law.test_loss(tokens, delta) - measured
+    end = int(np.argmax(tokens))
+    intervals = [fit.predict(t, delta)[1] for t in tokens]
+    inside = None
+    if intervals[0] is not None:
+        inside = float(np.mean([lo <= m <= hi for (lo, hi), m in zip(intervals, measured, strict=True)]))  # type: ignore[misc]
+    return HoldoutCheck(
+        delta=float(delta),
+        n_points=int(held.sum()),
+        fitted_deltas=fit.deltas,
+        rmse=float(np.sqrt(np.mean(errors**2))),
+        mean_error=float(np.mean(errors)),
+        max_abs_error=float(np.max(np.abs(errors))),
+        tokens_at_end=float(tokens[end]),
+        measured_at_end=float(measured[end]),
+        predicted_at_end=float(fit.law.test_loss(tokens[end], delta)),
+        interval_at_end=intervals[end],
+        share_in_interval=inside,
+        warnings=fit.warnings,
+    )

@@ -7,55 +7,105 @@ an interval for δ* so an operator can see how firmly the pilot runs pin it down
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 
 import numpy as np
-from scipy.optimize import curve_fit, minimize_scalar
+from scipy.optimize import least_squares, minimize_scalar
 
 from mixer_service.errors import InvalidInput
 from mixer_service.planner.fit_stats import require_finite
-from mixer_service.planner.overfitting_law import OverfittingLaw, SptFit
+from mixer_service.planner.overfitting_law import OverfittingLaw, SptFit, interval95
 
 TOKENS_EXTRAPOLATION_FACTOR = 10.0  # a target this many times beyond the fitted tokens is "far"
 GRID_POINTS = 2001
+WIDE_DELTA_INTERVAL = 0.5  # a δ* interval wider than this share of the searched range is flagged
 
 
 @dataclass(frozen=True)
 class FinetuneGain:
-    """Eq. 7: the domain-loss reduction finetuning adds after T pretraining tokens, Δℓ(T) = a·T^b + c."""
+    """Eq. 7: the domain-loss reduction finetuning adds after T pretraining tokens, Δℓ(T) = a·T^b + c.
+
+    With measurements at several δ the amplitudes get a δ term, Δℓ(T, δ) = (a + a_delta·δ)·T^b + c +
+    c_delta·δ, so a δ that gains more from finetuning (the paper: smaller δ, at large T) can overtake.
+    """
 
     a: float
     b: float
     c: float
+    a_delta: float = 0.0
+    c_delta: float = 0.0
 
-    def __call__(self, tokens: np.ndarray | float) -> np.ndarray:
-        return self.a * np.exp(self.b * np.log(tokens)) + self.c
+    def __call__(self, tokens: np.ndarray | float, delta: np.ndarray | float = 0.0) -> np.ndarray:
+        d = np.asarray(delta, float)
+        return (self.a + self.a_delta * d) * np.exp(self.b * np.log(tokens)) + self.c + self.c_delta * d
+
+    @property
+    def depends_on_delta(self) -> bool:
+        return self.a_delta != 0.0 or self.c_delta != 0.0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
-def fit_finetune_gain(tokens: np.ndarray, gain: np.ndarray) -> FinetuneGain:
-    """Fit Eq. 7 to measured finetuning gains (loss before FT − loss after FT) at several T."""
+def fit_finetune_gain(
+    tokens: np.ndarray, gain: np.ndarray, delta: np.ndarray | None = None
+) -> FinetuneGain:
+    """Fit Eq. 7 to measured finetuning gains (loss before FT − loss after FT) at several T (and δ).
+
+    With ``delta`` at >= 2 distinct values the δ terms are fitted too (>= 4 token counts per δ).
+    """
     tokens, gain = np.asarray(tokens, float), np.asarray(gain, float)
-    require_finite("tokens", tokens)
-    require_finite("gain", gain)
-    if tokens.size != gain.size:
-        raise InvalidInput(f"finetune gain: {tokens.size} token counts but {gain.size} gains")
-    if np.unique(tokens).size < 4:
-        raise InvalidInput("finetune gain (Eq. 7) has 3 constants; give gains at >= 4 distinct token counts")
+    d = np.zeros_like(tokens) if delta is None else np.asarray(delta, float)
+    for name, values in (("tokens", tokens), ("gain", gain), ("delta", d)):
+        require_finite(name, values)
+    if not tokens.size == gain.size == d.size:
+        raise InvalidInput(f"finetune gain: {tokens.size} token counts, {gain.size} gains, {d.size} δ values")
     if np.any(tokens <= 0):
         raise InvalidInput("finetune gain: tokens must be > 0")
-    logt = np.log(tokens)
-    scale = np.exp(np.median(logt))  # fit a·(T/scale)^b, then fold the scale back into a
+    for value in np.unique(d):
+        if np.unique(tokens[d == value]).size < 4:
+            raise InvalidInput(
+                f"finetune gain (Eq. 7) has 3 constants; give gains at >= 4 distinct token counts "
+                f"(δ={value:g} has {np.unique(tokens[d == value]).size})"
+            )
+    with_delta = np.unique(d).size >= 2
+    logt = np.log(tokens) - np.median(np.log(tokens))  # fit on T/scale, then fold the scale back into a
 
-    def model(lt: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
-        return a * np.exp(b * (lt - np.log(scale))) + c
+    def solve(b: float) -> tuple[np.ndarray, np.ndarray]:
+        power = np.exp(b * logt)
+        cols = [power, np.ones_like(power)] + ([power * d, d] if with_delta else [])
+        design = np.column_stack(cols)
+        coef = np.linalg.lstsq(design, gain, rcond=None)[0]
+        return coef, design @ coef - gain
 
-    p0 = (float(np.ptp(gain)) or 0.01, -0.3, float(gain.min()))
-    (a, b, c), _ = curve_fit(model, logt, gain, p0=p0, maxfev=20000)
-    return FinetuneGain(a=float(a * scale ** (-b)), b=float(b), c=float(c))
+    grid = np.linspace(-2.0, 0.5, 101)
+    b0 = min(grid, key=lambda b: float(np.sum(solve(b)[1] ** 2)))
+    b = float(least_squares(lambda x: solve(x[0])[1], [b0], bounds=([-5.0], [2.0])).x[0])
+    coef = solve(b)[0]
+    fold = float(np.exp(-b * np.median(np.log(tokens))))
+    return FinetuneGain(
+        a=float(coef[0] * fold),
+        b=b,
+        c=float(coef[1]),
+        a_delta=float(coef[2] * fold) if with_delta else 0.0,
+        c_delta=float(coef[3]) if with_delta else 0.0,
+    )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted domain loss at one queried (T, δ), with its bootstrap interval."""
+
+    tokens: float
+    delta: float
+    loss: float
+    interval: tuple[float, float] | None
+    extrapolated_in_delta: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -65,11 +115,13 @@ class Recommendation:
     target_tokens: float
     domain_tokens: float
     delta: float
+    objective: str
     predicted_loss: float
     repetitions: float
     predicted_loss_after_finetune: float | None
     delta_interval: tuple[float, float] | None
     loss_interval: tuple[float, float] | None
+    predictions: list[Prediction]
     candidates: np.ndarray = field(repr=False)
     candidate_losses: np.ndarray = field(repr=False)
     warnings: list[str] = field(default_factory=list)
@@ -80,71 +132,95 @@ class Recommendation:
         return out
 
 
+OBJECTIVE_PRETRAIN = "pretraining domain loss L_test(T, δ)"
+OBJECTIVE_FINETUNE = "post-finetune domain loss L_test(T, δ) − Δℓ(T, δ) (Eq. 7)"
+
+
 def recommend_delta(
     fit: SptFit,
     target_tokens: float,
     domain_tokens: float,
     delta_range: tuple[float, float] | None = None,
     finetune: FinetuneGain | None = None,
+    query_deltas: tuple[float, ...] = (),
 ) -> Recommendation:
-    """Pick δ* = argmin_δ L_test(target_tokens, δ) and report E* = T·δ*/|D| for a domain set of
-    ``domain_tokens`` tokens. ``delta_range`` defaults to [0, min(1, 2 × largest fitted δ)]."""
+    """Pick δ* = argmin_δ of the predicted loss at ``target_tokens`` and report E* = T·δ*/|D| for a domain
+    set of ``domain_tokens`` tokens. The loss is the post-finetune one when ``finetune`` is given.
+    ``delta_range`` defaults to [0, fit.delta_max]; ``query_deltas`` adds predictions at those δ."""
     if not (np.isfinite(target_tokens) and target_tokens > 0):
         raise InvalidInput(f"target tokens must be a positive number, got {target_tokens}")
     if not (np.isfinite(domain_tokens) and domain_tokens > 0):
         raise InvalidInput(f"domain tokens |D| must be a positive number, got {domain_tokens}")
-    lo, hi = delta_range if delta_range is not None else (0.0, min(1.0, 2.0 * max(fit.deltas)))
+    lo, hi = delta_range if delta_range is not None else (0.0, fit.delta_max)
     if not 0.0 <= lo < hi <= 1.0:
         raise InvalidInput(f"delta range must satisfy 0 <= low < high <= 1, got [{lo}, {hi}]")
+    for q in query_deltas:
+        if not 0.0 <= q <= 1.0:
+            raise InvalidInput(f"queried δ must lie in [0, 1], got {q}")
+
+    def objective(law: OverfittingLaw) -> Callable[[np.ndarray | float], np.ndarray]:
+        if finetune is None:
+            return lambda d: law.test_loss(target_tokens, d)
+        return lambda d: law.test_loss(target_tokens, d) - finetune(target_tokens, d)
 
     grid = np.linspace(lo, hi, GRID_POINTS)
-    delta, losses = _argmin_delta(fit.law, target_tokens, grid)
+    delta, losses = _argmin_delta(objective(fit.law), grid)
     predicted = float(fit.law.test_loss(target_tokens, delta))
 
     delta_interval: tuple[float, float] | None = None
     loss_interval: tuple[float, float] | None = None
     if len(fit.bootstrap_laws) >= 2:
-        boot = [_argmin_delta(law, target_tokens, grid)[0] for law in fit.bootstrap_laws]
-        boot_loss = [
-            float(law.test_loss(target_tokens, d)) for law, d in zip(fit.bootstrap_laws, boot, strict=True)
-        ]
-        delta_interval, loss_interval = _interval95(boot), _interval95(boot_loss)
+        boot = np.array([_argmin_delta(objective(law), grid)[0] for law in fit.bootstrap_laws])
+        delta_interval = interval95(boot, delta)
+        loss_interval = fit.predict(target_tokens, delta)[1]
 
-    after_finetune = None if finetune is None else predicted - float(finetune(target_tokens))
+    queried = sorted({*fit.deltas, delta, *query_deltas})
+    predictions = [_prediction(fit, target_tokens, d) for d in queried]
+    after_finetune = None if finetune is None else predicted - float(finetune(target_tokens, delta))
     return Recommendation(
         target_tokens=float(target_tokens),
         domain_tokens=float(domain_tokens),
         delta=delta,
+        objective=OBJECTIVE_PRETRAIN if finetune is None else OBJECTIVE_FINETUNE,
         predicted_loss=predicted,
         repetitions=float(target_tokens * delta / domain_tokens),
         predicted_loss_after_finetune=after_finetune,
         delta_interval=delta_interval,
         loss_interval=loss_interval,
+        predictions=predictions,
         candidates=grid,
         candidate_losses=losses,
-        warnings=_extrapolation_warnings(fit, target_tokens, delta, (lo, hi)),
+        warnings=_warnings(fit, target_tokens, delta, (lo, hi), delta_interval, predictions),
     )
 
 
-def _interval95(values: list[float]) -> tuple[float, float]:
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
+def _prediction(fit: SptFit, tokens: float, delta: float) -> Prediction:
+    loss, interval = fit.predict(tokens, delta)
+    return Prediction(float(tokens), float(delta), loss, interval, bool(delta > max(fit.deltas)))
 
 
-def _argmin_delta(law: OverfittingLaw, tokens: float, grid: np.ndarray) -> tuple[float, np.ndarray]:
+def _argmin_delta(
+    loss: Callable[[np.ndarray | float], np.ndarray], grid: np.ndarray
+) -> tuple[float, np.ndarray]:
     """Grid scan, then a bounded Brent refinement inside the best cell's neighbours."""
     with np.errstate(over="ignore", invalid="ignore"):
-        losses = law.test_loss(tokens, grid)
+        losses = np.asarray(loss(grid), float)
     losses = np.where(np.isfinite(losses), losses, np.inf)
     i = int(np.argmin(losses))
     a, b = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
-    res = minimize_scalar(lambda d: float(law.test_loss(tokens, d)), bounds=(a, b), method="bounded")
+    with np.errstate(over="ignore", invalid="ignore"):
+        res = minimize_scalar(lambda d: float(loss(d)), bounds=(a, b), method="bounded")
     best = float(res.x) if res.success and res.fun <= losses[i] else float(grid[i])
     return best, losses
 
 
-def _extrapolation_warnings(
-    fit: SptFit, tokens: float, delta: float, search: tuple[float, float]
+def _warnings(
+    fit: SptFit,
+    tokens: float,
+    delta: float,
+    search: tuple[float, float],
+    delta_interval: tuple[float, float] | None,
+    predictions: list[Prediction],
 ) -> list[str]:
     t_lo, t_hi = fit.tokens_range
     warnings = list(fit.warnings)
@@ -161,6 +237,30 @@ def _extrapolation_warnings(
         warnings.append(
             f"δ*={delta:.4g} sits on the edge of the searched range [{search[0]:g}, {search[1]:g}]"
         )
+    if search[1] > fit.delta_max * (1 + 1e-9):
+        reach = fit.law.delta_gap_exponent_one()
+        warnings.append(
+            f"the search range reaches δ={search[1]:g} but the fit imposed b_gap(δ) < 1 only up to "
+            f"δ={fit.delta_max:g}"
+            + (f"; the fitted b_gap reaches 1 at δ={reach:.3g}" if reach < search[1] else "")
+            + " (refit with a larger delta_max)"
+        )
+    if delta_interval is not None and delta_interval[1] - delta_interval[0] > WIDE_DELTA_INTERVAL * (
+        search[1] - search[0]
+    ):
+        warnings.append(
+            f"the 95% interval of δ* ({delta_interval[0]:.3g}–{delta_interval[1]:.3g}) spans more than "
+            f"{WIDE_DELTA_INTERVAL:.0%} of the searched range: the pilots do not pin δ* down; add pilots at "
+            "larger δ or longer T"
+        )
+    for p in predictions:
+        wide = p.interval is not None and p.interval[1] - p.interval[0] > 0.1 * p.loss
+        if p.extrapolated_in_delta and wide:
+            warnings.append(
+                f"predicted loss at δ={p.delta:.4g} (beyond the pilots) has a 95% interval "
+                f"{p.interval[0]:.4g}–{p.interval[1]:.4g}, wider than 10% of the loss: "  # type: ignore[index]
+                "not a forecast to act on"
+            )
     return warnings
 
 
