@@ -29,6 +29,7 @@ def test_spt_plan_recommends_the_true_optimum_and_its_schedule_applies(server):
         "target_tokens": 3e10,
         "domain_tokens": 3e8,
         "bootstrap": 0,
+        "tokens_unit": 1.0,  # the test law's constants take T in tokens
         "domain_source": "abc",
         "web_source": "sotu",
     }
@@ -45,6 +46,49 @@ def test_spt_plan_recommends_the_true_optimum_and_its_schedule_applies(server):
     assert float(applied.json()["schedule"]["phases"][0]["weights"]["abc"]) == pytest.approx(
         rec["delta"], abs=1e-6
     )
+
+
+def spt_body(n_runs: int, bootstrap: int = 0) -> dict:
+    runs = make_runs()
+    rows = [{"tokens": float(t), "delta": float(d), "domain_loss": float(v)}
+            for t, d, v in zip(runs.tokens, runs.delta, runs.loss, strict=True)]
+    return {"runs": (rows * (n_runs // len(rows) + 1))[:n_runs], "target_tokens": 3e10,
+            "domain_tokens": 3e8, "bootstrap": bootstrap}
+
+
+@pytest.fixture(scope="module")
+def small_server(sources_dir, tmp_path_factory):
+    from conftest import free_port
+
+    env = {"MIXER_PLAN_MAX_RUNS": "50", "MIXER_PLAN_MAX_BOOTSTRAP": "5", "MIXER_PLAN_MAX_POINTS": "10"}
+    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), free_port(), env=env).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "named"),
+    [
+        ("/v1/plan/spt", spt_body(51), "runs: 51 asked, this server allows at most 50"),
+        ("/v1/plan/spt", spt_body(20, bootstrap=6), "bootstrap refits: 6 asked, this server allows at most"),
+        ("/v1/plan/storage", {"points": [{"n": 1e3, "bytes_per_sample": 100.0, "error": 0.1}] * 11,
+                              "budgets": [1e6], "bootstrap": 0}, "points: 11 asked"),
+    ],
+)
+def test_work_over_the_configured_limits_is_refused_with_413_naming_it(small_server, path, body, named):
+    r = httpx.post(f"{small_server.url}{path}", json=body, timeout=60)
+    assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+    assert named in r.json()["detail"]
+
+
+def test_plan_routes_document_their_problem_responses(server):
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    for path in ("/v1/plan/spt", "/v1/plan/storage"):
+        documented = paths[path]["post"]["responses"]
+        for status in ("413", "422"):
+            assert "application/problem+json" in documented[status]["content"], (path, status)
+        body_schema = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body_schema["$ref"].endswith("Request")  # a typed model, not a free-form dict
 
 
 def test_storage_plan_returns_an_allocation_within_budget(server):
@@ -77,6 +121,8 @@ def test_storage_plan_returns_an_allocation_within_budget(server):
             "domain_tokens": 1e8,
         },
         {"runs": [], "target_tokens": 1e10, "domain_tokens": 1e8},
+        dict(spt_body(72), domain_source="abc"),  # a schedule needs both sources
+        dict(spt_body(72), holdout_delta=0.3),  # no runs at that δ
     ],
 )
 def test_degenerate_spt_inputs_get_422(server, body):
