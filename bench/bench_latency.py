@@ -31,6 +31,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class Sample:
     scheduled: float  # loop time the request was due
     done: float
     status: int  # 0: no HTTP answer
+    problem: bool = False  # the answer was problem+json (the service's own 503, not uvicorn's limit)
 
     @property
     def latency_ms(self) -> float:
@@ -77,12 +79,13 @@ async def _open_loop(url: str, job: str, rate_rps: float, duration: float, step_
 
         async def one(rank: int, k: int, due: float) -> None:
             params = {"rank": rank, "world": RANKS}
+            problem = False
             try:
                 r = await client.get(f"/v1/jobs/{job}/batches/{step_base + k}", params=params)
-                status = r.status_code
+                status, problem = r.status_code, r.headers.get("content-type") == "application/problem+json"
             except httpx.TransportError:
                 status = 0
-            samples.append(Sample(due, loop.time(), status))
+            samples.append(Sample(due, loop.time(), status, problem))
 
         async def rank_task(rank: int) -> None:
             pending = []
@@ -293,7 +296,8 @@ def report(load: dict) -> None:
          ["/v1/health meanwhile (every 20 ms)", "", "", "", f"{pct(load['health_steady'], 50):.1f}",
           f"{pct(load['health_steady'], 99):.1f}", f"{peak(load['health_steady']):.1f}"]],
     )
-    statuses = {code: sum(s.status == code for s in hung) for code in sorted({s.status for s in hung})}
+    kinds = Counter(f"{s.status}{' problem+json' if s.problem else ''}" for s in hung)
+    statuses = dict(sorted(kinds.items()))
     health = load["health_hung"]
     print(f"\nRedis hung {load['hang_s']:g} s under the same load: /v1/health p50 {pct(health, 50):.1f} ms, "
           f"p99 {pct(health, 99):.1f} ms, max {peak(health):.1f} ms over {len(health)} probes; batch answers "
