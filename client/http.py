@@ -150,6 +150,12 @@ class MixerClient:
         """How often ``source``'s documents were seen through ``step`` (default: the trained step)."""
         return dict(self.get(job_path(job, "repetitions"), source=source, step=step))
 
+    def repetition_histogram(self, job: str, source: str | None = None, step: int | None = None
+                             ) -> dict[str, int]:
+        """``{times seen: documents}`` of ``source`` through ``step`` (default: the trained step)."""
+        path = job_path(job, "repetitions", "histogram")
+        return dict(self.get(path, source=source, step=step)["histogram"])
+
     def report_progress(self, job: str, step: int) -> None:
         """Tell the service the last step trained, so repetition metrics follow training (idempotent)."""
         self._request("PUT", job_path(job, "progress"), lambda r: None, json={"trained_step": step})

@@ -234,7 +234,9 @@ def _finetune(args: argparse.Namespace, client: MixerClient, model: Any,
     seqs = torch.cat(list(_splits(client, args.finetune_job, args.finetune_steps).values()))
     out = finetune(model, epoch_batches(seqs, config["global_batch"]), val,
                    FinetuneConfig(learning_rate=args.finetune_lr, max_epochs=args.finetune_epochs,
-                                  patience=args.finetune_patience, domain_split=split))
+                                  patience=args.finetune_patience, domain_split=split),
+                   on_epoch=lambda h: print(f"finetune epoch {h['epoch']}: " + "  ".join(
+                       f"{k} {v:.3f}" for k, v in h.items() if k != "epoch"), file=sys.stderr, flush=True))
     torch.save(model.state_dict(), args.out / "finetuned.pt")
     return out
 

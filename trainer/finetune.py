@@ -43,14 +43,19 @@ def epoch_batches(seqs: torch.Tensor, batch_size: int, seed: int = 0) -> Callabl
 
 
 def finetune(
-    model: GPT, epochs: Callable[[int], Iterable[Batch]], val: dict[str, torch.Tensor], cfg: FinetuneConfig
+    model: GPT,
+    epochs: Callable[[int], Iterable[Batch]],
+    val: dict[str, torch.Tensor],
+    cfg: FinetuneConfig,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Finetune model in place on epochs(0), epochs(1), ... and leave it at its best epoch.
 
     val holds the validation splits (see evaluate); cfg.domain_split picks the one to early-stop on.
     Returns {"history": [{"epoch": 0, "domain": .., "web": ..}, {"epoch": 1, "train_loss": .., ...}, ...],
     "best_epoch": int, "best": history[best_epoch]}. Epoch 0 is the model before finetuning, so a
-    finetune that never helps returns the model unchanged.
+    finetune that never helps returns the model unchanged. on_epoch(history entry) runs after each epoch,
+    so a person waiting sees progress.
     """
     device = next(model.parameters()).device
     ctx = autocast_for(device)
@@ -75,6 +80,8 @@ def finetune(
         history.append(
             {"epoch": epoch, "train_loss": train_loss, **evaluate(model, val, cfg.eval_batch_size)}
         )
+        if on_epoch is not None:
+            on_epoch(history[-1])
 
         if history[epoch][cfg.domain_split] < history[best_epoch][cfg.domain_split]:
             best_epoch, best_state = epoch, _copy_state(model)
