@@ -117,7 +117,7 @@ def test_a_replica_killed_and_restarted(healthy, reference, table):
 def test_redis_killed_and_restarted_from_its_aof(healthy, reference, table):
     def kill_redis(pull: Pull) -> None:
         pull.cluster.redis.kill()
-        pull.later(1.0, pull.cluster.redis.restart)
+        pull.later(2.0, pull.cluster.redis.restart)
 
     pull = run_fault("Redis SIGKILLed, restarted (AOF always)", healthy, reference, table,
                      {FAULT_AT: kill_redis})
