@@ -4,9 +4,10 @@ the in-process mosaicml-streaming peer, on the same real GPT-2 tokens (see commo
 One real ``mixer serve`` process (embedded SQLite store, loopback, 1 uvicorn worker) serves a job with
 global batch B=512, L=2048, 5% ABC / 95% SOTU (``allow_wrap``: SOTU is ~2 steps long). Clients fetch rank
 slices like data-parallel trainers: request i is (step = i // world, rank = i % world), so ``world`` = 64
-gives 8x2048-token responses and ``world`` = 8 gives 64x2048. Every response is fully decoded
-(``wire.decode``: zstd if used, CRC-32, numpy view), as a trainer would. Each load generator thread owns one
-``httpx.Client`` (one keep-alive connection). Latency = request sent -> full body received, per request.
+gives 8x2048-token responses and ``world`` = 8 gives 64x2048. Every request goes through the trainer's own
+``client.MixerClient.batch`` (zstd if used, CRC-32, header echo check, numpy view; no retries, so an error
+surfaces). Each load generator thread owns one client (one keep-alive connection). Latency = request sent
+-> body received and verified, per request.
 
 Cells: {8, 64} rows x {none, zstd} x {1, 64} clients, ``--duration`` s each after a short warm-up, each on
 fresh steps. Server and load generator share the machine's cores; the table shows the CPU each used.
@@ -28,11 +29,11 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import numpy as np
 from bench_engine import DOMAIN_WEIGHT, B, L, make_engine, peer_tokens_per_s
 from common import fmt_rate, job_config, log, open_sources, prepared_sources, print_table, schedule
 
+from client import MixerClient
 from mixer_service import wire
 from mixer_service.service.process import ServerProcess
 
@@ -57,9 +58,8 @@ def create_job(url: str) -> str:
         "author": "bench",
         "reason": "bench_service",
     }
-    r = httpx.post(f"{url}/v1/jobs", json=body, timeout=60)
-    if r.status_code != 201:
-        raise RuntimeError(f"create job: {r.status_code} {r.text}")
+    with MixerClient(url, timeout=60) as client:
+        client.create_job(body)
     return job_id
 
 
@@ -81,23 +81,18 @@ def run_cell(
     errors: list[BaseException] = []
 
     def client(k: int) -> None:
-        params = {"world": world, "compression": compression}
         try:
-            with httpx.Client(base_url=server.url, timeout=60) as c:
+            with MixerClient(server.url, timeout=60, max_retries=0) as c:
                 while not stop.is_set():
                     i = next(counter)
-                    params["rank"] = i % world
                     t0 = time.perf_counter()
-                    r = c.get(f"/v1/jobs/{job}/batches/{step_base + i // world}", params=params)
+                    batch = c.batch(job, step_base + i // world, i % world, world, compression)
                     t1 = time.perf_counter()
-                    if r.status_code != 200:
-                        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
-                    batch = wire.decode(r.content)
                     if batch.tokens.shape != (rows, L):
                         raise RuntimeError(f"shape {batch.tokens.shape}")
                     if measuring.is_set():
                         lat[k].append(t1 - t0)
-                        payload[k] += len(r.content)
+                        payload[k] += batch.header["payload_bytes"]
         except BaseException as exc:  # surface in the main thread
             errors.append(exc)
             stop.set()
@@ -230,7 +225,7 @@ def main() -> None:
         "--generator",
         choices=("python", "wrk"),
         default="python",
-        help="load generator: threads with httpx (decode every body) or wrk (apt-get install wrk)",
+        help="load generator: threads with MixerClient (verify every body) or wrk (apt-get install wrk)",
     )
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below on SIGTERM too
