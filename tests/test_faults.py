@@ -150,9 +150,9 @@ def test_the_job_deleted_and_recreated_with_the_same_id(healthy, reference, tabl
 def test_redis_hung_for_a_few_seconds(healthy, reference, table):
     def hang(pull: Pull) -> None:
         pull.cluster.redis.pause()
-        pull.later(5.0, pull.cluster.redis.resume)
+        pull.later(8.0, pull.cluster.redis.resume)
 
-    run_fault("Redis hung (SIGSTOP 5 s)", healthy, reference, table, {FAULT_AT: hang})
+    run_fault("Redis hung (SIGSTOP 8 s)", healthy, reference, table, {FAULT_AT: hang})
 
 
 def test_the_token_cache_corrupted(healthy, reference, table):
