@@ -7,14 +7,17 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from mixer_service import wire
 from mixer_service.engine.samples import sample_indices
 from mixer_service.service.auth import require_reader
+from mixer_service.service.problems import responses
+from mixer_service.values import SEED, Rank, Step, World
 
 router = APIRouter(prefix="/v1/images", tags=["images"], dependencies=[Depends(require_reader)])
 
 
 @router.get("/{source}/batches/{step}", response_class=Response,
-            responses={200: {"content": {wire.MEDIA_TYPE: {}}, "description": "docs/protocol.md (samples)"}})
-def get_image_batch(request: Request, source: str, step: int, batch_size: int = Query(ge=1, le=65536),
-                    seed: int = 0, rank: int = 0, world: int = 1,
+            responses={200: {"content": {wire.MEDIA_TYPE: {}}, "description": "docs/protocol.md (samples)"}}
+            | responses(404))
+def get_image_batch(request: Request, source: str, step: Step, batch_size: int = Query(ge=1, le=65536),
+                    seed: SEED.field() = 0, rank: Rank = 0, world: World = 1,  # type: ignore[valid-type]
                     compression: Literal["none", "zstd"] = "none") -> Response:
     """Encoded images (JPEG/PNG as stored: the storage budget is what the trainer decodes) and labels."""
     images = request.app.state.jobs.sources.image(source)

@@ -102,7 +102,7 @@ class StorageRequest(BaseModel):
     seed: int = 0
 
 
-@router.post("/spt", responses=responses(413, 422))
+@router.post("/spt", responses=responses(400, 413, 422))
 def plan_spt(body: SptRequest) -> dict[str, Any]:
     from mixer_service.planner.overfitting_law import fit_overfitting_law, holdout_check
     from mixer_service.planner.recommend import fit_finetune_gain, recommend_delta, schedule_for_delta
@@ -142,7 +142,7 @@ def plan_spt(body: SptRequest) -> dict[str, Any]:
     return out
 
 
-@router.post("/storage", responses=responses(413, 422))
+@router.post("/storage", responses=responses(400, 413, 422))
 def plan_storage(body: StorageRequest) -> dict[str, Any]:
     from mixer_service.planner.storage_law import allocate, fit_storage_law
 
