@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from bench_engine import B, L
-from bench_service import create_job, run_cell
+from bench_service import cpu_seconds, create_job, run_cell
 from common import log, prepared_sources, print_table
 
 from mixer_service.service.process import ServerProcess
@@ -194,7 +194,10 @@ def realistic_load(sources: Path, workdir: Path, duration: float, hang_s: float)
         offered = LOAD_FRACTION * capacity["rps"]
         log(f"bench: capacity {capacity['rps']:.0f} req/s; open loop at {offered:.0f} req/s, {duration:g} s")
         with HealthProbe(server.url) as probe:
+            cpu = cpu_seconds(server), time.process_time(), time.perf_counter()
             steady = open_loop(server.url, job, offered, duration, 100_000)
+            elapsed = time.perf_counter() - cpu[2]
+            cpu_use = ((cpu_seconds(server) - cpu[0]) / elapsed, (time.process_time() - cpu[1]) / elapsed)
         health_steady = probe.latencies_ms()
         log(f"bench: open loop again with Redis hung (SIGSTOP) for {hang_s:g} s")
         hang = Hang(redis_server, 1.0, hang_s)
@@ -205,7 +208,7 @@ def realistic_load(sources: Path, workdir: Path, duration: float, hang_s: float)
         server.stop()
         redis_server.stop()
     ok = [s.latency_ms for s in steady if s.status == 200]
-    return {"capacity": capacity, "offered": offered, "steady": steady, "ok": ok,
+    return {"capacity": capacity, "offered": offered, "steady": steady, "ok": ok, "cpu": cpu_use,
             "health_steady": health_steady, "hung": hung, "health_hung": health_hung, "hang_s": hang_s}
 
 
@@ -288,6 +291,7 @@ def report(load: dict) -> None:
           f"p50 {cap['p50']:.1f} ms, p99 {cap['p99']:.1f} ms")
     span = max(s.scheduled for s in steady) - min(s.scheduled for s in steady)
     bad = sum(s.status != 200 for s in steady)
+    srv, gen = load["cpu"]
     print_table(
         ["open loop", "offered req/s", "answered req/s", "non-200", "p50 ms", "p99 ms", "max ms"],
         [[f"{RANKS} ranks at {LOAD_FRACTION:.0%} capacity", f"{load['offered']:.0f}",
@@ -296,6 +300,8 @@ def report(load: dict) -> None:
          ["/v1/health meanwhile (every 20 ms)", "", "", "", f"{pct(load['health_steady'], 50):.1f}",
           f"{pct(load['health_steady'], 99):.1f}", f"{peak(load['health_steady']):.1f}"]],
     )
+    print(f"(latency from each request's scheduled send time; CPU during the open loop: server {srv:.0%}, "
+          f"generator {gen:.0%} of one core)")
     kinds = Counter(f"{s.status}{' problem+json' if s.problem else ''}" for s in hung)
     statuses = dict(sorted(kinds.items()))
     health = load["health_hung"]
