@@ -23,7 +23,7 @@ import pytest
 from service_helpers import Server
 
 from client import MixerClient
-from trainer.cli import build_parser, parse_args
+from trainer.cli import build_parser, main, parse_args
 
 pytestmark = pytest.mark.slow
 SEQ_LEN, GLOBAL_BATCH, TOTAL_STEPS, MAX_STEPS = 33, 8, 64, 60
@@ -77,7 +77,8 @@ def row_hashes(client: MixerClient, job: str, step: int) -> list[str]:
 
 def test_torchrun_ranks_tile_each_batch_and_a_killed_run_resumes_exactly(server, tmp_path):
     job = new_job(server.url, {"abc": 0.25, "sotu": 0.75})
-    common = ["--url", server.url, "--job", job, "--max-steps", str(MAX_STEPS), *TINY]
+    common = ["--url", server.url, "--job", job, "--max-steps", str(MAX_STEPS), "--eval-steps",
+              f"{MAX_STEPS}:{TOTAL_STEPS}", *TINY]
     full = tmp_path / "full"
     finish(torchrun([*common, "--data-log", "--checkpoint-interval", "20"], full), full)
 
@@ -93,7 +94,7 @@ def test_torchrun_ranks_tile_each_batch_and_a_killed_run_resumes_exactly(server,
         assert client.job(job)["trained_step"] == MAX_STEPS - 1  # progress reached the service
     summary = json.loads((full / "summary.json").read_text())
     assert summary["steps"] == MAX_STEPS and summary["tokens"] == MAX_STEPS * GLOBAL_BATCH * (SEQ_LEN - 1)
-    assert set(summary["eval"]) == {"abc", "sotu"}  # per-source eval on the held-out last steps
+    assert set(summary["eval"]) == {"abc", "sotu"}  # per-source eval on the steps after training
     log = (full / "stderr.log").read_text()
     assert "tok/s" in log and "data stall" in log and "abc seen" in log
 
@@ -115,20 +116,30 @@ def test_single_process_with_finetune_and_a_config_file(server, tmp_path):
     domain = new_job(server.url, {"abc": 1.0}, total_steps=8)
     config = tmp_path / "run.toml"
     config.write_text(f'url = "{server.url}"\njob = "{job}"\nout = "{tmp_path / "out"}"\n'
-                      'preset = "gpt-tiny"\nwarmup-steps = 2\nprogress_interval = 0\n'
+                      'preset = "gpt-tiny"\nwarmup-steps = 2\nprogress_interval = 0\neval-steps = "10:12"\n'
                       f'finetune-job = "{domain}"\nfinetune-steps = "0:4"\nfinetune-lr = 1e-3\n'
                       'finetune-epochs = 2\nfinetune-split = "abc"\n')
     r = subprocess.run([sys.executable, "-m", "trainer", "--config", str(config), "--eval-interval", "5"],
                        capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["steps"] == 10  # total 12 minus the 2 held-out eval steps
+    assert summary["steps"] == 10  # up to the held-out eval steps
     history = summary["finetune"]["history"]
     assert history[0]["epoch"] == 0 and {"abc", "sotu"} <= history[0].keys()
     assert summary["finetune"]["best"]["abc"] <= history[0]["abc"]
     assert (tmp_path / "out" / "finetuned.pt").is_file()
     evals = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals if "eval" in e] == [5, 10]  # the flag beat the file's default
+
+
+def test_eval_steps_that_overlap_training_are_refused_before_anything_runs(server, tmp_path):
+    job = new_job(server.url, {"abc": 0.25, "sotu": 0.75}, total_steps=12)
+    with pytest.raises(SystemExit, match="overlaps the 11 training steps"):
+        main(["--url", server.url, "--job", job, "--out", str(tmp_path), "--max-steps", "11",
+              "--eval-steps", "10:12"])
+    assert not list(tmp_path.iterdir())
+    with MixerClient(server.url) as client:
+        assert client.job(job)["served_high_water"] < 0  # nothing was fetched
 
 
 def test_every_flag_has_help_and_bad_input_is_refused(tmp_path, capsys):

@@ -35,7 +35,7 @@ from trainer.progress import ProgressLine, domain_repetition
 from trainer.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
-DEFAULT_EVAL_STEPS = 2  # global batches at the end of the job held out for evaluation by default
+DEFAULT_EVAL_STEPS = range(0, 2)  # global batches of --eval-job that form the validation set
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,10 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between checkpoints (default 100; one is always written at the end)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt when it exists")
     g.add_argument("--eval-interval", type=int, default=250, help="steps between evaluations, 0: at the end")
-    g.add_argument("--eval-job", help="job whose rows are the validation set (default: --job)")
+    g.add_argument("--eval-job",
+                   help="a job over held-out sources whose rows, split per source, are the validation set")
     g.add_argument("--eval-steps", type=parse_steps,
-                   help=f"A:B data steps of the eval job held out, split per source (default: the last "
-                        f"{DEFAULT_EVAL_STEPS} steps of --job, which training then stops before)")
+                   help="A:B data steps of --eval-job (default 0:2); without --eval-job, steps of --job "
+                        "after training (held out for once-sources only; fetching marks them served, so "
+                        "schedule changes before B are then refused). Neither: no evaluation")
     g.add_argument("--progress-interval", type=float, default=5.0,
                    help="seconds between progress lines (default 5)")
     g = p.add_argument_group("finetune (optional second phase, rank 0)")
@@ -147,12 +149,15 @@ def _run(args: argparse.Namespace, client: MixerClient, rank: int) -> int:
     job = client.job(args.job)
     config = job["config"]
     eval_job = args.eval_job or args.job
-    eval_steps = args.eval_steps
-    if eval_steps is None:
-        eval_steps = range(config["total_steps"] - DEFAULT_EVAL_STEPS, config["total_steps"])
+    eval_steps = args.eval_steps or (DEFAULT_EVAL_STEPS if args.eval_job else None)
+    own_steps = eval_steps is not None and eval_job == args.job
     max_steps = args.max_steps
     if max_steps is None:
-        max_steps = eval_steps.start if eval_job == args.job else config["total_steps"]
+        max_steps = eval_steps.start if own_steps and eval_steps else config["total_steps"]
+    if own_steps and eval_steps and eval_steps.start < max_steps:
+        raise SystemExit(f"trainer: --eval-steps {eval_steps.start}:{eval_steps.stop} overlaps the "
+                         f"{max_steps} training steps of {args.job}; evaluate on later steps or an "
+                         "--eval-job")
     names = [s["name"] for s in config["sources"]]
     cfg = TrainConfig(
         model=GPTConfig.from_preset(args.preset, vocab_size=args.vocab_size or _vocab_size(client, names),
@@ -166,7 +171,7 @@ def _run(args: argparse.Namespace, client: MixerClient, rank: int) -> int:
     ckpt = args.out / "ckpt.pt"
     if args.resume and ckpt.is_file():
         cfg.resume_from = str(ckpt)
-    val = _splits(client, eval_job, eval_steps) if rank == 0 else {}
+    val = _splits(client, eval_job, eval_steps) if rank == 0 and eval_steps else {}
     repeated = [s["name"] for s in config["sources"] if s["role"] == "repeat"]
     # Built before train() initialises the process group: rank and world come from torchrun's RANK and
     # WORLD_SIZE, so every rank reads only its own rows.
