@@ -151,3 +151,13 @@ def test_window_order_keeps_the_source_index_flat_in_corpus_size():
                       rotation=lambda epoch: 12345 * epoch)
     chunks = lay.chunks(1, np.array([0, 1, 10**8, 10**12 // 2048 - 1]))
     assert len(set(chunks.tolist())) == 4 and chunks.max() < 10**12 // 2048
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 70_000])
+def test_a_tabulated_permutation_is_the_same_bijection(n):
+    from mixer_service.engine.permutation import Permutation
+
+    positions = np.arange(n)
+    tabulated = Permutation(n, 11, table_max=n).apply(positions)
+    np.testing.assert_array_equal(tabulated, Permutation(n, 11, table_max=0).apply(positions))
+    assert tabulated.dtype == np.int64 and sorted(tabulated.tolist()) == list(range(n))

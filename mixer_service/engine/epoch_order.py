@@ -29,6 +29,11 @@ from mixer_service.errors import InvalidInput
 DEFAULT_WINDOW_SHARDS = 16  # see docs/epoch_order.md for the measurement behind it
 MAX_WINDOW_SHARDS = 1 << 20
 _EPOCHS_KEPT = 64  # per-epoch state kept per source: batches straddle at most a couple of epochs
+# A window's permutation is used for ~1,000 consecutive steps, so it is tabulated (4 bytes per chunk of the
+# window: 2 MiB for 16 shards of 2^26 tokens at L=2048; larger windows fall back to per-position Feistel
+# rounds, bounding the one-off build); two windows are kept for a batch that straddles them.
+_WINDOW_TABLE_MAX = 1 << 20
+_WINDOWS_KEPT = 2
 
 
 class EpochOrder(Protocol):
@@ -37,10 +42,10 @@ class EpochOrder(Protocol):
         ...
 
 
-def _bounded_cache(store: dict, key: Any, make: Callable[[], Any]) -> Any:
+def _bounded_cache(store: dict, key: Any, make: Callable[[], Any], keep: int = _EPOCHS_KEPT) -> Any:
     value = store.get(key)
     if value is None:
-        if len(store) > _EPOCHS_KEPT:
+        if len(store) >= keep:
             store.clear()
         value = store[key] = make()
     return value
@@ -72,7 +77,8 @@ class _WindowEpoch:
         self._perms: dict[int, Permutation] = {}
 
     def window_perm(self, w: int, size: int) -> Permutation:
-        return _bounded_cache(self._perms, w, lambda: Permutation(size, derive_key(self._key, "window", w)))
+        return _bounded_cache(self._perms, w, lambda: Permutation(
+            size, derive_key(self._key, "window", w), table_max=_WINDOW_TABLE_MAX), keep=_WINDOWS_KEPT)
 
 
 class WindowOrder:

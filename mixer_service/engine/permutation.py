@@ -36,7 +36,9 @@ def _mix(x: np.ndarray) -> np.ndarray:
 class Permutation:
     """A bijection on ``[0, n)`` keyed by ``key``; ``apply`` and ``invert`` are inverse of each other."""
 
-    def __init__(self, n: int, key: int) -> None:
+    def __init__(self, n: int, key: int, table_max: int = _TABLE_MAX) -> None:
+        """``table_max`` (< 2^31): tabulate domains up to this size on first use (same bijection, faster
+        lookups, 4 bytes per element)."""
         if n < 1:
             raise ValueError(f"permutation domain must be non-empty, got n={n}")
         self.n = n
@@ -45,6 +47,7 @@ class Permutation:
         self._mask = np.uint64((1 << half) - 1)
         self._keys = [np.uint64(derive_key(key, r)) for r in range(_ROUNDS)]
         self._table: np.ndarray | None = None
+        self._table_max = table_max
 
     def _round_f(self, right: np.ndarray, k: np.uint64) -> np.ndarray:
         return _mix(right ^ k) & self._mask
@@ -74,13 +77,13 @@ class Permutation:
 
     def apply(self, x: np.ndarray | int) -> np.ndarray:
         """Position -> element (e.g. position q of an epoch -> chunk id)."""
-        if self.n <= _TABLE_MAX:
-            if self._table is None:
-                self._table = self._walk(np.arange(self.n), self._encrypt)
+        if self.n <= self._table_max:
+            if self._table is None:  # int32 halves the memory; lookups come back as int64
+                self._table = self._walk(np.arange(self.n), self._encrypt).astype(np.int32)
             positions = np.atleast_1d(np.asarray(x, dtype=np.int64))
             if positions.size and (positions.min() < 0 or positions.max() >= self.n):
                 raise IndexError(f"permutation index out of range [0, {self.n})")
-            return self._table[positions]
+            return self._table[positions].astype(np.int64)
         return self._walk(x, self._encrypt)
 
     def invert(self, y: np.ndarray | int) -> np.ndarray:
