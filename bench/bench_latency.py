@@ -7,8 +7,9 @@ runs it) serves bench_service's job: B=512, L=2048, 5% ABC / 95% SOTU; a rank as
 
 1. capacity: the closed-loop benchmark (``bench_service.run_cell``: 64 keep-alive clients, each asking as
    soon as its last answer came back) -> req/s.
-2. open loop: 64 simulated ranks, each with a fixed random phase, ask for their slice of step k at
-   ``t0 + phase + k / step_rate`` whether or not earlier answers came back, offered at 50% of (1) in total.
+2. open loop (asyncio + aiohttp): 64 simulated ranks, each with a fixed random phase, ask for their slice
+   of step k at ``t0 + phase + k / step_rate`` whether or not earlier answers came back, offered at 50% of
+   (1) in total.
    Latency is measured from the *scheduled* send time (no coordinated omission): p50/p99 per request.
    ``/v1/health`` is probed every 20 ms from a separate process meanwhile.
 3. the same open load with Redis hung (SIGSTOP) for ``--hang`` seconds: ``/v1/health`` p99 during the hang,
@@ -67,24 +68,31 @@ class Sample:
 
 async def _open_loop(url: str, job: str, rate_rps: float, duration: float, step_base: int,
                      hang: Hang | None) -> list[Sample]:
-    """RANKS tasks, each due to ask for step ``step_base + k`` at ``t0 + phase + k / step_rate``."""
+    """RANKS tasks, each due to ask for step ``step_base + k`` at ``t0 + phase + k / step_rate``.
+
+    aiohttp, not httpx: httpx's async connection pool queued requests for seconds at ~60 in flight here
+    (server-side handler times stayed at 10-50 ms), which would measure the generator, not the service.
+    """
+    import aiohttp
+
     loop = asyncio.get_running_loop()
     step_rate = rate_rps / RANKS
     rng = random.Random(0)
     phases = [rng.random() / step_rate for _ in range(RANKS)]
     samples: list[Sample] = []
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    connector, timeout = aiohttp.TCPConnector(limit=512), aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
         t0 = loop.time() + 0.2
 
         async def one(rank: int, k: int, due: float) -> None:
             params = {"rank": rank, "world": RANKS}
-            problem = False
+            status, problem = 0, False
             try:
-                r = await client.get(f"/v1/jobs/{job}/batches/{step_base + k}", params=params)
-                status, problem = r.status_code, r.headers.get("content-type") == "application/problem+json"
-            except httpx.TransportError:
-                status = 0
+                async with client.get(f"/v1/jobs/{job}/batches/{step_base + k}", params=params) as r:
+                    await r.read()
+                    status, problem = r.status, r.content_type == "application/problem+json"
+            except (TimeoutError, aiohttp.ClientError):
+                pass
             samples.append(Sample(due, loop.time(), status, problem))
 
         async def rank_task(rank: int) -> None:
