@@ -164,6 +164,7 @@ class Answer:
     at: float
     epoch: int  # which incarnation of the job the client believed current when it asked
     etag: str | None = None
+    retry_after: str | None = None
 
     @property
     def fault(self) -> str | None:
@@ -253,11 +254,11 @@ class Pull:
         try:
             r = self._http.request(method, f"{self.cluster.url(replica)}{path}", **kw)
             status, body, ctype = r.status_code, r.content, r.headers.get("content-type", "")
-            etag = r.headers.get("etag")
+            etag, retry_after = r.headers.get("etag"), r.headers.get("retry-after")
         except httpx.TransportError as exc:
-            status, body, ctype, etag = None, repr(exc).encode(), "", None
+            status, body, ctype, etag, retry_after = None, repr(exc).encode(), "", None, None
         answer = Answer(kind, step, replica, self.cluster.generation[replica], status, body, ctype, sent,
-                        time.monotonic(), self.epoch, etag)
+                        time.monotonic(), self.epoch, etag, retry_after)
         self.answers.append(answer)
         return answer
 
@@ -346,11 +347,12 @@ class Pull:
         return [a for a in self.answers if a.status is not None and a.status != 200]
 
     def unexpected(self) -> list[Answer]:
-        """Anything the promise forbids: a batch answer that is not 200 or 503 problem+json; a change answer
-        that is not 200, 503 problem+json, or a 412 after an attempt whose answer was lost."""
+        """Anything the promise forbids: a batch answer that is not 200 or 503 problem+json (with a ``fault``
+        and ``Retry-After``); a change answer that is not one of those or a 412 after an attempt whose answer
+        was lost."""
         bad = []
         for a in self.refusals():
-            if a.status == 503 and a.content_type == PROBLEM and a.fault:
+            if a.status == 503 and a.content_type == PROBLEM and a.fault and a.retry_after:
                 continue
             if a.kind == "change" and a.status == 412:
                 continue
