@@ -156,9 +156,13 @@ def data_parallel_position(rank: int | None = None, world: int | None = None) ->
         stated["process group"] = (dist.get_rank(), dist.get_world_size())
     env = tuple(_env_int(name) for name in ("RANK", "WORLD_SIZE"))
     stated["environment (RANK, WORLD_SIZE)"] = (env[0], env[1])
-    resolved = []
+    resolved: list[int] = []
     for index, (name, default) in enumerate((("rank", 0), ("world", 1))):
-        given = {origin: values[index] for origin, values in stated.items() if values[index] is not None}
+        given: dict[str, int] = {}
+        for origin, values in stated.items():
+            value = values[index]
+            if value is not None:
+                given[origin] = value
         if len(set(given.values())) > 1:
             said = ", ".join(f"{origin} says {value}" for origin, value in given.items())
             raise ValueError(f"{name}: contradictory values ({said}); pass the same one or none")
