@@ -204,6 +204,8 @@ class Pull:
         step = 0
         try:
             while step < self.steps or self._healing():
+                if step >= self.steps:  # keep serving while a fault heals, at a trainer's pace
+                    time.sleep(RETRY_PAUSE_S)
                 if step in actions:
                     actions[step](self)
                 if step in self.change_steps:
