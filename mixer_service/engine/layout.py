@@ -79,6 +79,9 @@ class SourceLayout:
         """Canonical start position of each sequence (its L tokens continue cyclically)."""
         seq_ids = np.asarray(seq_ids, dtype=np.int64)
         epochs, pos = np.divmod(seq_ids, self.num_chunks)
+        if seq_ids.size and epochs.min() == epochs.max():  # the usual case: one epoch, no masks needed
+            epoch = int(epochs[0])
+            return (self.order.chunks(epoch, pos) * self.seq_len + self.rotation(epoch)) % self.num_tokens
         starts = np.empty_like(seq_ids)
         for epoch in np.unique(epochs):
             sel = epochs == epoch
