@@ -7,6 +7,7 @@ an uninterrupted run would have seen. On CPU the resumed losses are bitwise iden
 
 Single process: train(cfg, batches). Several: `torchrun --nproc_per_node=N your_script.py`, which sets
 RANK / LOCAL_RANK / WORLD_SIZE; each rank passes a source that yields only its slice of every batch.
+`python -m trainer` / `torchrun -m trainer` (trainer.cli) is this loop wired to the mixing service.
 """
 
 import json
