@@ -203,7 +203,7 @@ class Pull:
         changes = iter(CHANGES * 2)
         step = 0
         try:
-            while step < self.steps or self._healing():
+            while (step < self.steps or self._healing()) and not self.errors:
                 if step >= self.steps:  # keep serving while a fault heals, at a trainer's pace
                     time.sleep(RETRY_PAUSE_S)
                 if step in actions:
