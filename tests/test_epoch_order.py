@@ -157,3 +157,24 @@ def test_a_tabulated_permutation_is_the_same_bijection(n):
     tabulated = Permutation(n, 11, table_max=n).apply(positions)
     np.testing.assert_array_equal(tabulated, Permutation(n, 11, table_max=0).apply(positions))
     assert tabulated.dtype == np.int64 and sorted(tabulated.tolist()) == list(range(n))
+
+
+def test_a_lazily_sharded_source_serves_the_same_bytes_reading_each_shard_once_per_batch():
+    from mixer_service.sources.tokens import ShardedTokens
+
+    engine, sources = window_engine(1, batch=64)  # 48 web rows a step from one or two shards
+    loads = []
+    web = sources["web"]
+
+    def load(k: int) -> np.ndarray:
+        loads.append(k)
+        return web.tokens[web.shard_offsets[k]:web.shard_offsets[k + 1]]
+
+    lazy = ArraySource.__new__(ArraySource)
+    lazy.doc_offsets, lazy.shard_offsets = web.doc_offsets, web.shard_offsets
+    lazy.tokens = ShardedTokens(web.shard_offsets, web.tokens.dtype, load)
+    sharded = MixingEngine.create(engine.config, sources | {"web": lazy}, engine.schedule_log)
+    for step in (0, 3, 150):
+        loads.clear()
+        np.testing.assert_array_equal(sharded.batch(step).tokens, engine.batch(step).tokens)
+        assert len(loads) <= 3 * len(sharded.shards_for_step(step)["web"]) + 2  # not one load per row

@@ -90,9 +90,24 @@ class SourceLayout:
         return starts
 
     def gather(self, seq_ids: np.ndarray, out: np.ndarray, rows: np.ndarray) -> None:
-        """Copy the tokens of each sequence into ``out[rows[i]]`` (``out`` has ``L`` columns)."""
+        """Copy the tokens of each sequence into ``out[rows[i]]`` (``out`` has ``L`` columns).
+
+        Rows inside one shard are copied shard by shard from that shard's array, so a lazily sharded
+        source is asked for (and checks) each shard once per batch rather than once per row.
+        """
         tokens, length, total = self._tokens, self.seq_len, self.num_tokens
-        for row, start in zip(rows.tolist(), self.sequence_starts(seq_ids).tolist(), strict=True):
+        starts = self.sequence_starts(seq_ids)
+        sharded = hasattr(tokens, "shard")  # e.g. ``sources.ShardedTokens``: shard k is ``tokens.shard(k)``
+        bounds = tokens.shard_offsets if sharded else np.array([0, total], dtype=np.int64)
+        shard = np.searchsorted(bounds, starts, side="right") - 1
+        inside = starts + length <= bounds[shard + 1]
+        for k in np.unique(shard[inside]).tolist():
+            array, base = (tokens.shard(k), int(bounds[k])) if sharded else (tokens, 0)
+            sel = np.flatnonzero(inside & (shard == k))
+            for row, start in zip(rows[sel].tolist(), (starts[sel] - base).tolist(), strict=True):
+                out[row] = array[start:start + length]
+        crossing = np.flatnonzero(~inside)  # runs into the next shard or wraps past the end of the stream
+        for row, start in zip(rows[crossing].tolist(), starts[crossing].tolist(), strict=True):
             end = start + length
             if end <= total:
                 out[row] = tokens[start:end]
