@@ -105,7 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--curve-full-grid", action="store_true",
                     help="finetune every δ=0 checkpoint with the whole lr grid (default: the lr that was "
                          "best for δ=0 at the budget)")
-    ap.add_argument("--seed", type=int, default=0, help="data seed: domain sample, job seed, shuffles")
+    ap.add_argument("--seed", type=int, default=0, help="data seed: which domain documents are sampled")
+    ap.add_argument("--seeds", default="0,1,2",
+                    help="comma-separated run seeds (job seed, model init, finetune shuffles); every δ runs "
+                         "once per seed and the table reports mean ± sd over seeds")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--raw", type=Path, default=RAW, help="corpora folder holding abc/ and sotu/")
     ap.add_argument("--work", type=Path, default=ROOT / "data" / "spt", help="prepared sources (a cache)")
@@ -114,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", help="reuse finished δ runs in --out with this config")
     args = ap.parse_args(argv)
     args.deltas = sorted({float(d) for d in args.deltas.split(",")})
+    args.seeds = sorted({int(s) for s in args.seeds.split(",")})
     if 0.0 not in args.deltas:
         ap.error("--deltas must include 0 (the standard-pretraining reference)")
     if not all(0.0 <= d < 1.0 for d in args.deltas):
@@ -185,20 +189,23 @@ def curve_interval(steps: int, points: int) -> int:
 
 
 def finetune_grid(model: GPT, lrs: list[float], ft_seqs: torch.Tensor, val: dict[str, torch.Tensor],
-                  args: argparse.Namespace) -> dict[str, Any]:
+                  args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """Finetune a copy of model once per lr; {"by_lr": {lr: summary}, "best_lr": lr} (lowest domain loss)."""
     by_lr = {}
     for lr in lrs:
         cfg = FinetuneConfig(learning_rate=lr, max_epochs=args.ft_max_epochs, patience=args.ft_patience)
-        ft = finetune(copy.deepcopy(model), epoch_batches(ft_seqs, args.batch, seed=args.seed), val, cfg)
+        ft = finetune(copy.deepcopy(model), epoch_batches(ft_seqs, args.batch, seed=seed), val, cfg)
         by_lr[str(lr)] = {"best_epoch": ft["best_epoch"], "best": ft["best"], "history": ft["history"]}
     best_lr = min(by_lr, key=lambda k: by_lr[k]["best"][DOMAIN])
     return {"by_lr": by_lr, "best_lr": float(best_lr)}
 
 
-def run_delta(delta: float, url: str, tag: str, ft_seqs: torch.Tensor, val: dict[str, torch.Tensor],
-              vocab_size: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Pretrain at domain fraction delta through the service, then finetune; every number for one δ."""
+def run_delta(delta: float, seed: int, url: str, tag: str, ft_seqs: torch.Tensor,
+              val: dict[str, torch.Tensor], vocab_size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Pretrain at domain fraction delta through the service, then finetune; every number for one (δ, seed).
+
+    Checkpoints on the evaluation grid are finetuned too (the best lr of the budget), so both compute
+    multipliers can be read off post-finetune loss against pretraining tokens."""
     t0 = time.perf_counter()
     reference = delta == 0.0
     interval = curve_interval(args.steps, args.curve_points)
@@ -206,20 +213,20 @@ def run_delta(delta: float, url: str, tag: str, ft_seqs: torch.Tensor, val: dict
     if reference:  # the δ=0 run goes on past the budget, on whole intervals, for the compute multiplier
         total_steps = interval * math.ceil(args.steps * args.npt_extend / interval)
     tokens_per_step = args.batch * (args.seq_len - 1)
-    job = f"spt-{tag}-d{delta:g}"
+    job = f"spt-{tag}-d{delta:g}-s{seed}"
     if reference:
         weights, roles = {WEB: 1.0}, {WEB: "once"}
     else:
         weights, roles = {DOMAIN: delta, WEB: 1.0 - delta}, {DOMAIN: "repeat", WEB: "once"}
-    create_job(url, job_body(job, weights, roles, args.seq_len, args.batch, total_steps, seed=args.seed,
+    create_job(url, job_body(job, weights, roles, args.seq_len, args.batch, total_steps, seed=seed,
                              author="experiment_spt", reason=f"SPT experiment, delta={delta:g}",
                              allow_wrap=True))
     cfg = TrainConfig(
         model=GPTConfig.from_preset(args.preset, vocab_size=vocab_size, block_size=args.seq_len - 1),
         max_steps=total_steps, warmup_steps=args.warmup, learning_rate=args.lr, min_lr=args.min_lr,
         lr_decay_steps=args.steps,  # cosine ends at the budget: the δ=0 model there is the baseline
-        eval_interval=interval, out_dir=str(args.out / "runs" / f"d{delta:g}"), device=args.device,
-        compile=args.compile, seed=1337,  # one init for every δ: paired comparisons
+        eval_interval=interval, out_dir=str(args.out / "runs" / f"d{delta:g}-s{seed}"), device=args.device,
+        compile=args.compile, seed=1337 + seed,  # one init per seed for every δ: paired comparisons
     )
     shutil.rmtree(cfg.out_dir, ignore_errors=True)  # metrics.jsonl appends; start clean
     curve: list[dict[str, Any]] = []
@@ -231,22 +238,21 @@ def run_delta(delta: float, url: str, tag: str, ft_seqs: torch.Tensor, val: dict
         def evaluator(model: GPT) -> dict[str, float]:
             results = evaluate(model, val)
             curve.append({"step": counted.n, "tokens": counted.n * tokens_per_step, **results})
-            if reference:
-                snapshots[counted.n] = _cpu_state(model)
+            snapshots[counted.n] = _cpu_state(model)
             return results
 
         result = train(cfg, counted, evaluator=evaluator,
                        on_step=lambda step: loader.client.report_progress(job, step))
-    print(f"[spt] δ={delta:g}: pretrained {result['step']} steps in {result['train_time_s']:.0f}s, "
+    print(f"[spt] δ={delta:g} seed {seed}: pretrained {result['step']} steps in "
+          f"{result['train_time_s']:.0f}s, "
           f"data stall {100 * result['data_stall_frac']:.2f}%", file=sys.stderr, flush=True)
     model = result["model"]
-    if reference:
-        model.load_state_dict(snapshots[args.steps])
+    model.load_state_dict(snapshots[args.steps])
     pre = next(c for c in curve if c["step"] == args.steps)
-    grid = finetune_grid(model, args.ft_lrs, ft_seqs, val, args)
+    grid = finetune_grid(model, args.ft_lrs, ft_seqs, val, args, seed)
     post = grid["by_lr"][str(grid["best_lr"])]["best"]
     out: dict[str, Any] = {
-        "delta": delta, "job": job, "steps": args.steps, "tokens": args.steps * tokens_per_step,
+        "delta": delta, "seed": seed, "job": job, "steps": args.steps, "tokens": args.steps * tokens_per_step,
         "pretrain_steps_run": result["step"], "pretrain_curve": curve,
         "pre_ft": {DOMAIN: pre[DOMAIN], WEB: pre[WEB]},
         "post_ft": {DOMAIN: post[DOMAIN], WEB: post[WEB]},
@@ -256,18 +262,18 @@ def run_delta(delta: float, url: str, tag: str, ft_seqs: torch.Tensor, val: dict
         "train_time_s": result["train_time_s"],
         "service": _service_stats(url, job, reference),
     }
-    if reference:
-        out["reference_curve"] = _reference_curve(snapshots, model, grid, ft_seqs, val, tokens_per_step, args)
+    out["post_ft_curve"] = _post_ft_curve(snapshots, model, grid, ft_seqs, val, tokens_per_step, args, seed)
     out["wall_s"] = time.perf_counter() - t0
-    print(f"[spt] δ={delta:g}: done in {out['wall_s']:.0f}s; domain {pre[DOMAIN]:.4f} -> {post[DOMAIN]:.4f}",
+    print(f"[spt] δ={delta:g} seed {seed}: done in {out['wall_s']:.0f}s; "
+          f"domain {pre[DOMAIN]:.4f} -> {post[DOMAIN]:.4f}",
           file=sys.stderr, flush=True)
     return out
 
 
-def _reference_curve(snapshots: dict[int, dict[str, torch.Tensor]], model: GPT, grid: dict[str, Any],
-                     ft_seqs: torch.Tensor, val: dict[str, torch.Tensor], tokens_per_step: int,
-                     args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Post-finetune domain loss of the δ=0 run at each checkpoint: loss against pretraining tokens."""
+def _post_ft_curve(snapshots: dict[int, dict[str, torch.Tensor]], model: GPT, grid: dict[str, Any],
+                   ft_seqs: torch.Tensor, val: dict[str, torch.Tensor], tokens_per_step: int,
+                   args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
+    """Post-finetune domain loss at each checkpoint: loss against pretraining tokens."""
     points = []
     for step in sorted(snapshots):
         if step == args.steps:
@@ -275,7 +281,7 @@ def _reference_curve(snapshots: dict[int, dict[str, torch.Tensor]], model: GPT, 
         else:
             model.load_state_dict(snapshots[step])
             lrs = args.ft_lrs if args.curve_full_grid else [grid["best_lr"]]
-            ft = finetune_grid(model, lrs, ft_seqs, val, args)
+            ft = finetune_grid(model, lrs, ft_seqs, val, args, seed)
             lr = ft["best_lr"]
         best = ft["by_lr"][str(lr)]["best"]
         points.append({"step": step, "tokens": step * tokens_per_step, "lr": lr,
@@ -320,8 +326,21 @@ def compute_multiplier(curve: list[dict[str, Any]], target: float, tokens: int) 
             "max_checked": points[-1][0] / tokens if points else None}
 
 
-def summarize(runs: dict[float, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per δ: the paper's metrics against the δ=0 reference."""
+def paper_multiplier(curve: list[dict[str, Any]], npt_loss: float, tokens: int) -> dict[str, Any]:
+    """The paper's compute multiplier: budget / the pretraining tokens SPT needs to match (after finetuning)
+    the δ=0 model's post-finetune domain loss at the budget, read off the SPT run's own checkpoints.
+
+    kind "interpolated"; "lower_bound" (SPT's first checkpoint already matches: the multiplier is at
+    least budget / that checkpoint); "below_one" (SPT never matches within the budget)."""
+    m = compute_multiplier(curve, npt_loss, tokens)
+    if m["kind"] == "not_reached":
+        return {"value": None, "kind": "below_one", "tokens_needed": None}
+    kind = "lower_bound" if m["kind"] == "upper_bound" else "interpolated"
+    return {"value": 1.0 / m["value"], "kind": kind, "tokens_needed": m["tokens_needed"]}
+
+
+def seed_row(runs: dict[float, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per δ for one seed: the paper's metrics against that seed's δ=0 reference."""
     ref = runs[0.0]
     l_npt = ref["post_ft"][DOMAIN]
     rows = []
@@ -329,30 +348,69 @@ def summarize(runs: dict[float, dict[str, Any]]) -> list[dict[str, Any]]:
         r = runs[delta]
         reps = r["service"].get("domain_repetitions")
         row = {
-            "delta": delta,
+            "delta": delta, "seed": r["seed"],
             "domain_passes": reps["epoch"] + reps["epoch_progress"] if reps else 0.0,
-            "domain_doc_repetitions_mean": reps["mean"] if reps else 0.0,
             "pre_ft_domain": r["pre_ft"][DOMAIN], "post_ft_domain": r["post_ft"][DOMAIN],
             "relative_gain_pct": 100.0 * (l_npt - r["post_ft"][DOMAIN]) / l_npt,
             "best_ft_lr": r["finetune"]["best_lr"],
-            "best_ft_epoch": r["finetune"]["by_lr"][str(r["finetune"]["best_lr"])]["best_epoch"],
             "pre_ft_web": r["pre_ft"][WEB], "post_ft_web": r["post_ft"][WEB],
             "forgetting": r["forgetting"],
             "data_stall_frac": r["data_stall_frac"],
         }
-        row["compute_multiplier"] = (
+        row["compute_multiplier"] = (  # the paper's: budget / SPT tokens to match NPT at the budget
+            None if delta == 0.0 else paper_multiplier(r["post_ft_curve"], l_npt, r["tokens"]))
+        row["inverse_multiplier"] = (  # δ=0 tokens to match SPT at the budget / budget
             None if delta == 0.0
-            else compute_multiplier(ref["reference_curve"], r["post_ft"][DOMAIN], r["tokens"]))
+            else compute_multiplier(ref["post_ft_curve"], r["post_ft"][DOMAIN], r["tokens"]))
         rows.append(row)
     return rows
+
+
+STAT_KEYS = ("domain_passes", "pre_ft_domain", "post_ft_domain", "relative_gain_pct", "pre_ft_web",
+             "post_ft_web", "forgetting", "data_stall_frac")
+
+
+def summarize(by_seed: dict[int, dict[float, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per δ: mean, sd and per-seed values of every metric over the seeds."""
+    per_seed = [row for seed in sorted(by_seed) for row in seed_row(by_seed[seed])]
+    rows = []
+    for delta in sorted({r["delta"] for r in per_seed}):
+        mine = [r for r in per_seed if r["delta"] == delta]
+        row: dict[str, Any] = {"delta": delta, "seeds": [r["seed"] for r in mine]}
+        for key in STAT_KEYS:
+            values = np.array([r[key] for r in mine], float)
+            row[key] = float(values.mean())
+            row[f"{key}_sd"] = float(values.std(ddof=1)) if values.size > 1 else float("nan")
+            row[f"{key}_by_seed"] = values.tolist()
+        for key in ("compute_multiplier", "inverse_multiplier"):
+            row[f"{key}_by_seed"] = [r[key] for r in mine]
+            row[key] = _multiplier_stats([r[key] for r in mine])
+        rows.append(row)
+    return rows
+
+
+def _multiplier_stats(values: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    if values[0] is None:
+        return None
+    nums = np.array([v["value"] for v in values if v["value"] is not None and v["kind"] == "interpolated"])
+    return {"n_interpolated": int(nums.size), "n": len(values),
+            "kinds": [v["kind"] for v in values],
+            "mean": float(nums.mean()) if nums.size else None,
+            "sd": float(nums.std(ddof=1)) if nums.size > 1 else None}
 
 
 def _fmt_multiplier(m: dict[str, Any] | None) -> str:
     if m is None:
         return "1 (reference)"
-    if m["kind"] == "not_reached":
-        return f"not reached (> {m['max_checked']:.2f}x)"
-    return f"≤ {m['value']:.2f}x" if m["kind"] == "upper_bound" else f"{m['value']:.2f}x"
+    text = "–" if m["mean"] is None else f"{m['mean']:.2f}x"
+    text += f" ± {m['sd']:.2f}" if m["sd"] is not None else ""
+    other = [k for k in m["kinds"] if k != "interpolated"]
+    return text + (f" ({m['n_interpolated']}/{m['n']} seeds; others: {', '.join(other)})" if other else "")
+
+
+def _pm(row: dict[str, Any], key: str, fmt: str) -> str:
+    sd = row[f"{key}_sd"]
+    return format(row[key], fmt) + ("" if math.isnan(sd) else f" ± {sd:{fmt.lstrip('+')}}")
 
 
 def reference_note(curve: list[dict[str, Any]]) -> str | None:
@@ -366,14 +424,15 @@ def reference_note(curve: list[dict[str, Any]]) -> str | None:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| δ | domain passes | domain loss pre-FT | domain loss post-FT | R (%) | FT lr (best epoch) "
-            "| web loss pre-FT | web loss post-FT | forgetting | compute multiplier | data stall |\n"
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    head = ("| δ | seeds | domain passes | domain loss pre-FT | domain loss post-FT | R (%) | forgetting "
+            "| compute multiplier (paper: budget / SPT tokens to match δ=0) "
+            "| inverse (δ=0 tokens to match SPT / budget) | data stall |\n"
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
     lines = [
-        f"| {r['delta']:g} | {r['domain_passes']:.2f} | {r['pre_ft_domain']:.4f} | {r['post_ft_domain']:.4f} "
-        f"| {r['relative_gain_pct']:+.2f} | {r['best_ft_lr']:g} ({r['best_ft_epoch']}) "
-        f"| {r['pre_ft_web']:.4f} | {r['post_ft_web']:.4f} | {r['forgetting']:+.4f} "
-        f"| {_fmt_multiplier(r['compute_multiplier'])} | {100 * r['data_stall_frac']:.2f}% |"
+        f"| {r['delta']:g} | {len(r['seeds'])} | {r['domain_passes']:.2f} | {_pm(r, 'pre_ft_domain', '.4f')} "
+        f"| {_pm(r, 'post_ft_domain', '.4f')} | {_pm(r, 'relative_gain_pct', '+.2f')} "
+        f"| {_pm(r, 'forgetting', '+.4f')} | {_fmt_multiplier(r['compute_multiplier'])} "
+        f"| {_fmt_multiplier(r['inverse_multiplier'])} | {100 * r['data_stall_frac']:.2f}% |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"
@@ -404,7 +463,8 @@ def plot(runs: dict[float, dict[str, Any]], rows: list[dict[str, Any]], path: Pa
     ax = axes[0, 1]
     w = 0.38
     ax.bar(x - w / 2, [r["pre_ft_domain"] for r in rows], w, label="before finetuning", color="#bbbbbb")
-    ax.bar(x + w / 2, [r["post_ft_domain"] for r in rows], w, label="after finetuning", color=colors[0])
+    ax.bar(x + w / 2, [r["post_ft_domain"] for r in rows], w, label="after finetuning (± sd over seeds)",
+           color=colors[0], yerr=[_sd(r, "post_ft_domain") for r in rows], capsize=3)
     for xi, r in zip(x, rows, strict=True):
         ax.annotate(f"R={r['relative_gain_pct']:+.1f}%", (xi + w / 2, r["post_ft_domain"]), ha="center",
                     va="bottom", fontsize=8)
@@ -416,20 +476,22 @@ def plot(runs: dict[float, dict[str, Any]], rows: list[dict[str, Any]], path: Pa
     ax.legend(loc="upper center", ncol=2)
 
     ax = axes[1, 0]
-    ref = runs[0.0]["reference_curve"]
-    ax.plot([p["tokens"] for p in ref], [p["post_ft_domain"] for p in ref], "ko-",
-            label="δ=0 checkpoints, finetuned")
-    for i, r in enumerate(rows):
-        if r["delta"] > 0:
-            ax.axhline(r["post_ft_domain"], color=colors[i % len(colors)], ls="--",
-                       label=f"δ={r['delta']:g} after FT ({_fmt_multiplier(r['compute_multiplier'])})")
+    for i, d in enumerate(deltas):
+        c = runs[d]["post_ft_curve"]
+        label = f"δ={d:g}"
+        if d:
+            label += f" (paper multiplier {_fmt_multiplier(rows[i]['compute_multiplier'])})"
+        ax.plot([p["tokens"] for p in c], [p["post_ft_domain"] for p in c], "o-",
+                color=colors[i % len(colors)], label=label)
+    ax.axhline(runs[0.0]["post_ft"][DOMAIN], color="k", ls="--", lw=0.8, label="δ=0 at the budget")
     ax.axvline(runs[0.0]["tokens"], color="grey", ls=":", lw=1)
-    ax.set(xlabel="pretraining tokens (δ=0)", ylabel="domain val loss after finetuning",
-           title="Compute multiplier: tokens δ=0 needs")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="pretraining tokens", ylabel="domain val loss after finetuning",
+           title="Checkpoints finetuned (first seed): tokens to match δ=0")
+    ax.legend(fontsize=7)
 
     ax = axes[1, 1]
-    ax.bar(x, [r["forgetting"] for r in rows], color=colors[1])
+    ax.bar(x, [r["forgetting"] for r in rows], color=colors[1], yerr=[_sd(r, "forgetting") for r in rows],
+           capsize=3)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x, labels)
     ax.set(xlabel="domain fraction δ", ylabel="web val loss: after FT − before FT",
@@ -439,6 +501,10 @@ def plot(runs: dict[float, dict[str, Any]], rows: list[dict[str, Any]], path: Pa
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _sd(row: dict[str, Any], key: str) -> float:
+    return 0.0 if math.isnan(row[f"{key}_sd"]) else row[f"{key}_sd"]
 
 
 def write_docs_table(table: str, meta: str) -> None:
@@ -495,35 +561,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     device_name = (torch.cuda.get_device_name() if cfg_key["device"] == "cuda"
                    else f"CPU ({cpu}, torch threads: {torch.get_num_threads()})")
-    runs: dict[float, dict[str, Any]] = {}
+    runs: dict[int, dict[float, dict[str, Any]]] = {seed: {} for seed in args.seeds}
     todo = []
-    for delta in args.deltas:
-        path = args.out / "runs" / f"d{delta:g}.json"
-        if args.resume and path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("config") == cfg_key:
-                runs[delta] = saved
-                print(f"[spt] δ={delta:g}: reusing {path}", file=sys.stderr)
-                continue
-        todo.append(delta)
+    for seed in args.seeds:
+        for delta in args.deltas:
+            path = args.out / "runs" / f"d{delta:g}-s{seed}.json"
+            if args.resume and path.is_file():
+                saved = json.loads(path.read_text())
+                if saved.get("config") == cfg_key:
+                    runs[seed][delta] = saved
+                    print(f"[spt] δ={delta:g} seed {seed}: reusing {path}", file=sys.stderr)
+                    continue
+            todo.append((seed, delta))
     if todo:
         args.work.mkdir(parents=True, exist_ok=True)
         state = Path(tempfile.mkdtemp(prefix="state-", dir=args.work))
         tag = f"{int(time.time())}"
         try:
             with serve(sources, state) as url:
-                for delta in todo:
-                    runs[delta] = {"config": cfg_key, "device": device_name,
-                                   **run_delta(delta, url, tag, ft_seqs, val, vocab_size, args)}
-                    path = args.out / "runs" / f"d{delta:g}.json"
-                    path.write_text(json.dumps(runs[delta], indent=1))
+                for i, (seed, delta) in enumerate(todo):
+                    print(f"[spt] run {i + 1}/{len(todo)}: δ={delta:g} seed {seed} "
+                          f"[{time.perf_counter() - t_start:.0f}s]", file=sys.stderr, flush=True)
+                    runs[seed][delta] = {"config": cfg_key, "device": device_name,
+                                         **run_delta(delta, seed, url, tag, ft_seqs, val, vocab_size, args)}
+                    path = args.out / "runs" / f"d{delta:g}-s{seed}.json"
+                    path.write_text(json.dumps(runs[seed][delta], indent=1))
         finally:
             shutil.rmtree(state, ignore_errors=True)
 
+    all_runs = [r for by_delta in runs.values() for r in by_delta.values()]
     rows = summarize(runs)
-    device_name = ", ".join(sorted({runs[d]["device"] for d in runs}))
+    device_name = ", ".join(sorted({r["device"] for r in all_runs}))
     results = {
-        "config": cfg_key, "deltas": sorted(runs), "budget_tokens": budget,
+        "config": cfg_key, "deltas": list(args.deltas), "seeds": list(args.seeds), "budget_tokens": budget,
         "domain_set": {"documents": len(domain), "tokens": meta[DOMAIN]["num_tokens"]},
         "web_set": {"documents": meta[WEB]["num_docs"], "tokens": meta[WEB]["num_tokens"]},
         "val_tokens": {k: int(v[:, 1:].numel()) for k, v in val.items()},
@@ -533,18 +603,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "python": platform.python_version()},
         "rows": rows,
         "wall_s": time.perf_counter() - t_start,  # this invocation (runs reused by --resume not included)
-        "runs_wall_s": sum(runs[d]["wall_s"] for d in runs),  # pretraining + finetuning, all δ
-        "runs": {f"{d:g}": runs[d] for d in sorted(runs)},
+        "runs_wall_s": sum(r["wall_s"] for r in all_runs),  # pretraining + finetuning, all δ and seeds
+        "runs": {f"{d:g}-s{seed}": runs[seed][d] for seed in sorted(runs) for d in sorted(runs[seed])},
     }
-    note = reference_note(runs[0.0]["reference_curve"])
+    first = runs[args.seeds[0]]
+    note = reference_note(first[0.0]["post_ft_curve"])
     results["reference_curve_note"] = note
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown_table(rows) + (f"\n{note}\n" if note else "")
     desc = (f"{args.preset} ({results['model_params'] / 1e6:.2f}M params), {args.tokenizer} tokenizer, "
             f"{args.steps} steps x {args.batch} x {args.seq_len - 1} = {budget:,} tokens per δ, "
+            f"seeds {','.join(map(str, args.seeds))}, "
             f"domain set {meta[DOMAIN]['num_tokens']:,} tokens, {device_name}")
     (args.out / "results.md").write_text(f"{desc}\n\n{table}")
-    plot(runs, rows, args.out / "spt.png", f"SPT vs standard pretraining\n{desc}")
+    plot(first, rows, args.out / "spt.png", f"SPT vs standard pretraining\n{desc}")
     if args.docs:
         shutil.copyfile(args.out / "spt.png", DOCS_PNG)
         write_docs_table(table, f"Configuration: {desc}. Training + finetuning time, all δ: "

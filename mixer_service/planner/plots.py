@@ -43,21 +43,28 @@ def plot_spt(fit: SptFit, runs: SptRuns, recommendation: Recommendation | None, 
             ls=":",
             label=f"δ*={recommendation.delta:.3g}",
         )
+        best = float(np.min(recommendation.candidate_losses))  # the objective's value at δ*
         right.plot(recommendation.candidates, recommendation.candidate_losses, color="black")
-        right.scatter(
-            [recommendation.delta], [recommendation.predicted_loss], color="red", zorder=3, label="δ*"
-        )
+        right.scatter([recommendation.delta], [best], color="red", zorder=3, label="δ*")
+        bars = [(p.delta, p.loss, p.interval) for p in recommendation.predictions if p.interval is not None]
+        if bars and not recommendation.finetune_objective:  # intervals are of the pretraining loss
+            right.errorbar(
+                [d for d, _, _ in bars],
+                [loss for _, loss, _ in bars],
+                yerr=np.array([[loss - iv[0], iv[1] - loss] for _, loss, iv in bars]).T,
+                fmt="none", ecolor="tab:blue", capsize=3, label="95% bootstrap (queried δ)",
+            )
         if recommendation.delta_interval is not None:
             right.axvspan(*recommendation.delta_interval, color="red", alpha=0.15, label="δ* 95% bootstrap")
         for d in fit.deltas:
             right.axvline(d, color="gray", lw=0.5, alpha=0.5)
         # the gap term explodes at large δ; frame the region between the optimum and the δ = low end
-        best, edge = recommendation.predicted_loss, float(recommendation.candidate_losses[0])
+        edge = float(recommendation.candidate_losses[0])
         span = max(edge - best, 0.05 * abs(best))
         right.set_ylim(best - 0.2 * span, edge + span)
         right.set(
             xlabel="domain fraction δ",
-            ylabel="predicted domain loss",
+            ylabel=f"predicted {'post-finetune ' * recommendation.finetune_objective}domain loss",
             title=f"at T={recommendation.target_tokens:.3g} tokens",
         )
         right.legend()

@@ -126,6 +126,10 @@ class Recommendation:
     candidate_losses: np.ndarray = field(repr=False)
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def finetune_objective(self) -> bool:
+        return self.objective == OBJECTIVE_FINETUNE
+
     def to_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("candidates", "candidate_losses")}
         out["domain_tokens_needed"] = self.target_tokens * self.delta
