@@ -149,7 +149,7 @@ def job(window: bool) -> dict:
             "schedule": {"phases": [{"start_step": 0, "weights": {"web": 1}}]}}
 
 
-def serve_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | None) -> dict:
+def serve_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | None, window: bool) -> dict:
     import httpx
 
     from mixer_service.service.process import ServerProcess
@@ -170,7 +170,7 @@ def serve_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | N
     ready = time.perf_counter() - t0
     try:
         with httpx.Client(base_url=srv.url, timeout=120) as client:
-            r = client.post("/v1/jobs", json=job(window=endpoint is not None))
+            r = client.post("/v1/jobs", json=job(window=window))
             r.raise_for_status()
             r = client.get("/v1/jobs/bench/batches/0")
             r.raise_for_status()
@@ -189,7 +189,7 @@ def serve_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | N
 # -- the data layer in process, and the peer (run as child processes of this script) -----------------
 
 
-def inproc_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | None) -> dict:
+def inproc_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | None, window: bool) -> dict:
     from mixer_service.engine import JobConfig, MixingEngine, Schedule
     from mixer_service.sources import PreparedSource, ShardCache
     from mixer_service.sources.origins import S3Origin, s3_client
@@ -204,7 +204,7 @@ def inproc_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | 
                                          work / "inproc-index", cache)
     else:
         src = PreparedSource.open(work / "sources" / "web", cache=cache)
-    spec = job(window=endpoint is not None)
+    spec = job(window=window)
     config = JobConfig.parse(spec["config"])
     engine = MixingEngine.create(config, {"web": src}, [(0, Schedule.parse(spec["schedule"], ["web"]))])
     engine.batch(0)
@@ -223,7 +223,7 @@ def inproc_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | 
             "rss_mb": peak_rss_mb(), "disk_mb": du_mb(cache_dir)}
 
 
-def peer_run(work: Path, steps: int, endpoint: str, cache_limit: int) -> dict:
+def peer_run(work: Path, steps: int, endpoint: str, cache_limit: int, window: bool) -> dict:
     from streaming import StreamingDataset
     from streaming.base.util import clean_stale_shared_memory
 
@@ -254,8 +254,11 @@ def peer_run(work: Path, steps: int, endpoint: str, cache_limit: int) -> dict:
 ROLES = {"inproc": inproc_run, "peer": peer_run}
 
 
-def child(role: str, work: Path, steps: int, endpoint: str | None, cache_limit: int | None) -> dict:
+def child(role: str, work: Path, steps: int, endpoint: str | None, cache_limit: int | None,
+          window: bool = False) -> dict:
     args = [sys.executable, __file__, "--role", role, "--work", str(work), "--steps", str(steps)]
+    if window:
+        args.append("--window")
     if endpoint:
         args += ["--endpoint", endpoint]
     if cache_limit is not None:
@@ -273,25 +276,35 @@ def run_size(num_tokens: int, args: argparse.Namespace) -> dict:
     limit = int(data["tokens"] * 2 * args.cache_fraction)
     out: dict = {"data": data, "cache_limit_mb": limit / 2**20}
     log(f"bench {num_tokens:.0e}: {data}")
-    out["serve_local"] = serve_run(work, args.steps, None, None)
+    out["serve_local"] = serve_run(work, args.steps, None, None, window=False)
+    out["serve_local_window"] = serve_run(work, args.steps, None, None, window=True)
     out["inproc_local"] = child("inproc", work, args.steps, None, None)
+    out["inproc_local_window"] = child("inproc", work, args.steps, None, None, window=True)
     with s3_server(work) as endpoint:
-        out["serve_s3"] = serve_run(work, args.steps, endpoint, limit)
-        out["inproc_s3"] = child("inproc", work, args.steps, endpoint, limit)
-        out["peer_s3"] = child("peer", work, args.steps, endpoint, limit)
-    for key in ("serve_local", "inproc_local", "serve_s3", "inproc_s3", "peer_s3"):
-        log(f"  {key:13} {json.dumps({k: round(v, 4) for k, v in out[key].items()})}")
+        out["serve_s3"] = serve_run(work, args.steps, endpoint, limit, window=True)
+        out["inproc_s3"] = child("inproc", work, args.steps, endpoint, limit, window=True)
+        if not args.skip_peer:
+            out["peer_s3"] = child("peer", work, args.steps, endpoint, limit)
+    for key, value in out.items():
+        if isinstance(value, dict) and key != "data":
+            log(f"  {key:19} {json.dumps({k: round(v, 4) for k, v in value.items()})}")
     return out
 
 
 def table(results: dict) -> str:
     rows = ["| tokens | path | ready (s) | first batch (s) | steady tok/s | fetches/step | hit ratio "
             "| RSS MB | disk MB |", "|---|---|---|---|---|---|---|---|---|"]
-    names = {"serve_local": "mixer serve, local", "serve_s3": "mixer serve, S3 (10% cache, window)",
-             "inproc_local": "engine in process, local", "inproc_s3": "engine in process, S3 + prefetch",
-             "peer_s3": "streaming StreamingDataset, S3"}
+    names = {"serve_local": "mixer serve, local, global order",
+             "serve_local_window": "mixer serve, local, window order",
+             "serve_s3": "mixer serve, S3 (10% cache, window), no prefetch",
+             "inproc_local": "engine in process, local, global + prefetch",
+             "inproc_local_window": "engine in process, local, window + prefetch",
+             "inproc_s3": "engine in process, S3 (10% cache, window) + prefetch",
+             "peer_s3": "streaming StreamingDataset, S3 (10% cache)"}
     for size, r in results.items():
         for key, label in names.items():
+            if key not in r:
+                continue
             m = r[key]
             nan = float("nan")
             rows.append(f"| {size} | {label} | {m.get('ready_s', nan):.2f} | {m['first_batch_s']:.2f} | "
@@ -308,12 +321,15 @@ def main() -> None:
     p.add_argument("--cache-fraction", type=float, default=0.10)
     p.add_argument("--shard-divisor", type=int, default=64, help="about this many shards per source")
     p.add_argument("--json", type=Path)
+    p.add_argument("--skip-peer", action="store_true", help="ours only (the peer is the slow part)")
+    p.add_argument("--window", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     p.add_argument("--endpoint", help=argparse.SUPPRESS)
     p.add_argument("--cache-limit", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.role:
-        print(json.dumps(ROLES[args.role](args.work, args.steps, args.endpoint, args.cache_limit)))
+        role = ROLES[args.role]
+        print(json.dumps(role(args.work, args.steps, args.endpoint, args.cache_limit, args.window)))
         return
     results = {f"{size:.0e}": run_size(int(size), args) for size in args.sizes}
     print(table(results))
