@@ -5,7 +5,8 @@ Layout of a prepared source directory::
     meta.json          written last; its presence marks the directory complete
     doc_offsets.npy    int64[num_docs + 1], offsets into the token stream; doc i = [o[i], o[i+1]) incl. EOS
     tokens-00000.zst   zstd-compressed little-endian token ids (uint16 or uint32), split at shard_tokens
-    .cache/tokens.bin  decompressed local cache, made on first open (not part of the source)
+    .cache/shards/     decompressed, verified shards, made on first use (not part of the source; see
+                       mixer_service.sources.cache)
 """
 
 from __future__ import annotations
