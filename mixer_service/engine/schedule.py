@@ -79,8 +79,7 @@ class Schedule:
             unknown_keys = set(raw) - {"start_step", "weights", "ramp"}
             if unknown_keys:
                 raise InvalidInput(f"{where}: unknown field(s) {sorted(unknown_keys)}")
-            start = raw.get("start_step")
-            STEP.check(start, f"{where}.start_step")
+            start = STEP.check(raw.get("start_step"), f"{where}.start_step")
             if i == 0 and start != 0:
                 raise InvalidInput(f"{where}.start_step: the first phase must start at step 0")
             if phases and start <= phases[-1].start_step:

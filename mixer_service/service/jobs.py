@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mixer_service.engine import JobConfig, MixingEngine, Schedule, ScheduleLog
+from mixer_service.engine.mixture import UNBOUNDED_HORIZON
 from mixer_service.errors import (
     Conflict,
     InvalidInput,
@@ -169,7 +170,7 @@ class JobManager:
             "time": time.time(),
         }
 
-    def list(self) -> list[dict[str, Any]]:
+    def describe_all(self) -> list[dict[str, Any]]:
         """Every job described; one that cannot be served here is listed with its error, not hidden."""
         out = []
         for job_id in self.store.list_jobs():
@@ -210,7 +211,12 @@ class JobManager:
 
         def plan(high_water: int) -> ChangePlan:
             """The one effective-step rule, re-run with the fresh high water on every commit attempt."""
-            effective = max(requested_step, runtime.engine.first_changeable_step(high_water))
+            earliest = runtime.engine.first_changeable_step(high_water)
+            if earliest >= UNBOUNDED_HORIZON:
+                raise Conflict("the served steps depend on weights no schedule has chosen yet (a group of "
+                               "sources was stopped at weight 0 while ahead of its target by a fraction), so "
+                               "no change can be proven not to rewrite them; see docs/architecture.md")
+            effective = max(requested_step, earliest)
             if effective >= runtime.config.total_steps:
                 raise InvalidInput(
                     f"requested_step: the change would take effect at step {effective}, "
@@ -289,8 +295,8 @@ class JobManager:
         now = time.monotonic()
         with self._lock:
             current = self._jobs.get(job_id)
-            replaced = current is None or current.incarnation != runtime.incarnation
-            if replaced or current.version < runtime.version:
+            if current is None or current.incarnation != runtime.incarnation or \
+                    current.version < runtime.version:
                 self._jobs[job_id] = runtime
             seen = self._seen.get(job_id)
             if seen is None or seen.incarnation != runtime.incarnation:

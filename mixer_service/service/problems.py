@@ -69,9 +69,11 @@ class Problem(BaseModel):
                               "version_rollback, high_water_rollback, chain_broken)")
 
 
-def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for the problem statuses a route can answer (401 and 503 apply everywhere)."""
-    return {
+def responses(*statuses: int, ok: dict[str, Any] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the problem statuses a route can answer (401, 422 and 503 apply
+    everywhere), plus ``ok`` as the 200 response when the route's success is not JSON."""
+    documented: dict[int | str, dict[str, Any]] = {200: ok} if ok else {}
+    return documented | {
         status: {"model": Problem, "description": _TITLES[status],
                  "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
         for status in sorted(set(statuses) | {401, 422, 503})

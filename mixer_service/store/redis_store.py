@@ -182,7 +182,8 @@ class RedisStore(StateStore):
     def _insert_job(self, job_id: str, config_json: str, incarnation: str, first: ScheduleVersion) -> bool:
         first_json = to_json(first.to_dict(), "schedule version")
         keys = _keys(job_id) + [_job_key(job_id, "config"), JOBS_KEY]
-        args = [job_id, config_json, first_json, incarnation, first.chain, self.limits.max_jobs]
+        args: list[str | int] = [job_id, config_json, first_json, incarnation, first.chain,
+                                 self.limits.max_jobs]
         with self._reachable():
             created, *stored = self._create_job(keys=keys, args=args)
         if created == -2:
@@ -220,7 +221,8 @@ class RedisStore(StateStore):
     def _commit_version(self, job_id: str, incarnation: str, previous_chain: str, new: ScheduleVersion,
                         max_high_water: int) -> JobHead | None:
         new_json = to_json(new.to_dict(), "schedule version")
-        args = [incarnation, new.version, max_high_water + 1, new_json, previous_chain, new.chain]
+        args: list[str | int] = [incarnation, new.version, max_high_water + 1, new_json, previous_chain,
+                                 new.chain]
         with self._reachable():
             outcome = self._commit(keys=_keys(job_id), args=args)
         return None if outcome[0] == 1 else _to_head(job_id, outcome[1])
@@ -228,7 +230,7 @@ class RedisStore(StateStore):
     def restore(self, job_id: str, incarnation: str, previous_chain: str, missing: Sequence[ScheduleVersion],
                 min_high_water: int) -> JobHead:
         check_job_id(job_id)
-        args: list[Any] = [incarnation, min_high_water, previous_chain]
+        args: list[str | int] = [incarnation, min_high_water, previous_chain]
         for version in missing:
             args += [to_json(version.to_dict(), "schedule version"), version.chain]
         with self._reachable():

@@ -19,8 +19,8 @@ router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["batches"], dependencies=[D
 
 
 @router.get("/batches/{step}", response_class=Response,
-            responses={200: {"content": {wire.MEDIA_TYPE: {}}, "description": "docs/protocol.md"}}
-            | responses(404, 413))
+            responses=responses(404, 413, ok={"content": {wire.MEDIA_TYPE: {}},
+                                              "description": "docs/protocol.md"}))
 def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0, world: World = 1,
               compression: Literal["none", "zstd"] = "none", manager: JobManager = Depends(jobs)) -> Response:
     view, ranks = manager.serve(job_id, step, rank, world, request.app.state.limits.max_request_tokens)

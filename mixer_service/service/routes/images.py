@@ -14,8 +14,8 @@ router = APIRouter(prefix="/v1/images", tags=["images"], dependencies=[Depends(r
 
 
 @router.get("/{source}/batches/{step}", response_class=Response,
-            responses={200: {"content": {wire.MEDIA_TYPE: {}}, "description": "docs/protocol.md (samples)"}}
-            | responses(404))
+            responses=responses(404, ok={"content": {wire.MEDIA_TYPE: {}},
+                                         "description": "docs/protocol.md (samples)"}))
 def get_image_batch(request: Request, source: str, step: Step, batch_size: int = Query(ge=1, le=65536),
                     seed: SEED.field() = 0, rank: Rank = 0, world: World = 1,  # type: ignore[valid-type]
                     compression: Literal["none", "zstd"] = "none") -> Response:

@@ -43,7 +43,7 @@ def create_job(body: CreateJob, manager: JobManager = Depends(jobs)) -> dict[str
 @router.get("/jobs", dependencies=[Depends(require_reader)], responses=responses())
 def list_jobs(manager: JobManager = Depends(jobs)) -> dict[str, Any]:
     """Every job; one this replica cannot serve is listed with an ``error`` instead of failing the list."""
-    return {"jobs": manager.list()}
+    return {"jobs": manager.describe_all()}
 
 
 @router.get("/jobs/{job_id}", dependencies=[Depends(require_reader)], responses=responses(404))
