@@ -231,6 +231,8 @@ def test_the_unit_of_tokens_is_part_of_the_fitted_law(fit_test_only):
     assert billions.to_dict()["tokens_unit"] == 1e9 and billions.to_dict()["delta_unit"] == "fraction"
     with pytest.raises(InvalidInput, match="tokens unit"):
         fit_overfitting_law(make_runs(), tokens_unit=0)
+    with pytest.raises(InvalidInput, match="δ is a fraction"):
+        fit_overfitting_law(make_runs(), delta_max=5.0)  # 5 meant as percent
 
 
 # The paper's regime (§5.3): the 10% curve starts to overfit inside the horizon (at 7e10 tokens,

@@ -236,16 +236,18 @@ def fit_overfitting_law(
 ) -> SptFit:
     """Fit the law to pilot runs (App. D.1), with ``n_bootstrap`` refits on resamples drawn within each δ.
 
-    ``delta_max``: b_gap(δ) < 1 is imposed on [0, delta_max], the δ range fitted and later queried
-    (default min(1, 2 × largest fitted δ), the default search range of ``recommend_delta``).
+    ``delta_max``: b_gap(δ) < 1 is imposed on [0, max(delta_max, largest fitted δ)], the δ range fitted
+    and later queried (default min(1, 2 × largest fitted δ), the default search range of
+    ``recommend_delta``).
     """
     if not (np.isfinite(tokens_unit) and tokens_unit > 0):
         raise InvalidInput(f"tokens unit must be a positive number, got {tokens_unit}")
     _check_design(runs)
     largest = float(runs.deltas.max())
-    delta_max = min(1.0, 2.0 * largest) if delta_max is None else float(delta_max)
-    if not largest <= delta_max <= 1.0:
-        raise InvalidInput(f"delta_max must lie in [largest fitted δ = {largest:g}, 1], got {delta_max:g}")
+    # the range fitted and queried: never below the largest fitted δ
+    delta_max = min(1.0, 2.0 * largest) if delta_max is None else max(float(delta_max), largest)
+    if not delta_max <= 1.0:
+        raise InvalidInput(f"delta_max must be <= 1 (δ is a fraction), got {delta_max:g}")
     scaled = SptRuns(runs.tokens / tokens_unit, runs.delta, runs.loss, runs.train_loss)
     per_delta = [_fit_one_delta(scaled, d, tokens_unit) for d in scaled.deltas]
     joint = _JointProblem(scaled, delta_max)
