@@ -45,7 +45,8 @@ from common import log, prepared_sources, print_table
 from mixer_service.service.process import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from fault_harness import DurableRedis  # noqa: E402  (the tests' restartable AOF Redis)
+from conftest import RedisServer, start_redis_server  # noqa: E402  (the tests' private redis-server)
+from fault_harness import DurableRedis  # noqa: E402  (and its restartable AOF variant)
 
 RANKS = 64
 ROWS = B // RANKS
@@ -188,13 +189,18 @@ def peak(values: np.ndarray | list[float]) -> float:
     return float(np.max(values)) if len(values) else float("nan")
 
 
-def server_on(redis_server: DurableRedis, sources: Path, state: Path) -> ServerProcess:
-    return ServerProcess(sources, state, redis_url=redis_server.url).start()
+SETTINGS = ("always", "everysec", "none")
+
+
+def redis_with(setting: str, directory: Path) -> RedisServer:
+    """A private redis-server with AOF ``appendfsync <setting>``, or without persistence for "none"."""
+    directory.mkdir(parents=True)
+    return DurableRedis(directory, setting).server if setting != "none" else start_redis_server(directory)
 
 
 def realistic_load(sources: Path, workdir: Path, duration: float, hang_s: float) -> dict:
     redis_server = DurableRedis(workdir / "redis", "always")
-    server = server_on(redis_server, sources, workdir / "state")
+    server = ServerProcess(sources, workdir / "state", redis_url=redis_server.url).start()
     try:
         job = create_job(server.url)
         log(f"bench: closed loop, {RANKS} clients, {ROWS}x{L} slices, {duration:g} s")
@@ -223,43 +229,32 @@ def realistic_load(sources: Path, workdir: Path, duration: float, hang_s: float)
 def fsync_cost(sources: Path, workdir: Path, seconds: float) -> list[list[str]]:
     """Sequential client, per Redis persistence setting: fresh step per request, and 64 ranks per step."""
     rows = []
-    for setting in ("always", "everysec", "none"):
+    for setting in SETTINGS:
         directory = workdir / f"redis-{setting}"
-        directory.mkdir()
-        redis_server = DurableRedis(directory, setting) if setting != "none" else None
-        if redis_server is None:
-            from conftest import start_redis_server
-
-            plain = start_redis_server(directory)
-            url, stop = plain.url, plain.stop
-        else:
-            url, stop = redis_server.url, redis_server.stop
-        server = ServerProcess(sources, directory / "state", redis_url=url).start()
+        redis_server = redis_with(setting, directory)
+        server = ServerProcess(sources, directory / "state", redis_url=redis_server.url).start()
         try:
             job = create_job(server.url)
+            _sequential(server.url, job, RANKS, 1.0, 900_000)  # warm-up: shard cache, page cache, pools
             for pattern, world in (("fresh step each request", 1), (f"{RANKS} ranks per step", RANKS)):
                 lat = _sequential(server.url, job, world, seconds, 500_000 * (world != 1))
                 rows.append([setting, pattern, f"{len(lat) / seconds:.0f}", f"{pct(lat, 50):.2f}",
                              f"{pct(lat, 99):.2f}"])
         finally:
             server.stop()
-            stop()
+            redis_server.stop()
     return rows
 
 
 def store_cost(workdir: Path, calls: int) -> list[list[str]]:
     """``mark_served`` alone (one Lua script round trip), per persistence setting: when the high water moves
     (one AOF write, fsynced before the reply under ``always``) and when it does not (no write at all)."""
-    from conftest import start_redis_server
-
     from mixer_service.store import open_store
 
     rows = []
-    for setting in ("always", "everysec", "none"):
+    for setting in SETTINGS:
         directory = workdir / f"store-{setting}"
-        directory.mkdir()
-        server = (DurableRedis(directory, setting).server if setting != "none"
-                  else start_redis_server(directory))
+        server = redis_with(setting, directory)
         try:
             store = open_store(server.url, directory / "unused.sqlite")
             _, incarnation = store.create_job("cost", {"bench": 1}, {"phases": []}, "bench", "cost")
