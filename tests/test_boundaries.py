@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
-from service_helpers import JOB
+from service_helpers import JOB, Server
 
+from client import MixerClient, MixerLoader
 from client.dataset import document_positions
 from mixer_service import wire
+from mixer_service.cli import main
 from mixer_service.engine import JobConfig, MixingEngine, Schedule
 from mixer_service.prepare.source import PreparedSource
 
@@ -77,3 +82,48 @@ def test_position_ids_and_cu_seqlens_from_boundaries():
     assert position_ids.tolist() == [[0, 1, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
     assert cu_seqlens.tolist() == [0, 2, 5, 10, 13, 15] and cu_seqlens.dtype == torch.int32
     assert longest == 5
+
+
+@pytest.fixture(scope="module")
+def served_job(sources_dir, tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """A real server and a job with short rows (many documents end mid-row): (url, job)."""
+    server = Server(sources_dir, tmp_path_factory.mktemp("state")).start()
+    job = f"bounds-{uuid.uuid4().hex[:8]}"
+    with MixerClient(server.url) as client:
+        client.create_job({"job_id": job, "config": CONFIG, "schedule": WEIGHTS, "author": "test",
+                           "reason": "boundaries"})
+    yield server.url, job
+    server.stop()
+
+
+def test_the_loader_turns_served_boundaries_into_positions_that_match_provenance(served_job):
+    url, job = served_job
+    length = CONFIG["seq_len"] - 1
+    with MixerClient(url) as client, MixerLoader(client, job, end_step=4, rank=1, world=2,
+                                                 boundaries=True) as loader:
+        assert "boundaries" not in client.batch(job, 0).header  # the default response is unchanged
+        for batch in loader:
+            rows = client.provenance(job, batch["step"], rank=1, world=2)
+            expected = []
+            for row in rows:
+                starts = np.cumsum([0] + [s["length"] for s in row["spans"]])[:-1]
+                expected.append(np.concatenate([np.arange(b - a) for a, b in
+                                                zip(starts, [*starts[1:], CONFIG["seq_len"]], strict=True)]))
+            assert batch["position_ids"].tolist() == np.stack(expected)[:, :length].tolist()
+            assert batch["cu_seqlens"][-1] == len(rows) * length and batch["cu_seqlens"].dtype == torch.int32
+            assert torch.all(batch["cu_seqlens"].diff() > 0) and batch["max_seqlen"] <= length
+
+
+def test_export_with_boundaries_writes_each_rows_piece_starts(served_job, tmp_path, monkeypatch):
+    from streaming import StreamingDataset
+
+    url, job = served_job
+    monkeypatch.setenv("MIXER_URL", url)
+    assert main(["export", job, "--steps", "10:12", "--out", str(tmp_path / "mds"), "--boundaries"]) == 0
+    dataset = StreamingDataset(local=str(tmp_path / "mds"), shuffle=False, batch_size=1)
+    with MixerClient(url) as client:
+        served = [client.batch(job, step, boundaries=True) for step in (10, 11)]
+    expected = [starts for batch in served for starts in batch.boundaries]
+    assert len(dataset) == len(expected)
+    for i, starts in enumerate(expected):
+        assert dataset[i]["boundaries"].tolist() == starts.tolist()

@@ -22,7 +22,8 @@ router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["batches"], dependencies=[D
             responses=responses(404, 413, ok={"content": {wire.MEDIA_TYPE: {}},
                                               "description": "docs/protocol.md"}))
 def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0, world: World = 1,
-              compression: Literal["none", "zstd"] = "none", manager: JobManager = Depends(jobs)) -> Response:
+              compression: Literal["none", "zstd"] = "none", boundaries: bool = False,
+              manager: JobManager = Depends(jobs)) -> Response:
     view, ranks = manager.serve(job_id, step, rank, world, request.app.state.limits.max_request_tokens)
     runtime = view.runtime
     config = runtime.config
@@ -30,7 +31,8 @@ def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0, world
     names = config.source_names
     header = {"job": job_id, "incarnation": runtime.incarnation, "step": step, "rank": ranks.rank,
               "world": ranks.world, "sources": names, "schedule_version": runtime.engine.version_at(step)}
-    body = wire.encode(batch.tokens, batch.source_ids, header, compression)
+    starts = runtime.engine.row_boundaries(step, ranks.rank, ranks.world) if boundaries else None
+    body = wire.encode(batch.tokens, batch.source_ids, header, compression, boundaries=starts)
     metrics = request.app.state.metrics
     metrics.batches.labels(job_id).inc()
     rows = batch.source_ids.tolist()
