@@ -111,7 +111,7 @@ def test_torchrun_ranks_tile_each_batch_and_a_killed_run_resumes_exactly(server,
     assert losses(run) == losses(full)
 
 
-def test_single_process_with_finetune_and_a_config_file(server, tmp_path):
+def test_single_process_with_document_mask_finetune_and_a_config_file(server, tmp_path):
     job = new_job(server.url, {"abc": 0.25, "sotu": 0.75}, total_steps=12)
     domain = new_job(server.url, {"abc": 1.0}, total_steps=8)
     config = tmp_path / "run.toml"
@@ -119,7 +119,8 @@ def test_single_process_with_finetune_and_a_config_file(server, tmp_path):
                       'preset = "gpt-tiny"\nwarmup-steps = 2\nprogress_interval = 0\neval-steps = "10:12"\n'
                       f'finetune-job = "{domain}"\nfinetune-steps = "0:4"\nfinetune-lr = 1e-3\n'
                       'finetune-epochs = 2\nfinetune-split = "abc"\n')
-    r = subprocess.run([sys.executable, "-m", "trainer", "--config", str(config), "--eval-interval", "5"],
+    r = subprocess.run([sys.executable, "-m", "trainer", "--config", str(config), "--eval-interval", "5",
+                        "--doc-causal-mask"],
                        capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
