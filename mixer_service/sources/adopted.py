@@ -134,7 +134,7 @@ def _megatron_region(directory: Path, prefix: str, m: Manifest) -> _Region:
         doc_index = np.frombuffer(raw, dtype="<i8", count=docs, offset=34 + 12 * seqs)
     except (OSError, ValueError, struct.error) as exc:
         raise CorruptData(f"{idx_path}: unreadable Megatron index ({exc})") from exc
-    stored = _MEGATRON_DTYPES.get(code)
+    stored = _MEGATRON_DTYPES.get(code, f"code {code}")
     # int32 ids are the uint32 bytes for any id < 2**31, so Megatron's int32 files adopt as uint32.
     if {"int32": "uint32"}.get(stored, stored) != m.dtype:
         raise InvalidInput(f"{idx_path}: tokens are {stored}, the manifest says {m.dtype}")
@@ -298,7 +298,7 @@ def adopt(directory: Path, *, force: bool = False) -> dict:
             blocks = []
             for a in range(0, region.num_tokens, BLOCK_TOKENS):
                 chunk = np.ascontiguousarray(array[a : a + BLOCK_TOKENS])
-                stream.update(chunk)
+                stream.update(chunk.data)
                 blocks.append(_sha256(chunk))
             if np.any(np.asarray(array[region.doc_ends - 1]) != m.eos_id):
                 raise InvalidInput(f"{directory / region.file}: documents do not all end with eos_id "
@@ -332,7 +332,7 @@ def adopt(directory: Path, *, force: bool = False) -> dict:
 
 
 def _sha256(tokens: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(tokens)).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(tokens).data).hexdigest()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -51,15 +51,12 @@ class ShardedSource:
                  watched: dict[Path, FileStamp | None]) -> None:
         self.meta = meta
         self.tokens = ShardedTokens(shard_offsets, np.dtype(meta.dtype).newbyteorder("<"), self._guard(load))
+        # int64[num_shards + 1]: shard k holds tokens [shard_offsets[k], shard_offsets[k + 1])
+        self.shard_offsets = self.tokens.shard_offsets
         self.doc_offsets = doc_offsets
         self.fault: str | None = None
         self._index_files = index_files
         self._stamps = {path: FileStamp.of(path) for path in index_files} | watched
-
-    @property
-    def shard_offsets(self) -> np.ndarray:
-        """int64[num_shards + 1]: shard ``k`` holds tokens ``[shard_offsets[k], shard_offsets[k + 1])``."""
-        return self.tokens.shard_offsets
 
     def __len__(self) -> int:
         return self.meta.num_docs
@@ -124,7 +121,7 @@ class PreparedSource(ShardedSource):
         self._shards = [Shard(origin, sh.file, sh.num_tokens, dtype, sh.sha256, sh.raw_sha256)
                         for sh in info.shards]
         offsets = np.concatenate([[0], np.cumsum([sh.num_tokens for sh in info.shards], dtype=np.int64)])
-        watched = {}
+        watched: dict[Path, FileStamp | None] = {}
         for sh in info.shards:
             stamp = origin.stamp(sh.file)
             if stamp is not None:
