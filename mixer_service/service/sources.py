@@ -120,6 +120,14 @@ class SourceRegistry:
             for n, s in sorted(self.sources.items())
         ]
 
+    def cache_stats(self) -> dict[str, int | None]:
+        """Shard cache counters (hits, misses, fetches, fetched bytes, hashes, evictions) and its size, for
+        metrics: what a serving path exports to watch fetches per step and the hit ratio."""
+        if self.cache is None:
+            return {}
+        return self.cache.stats.as_dict() | {"used_bytes": self.cache.used_bytes,
+                                             "limit_bytes": self.cache.limit_bytes}
+
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
