@@ -389,12 +389,19 @@ def summarize(by_seed: dict[int, dict[float, dict[str, Any]]]) -> list[dict[str,
     return rows
 
 
+BOUND_TEXT = {"lower_bound": "≥ {:.2f}x", "upper_bound": "≤ {:.2f}x", "not_reached": "> {:.2f}x",
+              "below_one": "< 1x"}
+
+
 def _multiplier_stats(values: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Mean ± sd over the seeds whose multiplier was interpolated; the others as the bounds they give."""
     if values[0] is None:
         return None
-    nums = np.array([v["value"] for v in values if v["value"] is not None and v["kind"] == "interpolated"])
-    return {"n_interpolated": int(nums.size), "n": len(values),
-            "kinds": [v["kind"] for v in values],
+    nums = np.array([v["value"] for v in values if v["kind"] == "interpolated"])
+    bounds = [BOUND_TEXT[v["kind"]].format(v["value"] or v.get("max_checked") or 0)
+              for v in values if v["kind"] != "interpolated"]
+    return {"n_interpolated": int(nums.size), "n": len(values), "kinds": [v["kind"] for v in values],
+            "bounds": bounds,
             "mean": float(nums.mean()) if nums.size else None,
             "sd": float(nums.std(ddof=1)) if nums.size > 1 else None}
 
@@ -402,10 +409,13 @@ def _multiplier_stats(values: list[dict[str, Any] | None]) -> dict[str, Any] | N
 def _fmt_multiplier(m: dict[str, Any] | None) -> str:
     if m is None:
         return "1 (reference)"
-    text = "–" if m["mean"] is None else f"{m['mean']:.2f}x"
-    text += f" ± {m['sd']:.2f}" if m["sd"] is not None else ""
-    other = [k for k in m["kinds"] if k != "interpolated"]
-    return text + (f" ({m['n_interpolated']}/{m['n']} seeds; others: {', '.join(other)})" if other else "")
+    parts = []
+    if m["mean"] is not None:
+        parts.append(f"{m['mean']:.2f}x" + (f" ± {m['sd']:.2f}" if m["sd"] is not None else "")
+                     + f" ({m['n_interpolated']} seeds)")
+    for bound in sorted(set(m["bounds"])):
+        parts.append(f"{bound} ({m['bounds'].count(bound)} seeds)")
+    return "; ".join(parts)
 
 
 def _pm(row: dict[str, Any], key: str, fmt: str) -> str:
