@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from service_helpers import JOB, Server
+from service_helpers import JOB, Server, prepare_real_sources
 
 from client import MixerClient, MixerLoader
 from client.dataset import document_positions
@@ -38,6 +38,23 @@ def test_boundaries_are_the_provenance_span_starts(engine, step, rank, world):
         lengths = [span.length for span in row.spans]
         assert starts == np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
         assert sum(lengths) == CONFIG["seq_len"]
+
+
+def test_rows_that_wrap_around_a_small_source_agree_with_provenance(tmp_path):
+    """Small sources finish several epochs in 50 steps, so rows that run off a source's end and continue
+    at its start (the last chunk of every epoch) are certain to be checked."""
+    small = prepare_real_sources(tmp_path, domain_docs=50, web_docs=2)
+    config = JobConfig.parse(CONFIG)
+    sources = {n: PreparedSource.open(small / n) for n in ("abc", "sotu")}
+    engine = MixingEngine.create(config, sources, [(0, Schedule.parse(WEIGHTS, config.source_names))])
+    wrapped = 0
+    for step in range(CONFIG["total_steps"]):
+        for starts, row in zip(engine.row_boundaries(step), engine.provenance(step), strict=True):
+            lengths = [span.length for span in row.spans]
+            assert starts == np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+            docs = [span.doc for span in row.spans]
+            wrapped += any(b < a for a, b in zip(docs, docs[1:], strict=False))
+    assert wrapped >= 4
 
 
 def test_every_boundary_follows_an_end_of_document_token(engine, sources_dir):

@@ -180,13 +180,25 @@ class MixingEngine:
     def row_boundaries(self, step: int, rank: int = 0, world: int = 1) -> list[list[int]]:
         """Per row of ``batch(step, rank, world)``: the start offset of each document piece, first 0.
 
-        Derived from the same spans as ``provenance``, so the two cannot disagree; a trainer uses them
-        for intra-document attention masks and position ids.
+        The pieces are exactly ``provenance``'s spans (tests hold the two equal): a piece starts wherever
+        a document ends inside the row, including across the wrap from the source's end to its start.
+        Vectorised per source, so asking for boundaries costs about as much as the batch itself.
         """
-        rows = []
-        for row in self.provenance(step, rank, world):
-            lengths = np.cumsum([span.length for span in row.spans[:-1]], dtype=np.int64)
-            rows.append([0, *lengths.tolist()])
+        self.check_step(step)
+        src, seq = (a[self.rank_rows(rank, world)] for a in self._assignment(step))
+        rows: list[list[int]] = [[0] for _ in range(len(src))]
+        for k, lay in enumerate(self.layouts):
+            sel = np.flatnonzero(src == k)
+            if not sel.size:
+                continue
+            doc_ends = np.asarray(lay.source.doc_offsets[1:], dtype=np.int64)
+            doc_ends = np.concatenate([doc_ends, doc_ends + lay.num_tokens])  # a row may wrap around once
+            starts = lay.sequence_starts(seq[sel])
+            first = np.searchsorted(doc_ends, starts, side="right")
+            last = np.searchsorted(doc_ends, starts + self.config.seq_len, side="left")
+            for row, start, a, b in zip(sel.tolist(), starts.tolist(), first.tolist(), last.tolist(),
+                                        strict=True):
+                rows[row] += (doc_ends[a:b] - start).tolist()
         return rows
 
     def source_index(self, name: str) -> int:
