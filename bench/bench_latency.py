@@ -42,11 +42,10 @@ from bench_engine import B, L
 from bench_service import cpu_seconds, create_job, run_cell
 from common import log, prepared_sources, print_table
 
-from mixer_service.service.process import ServerProcess
+from mixer_service.service.process import RedisProcess, ServerProcess, start_redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import RedisServer, start_redis_server  # noqa: E402  (the tests' private redis-server)
-from fault_harness import DurableRedis  # noqa: E402  (and its restartable AOF variant)
+from fault_harness import DurableRedis  # noqa: E402  (the fault suite's restartable AOF Redis)
 
 RANKS = 64
 ROWS = B // RANKS
@@ -192,10 +191,10 @@ def peak(values: np.ndarray | list[float]) -> float:
 SETTINGS = ("always", "everysec", "none")
 
 
-def redis_with(setting: str, directory: Path) -> RedisServer:
+def redis_with(setting: str, directory: Path) -> RedisProcess:
     """A private redis-server with AOF ``appendfsync <setting>``, or without persistence for "none"."""
     directory.mkdir(parents=True)
-    return DurableRedis(directory, setting).server if setting != "none" else start_redis_server(directory)
+    return DurableRedis(directory, setting).server if setting != "none" else start_redis(directory)
 
 
 def realistic_load(sources: Path, workdir: Path, duration: float, hang_s: float) -> dict:

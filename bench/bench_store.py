@@ -15,10 +15,7 @@ round trip, and the serve path gets it from the same atomic ``mark_served``. Mea
 from __future__ import annotations
 
 import argparse
-import shutil
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +26,7 @@ import redis
 from common import DOMAIN, ROLES, WEB, log, prepared_sources
 
 from mixer_service.service.jobs import JobManager, etag
+from mixer_service.service.process import start_redis
 from mixer_service.service.sources import SourceRegistry
 from mixer_service.store import StateStore
 from mixer_service.store.base import StoreLimits
@@ -52,23 +50,6 @@ def per_call_us(fn: Callable[[], object], repeat: int) -> float:
             fn()
         batches.append((time.perf_counter() - start) / repeat * 1e6)
     return statistics.median(batches)
-
-
-def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-                             "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
-                            stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(200):
-        try:
-            redis.Redis.from_url(url).ping()
-            return proc, url
-        except redis.ConnectionError:
-            time.sleep(0.02)
-    raise SystemExit("redis-server did not start")
 
 
 def measure_store(name: str, store: StateStore, floor: Callable[[], object], repeat: int) -> None:
@@ -111,7 +92,8 @@ def main() -> None:
         embedded = EmbeddedStore(Path(tmp) / "state.sqlite")
         measure_store("embedded SQLite (floor: SELECT 1)", embedded,
                       lambda: embedded._conn.execute("SELECT 1").fetchone(), args.repeat)
-        proc, url = start_redis(Path(tmp))
+        server = start_redis(Path(tmp))
+        url = server.url
         try:
             store = RedisStore(url)
             raw = redis.Redis.from_url(url)
@@ -121,8 +103,7 @@ def main() -> None:
             limits = StoreLimits(max_versions=2000)
             measure_changes(EmbeddedStore(Path(tmp) / "changes.sqlite", limits=limits), sources)
         finally:
-            proc.terminate()
-            proc.wait()
+            server.stop()
 
 
 if __name__ == "__main__":

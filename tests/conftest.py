@@ -6,86 +6,23 @@ port, without persistence, and is stopped when its fixture ends.
 
 from __future__ import annotations
 
-import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from service_helpers import prepare_real_sources
 
-from mixer_service.service.process import free_port
-
-REDIS_START_TIMEOUT_S = 10.0
-
-
-@dataclass
-class RedisServer:
-    """A private ``redis-server`` process; ``url`` points at its database 0."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        """Terminate the server (idempotent, also when paused); SIGKILL if it does not exit promptly."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+from mixer_service.service.process import NO_PERSISTENCE, free_port, start_redis
+from mixer_service.service.process import RedisProcess as RedisServer
 
 
 def start_redis_server(directory: Path, port: int | None = None,
                        persistence: tuple[str, ...] = NO_PERSISTENCE) -> RedisServer:
-    """Start ``redis-server`` on a free port (or ``port``, to restart one) and wait until it answers PING.
-
-    Retries on a new port if another process grabbed the chosen one between probing and binding.
-    ``persistence`` replaces the default "none" (tests/fault_harness.py restarts a Redis with AOF).
-    """
-    executable = shutil.which("redis-server")
-    if executable is None:
-        pytest.fail(
-            "redis-server is not on PATH; install it (e.g. `apt-get install redis-server`)", pytrace=False
-        )
-    for _ in range(3):
-        chosen = port or free_port()
-        log = directory / f"redis-{chosen}.log"
-        command = [executable, "--port", str(chosen), "--bind", "127.0.0.1", *persistence]
-        command += ["--dir", str(directory), "--logfile", str(log)]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        server = RedisServer(process, chosen, log)
-        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-        while process.poll() is None and time.monotonic() < deadline:
-            if _answers_ping(chosen):
-                return server
-            time.sleep(0.02)
-        server.stop()
-    output = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
-    pytest.fail(f"redis-server did not start; last log:\n{output}", pytrace=False)
+    """``start_redis`` for tests: a missing or failing redis-server fails the test with its log."""
+    try:
+        return start_redis(directory, port, persistence)
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(name="free_port")

@@ -47,6 +47,7 @@ METRICS = {
     "mixer_trained_step": {"job"},
     "mixer_served_high_water": {"job"},
     "mixer_faults_total": {"fault"},
+    "mixer_shard_cache": {"stat"},
 }
 HISTOGRAMS = {"mixer_request_duration_seconds"}
 SERIES_NAMES = {name for name in METRICS if name not in HISTOGRAMS} | {

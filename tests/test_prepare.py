@@ -328,8 +328,9 @@ def test_corrupt_shard_is_named(how: str, abc_tunes: list[str], tmp_path: Path) 
     assert src.document(0).size  # shard 0 is intact
     with pytest.raises(CorruptData, match=re.escape(shards[1].name)):
         src.tokens[int(src.shard_offsets[1]) : int(src.shard_offsets[2])]
-    assert src.fault and shards[1].name in src.fault
+    assert shards[1].name in src.faults[1]
     assert any(shards[1].name in p for p in src.problems())
+    assert src.changed() is None, "only requests that need the bad shard are refused"
     assert not list((tmp_path / "src" / ".cache" / "shards").glob("*tmp*"))
     assert len(cache_files(tmp_path / "src" / ".cache" / "shards")) == 1  # only the good shard
 

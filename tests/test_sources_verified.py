@@ -20,6 +20,9 @@ from service_helpers import JOB, SCHEDULE, Server
 
 from mixer_service import wire
 from mixer_service.engine import JobConfig, MixingEngine, Schedule
+from mixer_service.errors import MixerError
+from mixer_service.prepare.tokenizer import ByteTokenizer
+from mixer_service.prepare.writer import prepare_source
 from mixer_service.sources import PreparedSource
 
 STEPS = range(6)
@@ -167,3 +170,19 @@ def test_meta_removed_under_a_running_server(root: Path, tmp_path: Path) -> None
         assert_unavailable(httpx.get(f"{srv.url}/v1/ready"), "sotu", "meta.json")
         assert_unavailable(batch(srv.url, 1), "sotu", "meta.json")
         assert batch(srv.url, 0).status_code == 503  # not even a step served before the change
+
+
+def test_a_shard_put_back_is_accepted_again(tmp_path: Path) -> None:
+    """Readiness reports a changed shard until it holds the expected bytes again, then recovers."""
+    docs = [f"tune {i} " * 200 for i in range(300)]
+    prepare_source(docs, tmp_path / "src", ByteTokenizer(), shard_tokens=20_000, progress=False)
+    src = PreparedSource.open(tmp_path / "src")
+    shard = sorted((tmp_path / "src").glob("tokens-*.zst"))[1]
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    assert any(shard.name in p for p in src.problems())
+    with pytest.raises(MixerError, match=shard.name):
+        src.tokens[int(src.shard_offsets[1]) : int(src.shard_offsets[2])]
+    shard.write_bytes(original)  # restored from a backup: new mtime, same bytes
+    assert src.tokens[int(src.shard_offsets[1]) : int(src.shard_offsets[2])].size > 0
+    assert src.problems() == []

@@ -15,7 +15,7 @@ times, where ``e`` is the number of completed epochs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,9 +27,17 @@ from mixer_service.errors import InvalidInput, NotFound
 class TokenSource(Protocol):
     """What the engine needs of a prepared source (``mixer_service.prepare.PreparedSource`` is one)."""
 
-    tokens: np.ndarray  # 1-D, every document followed by its EOS
-    doc_offsets: np.ndarray  # int64, num_docs + 1
-    shard_offsets: np.ndarray  # int64, num_shards + 1: shard k holds tokens [shard_offsets[k], [k + 1])
+    @property
+    def tokens(self) -> Any:
+        """1-D, every document followed by its EOS: an array, or shards loaded when sliced."""
+
+    @property
+    def doc_offsets(self) -> np.ndarray:
+        """int64, num_docs + 1."""
+
+    @property
+    def shard_offsets(self) -> np.ndarray:
+        """int64, num_shards + 1: shard k holds tokens [shard_offsets[k], shard_offsets[k + 1])."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ class SourceLayout:
         # A plain view of an in-memory array (slicing a memmap object costs ~10x more); a lazily sharded
         # source (``sources.ShardedTokens``) is kept as is, so only the shards a batch touches are loaded.
         tokens = source.tokens
-        self._tokens = np.asarray(tokens) if isinstance(tokens, np.ndarray) else tokens
+        self._tokens: Any = np.asarray(tokens) if isinstance(tokens, np.ndarray) else tokens
         self.name = name
         self.seq_len = seq_len
         self.repeat = repeat

@@ -26,6 +26,7 @@ class ServiceLimits:
     max_body_bytes: int = 1 << 20
     max_request_tokens: int = 1 << 24  # rows x seq_len of one batch response (64 MiB of uint32)
     threads: int = 32  # handlers that block (store I/O, batch assembly) run in this many threads
+    max_in_flight: int = 256  # requests at once before a problem+json 503 (probes exempt)
 
 
 @dataclass
@@ -85,6 +86,35 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class InFlightLimit:
+    """503 problem+json (``fault: overloaded``, Retry-After) once ``limit`` requests are in flight.
+
+    Requests stuck on a hung store would otherwise pile up until uvicorn's own connection limit answers
+    a bare text/plain 503. Probes and metrics are never refused: they must answer precisely then.
+    """
+
+    EXEMPT = ("/v1/health", "/v1/ready", "/metrics")
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit, self.in_flight = app, limit, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            response = problems.problem(503, "Service unavailable", f"{self.in_flight} requests are in "
+                                        "flight on this replica; retry (or another replica)", scope["path"],
+                                        {"Retry-After": "1"}, fault="overloaded")
+            await response(scope, receive, send)
+            return
+        self.in_flight += 1  # one event loop: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,5 +132,6 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (jobs, batches, images, schedule, repetitions, plan, health, dashboard):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes)
+    app.add_middleware(InFlightLimit, limit=settings.limits.max_in_flight)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

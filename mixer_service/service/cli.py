@@ -49,8 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     limits.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (413 beyond)")
     limits.add_argument("--threads", type=int, default=32,
                         help="threads for handlers that do store I/O or assemble batches")
-    limits.add_argument("--limit-concurrency", type=int, default=256,
-                        help="connections+requests at once before uvicorn answers 503")
+    limits.add_argument("--max-in-flight", type=int, default=256,
+                        help="requests at once before a problem+json 503 with Retry-After (probes exempt); "
+                        "uvicorn's own connection cap is 4x this")
     limits.add_argument("--timeout-keep-alive", type=float, default=30.0,
                         help="seconds an idle keep-alive connection is kept open")
     p.add_argument(
@@ -87,8 +88,8 @@ def build_app():
                 s3_endpoint=os.environ.get("MIXER_S3_ENDPOINT") or None,
             ),
             tokens=_tokens(),
-            limits=ServiceLimits(**{k: limits[k] for k in ("max_body_bytes", "max_request_tokens", "threads")
-                                    if k in limits}),
+            limits=ServiceLimits(**{k: limits[k] for k in (
+                "max_body_bytes", "max_request_tokens", "threads", "max_in_flight") if k in limits}),
         )
     )
 
@@ -121,11 +122,11 @@ def run(args: argparse.Namespace) -> int:
 
     check_bind(args.host, _tokens(), args.insecure_bind)
     for name in ("max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads",
-                 "limit_concurrency"):
+                 "max_in_flight"):
         if getattr(args, name) < 1:
             raise InvalidInput(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     os.environ["MIXER_LIMITS"] = json.dumps({n: getattr(args, n) for n in (
-        "max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads")})
+        "max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads", "max_in_flight")})
     if args.sources_dir is None and not args.sources_url:
         raise InvalidInput("give --sources-dir, --sources-url, or both")
     if args.sources_dir is not None:
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level="info",
         access_log=False,
-        limit_concurrency=args.limit_concurrency,
+        limit_concurrency=4 * args.max_in_flight,
         timeout_keep_alive=args.timeout_keep_alive,
         h11_max_incomplete_event_size=64 * 1024,  # request line + headers
     )

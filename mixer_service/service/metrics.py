@@ -40,6 +40,13 @@ class Metrics:
             ["fault"],
             registry=r,
         )
+        self.shard_cache = Gauge(
+            "mixer_shard_cache",
+            "Shard cache of this replica: cumulative hits, misses, fetches, fetched_bytes, hashes, "
+            "evictions, and used_bytes / limit_bytes",
+            ["stat"],
+            registry=r,
+        )
         self.store_up = Gauge("mixer_store_up", "1 when the state store answers", registry=r)
         self.trained_step = Gauge("mixer_trained_step", "Step trainers reported", ["job"], registry=r)
         self.high_water = Gauge("mixer_served_high_water", "Highest step served", ["job"], registry=r)

@@ -64,9 +64,9 @@ class Problem(BaseModel):
     detail: str
     instance: str
     fault: str | None = Field(default=None, description="503 only: why the service is unavailable "
-                              "(store_unavailable, source_unavailable, corrupt_data, job_missing, "
-                              "incarnation_changed, "
-                              "version_rollback, high_water_rollback, chain_broken)")
+                              "(store_unavailable, overloaded, source_unavailable, corrupt_data, "
+                              "job_missing, incarnation_changed, version_rollback, high_water_rollback, "
+                              "chain_broken)")
 
 
 def responses(*statuses: int, ok: dict[str, Any] | None = None) -> dict[int | str, dict[str, Any]]:

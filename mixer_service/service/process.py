@@ -7,12 +7,14 @@ an operator would type.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -24,6 +26,71 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+REDIS_START_TIMEOUT_S = 10.0
+NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+
+
+@dataclass
+class RedisProcess:
+    """A private ``redis-server`` process on loopback (tests and benchmarks); ``url`` is its database 0."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        """Terminate the server (idempotent, also when paused); SIGKILL if it does not exit promptly."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(directory: Path, port: int | None = None,
+                persistence: tuple[str, ...] = NO_PERSISTENCE) -> RedisProcess:
+    """Start ``redis-server`` on a free port (or ``port``, to restart one) and wait until it answers PING.
+
+    Retries on a new port if another process grabbed the chosen one between probing and binding.
+    ``persistence`` replaces the default "none" (the fault suite restarts a Redis with AOF).
+    """
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise RuntimeError("redis-server is not on PATH; install it (e.g. `apt-get install redis-server`)")
+    log = directory / "redis.log"
+    for _ in range(3):
+        chosen = port or free_port()
+        log = directory / f"redis-{chosen}.log"
+        command = [executable, "--port", str(chosen), "--bind", "127.0.0.1", *persistence]
+        command += ["--dir", str(directory), "--logfile", str(log)]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = RedisProcess(process, chosen, log)
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        while process.poll() is None and time.monotonic() < deadline:
+            if _answers_ping(chosen):
+                return server
+            time.sleep(0.02)
+        server.stop()
+    output = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+    raise RuntimeError(f"redis-server did not start; last log:\n{output}")
 
 
 class ServerProcess:

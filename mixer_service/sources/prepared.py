@@ -54,7 +54,7 @@ class ShardedSource:
         # int64[num_shards + 1]: shard k holds tokens [shard_offsets[k], shard_offsets[k + 1])
         self.shard_offsets = self.tokens.shard_offsets
         self.doc_offsets = doc_offsets
-        self.fault: str | None = None
+        self.faults: dict[int, str] = {}  # shard -> why its last load failed; cleared by a good load
         self._index_files = index_files
         self._stamps = {path: FileStamp.of(path) for path in index_files} | watched
 
@@ -76,13 +76,19 @@ class ShardedSource:
         return []
 
     def _guard(self, load: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
-        """``load`` with any failure remembered as this source's fault (for readiness and later requests)."""
+        """``load`` with each shard's failure remembered for readiness, until a later load succeeds.
+
+        Only the request that needs a failing shard is refused (503 naming it); steps that read other shards
+        keep being served, and a shard that is put back (or an object store that answers again) recovers.
+        """
         def guarded(k: int) -> np.ndarray:
             try:
-                return load(k)
+                tokens = load(k)
             except MixerError as exc:
-                self.fault = str(exc)
+                self.faults[k] = str(exc)
                 raise
+            self.faults.pop(k, None)
+            return tokens
         return guarded
 
     def changed(self) -> str | None:
@@ -91,22 +97,32 @@ class ShardedSource:
         Shards need no check here: each is hashed when it enters the cache and re-hashed when its cached
         file changes, so only the index files, read in place, can change unseen.
         """
-        if self.fault:
-            return f"source {self.meta.name!r}: {self.fault}"
         for path in self._index_files:
             if FileStamp.of(path) != self._stamps[path]:
                 return f"source {self.meta.name!r}: {path} was removed or changed under this server"
         return None
 
     def problems(self) -> list[str]:
-        """Every file of this source that is missing or changed since open (stat-level), plus any fault."""
-        out = [f"source {self.meta.name!r}: {self.fault}"] if self.fault else []
-        for path, stamp in self._stamps.items():
+        """Every file of this source that is missing or changed since open, plus shards that failed to load.
+
+        A stat per file; a file whose stamp changed is re-verified against the hash this source expects,
+        and accepted again when it matches (a shard put back from a backup is fine).
+        """
+        out = [f"source {self.meta.name!r}: {why}" for why in self.faults.values()]
+        for path, stamp in list(self._stamps.items()):
             now = FileStamp.of(path)
-            if now != stamp:
-                what = "was removed" if now is None else "changed"
-                out.append(f"source {self.meta.name!r}: {path} {what} under this server")
+            if now == stamp:
+                continue
+            if now is not None and self._still_valid(path):
+                self._stamps[path] = now
+                continue
+            what = "was removed" if now is None else "changed"
+            out.append(f"source {self.meta.name!r}: {path} {what} under this server")
         return out
+
+    def _still_valid(self, path: Path) -> bool:
+        """Whether a changed file still holds exactly the bytes this source was opened with."""
+        return False
 
 
 class PreparedSource(ShardedSource):
@@ -126,6 +142,7 @@ class PreparedSource(ShardedSource):
             stamp = origin.stamp(sh.file)
             if stamp is not None:
                 watched[Path(origin.describe(sh.file))] = stamp
+        self._index_dir = index_dir
         super().__init__(meta, offsets, self._load_shard, doc_offsets,
                          (index_dir / META_FILE, index_dir / OFFSETS_FILE), watched)
 
@@ -184,6 +201,19 @@ class PreparedSource(ShardedSource):
     def _load_shard(self, k: int) -> np.ndarray:
         return self.cache.get(self._shards[k])
 
+    def _still_valid(self, path: Path) -> bool:
+        expected = {Path(shard.origin.describe(shard.file)): shard.sha256 for shard in self._shards}
+        expected[self._index_dir / OFFSETS_FILE] = self.info.doc_offsets_sha256
+        if path == self._index_dir / META_FILE:
+            try:
+                return MetaFile.load(self._index_dir) == self.info
+            except CorruptData:
+                return False
+        try:
+            return path in expected and _sha256_file(path) == expected[path]
+        except OSError:
+            return False
+
 
 def _open_offsets(path: Path, info: MetaFile, mode: VerifyMode) -> np.ndarray:
     try:
@@ -197,6 +227,11 @@ def _open_offsets(path: Path, info: MetaFile, mode: VerifyMode) -> np.ndarray:
     if mode != VerifyMode.OFF and hashlib.sha256(memoryview(offsets)).hexdigest() != info.doc_offsets_sha256:
         raise CorruptData(f"{path}: document index hash mismatch (corrupt or edited)")
     return offsets
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -13,6 +13,7 @@ from mixer_service.service.jobs import JobManager
 from mixer_service.service.problems import responses
 from mixer_service.service.routes.deps import jobs
 from mixer_service.service.routes.models import JobId
+from mixer_service.sources.prefetch import prefetch_ahead
 from mixer_service.values import Rank, Step, World, check_step
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["batches"], dependencies=[Depends(require_reader)])
@@ -28,6 +29,8 @@ def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0, world
     runtime = view.runtime
     config = runtime.config
     batch = runtime.engine.batch(step, ranks.rank, ranks.world)
+    # The schedule makes the future known: load the shards this rank's next steps read before it asks.
+    prefetch_ahead(runtime.engine, step, ranks.rank, ranks.world)
     names = config.source_names
     header = {"job": job_id, "incarnation": runtime.incarnation, "step": step, "rank": ranks.rank,
               "world": ranks.world, "sources": names, "schedule_version": runtime.engine.version_at(step)}
