@@ -20,3 +20,5 @@ bench:
 	$(PY) bench/bench_engine.py --loader-workers 2
 	$(PY) bench/bench_service.py
 	$(PY) bench/bench_prepare.py
+	$(PY) bench/bench_store.py
+	$(PY) bench/bench_latency.py
