@@ -35,6 +35,14 @@ class IntRange:
             )
         return value
 
+    def below(self, value: Any, end: int, field: str | None = None) -> int:
+        """``check``, and also below ``end`` (e.g. a job's total steps)."""
+        self.check(value, field)
+        if value >= end:
+            raise InvalidInput(f"{field or self.name}: must be an integer in [{self.low}, {end}), "
+                               f"got {value!r}")
+        return value
+
     def field(self, **kwargs: Any) -> Any:
         """The same bounds as a pydantic ``Annotated`` type (strictness comes from the model config)."""
         return Annotated[int, Field(ge=self.low, le=self.high, description=self.doc, **kwargs)]
@@ -60,18 +68,12 @@ World = WORLD.field()
 
 def check_step(step: Any, total_steps: int, field: str = "step") -> int:
     """A step of a job with ``total_steps`` steps."""
-    STEP.check(step, field)
-    if step >= total_steps:
-        raise InvalidInput(f"{field}: must be an integer in [0, {total_steps}), got {step!r}")
-    return step
+    return STEP.below(step, total_steps, field)
 
 
 def check_trained_step(step: Any, total_steps: int) -> int:
     """Progress a trainer reports: ``-1`` (nothing trained, e.g. rewound to the start) to the last step."""
-    TRAINED_STEP.check(step)
-    if step >= total_steps:
-        raise InvalidInput(f"trained_step: must be an integer in [-1, {total_steps}), got {step!r}")
-    return step
+    return TRAINED_STEP.below(step, total_steps)
 
 
 @dataclass(frozen=True)
