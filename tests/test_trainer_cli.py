@@ -7,6 +7,7 @@ losses an uninterrupted run trains.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from service_helpers import Server
 
 from client import MixerClient
@@ -65,9 +67,38 @@ def finish(process: subprocess.Popen[str], out: Path) -> None:
     assert process.wait(timeout=300) == 0, (out / "stderr.log").read_text()[-3000:]
 
 
+def kill_tree(process: subprocess.Popen[str]) -> None:
+    """SIGKILL torchrun and its workers at once, as a lost node would. The workers run in sessions of their
+    own, so killing torchrun's process group alone would leave them training."""
+    pids, frontier = [process.pid], [process.pid]
+    while frontier:
+        children = Path(f"/proc/{frontier.pop()}/task")
+        for task in children.glob("*/children") if children.is_dir() else []:
+            found = [int(p) for p in task.read_text().split()]
+            pids += found
+            frontier += found
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    for pid in pids[1:]:  # the workers' parent is gone; wait until the kernel has removed them
+        while Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid):
+            time.sleep(0.01)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
 def losses(out: Path) -> dict[int, float]:
     """Loss per step; when a killed run and its resumption both logged a step, the later line wins."""
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if not (out / "metrics.jsonl").exists():
+        return {}
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.endswith("}")]  # a line may be half-written
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
@@ -98,15 +129,18 @@ def test_torchrun_ranks_tile_each_batch_and_a_killed_run_resumes_exactly(server,
     log = (full / "stderr.log").read_text()
     assert "tok/s" in log and "data stall" in log and "abc seen" in log
 
-    # killed with SIGKILL after its first checkpoint, then resumed: the same losses, step for step
+    # killed with SIGKILL past its first checkpoint (step 5), so steps after it are lost and retrained
     run = tmp_path / "run"
     process = torchrun([*common, "--checkpoint-interval", "5"], run)
-    while not (run / "ckpt.pt").exists() and process.poll() is None:
+    while process.poll() is None and max(losses(run), default=0) < 7:
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=60)
-    killed_at = max(losses(run), default=0)
+    kill_tree(process)
+    killed_at = max(losses(run))
     assert killed_at < MAX_STEPS, "the run finished before it could be killed; raise MAX_STEPS"
+    resumed_from = torch.load(run / "ckpt.pt", weights_only=True)["step"]
+    assert resumed_from < killed_at  # some trained steps were lost with the process
+    time.sleep(1)
+    assert max(losses(run)) == killed_at  # and nothing of the killed run trains on
     finish(torchrun([*common, "--checkpoint-interval", "5", "--resume"], run), run)
     assert losses(run) == losses(full)
 
