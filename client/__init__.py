@@ -17,6 +17,7 @@ from client.errors import (
     ChecksumError,
     ClientRequestError,
     HTTPStatusError,
+    JobReplaced,
     MixerClientError,
     RequestError,
     ServerError,
@@ -40,6 +41,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ChecksumError",
+    "JobReplaced",
     "ClientRequestError",
     "HTTPStatusError",
     "MixerClient",

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
+from client.errors import JobReplaced
 from client.http import MixerClient
 
 THREAD_PREFIX = "mixer-prefetch"
@@ -64,6 +65,7 @@ class MixerLoader:
         self.job, self.end_step, self.prefetch, self.compression = job, end_step, prefetch, compression
         self.boundaries = boundaries
         self._pin = pin_memory and torch.cuda.is_available()  # pinning needs a CUDA driver; no-op on CPU
+        self._incarnation: str | None = None  # of the first batch: every later one must match
         self._next_step = start_step  # the next step __next__ returns
         self._submitted = start_step  # the next step to hand to the pool
         self._pending: deque[Future[dict[str, Any]]] = deque()
@@ -88,19 +90,34 @@ class MixerLoader:
         except BaseException:
             self._restart(self._next_step)  # drop the look-ahead; the next call fetches this step again
             raise
+        self._check_incarnation(batch.pop("incarnation", None))
         self._next_step += 1
         self._fill()  # keep the pipeline full while the trainer computes on this batch
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Where to resume: the step the next ``__next__`` would return."""
-        return {"next_step": self._next_step, "job": self.job}
+        """Where to resume: the step the next ``__next__`` would return, and which job incarnation."""
+        return {"next_step": self._next_step, "job": self.job, "incarnation": self._incarnation}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a ``state_dict()``; batches already prefetched are discarded."""
         if state["job"] != self.job:
             raise ValueError(f"state is for job {state['job']!r}, this loader reads {self.job!r}")
+        self._incarnation = state.get("incarnation")
         self._restart(int(state["next_step"]))
+
+    def _check_incarnation(self, incarnation: str | None) -> None:
+        if incarnation is None:
+            return
+        if self._incarnation is None:
+            self._incarnation = incarnation
+        elif incarnation != self._incarnation:
+            self._restart(self._next_step)
+            raise JobReplaced(
+                f"job {self.job!r} was deleted and recreated under the same id: step {self._next_step} "
+                f"comes from incarnation {incarnation}, this run from {self._incarnation}; start a new run "
+                "(or load a checkpoint of the new job) instead of mixing the two",
+                expected=self._incarnation, got=incarnation)
 
     def close(self) -> None:
         """Cancel queued fetches, wait for running ones, stop the threads (idempotent)."""
@@ -196,7 +213,8 @@ def _fetch(client: MixerClient, job: str, step: int, rank: int, world: int, comp
         extra["max_seqlen"] = max_seqlen
     if pin:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
-    return tensors | extra | {"step": step, "sources": list(batch.header["sources"])}
+    return tensors | extra | {"step": step, "sources": list(batch.header["sources"]),
+                              "incarnation": batch.header.get("incarnation")}
 
 
 def document_positions(boundaries: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor, int]:

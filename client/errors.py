@@ -5,7 +5,8 @@ MixerClientError
 ├── HTTPStatusError       the service answered with an error status (problem+json ``detail`` kept)
 │   ├── ClientRequestError    4xx: the request itself is wrong (token, job, step), so retrying cannot help
 │   └── ServerError           5xx on every retry
-└── ChecksumError         every answer failed verification (corrupt payload, or not the batch asked for)
+├── ChecksumError         every answer failed verification (corrupt payload, or not the batch asked for)
+└── JobReplaced           the job id now names another job (deleted and recreated): its steps are not yours
 
 Every error carries ``attempts``: how many requests were sent before giving up, so callers and tests can
 tell a fail-fast error (1) from one that survived the whole retry budget.
@@ -50,6 +51,17 @@ class ClientRequestError(HTTPStatusError):
 
 class ServerError(HTTPStatusError):
     """A 5xx (every 503 is retried: store down or behind, source unavailable) that outlived every retry."""
+
+
+class JobReplaced(MixerClientError):
+    """Batches of one run came from two incarnations of the job id: it was deleted and recreated.
+
+    Steps of the new job would silently continue the old run's data order, so the loader stops instead.
+    """
+
+    def __init__(self, message: str, *, expected: str, got: str) -> None:
+        super().__init__(message, attempts=1)
+        self.expected, self.got = expected, got
 
 
 class ChecksumError(MixerClientError):

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from client import (
     ChecksumError,
     ClientRequestError,
+    JobReplaced,
     MixerClient,
     MixerDataset,
     MixerLoader,
@@ -121,7 +122,9 @@ def test_resume_from_state_dict_yields_identical_batches(server):
             if batch["step"] == 4:
                 state = loader.state_dict()
     assert [b["step"] for b in first] == list(range(10))
-    assert state == {"next_step": 5, "job": job}
+    described = httpx.get(f"{server.url}/v1/jobs/{job}", headers={"Authorization": f"Bearer {READER}"})
+    incarnation = described.json()["incarnation"]
+    assert state == {"next_step": 5, "job": job, "incarnation": incarnation}
     buf = io.BytesIO()
     torch.save({"data": [state]}, buf)  # the trainer's checkpoint loads with weights_only=True
     buf.seek(0)
@@ -415,3 +418,23 @@ def test_a_loader_under_torchrun_env_reads_only_its_rows(server, monkeypatch):
     half = JOB["global_batch"] // 2
     for step in range(2):
         assert torch.equal(mine[step]["input_ids"], whole[step]["input_ids"][half:])
+
+
+def test_a_job_recreated_under_the_same_id_stops_the_loader(sources_dir, tmp_path):
+    """The store was wiped and the job recreated: its steps are another job's, so the run must not go on."""
+    port = free_port()
+    body = {"job_id": "spt", "config": JOB, "schedule": SCHEDULE}
+    with Server(sources_dir, tmp_path / "before", port) as srv:
+        assert httpx.post(f"{srv.url}/v1/jobs", json=body).status_code == 201
+        loader = MixerLoader(srv.url, "spt", end_step=10, prefetch=1)
+        first = [next(loader)["step"] for _ in range(3)]
+    with Server(sources_dir, tmp_path / "after", port) as srv:  # fresh state: a new incarnation of "spt"
+        assert httpx.post(f"{srv.url}/v1/jobs", json=body).status_code == 201
+        try:
+            with pytest.raises(JobReplaced, match="recreated") as raised:
+                next(loader)
+            state = loader.state_dict()
+        finally:
+            loader.close()
+    assert first == [0, 1, 2] and state["next_step"] == 3, "the refused step is not skipped"
+    assert raised.value.expected == state["incarnation"] != raised.value.got
