@@ -157,6 +157,8 @@ def cmd_status(api: MixerClient, args: argparse.Namespace) -> int:
 
 
 def _job_summary(job: dict[str, Any]) -> dict[str, Any]:
+    if "error" in job:  # listed by the service with why this replica cannot serve it
+        return {"job_id": job["job_id"], "error": job["error"]}
     return {"job_id": job["job_id"], "schedule_version": job["schedule_version"],
             "served_high_water": job["served_high_water"], "trained_step": job["trained_step"],
             "total_steps": job["config"]["total_steps"], "tokens_through_high_water": _tokens_total(job)}
@@ -165,6 +167,8 @@ def _job_summary(job: dict[str, Any]) -> dict[str, Any]:
 def _jobs_table(jobs: list[dict[str, Any]]) -> str:
     rows = [[j["job_id"], ",".join(s["name"] for s in j["config"]["sources"]), j["schedule_version"],
              j["served_high_water"], j["trained_step"], j["config"]["total_steps"], _tokens_total(j)]
+            if "error" not in j else
+            [j["job_id"], f"UNAVAILABLE: {j['error']['detail']}", "", "", "", "", ""]
             for j in jobs]
     return table(["JOB", "SOURCES", "VERSION", "SERVED", "TRAINED", "TOTAL", "TOKENS"], rows)
 

@@ -241,3 +241,26 @@ def test_helpers():
         [2, 2, 2, 3, 4, 4, 2, 2, 2, 5, 5]
     assert table(["NAME", "N"], [["a", 1], ["bb", 1000]]).splitlines() == ["NAME      N", "a         1",
                                                                          "bb    1,000"]
+
+
+def test_jobs_and_status_list_a_job_this_replica_cannot_serve(tmp_path, monkeypatch, capsys):
+    """A job whose source is gone is shown with why, and the others still are (it used to fail the list)."""
+    sources = prepare_real_sources(tmp_path / "sources", domain_docs=100, web_docs=20)
+    state = tmp_path / "state"
+    with Server(sources, state) as srv:
+        for job_id, config, weights in (("broken", JOB | {"allow_wrap": True}, {"abc": 0.1, "sotu": 0.9}),
+                                        ("fine", JOB | {"sources": [{"name": "abc", "role": "repeat"}]},
+                                         {"abc": 1})):
+            body = {"job_id": job_id, "config": config,
+                    "schedule": {"phases": [{"start_step": 0, "weights": weights}]}}
+            assert httpx.post(f"{srv.url}/v1/jobs", json=body).status_code == 201
+    (sources / "sotu" / "meta.json").unlink()
+    with Server(sources, state) as srv:
+        monkeypatch.setenv("MIXER_URL", srv.url)
+        capsys.readouterr()
+        assert main(["jobs"]) == 0
+        rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+        assert "UNAVAILABLE" in rows["broken"] and "sotu" in rows["broken"] and "abc" in rows["fine"]
+        main(["status", "--json"])
+        listed = {j["job_id"]: j for j in json.loads(capsys.readouterr().out)["jobs"]}
+        assert "sotu" in listed["broken"]["error"]["detail"] and listed["fine"]["schedule_version"] == 1
