@@ -41,7 +41,7 @@ from mixer_service.sources.images import INDEX_DTYPE, ImageSource, prepare_image
 
 ROOT = Path(__file__).resolve().parents[1]
 N_GRID = (1000, 2000, 4000, 8000, 16000)
-Q_GRID = (2, 5, 10, 25, 50, 90)
+Q_GRID = (2, 5, 10, 25, 90)
 BUDGETS = (400_000, 1_000_000, 2_500_000)
 NAIVE_QUALITY = 75  # Pillow's default: what one gets without thinking about the budget
 LINE_QUALITIES = (2, 10, 25, NAIVE_QUALITY)  # fixed levels measured along every budget line (+ lossless)
@@ -147,7 +147,7 @@ def largest_n(sizes: EncodedSizes, quality: int, budget: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~1-minute smoke run, writes under --out only")
-    parser.add_argument("--min-steps", type=int, default=1000)
+    parser.add_argument("--min-steps", type=int, default=600)
     parser.add_argument("--out", type=Path, default=ROOT / "runs/storage_experiment")
     parser.add_argument("--figure", type=Path, help="PNG path (default: docs/, --quick: --out)")
     args = parser.parse_args()
