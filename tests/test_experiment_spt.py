@@ -42,8 +42,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = root / "out"
     argv = ["--preset", "gpt-tiny", "--seq-len", "33", "--steps", "10", "--batch", "4", "--deltas", "0,0.1",
             "--curve-points", "2", "--ft-max-epochs", "2", "--ft-lrs", "1e-3,4e-3", "--domain-tokens", "800",
-            "--val-seqs", "16", "--threads", "1", "--seeds", "0,1", "--raw", str(root / "raw"), "--work", str(root / "work"),
-            "--out", str(out)]
+            "--val-seqs", "16", "--threads", "1", "--seeds", "0,1", "--raw", str(root / "raw"),
+            "--work", str(root / "work"), "--out", str(out)]
     assert spt.main(argv) == 0
     return out, json.loads((out / "results.json").read_text())
 
