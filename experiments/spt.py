@@ -41,11 +41,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
 
-from client import MixerLoader
+from client import MixerClient, MixerLoader
 from mixer_service.prepare.tokenizer import TextTokenizer, load_tokenizer
 from trainer.evaluate import evaluate
 from trainer.finetune import FinetuneConfig, epoch_batches, finetune
@@ -293,14 +292,14 @@ def _post_ft_curve(snapshots: dict[int, dict[str, torch.Tensor]], model: GPT, gr
 
 def _service_stats(url: str, job: str, reference: bool) -> dict[str, Any]:
     """What the service says was served: tokens per source, and how often the domain set was repeated."""
-    info = httpx.get(f"{url}/v1/jobs/{job}", timeout=30).json()
-    stats: dict[str, Any] = {"tokens_through_high_water": info.get("tokens_through_high_water")}
-    if not reference:
-        reps = httpx.get(f"{url}/v1/jobs/{job}/repetitions", params={"source": DOMAIN}, timeout=30).json()
-        hist = httpx.get(f"{url}/v1/jobs/{job}/repetitions/histogram", params={"source": DOMAIN},
-                         timeout=30).json()
-        stats["domain_repetitions"] = {k: reps[k] for k in ("mean", "min", "max", "epoch", "epoch_progress")}
-        stats["domain_repetition_histogram"] = hist["histogram"]
+    with MixerClient(url) as client:
+        info = client.job(job)
+        stats: dict[str, Any] = {"tokens_through_high_water": info.get("tokens_through_high_water")}
+        if not reference:
+            reps = client.repetitions(job, source=DOMAIN)
+            fields = ("mean", "min", "max", "epoch", "epoch_progress")
+            stats["domain_repetitions"] = {k: reps[k] for k in fields}
+            stats["domain_repetition_histogram"] = client.repetition_histogram(job, source=DOMAIN)
     return stats
 
 
