@@ -60,8 +60,8 @@ def spt_body(n_runs: int, bootstrap: int = 0) -> dict:
 def small_server(sources_dir, tmp_path_factory):
     from conftest import free_port
 
-    env = {"MIXER_PLAN_MAX_RUNS": "50", "MIXER_PLAN_MAX_BOOTSTRAP": "5", "MIXER_PLAN_MAX_POINTS": "10"}
-    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), free_port(), env=env).start()
+    limits = ["--plan-max-runs", "50", "--plan-max-bootstrap", "5", "--plan-max-points", "10"]
+    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), free_port(), extra_args=limits).start()
     yield srv
     srv.stop()
 

@@ -52,6 +52,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     limits.add_argument("--max-in-flight", type=int, default=256,
                         help="requests at once before a problem+json 503 with Retry-After (probes exempt); "
                         "uvicorn's own connection cap is 4x this")
+    limits.add_argument("--plan-max-runs", type=int, default=None,
+                        help="pilot runs (and finetune points) per /v1/plan/spt request (413 beyond; "
+                        "default 1000, or MIXER_PLAN_MAX_RUNS)")
+    limits.add_argument("--plan-max-points", type=int, default=None,
+                        help="grid points per /v1/plan/storage request (default 1000, or "
+                        "MIXER_PLAN_MAX_POINTS)")
+    limits.add_argument("--plan-max-bootstrap", type=int, default=None,
+                        help="bootstrap refits per plan request (default 200, or MIXER_PLAN_MAX_BOOTSTRAP)")
     limits.add_argument("--timeout-keep-alive", type=float, default=30.0,
                         help="seconds an idle keep-alive connection is kept open")
     p.add_argument(
@@ -125,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
                  "max_in_flight"):
         if getattr(args, name) < 1:
             raise InvalidInput(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    for name in ("plan_max_runs", "plan_max_points", "plan_max_bootstrap"):
+        if getattr(args, name) is not None:  # the plan routes read these at import, in every worker
+            os.environ[f"MIXER_{name.upper()}"] = str(getattr(args, name))
     os.environ["MIXER_LIMITS"] = json.dumps({n: getattr(args, n) for n in (
         "max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads", "max_in_flight")})
     if args.sources_dir is None and not args.sources_url:
