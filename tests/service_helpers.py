@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
+from mixer_service.prepare.meta import META_FILE, OFFSETS_FILE, IndexBlocks, MetaFile
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import load_tokenizer
 from mixer_service.prepare.writer import prepare_source
@@ -47,3 +49,10 @@ def etag_of(url: str, job: str, headers: dict[str, str] | None = None) -> str:
 
 
 Server = ServerProcess  # tests say Server(sources, state, port, redis_url=..., env=...)
+
+
+def reblock(directory: Path, entries: int) -> None:
+    """Re-describe a prepared source's index in blocks of ``entries`` (the fingerprint does not change)."""
+    info = MetaFile.load(directory)
+    blocks = IndexBlocks.of_file(directory / OFFSETS_FILE, entries)
+    (directory / META_FILE).write_text(dataclasses.replace(info, doc_index=blocks).to_json())

@@ -28,6 +28,7 @@ from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.source import PreparedSource
 from mixer_service.prepare.tokenizer import ByteTokenizer, load_tokenizer
 from mixer_service.prepare.writer import prepare_source
+from mixer_service.sources.doc_index import DocIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "data" / "tokenizer"
@@ -258,7 +259,7 @@ def cache_files(directory: Path) -> list[Path]:
 
 def test_open_reads_no_shard_and_caches_each_on_first_use(abc_tunes: list[str], tmp_path: Path) -> None:
     src = prepare(abc_tunes, tmp_path / "src", shard_tokens=20_000)
-    assert isinstance(src.doc_offsets, np.memmap)
+    assert isinstance(src.doc_offsets, DocIndex)  # memory-mapped, verified block by block
     assert src.doc_offsets.dtype == np.int64 and src.doc_offsets.shape == (len(abc_tunes) + 1,)
     cache = tmp_path / "src" / ".cache" / "shards"
     fresh = PreparedSource.open(tmp_path / "src")

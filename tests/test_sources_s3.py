@@ -3,12 +3,13 @@ shards fetched on demand into a bounded LRU cache, verified on arrival, retried 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from service_helpers import JOB, SCHEDULE, Server
+from service_helpers import JOB, SCHEDULE, Server, reblock
 
 from mixer_service import wire
 from mixer_service.engine import JobConfig, MixingEngine, Schedule
@@ -158,3 +159,17 @@ def test_prefetch_ahead_means_steady_steps_never_fetch(s3, many_shards, tmp_path
         engine.batch(step + 1)
         assert cache.stats.fetches == fetches, f"step {step + 1} waited on a fetch"
     assert cache.stats.fetches > 2  # the steps did move across shards
+
+
+def test_the_document_index_is_read_in_verified_blocks_by_ranged_gets(s3, many_shards, tmp_path) -> None:
+    """Nothing of the index is downloaded at open; a lookup fetches the one block it needs (HTTP Range)."""
+    source = Path(shutil.copytree(many_shards, tmp_path / "abc"))
+    reblock(source, 16)
+    upload(s3, source, "blocked/abc")
+    local = PreparedSource.open(source, cache_dir=tmp_path / "local-cache")
+    remote = PreparedSource.open_remote(S3Origin(s3_client(s3), BUCKET, "blocked/abc"), tmp_path / "index",
+                                        ShardCache(tmp_path / "cache"))
+    assert remote.doc_offsets.verified_blocks == 0 and len(local.doc_offsets) > 16 * 8
+    np.testing.assert_array_equal(remote.document(100), local.document(100))
+    assert remote.doc_offsets.verified_blocks == 1
+    np.testing.assert_array_equal(np.asarray(remote.doc_offsets), np.asarray(local.doc_offsets))

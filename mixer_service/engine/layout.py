@@ -32,8 +32,9 @@ class TokenSource(Protocol):
         """1-D, every document followed by its EOS: an array, or shards loaded when sliced."""
 
     @property
-    def doc_offsets(self) -> np.ndarray:
-        """int64, num_docs + 1."""
+    def doc_offsets(self) -> Any:
+        """int64, num_docs + 1: an array, or anything indexing and ``searchsorted`` like one
+        (``sources.DocIndex`` verifies the blocks it reads)."""
 
     @property
     def shard_offsets(self) -> np.ndarray:
@@ -145,7 +146,7 @@ class SourceLayout:
         offsets = self.source.doc_offsets
         out: list[Span] = []
         for lo, hi in pieces:
-            doc = int(np.searchsorted(offsets, lo, side="right")) - 1
+            doc = int(offsets.searchsorted(lo, side="right")) - 1
             while lo < hi:
                 doc_end = int(offsets[doc + 1])
                 take = min(hi, doc_end) - lo

@@ -3,7 +3,8 @@
 Layout of a prepared source directory::
 
     meta.json          written last; its presence marks the directory complete
-    doc_offsets.npy    int64[num_docs + 1], offsets into the token stream; doc i = [o[i], o[i+1]) incl. EOS
+    doc_offsets.npy    int64[num_docs + 1], offsets into the token stream; doc i = [o[i], o[i+1]) incl. EOS;
+                       hashed whole (the fingerprint) and in blocks (``doc_index_blocks``: verified lazily)
     tokens-00000.zst   zstd-compressed little-endian token ids (uint16 or uint32), split at shard_tokens
     .cache/shards/     decompressed, verified shards, made on first use (not part of the source; see
                        mixer_service.sources.cache)
@@ -26,6 +27,7 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 OFFSETS_FILE = "doc_offsets.npy"
 DTYPES = ("uint16", "uint32")
+INDEX_BLOCK_ENTRIES = 1 << 20  # 8 MiB of index a block: one sha256 costs ~5 ms, one ranged GET fetches it
 
 
 def shard_file_name(index: int) -> str:
@@ -67,6 +69,55 @@ class ShardInfo:
 
 
 @dataclass(frozen=True)
+class IndexBlocks:
+    """Per-block hashes of a document index, so a reader verifies (or fetches) only the blocks it uses.
+
+    Block ``b`` holds entries ``[b * entries, (b + 1) * entries)``; its hash covers those entries *and* the
+    next block's first one, so a verified block alone proves that every value it brackets lies inside it
+    (a binary search needs no other block). ``firsts[b]`` (entry ``b * entries``) routes a search to its
+    block without reading the index; a block is only used after its data is checked to agree with them.
+    ``data_offset`` is where entry 0 starts in the ``.npy`` file (for ranged reads).
+    """
+
+    entries: int
+    data_offset: int
+    firsts: tuple[int, ...]
+    sha256: tuple[str, ...]
+
+    def span(self, block: int, num_entries: int) -> tuple[int, int]:
+        """Entries ``[a, b)`` the hash of ``block`` covers (one past the block, except for the last)."""
+        a = block * self.entries
+        return a, min(a + self.entries + 1, num_entries)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"entries": self.entries, "data_offset": self.data_offset, "firsts": list(self.firsts),
+                "sha256": list(self.sha256)}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], num_entries: int) -> IndexBlocks:
+        """Parse and check the shape: one first offset and one hash per block, firsts increasing from 0."""
+        blocks = cls(int(obj["entries"]), int(obj["data_offset"]), tuple(int(f) for f in obj["firsts"]),
+                     tuple(str(h) for h in obj["sha256"]))
+        count = -(-num_entries // blocks.entries) if blocks.entries > 0 else -1
+        firsts = np.asarray(blocks.firsts, dtype=np.int64)
+        if (blocks.data_offset < 0 or len(blocks.firsts) != count or len(blocks.sha256) != count
+                or firsts[0] != 0 or np.any(np.diff(firsts) <= 0)):
+            raise ValueError("doc_index_blocks does not describe the document index")
+        return blocks
+
+    @classmethod
+    def of_file(cls, path: Path, entries: int = INDEX_BLOCK_ENTRIES) -> IndexBlocks:
+        """Hash the index in ``path`` block by block: O(index), once, when the index is written."""
+        offsets = np.load(path, mmap_mode="r")
+        firsts, hashes = [], []
+        for a in range(0, len(offsets), entries):
+            firsts.append(int(offsets[a]))
+            block = np.ascontiguousarray(offsets[a:a + entries + 1])
+            hashes.append(hashlib.sha256(block.data).hexdigest())
+        return cls(entries, int(offsets.offset), tuple(firsts), tuple(hashes))
+
+
+@dataclass(frozen=True)
 class SourceMeta:
     """What the rest of the service needs to know about a prepared source."""
 
@@ -90,6 +141,7 @@ class MetaFile:
     tokens_sha256: str
     doc_offsets_sha256: str
     skipped_empty_docs: int
+    doc_index: IndexBlocks | None = None  # sources prepared before per-block hashes: verified whole at open
 
     def to_json(self) -> str:
         """Deterministic serialization (sorted keys, no time or absolute paths)."""
@@ -112,6 +164,8 @@ class MetaFile:
             "skipped_empty_docs": self.skipped_empty_docs,
             "shards": [vars(sh) for sh in self.shards],
         }
+        if self.doc_index is not None:
+            obj["doc_index_blocks"] = self.doc_index.to_json()
         return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -146,6 +200,8 @@ class MetaFile:
                 tokens_sha256=str(obj["tokens_sha256"]),
                 doc_offsets_sha256=str(obj["doc_offsets_sha256"]),
                 skipped_empty_docs=int(obj.get("skipped_empty_docs", 0)),
+                doc_index=(IndexBlocks.from_json(obj["doc_index_blocks"], int(obj["num_docs"]) + 1)
+                           if "doc_index_blocks" in obj else None),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptData(f"{path}: invalid meta.json ({exc})") from exc

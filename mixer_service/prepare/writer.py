@@ -27,6 +27,7 @@ from mixer_service.errors import Conflict, InvalidInput
 from mixer_service.prepare.meta import (
     META_FILE,
     OFFSETS_FILE,
+    IndexBlocks,
     MetaFile,
     ShardInfo,
     SourceMeta,
@@ -273,6 +274,7 @@ def prepare_source(
             tokens_sha256=stream_sha,
             doc_offsets_sha256=offsets_sha,
             skipped_empty_docs=skipped,
+            doc_index=IndexBlocks.of_file(tmp / OFFSETS_FILE),
         )
         (tmp / META_FILE).write_text(meta.to_json())
         _fsync(tmp / META_FILE)

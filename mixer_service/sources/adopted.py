@@ -35,10 +35,11 @@ import numpy as np
 import zstandard
 
 from mixer_service.errors import CorruptData, InvalidInput
-from mixer_service.prepare.meta import DTYPES, SourceMeta, content_fingerprint
+from mixer_service.prepare.meta import DTYPES, IndexBlocks, SourceMeta, content_fingerprint
 from mixer_service.sources.cache import Shard, ShardCache
+from mixer_service.sources.doc_index import DocIndex
 from mixer_service.sources.origins import LocalOrigin
-from mixer_service.sources.prepared import ShardedSource, _write_atomic, as_verify_mode
+from mixer_service.sources.prepared import ShardedSource, _write_atomic, as_verify_mode, open_doc_index
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,7 @@ def adopt(directory: Path, *, force: bool = False) -> dict:
                                            offsets_hash.hexdigest()),
         "tokens_sha256": stream.hexdigest(), "doc_offsets_sha256": offsets_hash.hexdigest(),
         "num_docs": int(doc_offsets.size - 1), "num_tokens": int(base), "block_tokens": BLOCK_TOKENS,
-        "parts": parts,
+        "parts": parts, "doc_index_blocks": IndexBlocks.of_file(directory / OFFSETS).to_json(),
     }
     _write_atomic(record_path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     log.info("adopted %s: %d docs, %d tokens in %.1fs", directory, record["num_docs"], base,
@@ -378,6 +379,26 @@ class _InPlaceBlocks:
         return array
 
 
+def _open_index(path: Path, meta: SourceMeta, record: dict, mode: VerifyMode) -> np.ndarray | DocIndex:
+    """Verified block by block on use; a record written before per-block hashes: hashed whole now."""
+    if "doc_index_blocks" in record:
+        try:
+            blocks = IndexBlocks.from_json(record["doc_index_blocks"], meta.num_docs + 1)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptData(f"{path.parent / RECORD}: invalid doc_index_blocks ({exc})") from exc
+        return open_doc_index(path, meta, blocks, mode)
+    try:
+        offsets = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise CorruptData(f"{path}: unreadable document index ({exc})") from exc
+    if offsets.dtype != np.dtype("<i8") or offsets.shape != (meta.num_docs + 1,):
+        raise CorruptData(f"{path}: does not match {RECORD}")
+    if mode != VerifyMode.OFF and hashlib.sha256(memoryview(offsets)).hexdigest() != \
+            record["doc_offsets_sha256"]:
+        raise CorruptData(f"{path}: document index hash mismatch (corrupt or edited)")
+    return offsets
+
+
 class AdoptedSource(ShardedSource):
     """An adopted corpus served like a prepared source (same fingerprint for the same documents)."""
 
@@ -389,16 +410,11 @@ class AdoptedSource(ShardedSource):
         m = Manifest.load(directory)
         try:
             record = adopt(directory)
-            offsets = np.load(directory / OFFSETS, mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise CorruptData(f"{directory}: cannot adopt ({exc})") from exc
-        if offsets.dtype != np.dtype("<i8") or offsets.shape != (record["num_docs"] + 1,):
-            raise CorruptData(f"{directory / OFFSETS}: does not match {RECORD}")
-        if mode != VerifyMode.OFF and hashlib.sha256(memoryview(offsets)).hexdigest() != \
-                record["doc_offsets_sha256"]:
-            raise CorruptData(f"{directory / OFFSETS}: document index hash mismatch (corrupt or edited)")
         meta = SourceMeta(m.name, record["fingerprint"], m.tokenizer_fingerprint, m.vocab_size, m.eos_id,
                           m.dtype, record["num_docs"], record["num_tokens"], directory)
+        offsets = _open_index(directory / OFFSETS, meta, record, mode)
         dtype = np.dtype(m.dtype).newbyteorder("<")
         parts = record["parts"]
         if m.format == "mds":

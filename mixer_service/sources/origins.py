@@ -1,11 +1,13 @@
 """Where a source's files live: a local directory, or a prefix in an S3-compatible object store.
 
-An origin only hands out whole files (a shard is fetched once, then cached); every failure names the file.
+An origin hands out whole files (a shard is fetched once, then cached) and byte ranges (a block of a
+document index); every failure names the file.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +23,10 @@ class Origin(Protocol):
 
     def read(self, name: str) -> bytes:
         """The whole file ``name``; a missing or unreachable file raises a ``MixerError`` naming it."""
+        ...
+
+    def read_range(self, name: str, start: int, stop: int) -> bytes:
+        """Bytes ``[start, stop)`` of ``name`` (fewer only when the file is shorter)."""
         ...
 
     def describe(self, name: str) -> str:
@@ -41,6 +47,13 @@ class LocalOrigin:
     def read(self, name: str) -> bytes:
         try:
             return (self.directory / name).read_bytes()
+        except OSError as exc:
+            raise CorruptData(f"{self.directory / name}: cannot read ({exc.strerror or exc})") from exc
+
+    def read_range(self, name: str, start: int, stop: int) -> bytes:
+        try:
+            with open(self.directory / name, "rb") as fh:
+                return os.pread(fh.fileno(), stop - start, start)
         except OSError as exc:
             raise CorruptData(f"{self.directory / name}: cannot read ({exc.strerror or exc})") from exc
 
@@ -78,12 +91,18 @@ class S3Origin:
         return None  # a HEAD per readiness probe per file would cost a round trip each; shards are hashed
 
     def read(self, name: str) -> bytes:
+        return self._get(name)
+
+    def read_range(self, name: str, start: int, stop: int) -> bytes:
+        return self._get(name, Range=f"bytes={start}-{stop - 1}")
+
+    def _get(self, name: str, **extra: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
 
         delay = self.backoff_s
         for attempt in range(1, self.attempts + 1):
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
+                return self.client.get_object(Bucket=self.bucket, Key=self.key(name), **extra)["Body"].read()
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "")
                 if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403"):

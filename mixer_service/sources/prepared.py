@@ -1,8 +1,9 @@
 """A prepared source (see ``prepare.meta`` for the layout) opened for O(1) random access to documents.
 
-Opening reads ``meta.json`` and memory-maps the document index (8 bytes a document); no shard is touched,
-so the time to open does not grow with the corpus. Each shard is fetched, decompressed and verified into a
-``ShardCache`` the first time a batch needs it. Files that change under a running server are reported by
+Opening reads ``meta.json`` and memory-maps the document index (8 bytes a document, verified block by
+block on first use: ``doc_index.DocIndex``); no shard is touched, so the time to open does not grow with
+the corpus. Each shard is fetched, decompressed and verified into a ``ShardCache`` the first time a batch
+needs it. Files that change under a running server are reported by
 ``problems()`` (a stat per file, for ``/v1/ready``) and by ``changed()`` (one stat, per request).
 """
 
@@ -20,8 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from mixer_service.errors import CorruptData, MixerError, NotFound
-from mixer_service.prepare.meta import META_FILE, OFFSETS_FILE, MetaFile, SourceMeta, content_fingerprint
+from mixer_service.prepare.meta import (
+    META_FILE,
+    OFFSETS_FILE,
+    IndexBlocks,
+    MetaFile,
+    SourceMeta,
+    content_fingerprint,
+)
 from mixer_service.sources.cache import Shard, ShardCache
+from mixer_service.sources.doc_index import DocIndex, Fetch, sparse_index_file
 from mixer_service.sources.origins import LocalOrigin, Origin
 from mixer_service.sources.tokens import ShardedTokens
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
@@ -47,7 +56,7 @@ class ShardedSource:
     memory-mapped document index, and change detection for the files read in place."""
 
     def __init__(self, meta: SourceMeta, shard_offsets: np.ndarray, load: Callable[[int], np.ndarray],
-                 doc_offsets: np.ndarray, index_files: tuple[Path, ...],
+                 doc_offsets: np.ndarray | DocIndex, index_files: tuple[Path, ...],
                  watched: dict[Path, FileStamp | None]) -> None:
         self.meta = meta
         self.tokens = ShardedTokens(shard_offsets, np.dtype(meta.dtype).newbyteorder("<"), self._guard(load))
@@ -95,20 +104,24 @@ class ShardedSource:
         """Why this source can no longer be served (a stat of each index file), or None.
 
         Shards need no check here: each is hashed when it enters the cache and re-hashed when its cached
-        file changes, so only the index files, read in place, can change unseen.
+        file changes, so only the index files, read in place, can change unseen (a remote index's local
+        copy is a cache too: changed under us, its blocks are checked again before use).
         """
+        if isinstance(self.doc_offsets, DocIndex):
+            self.doc_offsets.refresh()
         for path in self._index_files:
             if FileStamp.of(path) != self._stamps[path]:
                 return f"source {self.meta.name!r}: {path} was removed or changed under this server"
         return None
 
     def problems(self) -> list[str]:
-        """Every file of this source that is missing or changed since open, plus shards that failed to load.
+        """Every file of this source that is missing or changed since open, plus shards and index blocks that
+        failed to load.
 
         A stat per file; a file whose stamp changed is re-verified against the hash this source expects,
         and accepted again when it matches (a shard put back from a backup is fine).
         """
-        out = [f"source {self.meta.name!r}: {why}" for why in self.faults.values()]
+        out = []
         for path, stamp in list(self._stamps.items()):
             now = FileStamp.of(path)
             if now == stamp:
@@ -118,18 +131,22 @@ class ShardedSource:
                 continue
             what = "was removed" if now is None else "changed"
             out.append(f"source {self.meta.name!r}: {path} {what} under this server")
-        return out
+        index_faults = self.doc_offsets.faults if isinstance(self.doc_offsets, DocIndex) else {}
+        failed = [*self.faults.values(), *index_faults.values()]
+        return [f"source {self.meta.name!r}: {why}" for why in failed] + out
 
     def _still_valid(self, path: Path) -> bool:
-        """Whether a changed file still holds exactly the bytes this source was opened with."""
-        return False
+        """Whether a changed file still holds exactly the bytes this source was opened with (for the
+        block-verified index: the blocks in use; the others are checked on their next use)."""
+        return isinstance(self.doc_offsets, DocIndex) and path == self.doc_offsets.path \
+            and self.doc_offsets.revalidate()
 
 
 class PreparedSource(ShardedSource):
     """Tokens (lazily loaded shards) plus the memory-mapped document offsets of one prepared source."""
 
     def __init__(self, meta: SourceMeta, info: MetaFile, origin: Origin, index_dir: Path,
-                 doc_offsets: np.ndarray, cache: ShardCache) -> None:
+                 doc_offsets: np.ndarray | DocIndex, cache: ShardCache) -> None:
         self.info = info
         self.origin = origin
         self.cache = cache
@@ -143,8 +160,9 @@ class PreparedSource(ShardedSource):
             if stamp is not None:
                 watched[Path(origin.describe(sh.file))] = stamp
         self._index_dir = index_dir
-        super().__init__(meta, offsets, self._load_shard, doc_offsets,
-                         (index_dir / META_FILE, index_dir / OFFSETS_FILE), watched)
+        cached_index = isinstance(doc_offsets, DocIndex) and doc_offsets.is_cache
+        index_files = (index_dir / META_FILE,) + (() if cached_index else (index_dir / OFFSETS_FILE,))
+        super().__init__(meta, offsets, self._load_shard, doc_offsets, index_files, watched)
 
     @classmethod
     def open(cls, path: Path | str, cache_dir: Path | None = None, *,
@@ -162,23 +180,37 @@ class PreparedSource(ShardedSource):
     @classmethod
     def open_remote(cls, origin: Origin, index_dir: Path, cache: ShardCache,
                     verify: bool | str | VerifyMode = DEFAULT_VERIFY) -> PreparedSource:
-        """Open a source whose files live in ``origin``: ``meta.json`` and the document index are copied
-        into ``index_dir`` (the index must be local to be memory-mapped); shards stay remote until used."""
+        """Open a source whose files live in ``origin``: ``meta.json`` is copied into ``index_dir``, and the
+        document index becomes a sparse local file whose blocks are fetched (ranged reads) and verified on
+        first use; shards stay remote until used. A source prepared before per-block index hashes has its
+        index copied whole."""
         index_dir = Path(index_dir)
         index_dir.mkdir(parents=True, exist_ok=True)
-        for name in (OFFSETS_FILE, META_FILE):  # meta last: its presence marks a complete copy
-            _write_atomic(index_dir / name, origin.read(name))
-        return cls._open(origin, index_dir, cache, as_verify_mode(verify))
+        _write_atomic(index_dir / META_FILE, origin.read(META_FILE))
+        info = MetaFile.load(index_dir)
+        if info.doc_index is None:
+            _write_atomic(index_dir / OFFSETS_FILE, origin.read(OFFSETS_FILE))
+        else:
+            header = origin.read_range(OFFSETS_FILE, 0, info.doc_index.data_offset)
+            sparse_index_file(index_dir / OFFSETS_FILE, header, info.source.num_docs + 1)
+        return cls._open(origin, index_dir, cache, as_verify_mode(verify), remote=True)
 
     @classmethod
-    def _open(cls, origin: Origin, index_dir: Path, cache: ShardCache, mode: VerifyMode) -> PreparedSource:
+    def _open(cls, origin: Origin, index_dir: Path, cache: ShardCache, mode: VerifyMode,
+              remote: bool = False) -> PreparedSource:
         info = MetaFile.load(index_dir)
         meta = info.source
         if mode != VerifyMode.OFF and meta.fingerprint != content_fingerprint(
                 meta.tokenizer_fingerprint, meta.dtype, info.tokens_sha256, info.doc_offsets_sha256):
             raise CorruptData(f"{index_dir / META_FILE}: fingerprint does not match the content hashes it "
                               "lists (edited by hand?)")
-        offsets = _open_offsets(index_dir / OFFSETS_FILE, info, mode)
+        if info.doc_index is None:
+            offsets: np.ndarray | DocIndex = _open_offsets(index_dir / OFFSETS_FILE, info, mode)
+        else:
+            def fetch(start: int, stop: int) -> bytes:
+                return origin.read_range(OFFSETS_FILE, start, stop)
+            offsets = open_doc_index(index_dir / OFFSETS_FILE, meta, info.doc_index, mode,
+                                     fetch if remote else None, origin.describe(OFFSETS_FILE))
         source = cls(meta, info, origin, index_dir, offsets, cache)
         if mode == VerifyMode.FULL:
             source.verify_shards()
@@ -204,6 +236,8 @@ class PreparedSource(ShardedSource):
     def _still_valid(self, path: Path) -> bool:
         expected = {Path(shard.origin.describe(shard.file)): shard.sha256 for shard in self._shards}
         expected[self._index_dir / OFFSETS_FILE] = self.info.doc_offsets_sha256
+        if isinstance(self.doc_offsets, DocIndex) and path == self.doc_offsets.path:
+            return super()._still_valid(path)
         if path == self._index_dir / META_FILE:
             try:
                 return MetaFile.load(self._index_dir) == self.info
@@ -215,7 +249,20 @@ class PreparedSource(ShardedSource):
             return False
 
 
+def open_doc_index(path: Path, meta: SourceMeta, blocks: IndexBlocks, mode: VerifyMode,
+                   fetch: Fetch | None = None, label: str | None = None) -> DocIndex:
+    """The index verified lazily; a local one has its first and last blocks checked now (cheap, and what
+    a truncated or rewritten small index shows first), ``full`` checks every block."""
+    index = DocIndex(path, meta.num_docs, meta.num_tokens, blocks, mode, fetch, label)
+    if mode == VerifyMode.FULL:
+        index.verify_all()
+    elif fetch is None:
+        index.verify_ends()
+    return index
+
+
 def _open_offsets(path: Path, info: MetaFile, mode: VerifyMode) -> np.ndarray:
+    """A source prepared before per-block hashes: its index is hashed whole, at open."""
     try:
         offsets = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as exc:
