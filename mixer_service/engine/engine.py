@@ -187,18 +187,26 @@ class MixingEngine:
         self.check_step(step)
         src, seq = (a[self.rank_rows(rank, world)] for a in self._assignment(step))
         rows: list[list[int]] = [[0] for _ in range(len(src))]
+        length = self.config.seq_len
         for k, lay in enumerate(self.layouts):
             sel = np.flatnonzero(src == k)
             if not sel.size:
                 continue
-            doc_ends = np.asarray(lay.source.doc_offsets[1:], dtype=np.int64)
-            doc_ends = np.concatenate([doc_ends, doc_ends + lay.num_tokens])  # a row may wrap around once
+            # Document ends strictly inside [start, start + L): offsets[first:last], and for a row that
+            # wraps past the end of the stream also offsets[1:again] shifted by the stream's length. Binary
+            # searches and short slices only: the index is never copied (it can be 16 GB).
+            offsets, total = lay.source.doc_offsets, lay.num_tokens
             starts = lay.sequence_starts(seq[sel])
-            first = np.searchsorted(doc_ends, starts, side="right")
-            last = np.searchsorted(doc_ends, starts + self.config.seq_len, side="left")
-            for row, start, a, b in zip(sel.tolist(), starts.tolist(), first.tolist(), last.tolist(),
-                                        strict=True):
-                rows[row] += (doc_ends[a:b] - start).tolist()
+            wraps = starts + length > total
+            first = offsets.searchsorted(starts, side="right")
+            last = np.where(wraps, len(offsets), offsets.searchsorted(np.minimum(starts + length, total),
+                                                                      side="left"))
+            again = np.where(wraps, offsets.searchsorted(starts + length - total, side="left"), 1)
+            for row, start, a, b, c in zip(sel.tolist(), starts.tolist(), first.tolist(), last.tolist(),
+                                           again.tolist(), strict=True):
+                rows[row] += (offsets[a:b] - start).tolist()
+                if c > 1:
+                    rows[row] += (offsets[1:c] + (total - start)).tolist()
         return rows
 
     def source_index(self, name: str) -> int:
