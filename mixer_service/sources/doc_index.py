@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import operator
 import os
 import threading
@@ -258,3 +259,12 @@ def sparse_index_file(path: Path, header: bytes, num_entries: int) -> None:
         fh.write(header)
         fh.truncate(size)
     os.replace(tmp, path)
+
+
+def npy_header(num_entries: int) -> bytes:
+    """The ``.npy`` header ``prepare`` writes for an int64 index of ``num_entries`` (no round trip to ask
+    the origin; a header of another length means another writer, and the caller fetches the real one)."""
+    out = io.BytesIO()
+    header = {"descr": "<i8", "fortran_order": False, "shape": (num_entries,)}
+    np.lib.format.write_array_header_1_0(out, header)
+    return out.getvalue()

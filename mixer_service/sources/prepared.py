@@ -30,7 +30,7 @@ from mixer_service.prepare.meta import (
     content_fingerprint,
 )
 from mixer_service.sources.cache import Shard, ShardCache
-from mixer_service.sources.doc_index import DocIndex, Fetch, sparse_index_file
+from mixer_service.sources.doc_index import DocIndex, Fetch, npy_header, sparse_index_file
 from mixer_service.sources.origins import LocalOrigin, Origin
 from mixer_service.sources.tokens import ShardedTokens
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
@@ -191,7 +191,9 @@ class PreparedSource(ShardedSource):
         if info.doc_index is None:
             _write_atomic(index_dir / OFFSETS_FILE, origin.read(OFFSETS_FILE))
         else:
-            header = origin.read_range(OFFSETS_FILE, 0, info.doc_index.data_offset)
+            header = npy_header(info.source.num_docs + 1)
+            if len(header) != info.doc_index.data_offset:  # written by another numpy: ask for its own
+                header = origin.read_range(OFFSETS_FILE, 0, info.doc_index.data_offset)
             sparse_index_file(index_dir / OFFSETS_FILE, header, info.source.num_docs + 1)
         return cls._open(origin, index_dir, cache, as_verify_mode(verify), remote=True)
 
