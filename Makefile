@@ -22,3 +22,4 @@ bench:
 	$(PY) bench/bench_prepare.py
 	$(PY) bench/bench_store.py
 	$(PY) bench/bench_latency.py
+	$(PY) bench/bench_doc_index.py

@@ -22,7 +22,6 @@ Measured, each in its own process so RSS is its own:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -32,13 +31,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import S3_BUCKET, S3_CREDENTIALS, moto_s3
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-BUCKET = "bench"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-               "AWS_DEFAULT_REGION": "us-east-1"}
 SEQ_LEN, BATCH = 1024, 32
 WINDOW_SHARDS = 2
 DOC_WORDS = 330  # ~2 KB documents
@@ -112,29 +109,11 @@ def build(work: Path, num_tokens: int, shard_divisor: int) -> dict:
             "mds_mb": du_mb(mds_dir)}
 
 
-@contextlib.contextmanager
 def s3_server(work: Path):
     """moto's S3 server on a loopback port with both copies uploaded."""
-    from moto.server import ThreadedMotoServer
-
-    from mixer_service.service.process import free_port
-    from mixer_service.sources.origins import s3_client
-
-    os.environ.update(CREDENTIALS)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = s3_client(endpoint)
-    client.create_bucket(Bucket=BUCKET)
-    for local, prefix in ((work / "sources" / "web", "sources/web"), (work / "mds", "mds")):
-        for path in sorted(local.iterdir()):
-            if path.is_file():
-                client.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
-    try:
-        yield endpoint
-    finally:
-        server.stop()
+    return moto_s3((path, f"{prefix}/{path.name}")
+                   for local, prefix in ((work / "sources" / "web", "sources/web"), (work / "mds", "mds"))
+                   for path in sorted(local.iterdir()) if path.is_file())
 
 
 # -- our service over HTTP -------------------------------------------------------------------------
@@ -160,10 +139,10 @@ def serve_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | N
     shutil.rmtree(state, ignore_errors=True)
     empty = work / "empty"
     empty.mkdir(exist_ok=True)
-    srv = ServerProcess(empty if endpoint else work / "sources", state, env=CREDENTIALS)
+    srv = ServerProcess(empty if endpoint else work / "sources", state, env=S3_CREDENTIALS)
     srv.args += ["--cache-dir", str(cache)]
     if endpoint:
-        srv.args += ["--sources-url", f"s3://{BUCKET}/sources", "--s3-endpoint", endpoint,
+        srv.args += ["--sources-url", f"s3://{S3_BUCKET}/sources", "--s3-endpoint", endpoint,
                      "--cache-limit", str(cache_limit)]
     t0 = time.perf_counter()
     srv.start(timeout=300)
@@ -200,7 +179,7 @@ def inproc_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | 
     t0 = time.perf_counter()
     cache = ShardCache(cache_dir, cache_limit)
     if endpoint:
-        src = PreparedSource.open_remote(S3Origin(s3_client(endpoint), BUCKET, "sources/web"),
+        src = PreparedSource.open_remote(S3Origin(s3_client(endpoint), S3_BUCKET, "sources/web"),
                                          work / "inproc-index", cache)
     else:
         src = PreparedSource.open(work / "sources" / "web", cache=cache)
@@ -232,8 +211,8 @@ def peer_run(work: Path, steps: int, endpoint: str, cache_limit: int, window: bo
     local = work / "peer-cache"
     shutil.rmtree(local, ignore_errors=True)
     t0 = time.perf_counter()
-    dataset = StreamingDataset(remote=f"s3://{BUCKET}/mds", local=str(local), batch_size=BATCH, shuffle=True,
-                               shuffle_seed=7, cache_limit=cache_limit)
+    dataset = StreamingDataset(remote=f"s3://{S3_BUCKET}/mds", local=str(local), batch_size=BATCH,
+                               shuffle=True, shuffle_seed=7, cache_limit=cache_limit)
     it = iter(dataset)
     next(it)
     first = time.perf_counter() - t0
@@ -263,7 +242,7 @@ def child(role: str, work: Path, steps: int, endpoint: str | None, cache_limit: 
         args += ["--endpoint", endpoint]
     if cache_limit is not None:
         args += ["--cache-limit", str(cache_limit)]
-    done = subprocess.run(args, capture_output=True, text=True, env=os.environ | CREDENTIALS, timeout=3600)
+    done = subprocess.run(args, capture_output=True, text=True, env=os.environ | S3_CREDENTIALS, timeout=3600)
     if done.returncode:
         raise RuntimeError(f"{role} failed: {done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -20,12 +20,14 @@ How the peer's data is made (so both sides read identical sequences):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +167,35 @@ if __name__ == "__main__":
     print("\n".join(describe_sources(srcs)))
     for n, p in mds_datasets(2048).items():
         print(f"  MDS {n}: {p}")
+
+
+S3_BUCKET = "bench"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def moto_s3(uploads: Iterable[tuple[Path, str]]) -> Iterator[str]:
+    """moto's S3 server on a loopback port with bucket ``S3_BUCKET`` holding each (local file, key); yields
+    the endpoint URL."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from mixer_service.service.process import free_port
+    from mixer_service.sources.origins import s3_client
+
+    os.environ.update(S3_CREDENTIALS)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = s3_client(endpoint)
+    client.create_bucket(Bucket=S3_BUCKET)
+    for path, key in uploads:
+        client.upload_file(str(path), S3_BUCKET, key)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
