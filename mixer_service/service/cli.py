@@ -20,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--s3-endpoint", default=os.environ.get("MIXER_S3_ENDPOINT") or None,
                    help="S3-compatible endpoint URL (MinIO, GCS interop, ...); default AWS")
     p.add_argument("--verify", choices=("off", "fast", "full"), default="fast",
-                   help="fast: each shard is hashed before its first use; full: every shard before ready; "
-                   "off: trust files of the right size (benchmarks only)")
+                   help="fast: each shard and document-index block is hashed before its first use; full: "
+                   "every one before ready; off: trust files of the right size (benchmarks only)")
     p.add_argument("--cache-limit", type=_byte_count, default=None,
                    help="bytes of decompressed shards kept locally, e.g. 20G (least recently used evicted)")
     p.add_argument(

@@ -1,10 +1,11 @@
 """How much a server checks a source's bytes before serving them, and the hashing it uses.
 
-``off`` trusts files of the right size (benchmarks only); ``fast`` (the default) verifies each shard the
-first time this process uses it, and the document index and ``meta.json`` when the source is opened, so a
-start costs O(index) and not O(corpus); ``full`` also hashes every shard at open, before the server reports
-ready. sha256 is kept (it is what every existing ``meta.json`` records): ~1.5 GB/s on one core here, about
-the speed zstd decompresses, so a lazily verified shard costs about twice its decompression.
+``off`` trusts files of the right size (benchmarks only); ``fast`` (the default) verifies ``meta.json``
+when the source is opened and each shard and each 8 MiB block of the document index the first time this
+process uses it, so a start costs O(1), not O(index) or O(corpus); ``full`` also hashes every shard and
+index block at open, before the server reports ready. sha256 is kept (it is what every existing
+``meta.json`` records): ~1.5 GB/s on one core here, about the speed zstd decompresses, so a lazily
+verified shard costs about twice its decompression.
 """
 
 from __future__ import annotations
