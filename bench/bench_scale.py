@@ -275,7 +275,7 @@ def table(results: dict) -> str:
             "| RSS MB | disk MB |", "|---|---|---|---|---|---|---|---|---|"]
     names = {"serve_local": "mixer serve, local, global order",
              "serve_local_window": "mixer serve, local, window order",
-             "serve_s3": "mixer serve, S3 (10% cache, window), no prefetch",
+             "serve_s3": "mixer serve, S3 (10% cache, window), route prefetches",
              "inproc_local": "engine in process, local, global + prefetch",
              "inproc_local_window": "engine in process, local, window + prefetch",
              "inproc_s3": "engine in process, S3 (10% cache, window) + prefetch",
