@@ -150,3 +150,18 @@ def test_a_corrupt_remote_index_block_is_refused_on_arrival(copy, tmp_path) -> N
                                                     "mismatch on arrival")):
         remote.document(30 * 512 + 5)
     assert remote.document(5).size  # other blocks still serve
+
+
+def test_a_remote_index_file_replaced_by_another_worker_is_followed(copy, tmp_path) -> None:
+    """Two worker processes share one cache directory: a file one of them re-creates must not make the
+    other write blocks into a file it no longer maps (which would refuse every later lookup)."""
+    cache = ShardCache(tmp_path / "cache")
+    first = PreparedSource.open_remote(CountingOrigin(copy), tmp_path / "index", cache)
+    local = PreparedSource.open(copy)
+    np.testing.assert_array_equal(first.document(100), local.document(100))
+    path = tmp_path / "index" / OFFSETS_FILE
+    path.unlink()  # the other worker starts while the file is missing and makes a new one
+    PreparedSource.open_remote(CountingOrigin(copy), tmp_path / "index", cache)
+    np.testing.assert_array_equal(first.document(15_000), local.document(15_000))
+    np.testing.assert_array_equal(first.document(100), local.document(100))  # re-checked in the new file
+    assert first.doc_offsets.verified_blocks == 2

@@ -235,6 +235,9 @@ class DocIndex:
         with self._lock:
             fd = os.open(self.path, os.O_WRONLY)
             try:
+                if self._stamp is None or os.fstat(fd).st_ino != self._stamp.inode:
+                    self._map()  # another process replaced the file: follow it, trusting none of it
+                    self._verified = set()
                 os.pwrite(fd, data, start)
             finally:
                 os.close(fd)
@@ -254,11 +257,19 @@ def sparse_index_file(path: Path, header: bytes, num_entries: int) -> None:
                 return
     except OSError:
         pass
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "wb") as fh:
         fh.write(header)
         fh.truncate(size)
-    os.replace(tmp, path)
+    try:
+        if path.exists():
+            os.replace(tmp, path)  # wrong size or header: another source's index, or damaged
+        else:
+            os.link(tmp, path)  # never replaces a file another worker process just made and uses
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def npy_header(num_entries: int) -> bytes:
