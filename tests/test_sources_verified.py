@@ -78,10 +78,11 @@ def flip_every(path: Path, stride: int = 97) -> None:
     path.write_bytes(bytes(data))
 
 
-def start(root: Path, state: Path, *extra: str) -> Server:
+def server(root: Path, state: Path, *extra: str) -> Server:
+    """Not started yet: ``with server(...) as srv`` starts it and stops it."""
     srv = Server(root, state)
     srv.args += list(extra)
-    return srv.start()
+    return srv
 
 
 @contextlib.contextmanager
@@ -108,14 +109,14 @@ def first_answer(url: str, timeout: float = 60) -> httpx.Response:
 
 def test_flipped_shard_cache_is_rebuilt_not_served(root: Path, tmp_path: Path) -> None:
     want = expected(root, tmp_path / "expect-cache")
-    with start(root, tmp_path / "state") as srv:
+    with server(root, tmp_path / "state") as srv:
         assert create_job(srv.url).status_code == 201
         assert served(srv.url) == want
     cached = sorted((root / ".cache" / "shards").glob("*.bin"))
     assert len(cached) == 2  # one shard per source, decompressed on first use
     for path in cached:
         flip_every(path)  # a bad disk or a stray write while no server runs
-    with start(root, tmp_path / "state") as srv:
+    with server(root, tmp_path / "state") as srv:
         assert served(srv.url) == want  # re-hashed before first use, rebuilt from the verified shard
         for path in cached:
             flip_every(path)  # ... and while it runs, after the first use
@@ -124,7 +125,7 @@ def test_flipped_shard_cache_is_rebuilt_not_served(root: Path, tmp_path: Path) -
 
 
 def test_corrupt_shard_answers_503_naming_it(root: Path, tmp_path: Path) -> None:
-    with start(root, tmp_path / "state") as srv:
+    with server(root, tmp_path / "state") as srv:
         assert create_job(srv.url).status_code == 201
         flip_every(root / "sotu" / "tokens-00000.zst", stride=1000)  # not yet cached: read on first use
         assert_unavailable(batch(srv.url, 0), "sotu", "tokens-00000.zst", "checksum mismatch")
@@ -151,7 +152,7 @@ def test_edited_index_of_the_same_shape_is_refused(root: Path, tmp_path: Path) -
 
 
 def test_index_edited_in_place_under_a_running_server(root: Path, tmp_path: Path) -> None:
-    with start(root, tmp_path / "state") as srv:
+    with server(root, tmp_path / "state") as srv:
         assert create_job(srv.url).status_code == 201
         assert batch(srv.url, 0).status_code == 200
         mapped = np.load(root / "abc" / "doc_offsets.npy", mmap_mode="r+")
@@ -163,7 +164,7 @@ def test_index_edited_in_place_under_a_running_server(root: Path, tmp_path: Path
 
 
 def test_meta_removed_under_a_running_server(root: Path, tmp_path: Path) -> None:
-    with start(root, tmp_path / "state") as srv:
+    with server(root, tmp_path / "state") as srv:
         assert create_job(srv.url).status_code == 201
         assert batch(srv.url, 0).status_code == 200
         (root / "sotu" / "meta.json").unlink()

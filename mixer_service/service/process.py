@@ -113,6 +113,8 @@ class ServerProcess:
 
     def start(self, timeout: float = 60) -> ServerProcess:
         """Start and wait until ``/v1/ready`` answers 200 (store reachable, sources loaded)."""
+        if self.proc is not None and self.proc.poll() is None:  # a second process would be leaked
+            raise RuntimeError(f"mixer serve on port {self.port} is already running")
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=self._stderr)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
