@@ -5,6 +5,7 @@ reads, checked on arrival and healed when its local copy is damaged."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from mixer_service.prepare.meta import META_FILE, OFFSETS_FILE, MetaFile
 from mixer_service.prepare.tokenizer import ByteTokenizer
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.sources import PreparedSource, ShardCache
+from mixer_service.sources.doc_index import DocIndex
 from mixer_service.sources.origins import LocalOrigin
 
 
@@ -165,3 +167,29 @@ def test_a_remote_index_file_replaced_by_another_worker_is_followed(copy, tmp_pa
     np.testing.assert_array_equal(first.document(15_000), local.document(15_000))
     np.testing.assert_array_equal(first.document(100), local.document(100))  # re-checked in the new file
     assert first.doc_offsets.verified_blocks == 2
+
+
+def test_a_source_prepared_before_block_hashes_is_hashed_whole_at_open(copy, tmp_path) -> None:
+    info = MetaFile.load(copy)
+    (copy / META_FILE).write_text(dataclasses.replace(info, doc_index=None).to_json())
+    plain = np.load(copy / OFFSETS_FILE)
+    src = PreparedSource.open(copy)
+    assert not isinstance(src.doc_offsets, DocIndex)
+    np.testing.assert_array_equal(src.doc_offsets, plain)
+    remote = PreparedSource.open_remote(CountingOrigin(copy), tmp_path / "index", ShardCache(tmp_path / "c"))
+    np.testing.assert_array_equal(remote.doc_offsets, plain)  # copied whole, as before
+    flip_entry(copy, 20 * 512 + 7)
+    with pytest.raises(CorruptData, match="doc_offsets.npy: document index hash mismatch"):
+        PreparedSource.open(copy)
+
+
+@pytest.mark.parametrize("bad", [
+    {"entries": 0}, {"entries": -512}, {"firsts": [0, 5, 5]}, {"sha256": ["0" * 64]}, {"data_offset": -1},
+    {"firsts": "0"}, {"entries": "many"},
+])
+def test_a_malformed_block_list_is_refused_by_name(copy, bad) -> None:
+    meta = json.loads((copy / META_FILE).read_text())
+    meta["doc_index_blocks"] |= bad
+    (copy / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CorruptData, match="meta.json: invalid meta.json"):
+        PreparedSource.open(copy)

@@ -21,7 +21,7 @@ from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import load_tokenizer
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.sources import PreparedSource, ShardCache
-from mixer_service.sources.adopted import MANIFEST, AdoptedSource
+from mixer_service.sources.adopted import MANIFEST, OFFSETS, RECORD, AdoptedSource
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tokenizer"
@@ -128,6 +128,24 @@ def test_adopted_blocks_are_verified_and_changes_detected(corpus, tmp_path: Path
     with pytest.raises(CorruptData, match="doc.bin"):
         fresh.document(0)
     assert any("doc.bin" in p for p in adopted.problems())
+
+
+def test_an_adoption_record_without_index_blocks_is_hashed_whole(corpus, tmp_path: Path) -> None:
+    docs, prepared, tok = corpus
+    write_megatron(tmp_path / "m" / "doc", docs, tok.eos_id)
+    manifest(tmp_path / "m", "megatron", ["doc"], tok)
+    AdoptedSource.open(tmp_path / "m", ShardCache(tmp_path / "cache"))
+    record_path = tmp_path / "m" / RECORD
+    record = json.loads(record_path.read_text())
+    del record["doc_index_blocks"]  # written before per-block index hashes
+    record_path.write_text(json.dumps(record))
+    adopted = AdoptedSource.open(tmp_path / "m", ShardCache(tmp_path / "cache"))
+    np.testing.assert_array_equal(adopted.doc_offsets, np.asarray(prepared.doc_offsets))
+    index = np.load(tmp_path / "m" / OFFSETS, mmap_mode="r+")
+    index[3] += 1
+    index.flush()
+    with pytest.raises(CorruptData, match="document index hash mismatch"):
+        AdoptedSource.open(tmp_path / "m", ShardCache(tmp_path / "cache"))
 
 
 def test_bad_manifests_and_layouts_are_named(corpus, tmp_path: Path) -> None:

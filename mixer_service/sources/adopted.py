@@ -39,7 +39,7 @@ from mixer_service.prepare.meta import DTYPES, IndexBlocks, SourceMeta, content_
 from mixer_service.sources.cache import Shard, ShardCache
 from mixer_service.sources.doc_index import DocIndex
 from mixer_service.sources.origins import LocalOrigin
-from mixer_service.sources.prepared import ShardedSource, _write_atomic, as_verify_mode, open_doc_index
+from mixer_service.sources.prepared import ShardedSource, _write_atomic, as_verify_mode, open_index
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
 
 log = logging.getLogger(__name__)
@@ -381,22 +381,12 @@ class _InPlaceBlocks:
 
 def _open_index(path: Path, meta: SourceMeta, record: dict, mode: VerifyMode) -> np.ndarray | DocIndex:
     """Verified block by block on use; a record written before per-block hashes: hashed whole now."""
-    if "doc_index_blocks" in record:
-        try:
-            blocks = IndexBlocks.from_json(record["doc_index_blocks"], meta.num_docs + 1)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptData(f"{path.parent / RECORD}: invalid doc_index_blocks ({exc})") from exc
-        return open_doc_index(path, meta, blocks, mode)
     try:
-        offsets = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise CorruptData(f"{path}: unreadable document index ({exc})") from exc
-    if offsets.dtype != np.dtype("<i8") or offsets.shape != (meta.num_docs + 1,):
-        raise CorruptData(f"{path}: does not match {RECORD}")
-    if mode != VerifyMode.OFF and hashlib.sha256(memoryview(offsets)).hexdigest() != \
-            record["doc_offsets_sha256"]:
-        raise CorruptData(f"{path}: document index hash mismatch (corrupt or edited)")
-    return offsets
+        blocks = (IndexBlocks.from_json(record["doc_index_blocks"], meta.num_docs + 1)
+                  if "doc_index_blocks" in record else None)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptData(f"{path.parent / RECORD}: invalid doc_index_blocks ({exc})") from exc
+    return open_index(path, meta, blocks, record["doc_offsets_sha256"], mode)
 
 
 class AdoptedSource(ShardedSource):

@@ -176,22 +176,20 @@ class DocIndex:
         if self.is_cache and FileStamp.of(self.path) != self._stamp:
             with self._lock:
                 sparse_index_file(self.path, self._header, self._n)
-                self._map()
-                self._verified = set()
+                self._follow_file()
 
     def _map(self) -> None:
-        try:
-            array = np.load(self.path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise CorruptData(f"{self.label}: unreadable document index ({exc})") from exc
-        if array.dtype != np.dtype("<i8") or array.shape != (self._n,):
-            raise CorruptData(f"{self.label}: document index does not match meta.json "
-                              f"({self._n - 1} docs, {self.num_tokens} tokens)")
+        array = map_index(self.path, self._n, self.label)
         self._array = np.asarray(array)  # a plain view: slicing a memmap object costs ~10x more
         if self._fetch is not None:
             with open(self.path, "rb") as fh:
                 self._header = fh.read(array.offset)
         self._stamp = FileStamp.of(self.path)
+
+    def _follow_file(self) -> None:
+        """Map the file now at ``path`` and trust none of it until its blocks are checked again."""
+        self._map()
+        self._verified = set()
 
     def _ensure_range(self, first: int, last: int) -> None:
         per = self.blocks.entries
@@ -236,14 +234,26 @@ class DocIndex:
             fd = os.open(self.path, os.O_WRONLY)
             try:
                 if self._stamp is None or os.fstat(fd).st_ino != self._stamp.inode:
-                    self._map()  # another process replaced the file: follow it, trusting none of it
-                    self._verified = set()
+                    self._follow_file()  # another process replaced the file
                 os.pwrite(fd, data, start)
             finally:
                 os.close(fd)
             self._stamp = FileStamp.of(self.path)  # our own write is not a foreign change
         if not self._hash_ok(b, self._array[a:z]):  # the file was replaced under us: never trust the map
             raise CorruptData(f"{self.label}: document index block {b} did not reach the mapped file")
+
+
+def map_index(path: Path, num_entries: int, label: str) -> np.memmap:
+    """Memory-map an int64 index of ``num_entries``; a missing, unreadable or misshapen file is
+    ``CorruptData`` naming ``label``."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise CorruptData(f"{label}: unreadable document index ({exc})") from exc
+    if array.dtype != np.dtype("<i8") or array.shape != (num_entries,):
+        raise CorruptData(f"{label}: document index does not match the source's description "
+                          f"({num_entries - 1} documents)")
+    return array
 
 
 def sparse_index_file(path: Path, header: bytes, num_entries: int) -> None:

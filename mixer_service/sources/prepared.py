@@ -9,6 +9,7 @@ needs it. Files that change under a running server are reported by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import operator
@@ -30,7 +31,7 @@ from mixer_service.prepare.meta import (
     content_fingerprint,
 )
 from mixer_service.sources.cache import Shard, ShardCache
-from mixer_service.sources.doc_index import DocIndex, Fetch, npy_header, sparse_index_file
+from mixer_service.sources.doc_index import DocIndex, Fetch, map_index, npy_header, sparse_index_file
 from mixer_service.sources.origins import LocalOrigin, Origin
 from mixer_service.sources.tokens import ShardedTokens
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
@@ -175,7 +176,7 @@ class PreparedSource(ShardedSource):
         if cache is None:
             where = Path(cache_dir) if cache_dir else directory / CACHE_SUBDIR / "shards"
             cache = ShardCache(where, verify=mode)
-        return cls._open(LocalOrigin(directory), directory, cache, mode)
+        return cls._open(LocalOrigin(directory), directory, MetaFile.load(directory), cache, mode)
 
     @classmethod
     def open_remote(cls, origin: Origin, index_dir: Path, cache: ShardCache,
@@ -195,24 +196,19 @@ class PreparedSource(ShardedSource):
             if len(header) != info.doc_index.data_offset:  # written by another numpy: ask for its own
                 header = origin.read_range(OFFSETS_FILE, 0, info.doc_index.data_offset)
             sparse_index_file(index_dir / OFFSETS_FILE, header, info.source.num_docs + 1)
-        return cls._open(origin, index_dir, cache, as_verify_mode(verify), remote=True)
+        return cls._open(origin, index_dir, info, cache, as_verify_mode(verify), remote=True)
 
     @classmethod
-    def _open(cls, origin: Origin, index_dir: Path, cache: ShardCache, mode: VerifyMode,
+    def _open(cls, origin: Origin, index_dir: Path, info: MetaFile, cache: ShardCache, mode: VerifyMode,
               remote: bool = False) -> PreparedSource:
-        info = MetaFile.load(index_dir)
         meta = info.source
         if mode != VerifyMode.OFF and meta.fingerprint != content_fingerprint(
                 meta.tokenizer_fingerprint, meta.dtype, info.tokens_sha256, info.doc_offsets_sha256):
             raise CorruptData(f"{index_dir / META_FILE}: fingerprint does not match the content hashes it "
                               "lists (edited by hand?)")
-        if info.doc_index is None:
-            offsets: np.ndarray | DocIndex = _open_offsets(index_dir / OFFSETS_FILE, info, mode)
-        else:
-            def fetch(start: int, stop: int) -> bytes:
-                return origin.read_range(OFFSETS_FILE, start, stop)
-            offsets = open_doc_index(index_dir / OFFSETS_FILE, meta, info.doc_index, mode,
-                                     fetch if remote else None, origin.describe(OFFSETS_FILE))
+        fetch = functools.partial(origin.read_range, OFFSETS_FILE) if remote else None
+        offsets = open_index(index_dir / OFFSETS_FILE, meta, info.doc_index, info.doc_offsets_sha256, mode,
+                             fetch, origin.describe(OFFSETS_FILE))
         source = cls(meta, info, origin, index_dir, offsets, cache)
         if mode == VerifyMode.FULL:
             source.verify_shards()
@@ -236,10 +232,10 @@ class PreparedSource(ShardedSource):
         return self.cache.get(self._shards[k])
 
     def _still_valid(self, path: Path) -> bool:
-        expected = {Path(shard.origin.describe(shard.file)): shard.sha256 for shard in self._shards}
-        expected[self._index_dir / OFFSETS_FILE] = self.info.doc_offsets_sha256
         if isinstance(self.doc_offsets, DocIndex) and path == self.doc_offsets.path:
             return super()._still_valid(path)
+        expected = {Path(shard.origin.describe(shard.file)): shard.sha256 for shard in self._shards}
+        expected[self._index_dir / OFFSETS_FILE] = self.info.doc_offsets_sha256
         if path == self._index_dir / META_FILE:
             try:
                 return MetaFile.load(self._index_dir) == self.info
@@ -251,29 +247,23 @@ class PreparedSource(ShardedSource):
             return False
 
 
-def open_doc_index(path: Path, meta: SourceMeta, blocks: IndexBlocks, mode: VerifyMode,
-                   fetch: Fetch | None = None, label: str | None = None) -> DocIndex:
-    """The index verified lazily; a local one has its first and last blocks checked now (cheap, and what
-    a truncated or rewritten small index shows first), ``full`` checks every block."""
-    index = DocIndex(path, meta.num_docs, meta.num_tokens, blocks, mode, fetch, label)
-    if mode == VerifyMode.FULL:
-        index.verify_all()
-    elif fetch is None:
-        index.verify_ends()
-    return index
-
-
-def _open_offsets(path: Path, info: MetaFile, mode: VerifyMode) -> np.ndarray:
-    """A source prepared before per-block hashes: its index is hashed whole, at open."""
-    try:
-        offsets = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise CorruptData(f"{path}: unreadable document index ({exc})") from exc
-    n, total = info.source.num_docs, info.source.num_tokens
-    if (offsets.dtype != np.dtype("<i8") or offsets.shape != (n + 1,)
-            or offsets[0] != 0 or offsets[-1] != total):
-        raise CorruptData(f"{path}: document index does not match meta.json ({n} docs, {total} tokens)")
-    if mode != VerifyMode.OFF and hashlib.sha256(memoryview(offsets)).hexdigest() != info.doc_offsets_sha256:
+def open_index(path: Path, meta: SourceMeta, blocks: IndexBlocks | None, whole_sha256: str, mode: VerifyMode,
+               fetch: Fetch | None = None, label: str | None = None) -> np.ndarray | DocIndex:
+    """The document index. With per-block hashes it is verified lazily: a local one has its first and
+    last blocks checked now (cheap, and what a truncated or rewritten small index shows first), ``full``
+    checks every block. A source from before per-block hashes has its index hashed whole, now."""
+    if blocks is not None:
+        index = DocIndex(path, meta.num_docs, meta.num_tokens, blocks, mode, fetch, label)
+        if mode == VerifyMode.FULL:
+            index.verify_all()
+        elif fetch is None:
+            index.verify_ends()
+        return index
+    offsets = map_index(path, meta.num_docs + 1, str(path))
+    if offsets[0] != 0 or offsets[-1] != meta.num_tokens:
+        raise CorruptData(f"{path}: document index does not match the source's description "
+                          f"({meta.num_docs} docs, {meta.num_tokens} tokens)")
+    if mode != VerifyMode.OFF and hashlib.sha256(offsets.data).hexdigest() != whole_sha256:
         raise CorruptData(f"{path}: document index hash mismatch (corrupt or edited)")
     return offsets
 
