@@ -201,7 +201,9 @@ class MixingEngine:
             first = offsets.searchsorted(starts, side="right")
             last = np.where(wraps, len(offsets), offsets.searchsorted(np.minimum(starts + length, total),
                                                                       side="left"))
-            again = np.where(wraps, offsets.searchsorted(starts + length - total, side="left"), 1)
+            again = np.ones_like(first)  # only wrapping rows search the start of the stream again
+            if wraps.any():
+                again[wraps] = offsets.searchsorted(starts[wraps] + length - total, side="left")
             for row, start, a, b, c in zip(sel.tolist(), starts.tolist(), first.tolist(), last.tolist(),
                                            again.tolist(), strict=True):
                 rows[row] += (offsets[a:b] - start).tolist()
