@@ -23,8 +23,9 @@ import numpy as np
 from common import BENCH_DATA, S3_BUCKET, moto_s3, print_table
 
 from mixer_service.engine import JobConfig, MixingEngine, Schedule
-from mixer_service.prepare.meta import IndexBlocks
+from mixer_service.prepare.meta import IndexBlocks, SourceMeta
 from mixer_service.sources.doc_index import DocIndex, npy_header, sparse_index_file
+from mixer_service.sources.prepared import open_index
 from mixer_service.sources.verify import VerifyMode
 
 L, ROWS = 2048, 512
@@ -116,10 +117,10 @@ def main() -> None:
         assert hashlib.sha256(offsets.data).hexdigest() == whole_sha
         return offsets.searchsorted(probe, side="right")
 
-    def lazy():
-        index = DocIndex(path, docs, total, blocks, VerifyMode.FAST)
-        index.verify_ends()
-        return index.searchsorted(probe, side="right")
+    meta = SourceMeta("web", "", "", 65536, 0, "uint16", docs, total, path.parent)
+
+    def lazy():  # what opening a prepared source does with its index
+        return open_index(path, meta, blocks, whole_sha, VerifyMode.FAST).searchsorted(probe, side="right")
 
     def unverified():
         return np.load(path, mmap_mode="r").searchsorted(probe, side="right")
