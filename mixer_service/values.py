@@ -9,6 +9,7 @@ columns never overflow; booleans are never integers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -97,3 +98,18 @@ class RankSlice:
     def rows(self, global_batch: int) -> slice:
         per_rank = global_batch // self.world
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+
+# A schedule weight is an exact fraction whose numerator and denominator have at most this many digits,
+# as given and as stored (after normalising to sum 1): every stored weight then parses again, and the
+# engine's exact arithmetic stays small. 30 digits (100 bits) are ample for any mixture.
+WEIGHT_DIGITS = 30
+
+
+def check_weight_size(weight: Fraction, field: str) -> Fraction:
+    """``weight`` if its numerator and denominator have at most ``WEIGHT_DIGITS`` digits each."""
+    bound = 10**WEIGHT_DIGITS
+    if abs(weight.numerator) >= bound or weight.denominator >= bound:
+        raise InvalidInput(f"{field}: weights are fractions p/q of at most {WEIGHT_DIGITS} digits each, "
+                           f"got one with {len(str(weight.numerator))} over {len(str(weight.denominator))}")
+    return weight

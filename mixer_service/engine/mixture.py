@@ -96,9 +96,12 @@ class _Curve:
 
     def _first_reaching(self, i: int, y: int, length: int) -> int:
         """Smallest ``m`` in ``[1, length]`` with ``C(start_i + m) >= y`` (it exists)."""
-        a = self.batch * self.s[i] / 2
-        b = self.batch * self.w[i] - a
-        c = float(self.c0[i] - y)  # < 0
+        # 2 (C(start + m) - y) = a m^2 + b m + c over integers, scaled by a power of two into float range
+        # (the common denominator of many phases passes 2**1024); the roots do not move.
+        a2, b2, c2 = self.batch * self.s[i], 2 * self.batch * self.w[i] - self.batch * self.s[i], \
+            2 * (self.c0[i] - y)
+        shift = max(0, max(abs(a2), abs(b2), abs(c2)).bit_length() - 500)
+        a, b, c = float(a2 >> shift), float(b2 >> shift), float(c2 >> shift)  # c < 0
         disc = b ** 2 - 4 * a * c
         # The stable root of a m^2 + b m + c = 0 (smaller positive root when a < 0); a float guess that
         # exact comparisons then correct, so the answer does not depend on floating point.

@@ -13,29 +13,29 @@ from fractions import Fraction
 from typing import Any
 
 from mixer_service.errors import InvalidInput
-from mixer_service.values import STEP
+from mixer_service.values import STEP, WEIGHT_DIGITS, check_weight_size
 
 _SUM_TOLERANCE = Fraction(1, 10**9)
 MAX_PHASES = 64  # a schedule is a handful of phases; the cap bounds the work one request can cause
 
 
 # Decimal or "p/q" weights with bounded digits: Fraction("1e-10000000") would cost seconds of CPU.
-_WEIGHT_TEXT = re.compile(r"^(?:\d{1,30}(?:\.\d{1,30})?|\d{1,30}/\d{1,30})$")
+_DIGITS = rf"\d{{1,{WEIGHT_DIGITS}}}"
+_WEIGHT_TEXT = re.compile(rf"^(?:{_DIGITS}(?:\.{_DIGITS})?|{_DIGITS}/{_DIGITS})$")
 WEIGHT_PATTERN = _WEIGHT_TEXT.pattern
 
 
 def parse_weight(value: Any, field: str) -> Fraction:
-    """Accept a finite JSON number or a decimal / ``"p/q"`` string of at most 30 digits a part.
+    """Accept a finite JSON number or a decimal / ``"p/q"`` string of at most ``WEIGHT_DIGITS`` digits a
+    part, whose exact value is a fraction of that size too (so 1e-40 and 31 decimals are refused).
 
     Floats go through their shortest decimal repr, so 0.1 means exactly 1/10.
     """
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise InvalidInput(f"{field}: weight must be a number or 'p/q' string, got {value!r}")
     if isinstance(value, str) and not _WEIGHT_TEXT.fullmatch(value):
-        raise InvalidInput(f"{field}: weight strings must be decimals or 'p/q' with at most 30 digits "
-                           f"a part, got {value[:40]!r}")
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
-        raise InvalidInput(f"{field}: weight {value} is out of range")
+        raise InvalidInput(f"{field}: weight strings must be decimals or 'p/q' with at most {WEIGHT_DIGITS} "
+                           f"digits a part, got {value[:40]!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidInput(f"{field}: weight must be finite, got {value!r}")
     try:
@@ -44,7 +44,7 @@ def parse_weight(value: Any, field: str) -> Fraction:
         raise InvalidInput(f"{field}: cannot parse weight {value!r}") from exc
     if weight < 0:
         raise InvalidInput(f"{field}: weight must be >= 0, got {value!r}")
-    return weight
+    return check_weight_size(weight, field)
 
 
 def weight_to_json(weight: Fraction) -> float | str:
@@ -99,7 +99,10 @@ class Schedule:
             ramp = raw.get("ramp", False)
             if not isinstance(ramp, bool):
                 raise InvalidInput(f"{where}.ramp: must be true or false")
-            phases.append(Phase(start, tuple(w / total for w in parsed), ramp))
+            normal = tuple(check_weight_size(w / total, f"{where}.weights.{name} (normalised to sum 1: give "
+                                             "weights that sum to exactly 1)")
+                           for name, w in zip(source_names, parsed, strict=True))
+            phases.append(Phase(start, normal, ramp))
         if phases[-1].ramp:
             raise InvalidInput(f"schedule.phases[{len(phases) - 1}].ramp: the last phase has nothing to "
                                "ramp towards")

@@ -127,6 +127,14 @@ def install(app: FastAPI) -> None:
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return problem(422, "Invalid input", detail, request.url.path)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # A bug, not a fault of the request or the data: the client gets problem+json without ``fault``
+        # (nothing to wait for), the log gets the traceback.
+        log.error("unexpected error", exc_info=exc, extra={"path": request.url.path})
+        return problem(500, "Internal error", "unexpected error on this replica; it is logged",
+                       request.url.path)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         # Starlette's own errors (404 for unknown paths, 405) keep their headers; a 405's Allow lists the
