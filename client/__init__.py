@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from client.errors import (
     ChecksumError,
     ClientRequestError,
+    HistoryRewritten,
     HTTPStatusError,
     JobReplaced,
     MixerClientError,
@@ -41,6 +42,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ChecksumError",
+    "HistoryRewritten",
     "JobReplaced",
     "ClientRequestError",
     "HTTPStatusError",

@@ -2,8 +2,10 @@
 
 Each served row holds ``seq_len`` tokens and becomes ``input_ids = row[:-1]``, ``labels = row[1:]``, so
 the model's context length is ``seq_len - 1``. Since a batch is a pure function of (job, step, rank,
-world), resuming needs only the next step: ``state_dict()`` is ``{"next_step", "job"}``, plain values a
-``torch.load(weights_only=True)`` checkpoint can hold.
+world), resuming needs only the next step: ``state_dict()`` is ``{"next_step", "job", "incarnation",
+"log_chain"}``, plain values a ``torch.load(weights_only=True)`` checkpoint can hold. ``log_chain`` pins each
+step range received to the schedule history it was computed under (``client.history``): a later answer for
+one of those steps under another history stops the loader with ``HistoryRewritten``.
 
 Rank and world come, in this order, from the arguments, an initialised process group, or ``RANK`` /
 ``WORLD_SIZE`` (set by torchrun, as mosaicml-streaming reads them), so a loader built before
@@ -26,6 +28,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from client.errors import JobReplaced
+from client.history import LogPins
 from client.http import MixerClient
 
 THREAD_PREFIX = "mixer-prefetch"
@@ -66,6 +69,7 @@ class MixerLoader:
         self.boundaries = boundaries
         self._pin = pin_memory and torch.cuda.is_available()  # pinning needs a CUDA driver; no-op on CPU
         self._incarnation: str | None = None  # of the first batch: every later one must match
+        self._pins = LogPins()  # the schedule history each received step was computed under
         self._next_step = start_step  # the next step __next__ returns
         self._submitted = start_step  # the next step to hand to the pool
         self._pending: deque[Future[dict[str, Any]]] = deque()
@@ -91,19 +95,26 @@ class MixerLoader:
             self._restart(self._next_step)  # drop the look-ahead; the next call fetches this step again
             raise
         self._check_incarnation(batch.pop("incarnation", None))
+        try:
+            self._pins.check(self._next_step, batch.pop("log_chain", None))
+        except BaseException:
+            self._restart(self._next_step)
+            raise
         self._next_step += 1
         self._fill()  # keep the pipeline full while the trainer computes on this batch
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Where to resume: the step the next ``__next__`` would return, and which job incarnation."""
-        return {"next_step": self._next_step, "job": self.job, "incarnation": self._incarnation}
+        """Where to resume: the next step, the job incarnation and the history of the steps received."""
+        return {"next_step": self._next_step, "job": self.job, "incarnation": self._incarnation,
+                "log_chain": self._pins.state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a ``state_dict()``; batches already prefetched are discarded."""
         if state["job"] != self.job:
             raise ValueError(f"state is for job {state['job']!r}, this loader reads {self.job!r}")
         self._incarnation = state.get("incarnation")
+        self._pins.load(state.get("log_chain", []))
         self._restart(int(state["next_step"]))
 
     def _check_incarnation(self, incarnation: str | None) -> None:
@@ -214,7 +225,8 @@ def _fetch(client: MixerClient, job: str, step: int, rank: int, world: int, comp
     if pin:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
     return tensors | extra | {"step": step, "sources": list(batch.header["sources"]),
-                              "incarnation": batch.header.get("incarnation")}
+                              "incarnation": batch.header.get("incarnation"),
+                              "log_chain": batch.header.get("log_chain")}
 
 
 def document_positions(boundaries: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor, int]:

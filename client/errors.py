@@ -6,7 +6,8 @@ MixerClientError
 │   ├── ClientRequestError    4xx: the request itself is wrong (token, job, step), so retrying cannot help
 │   └── ServerError           5xx on every retry
 ├── ChecksumError         every answer failed verification (corrupt payload, or not the batch asked for)
-└── JobReplaced           the job id now names another job (deleted and recreated): its steps are not yours
+├── JobReplaced           the job id now names another job (deleted and recreated): its steps are not yours
+└── HistoryRewritten      a step came back computed under another schedule history than this run got
 
 Every error carries ``attempts``: how many requests were sent before giving up, so callers and tests can
 tell a fail-fast error (1) from one that survived the whole retry budget.
@@ -62,6 +63,18 @@ class JobReplaced(MixerClientError):
     def __init__(self, message: str, *, expected: str, got: str) -> None:
         super().__init__(message, attempts=1)
         self.expected, self.got = expected, got
+
+
+class HistoryRewritten(MixerClientError):
+    """A step this run already received was served again under another schedule-log prefix.
+
+    The service accepted a change that rewrites served steps (e.g. a state store restored from a backup);
+    training on would mix two histories, so the loader stops instead.
+    """
+
+    def __init__(self, message: str, *, step: int, expected: str, got: str) -> None:
+        super().__init__(message, attempts=1)
+        self.step, self.expected, self.got = step, expected, got
 
 
 class ChecksumError(MixerClientError):

@@ -10,9 +10,11 @@ its fault (never a 500, never a 200 with other bytes). The module prints the tab
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from fault_harness import (
     DurableRedis,
     Pull,
     TableRow,
+    batch_difference,
     check_against_replay,
     corrupt,
     markdown_table,
@@ -35,6 +38,9 @@ from fault_harness import (
     token_caches,
 )
 from service_helpers import JOB, Server
+
+from client import HistoryRewritten, MixerLoader, ServerError
+from mixer_service.store import ScheduleVersion
 
 pytestmark = pytest.mark.slow
 
@@ -188,3 +194,142 @@ def test_deploy_runs_redis_with_the_persistence_this_suite_proves():
     for command in (compose, k8s):
         flags = dict(zip(command[1::2], command[2::2], strict=False))
         assert flags["--appendonly"] == "yes" and flags["--appendfsync"] == "always", command
+
+
+# --- issue 17: history is append-only, everything that decides bytes is in the chain, no field can 500 ---
+
+
+def _get(url: str, path: str, **kw) -> httpx.Response:
+    """One request, retried while Redis restarts (store_unavailable) so tests see the steady answer."""
+    deadline = time.monotonic() + 20
+    while True:
+        r = httpx.get(f"{url}{path}", timeout=20, **kw)
+        if r.status_code != 503 or r.json().get("fault") != "store_unavailable":
+            return r
+        if time.monotonic() > deadline:
+            return r
+        time.sleep(0.1)
+
+
+def _pull(url: str, job: str, steps: range) -> dict[int, bytes]:
+    out = {}
+    for step in steps:
+        r = _get(url, f"/v1/jobs/{job}/batches/{step}")
+        assert r.status_code == 200, r.text
+        out[step] = r.content
+    return out
+
+
+def _same_or_refused(answer: httpx.Response, before: bytes) -> str:
+    """'same' for the bytes served before, else the fault of a 503 problem+json; anything else fails."""
+    if answer.status_code == 200:
+        assert batch_difference(answer.content, before) == 0, "a served step came back with other bytes"
+        return "same"
+    assert answer.status_code == 503 and answer.headers["content-type"] == "application/problem+json", \
+        f"{answer.status_code}: {answer.text[:300]}"
+    assert answer.headers.get("retry-after"), answer.headers
+    return answer.json()["fault"]
+
+
+def _change_now(url: str, job: str, weight: float) -> httpx.Response:
+    read = _get(url, f"/v1/jobs/{job}/schedule")
+    assert read.status_code == 200, read.text
+    body = {"schedule": {"phases": [{"start_step": 0, "weights": {"abc": weight, "sotu": 1 - weight}}]},
+            "requested_step": 0, "author": "ops", "reason": "anneal"}
+    return httpx.put(f"{url}/v1/jobs/{job}/schedule", json=body, headers={"If-Match": read.headers["etag"]},
+                     timeout=20)
+
+
+def test_a_change_accepted_by_a_restored_store_never_rewrites_served_steps(healthy, tmp_path):
+    """Item 1: steps 30-59 served by A, the store restored to step 29, a change through B at step 30. A (which
+    served them) and then every replica refuse `history_conflict`; a loader that got them stops loudly."""
+    a, b = healthy.url(0), healthy.url(1)
+    job = new_job(a)
+    served = _pull(a, job, range(30))
+    healthy.redis.snapshot(tmp_path)
+    served |= _pull(a, job, range(30, 60))
+    loader = MixerLoader(a, job, end_step=60, world=1, rank=0, prefetch=1)
+    for _ in range(45):
+        next(loader)
+    healthy.redis.restore(tmp_path)
+
+    put = _change_now(b, job, 0.5)
+    assert put.status_code == 200 and put.json()["effective_step"] == 30, put.text
+    def answers(url: str) -> Counter:
+        return Counter(_same_or_refused(_get(url, f"/v1/jobs/{job}/batches/{s}"), served[s])
+                       for s in range(30, 60))
+
+    assert answers(a) == {"history_conflict": 30}
+    assert answers(b) == {"history_conflict": 30}, "B, once A has put its record back"
+    detail = _get(a, f"/v1/jobs/{job}/batches/40").json()["detail"]
+    assert "version 2" in detail and "version 1" in detail, detail
+    text = httpx.get(f"{a}/metrics").text
+    assert 'fault="history_conflict"' in text
+
+    # A loader that trained on steps 30-44 and resumes from 30 (a checkpoint) through a replica that knows
+    # nothing (restarted) is told, instead of training on other bytes.
+    healthy.restart(1)
+    state = loader.state_dict()
+    loader.close()
+    with MixerLoader(b, job, end_step=60, world=1, rank=0, prefetch=1) as resumed:
+        resumed.load_state_dict(state | {"next_step": 30})
+        with pytest.raises((HistoryRewritten, ServerError)):
+            next(resumed)
+
+
+def test_an_edited_config_or_a_hand_appended_version_is_refused_by_every_replica(healthy):
+    """Item 2: the config is committed by version 1; a version appended by hand (chain recomputed) that takes
+    effect at a served step is refused by a cached and a freshly started replica."""
+    a = healthy.url(0)
+    job = new_job(a)
+    served = _pull(a, job, range(40))
+    key = f"mixer:{{{job}}}"
+    with healthy.redis.client() as r:
+        config = json.loads(r.get(f"{key}:config"))
+        r.set(f"{key}:config", json.dumps(config | {"seed": config["seed"] + 1}, sort_keys=True,
+                                             separators=(",", ":")))
+    healthy.restart(1)
+    answers = Counter(_same_or_refused(_get(healthy.url(1), f"/v1/jobs/{job}/batches/{s}"), served[s])
+                      for s in range(40))
+    assert answers == {"chain_broken": 40}, answers
+    assert Counter(_same_or_refused(_get(a, f"/v1/jobs/{job}/batches/{s}"), served[s])
+                   for s in range(40)) == {"same": 40}, "the cached replica serves the config it verified"
+    with healthy.redis.client() as r:
+        r.set(f"{key}:config", json.dumps(config, sort_keys=True, separators=(",", ":")))
+        first = ScheduleVersion.from_dict(json.loads(r.lindex(f"{key}:schedule", 0)))
+        forged = ScheduleVersion(2, 5, {"phases": [{"start_step": 0, "weights": {"abc": 0.5, "sotu": 0.5}}]},
+                                 time.time(), "mallory", "", ).sealed(first.chain)
+        r.rpush(f"{key}:schedule", json.dumps(forged.to_dict(), sort_keys=True, separators=(",", ":")))
+        r.set(f"{key}:chain", forged.chain)
+    healthy.restart(1)
+    for url in (a, healthy.url(1)):
+        answers = Counter(_same_or_refused(_get(url, f"/v1/jobs/{job}/batches/{s}"), served[s])
+                          for s in range(40))
+        assert answers == {"history_conflict": 40}, (url, answers)
+
+
+@pytest.mark.parametrize("damage", ["text", "wrong_type"])
+def test_one_malformed_store_field_is_that_jobs_503_not_everyones_500(healthy, damage):
+    """Item 7: a high water overwritten with text or another key type: that job answers 503 corrupt_data,
+    and the listing and the metrics still answer 200 for every job."""
+    a = healthy.url(0)
+    good, bad = new_job(a), new_job(a)
+    _pull(a, good, range(2))
+    with healthy.redis.client() as r:
+        if damage == "text":
+            r.set(f"mixer:{{{bad}}}:hw", "abc")
+        else:
+            r.delete(f"mixer:{{{bad}}}:hw")
+            r.rpush(f"mixer:{{{bad}}}:hw", "1")
+    for url in (a, healthy.url(1)):
+        batch = _get(url, f"/v1/jobs/{bad}/batches/0")
+        assert batch.status_code == 503 and batch.json()["fault"] == "corrupt_data", batch.text
+        jobs = _get(url, "/v1/jobs")
+        assert jobs.status_code == 200, jobs.text
+        listed = {j["job_id"]: j for j in jobs.json()["jobs"]}
+        assert "error" in listed[bad] and "error" not in listed[good]
+        assert _get(url, "/metrics").status_code == 200
+        assert _get(url, f"/v1/jobs/{good}/batches/2").status_code == 200
+    with healthy.redis.client() as r:
+        r.delete(f"mixer:{{{bad}}}:hw")
+        r.set(f"mixer:{{{bad}}}:hw", "-1")

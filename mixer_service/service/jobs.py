@@ -13,6 +13,18 @@ the head against everything it has seen before:
   from a log that cannot be proven current. Lost versions and a lost high water are put back from what
   this process holds (a verified prefix of history), so the next request succeeds; a recreated job stays
   refused until the replica is restarted, because only an operator can say which incarnation is right.
+
+History is append-only, proven two ways (``history_conflict`` when either fails):
+
+* per process: a new version may not take effect at or before a step this process already saw served
+  under the log without it (a store restored from a backup can accept such a change: the replicas that
+  served those steps are the only ones who remember them);
+* per store: no version after the one the high water was last raised under (the head's served chain)
+  may take effect at or before the high water — a hand-appended or replayed version is refused by a
+  replica that never saw the job before, too.
+
+The chain starts from the incarnation and version 1 commits to the job config (``config_sha256``), so an
+edited config is a broken chain on every replica that loads it.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from mixer_service.engine import JobConfig, MixingEngine, Schedule, ScheduleLog
 from mixer_service.engine.mixture import UNBOUNDED_HORIZON
 from mixer_service.errors import (
     Conflict,
+    CorruptData,
     InvalidInput,
     MixerError,
     NotFound,
@@ -39,12 +52,16 @@ from mixer_service.errors import (
 )
 from mixer_service.service.sources import SourceRegistry
 from mixer_service.store import ScheduleVersion, StateStore
-from mixer_service.store.base import ChangePlan, JobHead, verify_chain
+from mixer_service.store.base import ChangePlan, JobHead, canonical_json, config_digest, verify_chain
 from mixer_service.values import STEP, RankSlice, check_step, check_trained_step
 
 log = logging.getLogger(__name__)
 
-FAULTS = ("job_missing", "incarnation_changed", "version_rollback", "high_water_rollback", "chain_broken")
+LEGACY_WARNING = ("this job was created before its log committed to its config: an edit of the stored config "
+                  "would go unnoticed; recreate it to get that check (docs/reliability.md)")
+
+FAULTS = ("job_missing", "incarnation_changed", "version_rollback", "high_water_rollback", "chain_broken",
+          "history_conflict")
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,7 @@ class JobRuntime:
     versions: tuple[ScheduleVersion, ...]
     log: ScheduleLog
     engine: MixingEngine
+    legacy: bool = False  # created before version 1 committed to the config: config edits go unnoticed
 
     @property
     def version(self) -> int:
@@ -73,12 +91,19 @@ class JobRuntime:
     def etag(self) -> str:
         return etag(self.version, self.incarnation)
 
+    def log_chain_at(self, step: int) -> str:
+        """Chain hash of the log prefix that decides ``step``: through the version governing it.
+
+        Versions appended later take effect after every served step, so for a served step this never
+        changes; a client that gets another value for a step it already has saw history rewritten."""
+        return self.versions[self.engine.version_at(step) - 1].chain
+
     def extended(self, new: list[ScheduleVersion], engine: MixingEngine | None = None) -> JobRuntime:
         """This runtime with ``new`` appended; only the new entries are parsed (O(1) in history length)."""
         names = self.config.source_names
         log_ = self.log + [(v.effective_step, Schedule.parse(v.schedule, names)) for v in new]
         return JobRuntime(self.job_id, self.config, self.incarnation, self.versions + tuple(new), log_,
-                          engine or self.engine.with_log(log_))
+                          engine or self.engine.with_log(log_), self.legacy)
 
 
 @dataclass(frozen=True)
@@ -98,6 +123,12 @@ class _Seen:
     high_water: int
     version_at: float = field(default_factory=time.monotonic)
     high_water_at: float = field(default_factory=time.monotonic)
+    # version -> highest step seen served while the log ended at that version (bounded by max_versions)
+    served_under: dict[int, int] = field(default_factory=dict)
+
+    def served_before(self, version: int) -> tuple[int, int]:
+        """The highest step seen served under a log without ``version``, and that log's version."""
+        return max(((hw, v) for v, hw in self.served_under.items() if v < version), default=(-1, 0))
 
 
 def etag(version: int, incarnation: str) -> str:
@@ -146,7 +177,7 @@ class JobManager:
             self._missing(job_id, started)
             raise
         runtime = self._reconcile(job_id, head, started)
-        self._remember(job_id, runtime, max(head.served_high_water, step))
+        self._remember(job_id, runtime, max(head.served_high_water, step), head.version)
         # A later version than the head's takes effect after the high water at its commit (>= step), so the
         # newest runtime plans this step exactly as the head's version does.
         return JobView(runtime, head), ranks
@@ -166,7 +197,7 @@ class JobManager:
                 for name, n in zip(runtime.config.source_names, served, strict=True)
             },
             "trained_step": head.trained_step,
-            "warnings": runtime.engine.warnings,
+            "warnings": runtime.engine.warnings + ([LEGACY_WARNING] if runtime.legacy else []),
             "time": time.time(),
         }
 
@@ -232,7 +263,7 @@ class JobManager:
         )
         engine = engines[new.effective_step]
         updated = runtime.extended([new], engine)
-        self._remember(job_id, updated, None)
+        self._remember(job_id, updated, None, updated.version)
         return updated, engine.warnings
 
     def report_progress(self, job_id: str, trained_step: Any) -> None:
@@ -271,6 +302,7 @@ class JobManager:
                     or new[-1].chain != head.chain:
                 raise self._fault(job_id, "chain_broken", f"versions {cached.version + 1}..{head.version} in "
                                   "the store do not extend the log this replica holds")
+            self._check_served_here(job_id, cached, head, new, seen)
             runtime = cached.extended(new)
         elif cached.versions[head.version - 1].chain != head.chain:
             raise self._fault(job_id, "chain_broken", f"schedule version {head.version} in the store is not "
@@ -287,11 +319,45 @@ class JobManager:
             self.store.restore(job_id, runtime.incarnation, runtime.chain, [], seen.high_water)
             raise self._fault(job_id, "high_water_rollback", f"the store's served high water is "
                               f"{head.served_high_water}, this replica saw {seen.high_water}; raised it back")
-        self._remember(job_id, runtime, head.served_high_water)
+        self._check_served_in_store(job_id, runtime, head)
+        self._remember(job_id, runtime, head.served_high_water, head.version)
         return runtime
 
-    def _remember(self, job_id: str, runtime: JobRuntime, high_water: int | None) -> None:
-        """Keep the newest runtime and raise what this process has seen (never lower it)."""
+    def _check_served_here(self, job_id: str, cached: JobRuntime, head: JobHead, new: list[ScheduleVersion],
+                           seen: _Seen | None) -> None:
+        """No new version may take effect at a step this process saw served under the log without it."""
+        if seen is None:
+            return
+        for version in new:
+            served, under = seen.served_before(version.version)
+            if version.effective_step <= served:
+                if head.served_high_water < seen.high_water:  # the store forgot them: put the record back
+                    self.store.restore(job_id, cached.incarnation, cached.chain, [], seen.high_water)
+                raise self._fault(job_id, "history_conflict", f"schedule version {version.version} takes "
+                                  f"effect at step {version.effective_step}, but this replica served steps "
+                                  f"through {served} under version {under} (was the store restored from a "
+                                  "backup?); serving them again under the new log would rewrite history")
+
+    def _check_served_in_store(self, job_id: str, runtime: JobRuntime, head: JobHead) -> None:
+        """Versions after the one the high water last rose under must take effect after the high water.
+
+        Walks back from the newest version to the served chain: usually zero or one step."""
+        if not head.served_chain:
+            return  # a job from before the served chain was recorded
+        for version in reversed(runtime.versions[: head.version]):
+            if version.chain == head.served_chain:
+                return
+            if version.effective_step <= head.served_high_water:
+                raise self._fault(job_id, "history_conflict", f"schedule version {version.version} takes "
+                                  f"effect at step {version.effective_step}, at or before the served high "
+                                  f"water {head.served_high_water}, but those steps were served under an "
+                                  "earlier version")
+        raise self._fault(job_id, "history_conflict", f"steps through {head.served_high_water} were served "
+                          "under a log that is not a prefix of the store's")
+
+    def _remember(self, job_id: str, runtime: JobRuntime, high_water: int | None, version: int) -> None:
+        """Keep the newest runtime and raise what this process has seen (never lower it); ``high_water`` was
+        seen served while the log ended at ``version``."""
         now = time.monotonic()
         with self._lock:
             current = self._jobs.get(job_id)
@@ -305,18 +371,32 @@ class JobManager:
                 seen.version, seen.version_at = runtime.version, now
             if high_water is not None and high_water > seen.high_water:
                 seen.high_water, seen.high_water_at = high_water, now
+            if high_water is not None and high_water > seen.served_under.get(version, -1):
+                seen.served_under[version] = high_water
 
     def _load(self, job_id: str, head: JobHead) -> JobRuntime:
-        """A job this process has not held yet: its whole log, verified from the incarnation on."""
-        config = self._attach_sources(job_id, JobConfig.parse(self.store.get_job(job_id)))
+        """A job this process has not held yet: its whole log, verified from the incarnation on, and the
+        config version 1 committed to."""
+        config_doc = self.store.get_job(job_id)
         versions = self.store.versions(job_id)[: head.version]
         if len(versions) != head.version or not verify_chain(head.incarnation, versions) \
                 or versions[-1].chain != head.chain:
             raise self._fault(job_id, "chain_broken", "the schedule log in the store does not verify against "
                               "its own chain hashes")
+        committed = versions[0].config_sha256
+        if committed and committed != config_digest(canonical_json(config_doc)):
+            raise self._fault(job_id, "chain_broken", "the job config in the store is not the one schedule "
+                              "version 1 committed to (edited in place?)")
+        if not committed:
+            log.warning("job log does not commit to its config", extra={"job_id": job_id})
+        try:
+            config = JobConfig.parse(config_doc)
+        except InvalidInput as exc:
+            raise CorruptData(f"job {job_id!r}: the stored config is invalid: {exc}") from exc
+        config = self._attach_sources(job_id, config)
         log_ = [(v.effective_step, Schedule.parse(v.schedule, config.source_names)) for v in versions]
         return JobRuntime(job_id, config, head.incarnation, tuple(versions), log_,
-                          self._new_engine(config, log_))
+                          self._new_engine(config, log_), legacy=not committed)
 
     # -- sources -----------------------------------------------------------------------------------
 

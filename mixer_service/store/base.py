@@ -8,7 +8,12 @@ algorithm lives here so they cannot drift apart:
 * the schedule log is append-only with consecutive versions 1, 2, 3, ...; version ``v`` carries
   ``chain = sha256(chain(v - 1) + canonical JSON of v)`` with ``chain(0) = incarnation``, so a replica can
   prove that the log it holds is a prefix of the store's (or that it is not);
-* a version's ``effective_step`` is greater than the served high water at the instant it is committed.
+* version 1 carries ``config_sha256``, the hash of the canonical job config, so the chain commits to
+  everything that decides a batch's bytes: an edited config fails verification like an edited version
+  (logs created before this field have none and are reported as legacy, see docs/reliability.md);
+* a version's ``effective_step`` is greater than the served high water at the instant it is committed;
+* the head names ``served_chain``, the chain of the latest version when the high water last rose, so a
+  replica that never saw the job still proves that no version after it takes effect at a served step.
 
 Together with ``mark_served`` returning the job's head in the same atomic step as it raises the high water,
 a step served under version ``v`` can never be affected by a version ``> v``: schedule changes never
@@ -36,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 INCARNATION_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+CHAIN_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 # The high water moves once per training step, so a change only loses the commit race when a step is
 # served between reading the head and committing; a handful of attempts is plenty even at many steps/s.
@@ -61,9 +67,13 @@ class ScheduleVersion:
     author: str
     reason: str
     chain: str = ""  # sha256 over the previous chain and this entry (see the module docstring)
+    config_sha256: str = ""  # version 1 only: the job config the log was created with
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        body = asdict(self)
+        if not self.config_sha256:
+            del body["config_sha256"]  # entries without it keep the bytes (and chains) they were sealed with
+        return body
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScheduleVersion:
@@ -79,6 +89,7 @@ class ScheduleVersion:
             author=str(data["author"]),
             reason=str(data["reason"]),
             chain=str(data.get("chain", "")),
+            config_sha256=str(data.get("config_sha256", "")),
         )
 
     def link(self, previous_chain: str) -> str:
@@ -99,6 +110,11 @@ def verify_chain(previous_chain: str, versions: Sequence[ScheduleVersion]) -> bo
     return True
 
 
+def config_digest(config_json: str) -> str:
+    """What version 1 commits to: the sha256 of the job config's canonical JSON."""
+    return hashlib.sha256(config_json.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class JobHead:
     """Everything a request must know to prove its view of a job current, read in one atomic step."""
@@ -108,6 +124,43 @@ class JobHead:
     chain: str  # chain hash of the latest version
     served_high_water: int
     trained_step: int
+    served_chain: str = ""  # chain of the latest version when the high water last rose ("" if unknown)
+
+    @classmethod
+    def decode(cls, job_id: str, fields: Sequence[Any], where: str) -> JobHead:
+        """A head from the store's raw fields, each checked: a damaged field is ``CorruptData`` (a 503 for
+        that job only), never an exception that turns into a 500 for every job."""
+        incarnation, version, chain, high_water, trained, served_chain = fields
+        problems = []
+        if not isinstance(incarnation, str) or not INCARNATION_PATTERN.fullmatch(incarnation):
+            problems.append(f"incarnation {incarnation!r}")
+        if not isinstance(chain, str) or not CHAIN_PATTERN.fullmatch(chain):
+            problems.append(f"chain {chain!r}")
+        if served_chain is None:
+            served_chain = ""
+        if not isinstance(served_chain, str) or served_chain and not CHAIN_PATTERN.fullmatch(served_chain):
+            problems.append(f"served chain {served_chain!r}")
+        numbers = []
+        for name, value, low in (("version", version, 1), ("served high water", high_water, -1),
+                                 ("trained step", trained, -1)):
+            number = _as_int(value)
+            if number is None or number < low:
+                problems.append(f"{name} {value!r}")
+            numbers.append(number)
+        if problems:
+            raise CorruptData(f"job {job_id!r} in {where} has malformed fields: {', '.join(problems)}")
+        return cls(incarnation, numbers[0], chain, numbers[1], numbers[2], served_chain)
+
+
+def _as_int(value: Any) -> int | None:
+    """An integer stored as int or decimal text, or None; bools and floats are not step numbers."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,18}", value):
+        return int(value)
+    return None
 
 
 def new_incarnation() -> str:
@@ -192,8 +245,9 @@ class StateStore(ABC):
         with what it has seen to notice a store that lost steps (the high water is now ``max(it, step)``).
 
         Nothing is written unless the job's incarnation is ``incarnation`` (a recreated job is another
-        job). Because every later version takes effect after the high water at its commit, the returned
-        version is final for ``step``: the serve path may plan the batch from the first ``v`` log entries.
+        job). When the high water rises, the served chain becomes the latest version's chain. Because
+        every later version takes effect after the high water at its commit, the returned version is final
+        for ``step``: the serve path may plan the batch from the first ``v`` log entries.
         """
 
     @abstractmethod
@@ -230,8 +284,9 @@ class StateStore(ABC):
         """Put back state the store lost but a replica holds, and return the head afterwards.
 
         ``missing`` (possibly empty; verified by the caller to link onto ``previous_chain``) is appended iff
-        the store's log ends with ``previous_chain``; the high water is raised to ``min_high_water``. Both
-        only for the same incarnation.
+        the store's log ends with ``previous_chain``; the high water is raised to ``min_high_water``, and
+        then the served chain becomes the caller's (``missing[-1].chain``, else ``previous_chain``): the log
+        those steps were served under. Both only for the same incarnation.
         Raising the high water never changes a batch; re-appending verified versions restores history.
         """
 
@@ -260,7 +315,8 @@ class StateStore(ABC):
         config_json = to_json(config, "job config")
         to_json(schedule, "schedule")
         incarnation = new_incarnation()
-        first = ScheduleVersion(1, 0, schedule, time.time(), author, reason).sealed(incarnation)
+        first = ScheduleVersion(1, 0, schedule, time.time(), author, reason,
+                                config_sha256=config_digest(config_json)).sealed(incarnation)
         if not self._insert_job(job_id, config_json, incarnation, first):
             raise Conflict(f"job {job_id!r} already exists")
         logger.info("job created", extra={"job_id": job_id, "author": author, "incarnation": incarnation})

@@ -37,10 +37,10 @@ from mixer_service.values import STEP, TRAINED_STEP
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # How long a writer waits for another process's transaction before reporting the store unavailable.
 BUSY_TIMEOUT_S = 10.0
-_HEAD = "incarnation, version, chain, served_high_water, trained_step"
+_HEAD = "incarnation, version, chain, served_high_water, trained_step, served_chain"
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -50,7 +50,8 @@ _SCHEMA = (
         served_high_water INTEGER NOT NULL DEFAULT -1,
         trained_step INTEGER NOT NULL DEFAULT -1,
         incarnation TEXT NOT NULL DEFAULT '',
-        chain TEXT NOT NULL DEFAULT ''
+        chain TEXT NOT NULL DEFAULT '',
+        served_chain TEXT NOT NULL DEFAULT ''
     )""",
     """CREATE TABLE IF NOT EXISTS schedule_versions (
         job_id TEXT NOT NULL REFERENCES jobs(job_id),
@@ -91,10 +92,13 @@ class EmbeddedStore(StateStore):
             conn.execute("PRAGMA synchronous = NORMAL")
         with self._transaction(write=True) as conn:
             schema = conn.execute("PRAGMA user_version").fetchone()[0]
-            if schema not in (0, 1, SCHEMA_VERSION):
+            if schema not in (0, 1, 2, SCHEMA_VERSION):
                 raise CorruptData(f"state database {self._path} has unknown schema version {schema}")
             if schema == 1:
                 self._migrate_from_v1(conn)
+            if schema in (1, 2):
+                # Jobs from before the served chain: '' means "unknown", and the check it enables is skipped.
+                conn.execute("ALTER TABLE jobs ADD COLUMN served_chain TEXT NOT NULL DEFAULT ''")
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -152,8 +156,7 @@ class EmbeddedStore(StateStore):
         return tuple(row)
 
     def _read_head(self, conn: sqlite3.Connection, job_id: str) -> JobHead:
-        incarnation, version, chain, high_water, trained = self._require_job(conn, job_id, _HEAD)
-        return JobHead(incarnation, int(version), chain, int(high_water), int(trained))
+        return JobHead.decode(job_id, self._require_job(conn, job_id, _HEAD), str(self._path))
 
     def _insert_job(self, job_id: str, config_json: str, incarnation: str, first: ScheduleVersion) -> bool:
         with self._transaction(write=True) as conn:
@@ -163,8 +166,9 @@ class EmbeddedStore(StateStore):
             if count >= self.limits.max_jobs:
                 raise job_limit_error(self.limits)
             conn.execute(
-                "INSERT INTO jobs (job_id, config, version, incarnation, chain) VALUES (?, ?, 1, ?, ?)",
-                (job_id, config_json, incarnation, first.chain),
+                "INSERT INTO jobs (job_id, config, version, incarnation, chain, served_chain) "
+                "VALUES (?, ?, 1, ?, ?, ?)",
+                (job_id, config_json, incarnation, first.chain, first.chain),
             )
             self._append_version(conn, job_id, first)
         return True
@@ -224,9 +228,11 @@ class EmbeddedStore(StateStore):
             if missing and head.chain == previous_chain:
                 for version in missing:
                     self._append_version(conn, job_id, version)
+            served_chain = missing[-1].chain if missing else previous_chain
             conn.execute(
-                "UPDATE jobs SET served_high_water = ? WHERE job_id = ? AND served_high_water < ?",
-                (min_high_water, job_id, min_high_water),
+                "UPDATE jobs SET served_high_water = ?, served_chain = ? "
+                "WHERE job_id = ? AND served_high_water < ?",
+                (min_high_water, served_chain, job_id, min_high_water),
             )
             return self._read_head(conn, job_id)
 
@@ -237,7 +243,7 @@ class EmbeddedStore(StateStore):
             head = self._read_head(conn, job_id)
             # The WHERE clause keeps the transaction read-only (no WAL write, no fsync) for repeated steps.
             conn.execute(
-                "UPDATE jobs SET served_high_water = ? "
+                "UPDATE jobs SET served_high_water = ?, served_chain = chain "
                 "WHERE job_id = ? AND incarnation = ? AND served_high_water < ?",
                 (step, job_id, incarnation, step),
             )

@@ -10,6 +10,7 @@ transactions are single-slot):
 ``mixer:{job}:schedule``         LIST    canonical JSON of each ScheduleVersion (length = latest version)
 ``mixer:{job}:chain``            STRING  chain hash of the latest version
 ``mixer:{job}:hw``               STRING  served high water (-1 until the first ``mark_served``)
+``mixer:{job}:served``           STRING  chain of the latest version when the high water last rose
 ``mixer:{job}:trained``          STRING  last reported trained step (-1 until reported)
 ===============================  ======  ==========================================================
 
@@ -31,7 +32,7 @@ import redis
 from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
-from mixer_service.errors import NotFound, StoreUnavailable
+from mixer_service.errors import CorruptData, NotFound, StoreUnavailable
 from mixer_service.store.base import (
     JobHead,
     ScheduleVersion,
@@ -49,34 +50,40 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "mixer"
 JOBS_KEY = f"{KEY_PREFIX}:jobs"
-FIELDS = ("incarnation", "schedule", "chain", "hw", "trained")  # KEYS[1..5] of every per-job script
+FIELDS = ("incarnation", "schedule", "chain", "hw", "trained", "served")  # KEYS[1..6] of every per-job script
 
 # A replica must answer its trainers quickly or fail over, never hang on a dead Redis.
 SOCKET_TIMEOUT_S = 2.0
 RETRY_ATTEMPTS = 2
 
-# The head as one array; ARGV-free. Shared by the scripts below as their return value.
+# The head as one array; ARGV-free. Shared by the scripts below as their return value. ``hw()`` is the
+# high water as a number, or nil when the field is damaged: scripts then write nothing and return the head,
+# whose decoding names the damage (a Lua error would be a 500 for the caller).
 _HEAD = """
 local function head()
   return {redis.call('GET', KEYS[1]), redis.call('LLEN', KEYS[2]), redis.call('GET', KEYS[3]),
-          redis.call('GET', KEYS[4]), redis.call('GET', KEYS[5])}
+          redis.call('GET', KEYS[4]), redis.call('GET', KEYS[5]), redis.call('GET', KEYS[6])}
+end
+local function hw()
+  return tonumber(redis.call('GET', KEYS[4]))
 end
 """
 
 # KEYS: FIELDS + config, jobs. ARGV: job_id, config_json, first_json, incarnation, first_chain, max_jobs.
 # Returns {1} when created, {-2} at the job limit, else {0, stored config, stored first version}.
 _CREATE_JOB = """
-if redis.call('EXISTS', KEYS[6]) == 1 then
-  return {0, redis.call('GET', KEYS[6]), redis.call('LINDEX', KEYS[2], 0)}
+if redis.call('EXISTS', KEYS[7]) == 1 then
+  return {0, redis.call('GET', KEYS[7]), redis.call('LINDEX', KEYS[2], 0)}
 end
-if redis.call('SCARD', KEYS[7]) >= tonumber(ARGV[6]) then return {-2} end
-redis.call('SET', KEYS[6], ARGV[2])
+if redis.call('SCARD', KEYS[8]) >= tonumber(ARGV[6]) then return {-2} end
+redis.call('SET', KEYS[7], ARGV[2])
 redis.call('SET', KEYS[1], ARGV[4])
 redis.call('RPUSH', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[3], ARGV[5])
 redis.call('SET', KEYS[4], '-1')
 redis.call('SET', KEYS[5], '-1')
-redis.call('SADD', KEYS[7], ARGV[1])
+redis.call('SET', KEYS[6], ARGV[5])
+redis.call('SADD', KEYS[8], ARGV[1])
 return {1}
 """
 
@@ -88,8 +95,9 @@ _READ_HEAD = _HEAD + "return head()"
 _COMMIT_VERSION = _HEAD + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   local version = redis.call('LLEN', KEYS[2])
+  local served = hw()
   if version == tonumber(ARGV[2]) - 1 and redis.call('GET', KEYS[3]) == ARGV[5]
-     and tonumber(redis.call('GET', KEYS[4])) < tonumber(ARGV[3]) then
+     and served ~= nil and served < tonumber(ARGV[3]) then
     redis.call('RPUSH', KEYS[2], ARGV[4])
     redis.call('SET', KEYS[3], ARGV[6])
     return {1}
@@ -99,24 +107,32 @@ end
 return {0, head()}
 """
 
-# ARGV: incarnation, step. Raises the high water of that incarnation; returns the head found before.
+# ARGV: incarnation, step. Raises the high water of that incarnation (recording the chain it is served
+# under); returns the head found before.
 _MARK_SERVED = _HEAD + """
 local found = head()
-if found[1] == ARGV[1] and tonumber(ARGV[2]) > tonumber(found[4]) then
+local served = hw()
+if found[1] == ARGV[1] and served ~= nil and tonumber(ARGV[2]) > served then
   redis.call('SET', KEYS[4], ARGV[2])
+  redis.call('SET', KEYS[6], found[3])
 end
 return found
 """
 
 # ARGV: incarnation, min_high_water, expected chain before the first missing entry, then (json, chain)
-# pairs of the missing entries. Appends them iff the log ends on that chain; raises the high water.
+# pairs of the missing entries. Appends them iff the log ends on that chain; raises the high water and then
+# records the caller's chain (the last one given) as the one those steps were served under.
 _RESTORE = _HEAD + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   if #ARGV > 3 and redis.call('GET', KEYS[3]) == ARGV[3] then
     for i = 4, #ARGV, 2 do redis.call('RPUSH', KEYS[2], ARGV[i]) end
     redis.call('SET', KEYS[3], ARGV[#ARGV])
   end
-  if tonumber(ARGV[2]) > tonumber(redis.call('GET', KEYS[4])) then redis.call('SET', KEYS[4], ARGV[2]) end
+  local served = hw()
+  if served ~= nil and tonumber(ARGV[2]) > served then
+    redis.call('SET', KEYS[4], ARGV[2])
+    redis.call('SET', KEYS[6], ARGV[#ARGV])
+  end
 end
 return head()
 """
@@ -139,11 +155,11 @@ def _keys(job_id: str) -> list[str]:
     return [_job_key(job_id, f) for f in FIELDS]
 
 
-def _to_head(job_id: str, raw: list[Any]) -> JobHead:
-    incarnation, version, chain, high_water, trained = raw
-    if not incarnation or not version or chain is None or high_water is None or trained is None:
+def _to_head(job_id: str, raw: list[Any], where: str) -> JobHead:
+    incarnation, version, chain, high_water, trained, _ = raw
+    if not incarnation and not version and chain is None and high_water is None and trained is None:
         raise NotFound(f"unknown job {job_id!r}")
-    return JobHead(incarnation, int(version), chain, int(high_water), int(trained))
+    return JobHead.decode(job_id, raw, where)
 
 
 class RedisStore(StateStore):
@@ -178,6 +194,10 @@ class RedisStore(StateStore):
             yield
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError) as exc:
             raise StoreUnavailable(f"redis at {self._url} is unavailable: {exc}") from exc
+        except redis.ResponseError as exc:
+            if "WRONGTYPE" in str(exc):  # a key of the job was overwritten with another type by hand
+                raise CorruptData(f"redis at {self._url}: a key has the wrong type: {exc}") from exc
+            raise StoreUnavailable(f"redis at {self._url} refused the command: {exc}") from exc
 
     def _insert_job(self, job_id: str, config_json: str, incarnation: str, first: ScheduleVersion) -> bool:
         first_json = to_json(first.to_dict(), "schedule version")
@@ -205,7 +225,7 @@ class RedisStore(StateStore):
     def head(self, job_id: str) -> JobHead:
         check_job_id(job_id)
         with self._reachable():
-            return _to_head(job_id, self._read_head(keys=_keys(job_id)))
+            return _to_head(job_id, self._read_head(keys=_keys(job_id)), self._url)
 
     def versions(self, job_id: str, after: int = 0) -> list[ScheduleVersion]:
         check_job_id(job_id)
@@ -225,7 +245,7 @@ class RedisStore(StateStore):
                                  new.chain]
         with self._reachable():
             outcome = self._commit(keys=_keys(job_id), args=args)
-        return None if outcome[0] == 1 else _to_head(job_id, outcome[1])
+        return None if outcome[0] == 1 else _to_head(job_id, outcome[1], self._url)
 
     def restore(self, job_id: str, incarnation: str, previous_chain: str, missing: Sequence[ScheduleVersion],
                 min_high_water: int) -> JobHead:
@@ -234,13 +254,14 @@ class RedisStore(StateStore):
         for version in missing:
             args += [to_json(version.to_dict(), "schedule version"), version.chain]
         with self._reachable():
-            return _to_head(job_id, self._restore(keys=_keys(job_id), args=args))
+            return _to_head(job_id, self._restore(keys=_keys(job_id), args=args), self._url)
 
     def mark_served(self, job_id: str, step: int, incarnation: str) -> JobHead:
         check_job_id(job_id)
         STEP.check(step)
         with self._reachable():
-            return _to_head(job_id, self._mark_served(keys=_keys(job_id), args=[incarnation, step]))
+            raw = self._mark_served(keys=_keys(job_id), args=[incarnation, step])
+        return _to_head(job_id, raw, self._url)
 
     def set_trained_step(self, job_id: str, step: int) -> None:
         check_job_id(job_id)

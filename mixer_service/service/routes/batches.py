@@ -33,7 +33,8 @@ def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0, world
     prefetch_ahead(runtime.engine, step, ranks.rank, ranks.world)
     names = config.source_names
     header = {"job": job_id, "incarnation": runtime.incarnation, "step": step, "rank": ranks.rank,
-              "world": ranks.world, "sources": names, "schedule_version": runtime.engine.version_at(step)}
+              "world": ranks.world, "sources": names, "schedule_version": runtime.engine.version_at(step),
+              "log_chain": runtime.log_chain_at(step)}
     starts = runtime.engine.row_boundaries(step, ranks.rank, ranks.world) if boundaries else None
     body = wire.encode(batch.tokens, batch.source_ids, header, compression, boundaries=starts)
     metrics = request.app.state.metrics
