@@ -21,7 +21,7 @@ from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import load_tokenizer
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.sources import PreparedSource, ShardCache
-from mixer_service.sources.adopted import MANIFEST, OFFSETS, RECORD, AdoptedSource
+from mixer_service.sources.adopted import MANIFEST, OFFSETS, PROBE_BYTES, RECORD, AdoptedSource, state_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tokenizer"
@@ -122,7 +122,8 @@ def test_adopted_blocks_are_verified_and_changes_detected(corpus, tmp_path: Path
     adopted = AdoptedSource.open(tmp_path / "m", cache)
     assert adopted.changed() is None and adopted.problems() == []
     data = bytearray((tmp_path / "m" / "doc.bin").read_bytes())
-    data[1001] ^= 0x04
+    assert len(data) > 3 * PROBE_BYTES
+    data[len(data) // 2] ^= 0x04  # between the probed ends: the record is reused, the block is not
     (tmp_path / "m" / "doc.bin").write_bytes(bytes(data))
     fresh = AdoptedSource.open(tmp_path / "m", cache)  # the stored record is reused: no re-hash at open
     with pytest.raises(CorruptData, match="doc.bin"):
@@ -135,13 +136,14 @@ def test_an_adoption_record_without_index_blocks_is_hashed_whole(corpus, tmp_pat
     write_megatron(tmp_path / "m" / "doc", docs, tok.eos_id)
     manifest(tmp_path / "m", "megatron", ["doc"], tok)
     AdoptedSource.open(tmp_path / "m", ShardCache(tmp_path / "cache"))
-    record_path = tmp_path / "m" / RECORD
+    state = state_dir(tmp_path / "m", ShardCache(tmp_path / "cache"))
+    record_path = state / RECORD
     record = json.loads(record_path.read_text())
     del record["doc_index_blocks"]  # written before per-block index hashes
     record_path.write_text(json.dumps(record))
     adopted = AdoptedSource.open(tmp_path / "m", ShardCache(tmp_path / "cache"))
     np.testing.assert_array_equal(adopted.doc_offsets, np.asarray(prepared.doc_offsets))
-    index = np.load(tmp_path / "m" / OFFSETS, mmap_mode="r+")
+    index = np.load(state / OFFSETS, mmap_mode="r+")
     index[3] += 1
     index.flush()
     with pytest.raises(CorruptData, match="document index hash mismatch"):

@@ -20,6 +20,7 @@ class SourceSpec:
     name: str
     role: str  # "repeat": consumed in epochs (domain set); "once": a single pass (web)
     fingerprint: str | None = None  # content fingerprint the job was created against
+    root: str | None = None  # Merkle root of the source's hashes at job creation (None: an older job)
 
 
 @dataclass(frozen=True)
@@ -53,18 +54,20 @@ class JobConfig:
             where = f"sources[{i}]"
             if not isinstance(raw, dict):
                 raise InvalidInput(f"{where}: must be an object with name and role")
-            name, role, fp = raw.get("name"), raw.get("role"), raw.get("fingerprint")
+            name, role, fp, root = raw.get("name"), raw.get("role"), raw.get("fingerprint"), raw.get("root")
             if not isinstance(name, str) or not _NAME.match(name):
                 raise InvalidInput(f"{where}.name: must match {_NAME.pattern}, got {name!r}")
             if role not in ROLES:
                 raise InvalidInput(f"{where}.role: must be one of {list(ROLES)}, got {role!r}")
             if fp is not None and not isinstance(fp, str):
                 raise InvalidInput(f"{where}.fingerprint: must be a string")
-            if set(raw) - {"name", "role", "fingerprint"}:
+            if root is not None and not isinstance(root, str):
+                raise InvalidInput(f"{where}.root: must be a string")
+            if set(raw) - {"name", "role", "fingerprint", "root"}:
                 raise InvalidInput(
-                    f"{where}: unknown field(s) {sorted(set(raw) - {'name', 'role', 'fingerprint'})}"
+                    f"{where}: unknown field(s) {sorted(set(raw) - {'name', 'role', 'fingerprint', 'root'})}"
                 )
-            sources.append(SourceSpec(name, role, fp))
+            sources.append(SourceSpec(name, role, fp, root))
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise InvalidInput(f"sources: names must be unique, got {names}")

@@ -12,8 +12,10 @@ Layout of a prepared source directory::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,28 @@ def content_fingerprint(
         "doc_offsets_sha256": offsets_sha256,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def merkle_root(header: dict[str, Any], leaves: Iterable[Any]) -> str:
+    """sha256 over a canonical header and the ordered hashes of ``leaves`` (each canonical JSON).
+
+    The fingerprint hashes the whole stream and index, which a reader never re-hashes; the root hashes
+    the per-shard and per-block hashes every byte is actually checked against, in order, so an edit of
+    ``meta.json`` that keeps the fingerprint (swapped shard entries, an index block and its hash
+    rewritten together) still changes it, and a job pinning it refuses the source.
+    """
+    out = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for leaf in leaves:
+        out.update(hashlib.sha256(json.dumps(leaf, sort_keys=True).encode()).digest())
+    return out.hexdigest()
+
+
+def index_leaves(blocks: IndexBlocks | None, whole_sha256: str) -> list[Any]:
+    """The document index as root leaves: each block's first entry and hash, or the whole-file hash."""
+    if blocks is None:
+        return [["doc_offsets", whole_sha256]]
+    return [["doc_index", blocks.entries, blocks.data_offset]] + [
+        ["block", first, sha] for first, sha in zip(blocks.firsts, blocks.sha256, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -130,6 +154,14 @@ class SourceMeta:
     num_docs: int
     num_tokens: int
     path: Path
+    root: str | None = None  # Merkle root of the hashes the source is read against (set when opened)
+
+    def root_header(self) -> dict[str, Any]:
+        """What the root commits to besides the leaves: every field that decides the bytes served."""
+        return {"format": FORMAT_NAME, "fingerprint": self.fingerprint,
+                "tokenizer_fingerprint": self.tokenizer_fingerprint, "vocab_size": self.vocab_size,
+                "eos_id": self.eos_id, "dtype": self.dtype, "num_docs": self.num_docs,
+                "num_tokens": self.num_tokens}
 
 
 @dataclass(frozen=True)
@@ -142,6 +174,12 @@ class MetaFile:
     doc_offsets_sha256: str
     skipped_empty_docs: int
     doc_index: IndexBlocks | None = None  # sources prepared before per-block hashes: verified whole at open
+
+    def root(self) -> str:
+        """The Merkle root of this ``meta.json``: shards in file order, then the index blocks."""
+        shards = [["shard", sh.file, sh.num_tokens, sh.sha256, sh.raw_sha256] for sh in self.shards]
+        return merkle_root(self.source.root_header(),
+                           shards + index_leaves(self.doc_index, self.doc_offsets_sha256))
 
     def to_json(self) -> str:
         """Deterministic serialization (sorted keys, no time or absolute paths)."""
@@ -207,4 +245,4 @@ class MetaFile:
             raise CorruptData(f"{path}: invalid meta.json ({exc})") from exc
         if sum(sh.num_tokens for sh in shards) != meta.source.num_tokens:
             raise CorruptData(f"{path}: shard token counts do not add up to num_tokens")
-        return meta
+        return dataclasses.replace(meta, source=dataclasses.replace(meta.source, root=meta.root()))

@@ -404,7 +404,9 @@ class JobManager:
         return MixingEngine.create(config, {s.name: self.sources.get(s.name) for s in config.sources}, log_)
 
     def _pin_sources(self, config: JobConfig) -> JobConfig:
-        """Pin each source's fingerprint; a mismatch means this server holds different data (409)."""
+        """Pin each source's fingerprint and root (the hashes its bytes are checked against); a mismatch
+        means this server holds different data (409). A job from before roots pins none in its stored
+        config and keeps working, checked by fingerprint only."""
         pinned = []
         tokenizers = set()
         for spec in config.sources:
@@ -414,8 +416,11 @@ class JobManager:
                     f"source {spec.name!r}: job expects fingerprint {spec.fingerprint}, this server "
                     f"has {meta.fingerprint}"
                 )
+            if spec.root is not None and spec.root != meta.root:
+                raise Conflict(f"source {spec.name!r}: job expects root {spec.root}, this server has "
+                               f"{meta.root} (its meta.json was edited or replaced)")
             tokenizers.add(meta.tokenizer_fingerprint)
-            pinned.append({**spec.__dict__, "fingerprint": meta.fingerprint})
+            pinned.append({**spec.__dict__, "fingerprint": meta.fingerprint, "root": spec.root or meta.root})
         if len(tokenizers) > 1:
             raise InvalidInput("sources: all sources of a job must share one tokenizer")
         return JobConfig.parse(config.to_json() | {"sources": [
@@ -437,3 +442,6 @@ class JobManager:
             if source.meta.fingerprint != spec.fingerprint:
                 raise SourceUnavailable(f"source {spec.name!r} changed under this server: the job pinned "
                                         f"{spec.fingerprint}, the server now has {source.meta.fingerprint}")
+            if spec.root is not None and source.meta.root != spec.root:
+                raise SourceUnavailable(f"source {spec.name!r} changed under this server: the job pinned "
+                                        f"root {spec.root}, the server now has {source.meta.root}")

@@ -13,17 +13,25 @@ MDS document gets ``eos_id`` appended unless ``"append_eos": false``.
 
 The first open computes, once, what a prepared source's ``meta.json`` records: the document index
 (``.mixer-doc_offsets.npy``, int64, 8 bytes a document), the hash of every block of tokens and the content
-fingerprint, stored in ``.mixer-adopted.json``. The canonical stream (documents, each followed by EOS) is
-the same as ``prepare`` would write for the same documents, so the fingerprint is too. Megatron and flat
-tokens are memory-mapped where they are, in blocks hashed before their first use; an MDS shard interleaves
-sample headers with tokens, so its tokens are extracted into the shard cache on first use and verified.
+fingerprint, stored in ``.mixer-adopted.json``. Both live under the cache directory
+(``<cache>/adopted/<name>-<hash of the path>/``), never in the corpus, so the corpus can be read-only. The
+record names every file it read with its size and the sha256 of its first and last 64 KiB; a record whose
+files no longer match (regenerated in place under the same manifest) is derived again, never reused stale.
+The canonical stream (documents, each followed by EOS) is the same as ``prepare`` would write for the same
+documents, so the fingerprint is too. Megatron and flat tokens are read where they are with ``pread`` (no
+memory map: a file truncated under the server is an error naming it, not SIGBUS), in blocks hashed before
+their first use, when their token ids are also checked against ``vocab_size``; every later read is checked
+against 4 KiB checksums of the verified bytes (``checked``). An MDS shard interleaves sample headers with
+tokens, so its tokens are extracted into the shard cache on first use and verified.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import os
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -35,8 +43,16 @@ import numpy as np
 import zstandard
 
 from mixer_service.errors import CorruptData, InvalidInput
-from mixer_service.prepare.meta import DTYPES, IndexBlocks, SourceMeta, content_fingerprint
+from mixer_service.prepare.meta import (
+    DTYPES,
+    IndexBlocks,
+    SourceMeta,
+    content_fingerprint,
+    index_leaves,
+    merkle_root,
+)
 from mixer_service.sources.cache import Shard, ShardCache
+from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, open_handle, pread_exact
 from mixer_service.sources.doc_index import DocIndex
 from mixer_service.sources.origins import LocalOrigin
 from mixer_service.sources.prepared import ShardedSource, _write_atomic, as_verify_mode, open_index
@@ -47,7 +63,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "mixer-source.json"
 RECORD = ".mixer-adopted.json"
 OFFSETS = ".mixer-doc_offsets.npy"
-RECORD_FORMAT, RECORD_VERSION = "mixer-adopted-source", 1
+RECORD_FORMAT, RECORD_VERSION = "mixer-adopted-source", 2  # 2: input probes, kept under the cache dir
+ADOPTED_SUBDIR = "adopted"
+PROBE_BYTES = 1 << 16  # hashed at each end of every input file at each open: what tells a regenerated file
 FORMATS = ("megatron", "flat", "mds")
 BLOCK_TOKENS = 1 << 24  # 32 MiB of uint16 per verified block: one hash costs ~20 ms
 _MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
@@ -123,8 +141,8 @@ def _megatron_region(directory: Path, prefix: str, m: Manifest) -> _Region:
     megatron/core/datasets/indexed_dataset.py: header, int32 lengths, int64 pointers, int64 doc index)."""
     idx_path, bin_path = directory / f"{prefix}.idx", directory / f"{prefix}.bin"
     try:
-        raw = np.memmap(idx_path, dtype=np.uint8, mode="r")
-        header = bytes(raw[:34])
+        raw = idx_path.read_bytes()  # read, not mapped: a file truncated meanwhile is an error, not SIGBUS
+        header = raw[:34]
         magic, (version,), (code,), (seqs, docs) = (header[:9], struct.unpack("<Q", header[9:17]),
                                                     struct.unpack("<B", header[17:18]),
                                                     struct.unpack("<QQ", header[18:34]))
@@ -142,6 +160,7 @@ def _megatron_region(directory: Path, prefix: str, m: Manifest) -> _Region:
     itemsize = np.dtype(m.dtype).itemsize
     ends = np.cumsum(lengths, dtype=np.int64)
     if seqs and not np.array_equal(pointers, (ends - lengths) * itemsize):
+        _lying_dtype_code(idx_path, code, stored, pointers, ends - lengths)
         raise InvalidInput(f"{idx_path}: sequences are not stored back to back; re-save it with Megatron's "
                            "builder or prepare the corpus instead")
     if docs < 1 or doc_index[0] != 0 or doc_index[-1] != seqs or np.any(np.diff(doc_index) <= 0):
@@ -152,28 +171,52 @@ def _megatron_region(directory: Path, prefix: str, m: Manifest) -> _Region:
     return _Region(f"{prefix}.bin", 0, total, ends[doc_index[1:] - 1])
 
 
+def _lying_dtype_code(idx_path: Path, code: int, stored: str, pointers: np.ndarray,
+                      starts: np.ndarray) -> None:
+    """Raise naming the dtype code when the pointers are back to back for another token size."""
+    for size in (1, 2, 4, 8):
+        if np.array_equal(pointers, starts * size):
+            raise CorruptData(f"{idx_path}: the dtype code {code} says {stored}, but the pointers advance "
+                              f"{size} bytes a token: the .idx's dtype code is wrong (the tokens were "
+                              f"written as {size}-byte ids)")
+
+
 def _flat_region(directory: Path, name: str, m: Manifest) -> _Region:
     """A flat ``.npy`` or raw ``.bin`` token array in which each document ends with EOS (OLMo/Dolma)."""
     path = directory / name
     dtype = np.dtype(m.dtype).newbyteorder("<")
+    handle = open_handle(path, str(path))
     try:
         if name.endswith(".npy"):
-            array = np.load(path, mmap_mode="r")
-            if array.dtype != dtype or array.ndim != 1:
-                raise InvalidInput(f"{path}: a 1-D {m.dtype} array is needed, got {array.dtype} "
-                                   f"{array.shape}")
-            offset = int(array.offset)
+            version = np.lib.format.read_magic(handle)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, fortran, stored = read(handle)
+            if stored != dtype or len(shape) != 1 or fortran:
+                raise InvalidInput(f"{path}: a 1-D {m.dtype} array is needed, got {stored} {shape}")
+            offset, size = handle.tell(), int(shape[0])
         else:
-            array, offset = np.memmap(path, dtype=dtype, mode="r"), 0
+            offset, size = 0, os.fstat(handle.fileno()).st_size // dtype.itemsize
     except (OSError, ValueError) as exc:
         raise CorruptData(f"{path}: unreadable token array ({exc})") from exc
-    ends = [np.flatnonzero(np.asarray(array[a : a + BLOCK_TOKENS]) == m.eos_id) + a + 1
-            for a in range(0, array.size, BLOCK_TOKENS)]
+    ends, last = [], None
+    for a, tokens in _blocks_of(handle, offset, size, dtype, str(path)):
+        ends.append(np.flatnonzero(tokens == m.eos_id) + a + 1)
+        last = tokens[-1]
     doc_ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
-    if array.size == 0 or array[-1] != m.eos_id:
+    if size == 0 or last != m.eos_id:
         raise InvalidInput(f"{path}: the last document does not end with eos_id {m.eos_id}; every document "
                            "must, so the array can be served in place")
-    return _Region(name, offset, int(array.size), doc_ends.astype(np.int64))
+    return _Region(name, offset, size, doc_ends.astype(np.int64))
+
+
+def _blocks_of(handle, offset: int, num_tokens: int, dtype: np.dtype, label: str,
+               ) -> Iterator[tuple[int, np.ndarray]]:
+    """(first token, tokens) of each ``BLOCK_TOKENS`` block of a token region, read with ``pread``."""
+    for a in range(0, num_tokens, BLOCK_TOKENS):
+        n = min(BLOCK_TOKENS, num_tokens - a)
+        data = pread_exact(handle, offset + a * dtype.itemsize, n * dtype.itemsize, label)
+        yield a, np.frombuffer(data, dtype=dtype)
 
 
 def _mds_shards(directory: Path, sub: str, m: Manifest) -> list[dict]:
@@ -252,19 +295,50 @@ def _mds_expand(directory: Path, spec: dict, m: Manifest) -> Callable[[bytes], b
 # -- adoption: computed once, stored beside the manifest --------------------------------------------
 
 
-def adopt(directory: Path, *, force: bool = False) -> dict:
-    """Compute (or load) the adoption record of ``directory``: document index, block hashes, fingerprint.
+def state_dir(directory: Path, cache: ShardCache) -> Path:
+    """Where the adoption record of ``directory`` lives: beside the shard cache, one directory a corpus."""
+    key = hashlib.sha256(str(Path(directory).resolve()).encode()).hexdigest()[:16]
+    return cache.directory.parent / ADOPTED_SUBDIR / f"{Path(directory).name}-{key}"
 
-    O(corpus) once; later opens read the stored record while the manifest is unchanged.
+
+def probe(directory: Path, name: str) -> dict:
+    """A cheap identity of an input file: its size and the sha256 of its first and last ``PROBE_BYTES``."""
+    path = directory / name
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = os.pread(fh.fileno(), PROBE_BYTES, 0)
+        tail = os.pread(fh.fileno(), PROBE_BYTES, max(0, size - PROBE_BYTES))
+    return {"file": name, "size": size, "head_sha256": hashlib.sha256(head).hexdigest(),
+            "tail_sha256": hashlib.sha256(tail).hexdigest()}
+
+
+def _current(record: dict, directory: Path, manifest_sha: str) -> bool:
+    """Whether a stored record still describes the files: same manifest, same version, same probes."""
+    if record.get("manifest_sha256") != manifest_sha or record.get("version") != RECORD_VERSION:
+        return False
+    try:
+        return all(probe(directory, p["file"]) == p for p in record["inputs"])
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def adopt(directory: Path, state: Path, *, force: bool = False) -> dict:
+    """Compute (or load) the adoption record of ``directory`` kept in ``state``: document index, block
+    hashes, fingerprint.
+
+    O(corpus) once; later opens read the stored record while the manifest and the probes of every input
+    file are unchanged (a few 64 KiB reads a file).
     """
     directory = Path(directory)
     manifest_sha = hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
-    record_path = directory / RECORD
+    record_path = state / RECORD
     if not force and record_path.is_file():
         try:
             record = json.loads(record_path.read_text())
-            if record.get("manifest_sha256") == manifest_sha and record.get("version") == RECORD_VERSION:
+            if _current(record, directory, manifest_sha):
                 return record
+            log.warning("adopted files changed since their record; adopting again", extra={
+                "event": "adopt.stale", "directory": str(directory)})
         except ValueError:
             pass  # unreadable: recompute
     m = Manifest.load(directory)
@@ -275,10 +349,13 @@ def adopt(directory: Path, *, force: bool = False) -> dict:
     ends: list[np.ndarray] = []
     base = 0
     parts: list[dict] = []
+    inputs: list[str] = []
     dtype = np.dtype(m.dtype).newbyteorder("<")
     if m.format == "mds":
         for sub in m.files:
+            inputs.append(f"{sub}/index.json")
             for spec in _mds_shards(directory, sub, m):
+                inputs.append(spec["file"])
                 data = (directory / spec["file"]).read_bytes()
                 raw = _mds_expand(directory, spec, m)(data)
                 tokens = np.frombuffer(raw, dtype=dtype)
@@ -294,14 +371,16 @@ def adopt(directory: Path, *, force: bool = False) -> dict:
     else:
         for name in m.files:
             region = (_megatron_region if m.format == "megatron" else _flat_region)(directory, name, m)
-            array = np.memmap(directory / region.file, dtype=dtype, mode="r", offset=region.offset,
-                              shape=(region.num_tokens,))
-            blocks = []
-            for a in range(0, region.num_tokens, BLOCK_TOKENS):
-                chunk = np.ascontiguousarray(array[a : a + BLOCK_TOKENS])
+            inputs += [f"{name}.idx", region.file] if m.format == "megatron" else [region.file]
+            path = directory / region.file
+            blocks, eos_ok = [], True
+            for a, chunk in _blocks_of(open_handle(path, str(path)), region.offset, region.num_tokens, dtype,
+                                       str(path)):
                 stream.update(chunk.data)
                 blocks.append(_sha256(chunk))
-            if np.any(np.asarray(array[region.doc_ends - 1]) != m.eos_id):
+                lo, hi = np.searchsorted(region.doc_ends, [a + 1, a + chunk.size + 1])
+                eos_ok = eos_ok and bool(np.all(chunk[region.doc_ends[lo:hi] - 1 - a] == m.eos_id))
+            if not eos_ok:
                 raise InvalidInput(f"{directory / region.file}: documents do not all end with eos_id "
                                    f"{m.eos_id}; re-run the tokenizer with EOS appended (Megatron: "
                                    "--append-eod) or prepare the corpus instead")
@@ -316,14 +395,16 @@ def adopt(directory: Path, *, force: bool = False) -> dict:
         raise InvalidInput(f"{directory}: empty documents (a lone EOS) cannot be served; drop them first")
     offsets_hash.update(doc_offsets.tobytes())
     buffer = _npy_bytes(doc_offsets)
-    _write_atomic(directory / OFFSETS, buffer)
+    state.mkdir(parents=True, exist_ok=True)
+    _write_atomic(state / OFFSETS, buffer)
     record = {
         "format": RECORD_FORMAT, "version": RECORD_VERSION, "manifest_sha256": manifest_sha,
+        "inputs": [probe(directory, name) for name in inputs],
         "fingerprint": content_fingerprint(m.tokenizer_fingerprint, m.dtype, stream.hexdigest(),
                                            offsets_hash.hexdigest()),
         "tokens_sha256": stream.hexdigest(), "doc_offsets_sha256": offsets_hash.hexdigest(),
         "num_docs": int(doc_offsets.size - 1), "num_tokens": int(base), "block_tokens": BLOCK_TOKENS,
-        "parts": parts, "doc_index_blocks": IndexBlocks.of_file(directory / OFFSETS).to_json(),
+        "parts": parts, "doc_index_blocks": IndexBlocks.of_file(state / OFFSETS).to_json(),
     }
     _write_atomic(record_path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     log.info("adopted %s: %d docs, %d tokens in %.1fs", directory, record["num_docs"], base,
@@ -348,35 +429,77 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 class _InPlaceBlocks:
-    """Blocks of token files read where they are; each block hashed before its first use, and again after
-    its file changes."""
+    """Blocks of token files read where they are, with ``pread``: each block hashed (and its ids checked
+    against the vocabulary) before its first use and again after its file changes; every read checked
+    against the 4 KiB checksums taken from the hashed bytes."""
 
-    def __init__(self, directory: Path, parts: list[dict], dtype: np.dtype, block: int, mode: VerifyMode):
+    def __init__(self, directory: Path, parts: list[dict], dtype: np.dtype, block: int, mode: VerifyMode,
+                 vocab_size: int) -> None:
         self.mode = mode
-        self.blocks: list[tuple[Path, np.ndarray, str]] = []
+        self.dtype = dtype
+        self.vocab_size = vocab_size
+        self.blocks: list[tuple[Path, int, int, str]] = []  # file, first byte, tokens, sha256
         for part in parts:
             path = directory / part["file"]
-            try:
-                array = np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=part["offset"],
-                                             shape=(part["num_tokens"],)))
-            except (OSError, ValueError) as exc:
-                raise CorruptData(f"{path}: cannot map the adopted tokens ({exc})") from exc
             for k, sha in enumerate(part["blocks"]):
-                self.blocks.append((path, array[k * block : (k + 1) * block], sha))
-        self._verified: dict[int, FileStamp | None] = {}
+                n = min(block, part["num_tokens"] - k * block)
+                self.blocks.append((path, part["offset"] + k * block * dtype.itemsize, n, sha))
+        self.faults: dict[int, str] = {}  # shared with the source: blocks whose last read failed
+        self._verified: dict[int, tuple[FileStamp | None, CheckedTokens]] = {}
+        self._handles: dict[Path, tuple[FileStamp | None, Any]] = {}
 
     @property
     def sizes(self) -> list[int]:
-        return [b[1].size for b in self.blocks]
+        return [b[2] for b in self.blocks]
 
-    def load(self, k: int) -> np.ndarray:
-        path, array, sha = self.blocks[k]
+    def load(self, k: int) -> CheckedTokens:
+        path = self.blocks[k][0]
         stamp = FileStamp.of(path)
-        if self.mode != VerifyMode.OFF and self._verified.get(k, "unseen") != stamp:
-            if stamp is None or _sha256(array) != sha:
-                raise CorruptData(f"{path}: tokens {k} block checksum mismatch (changed since adoption?)")
-            self._verified[k] = stamp
-        return array
+        seen = self._verified.get(k)
+        if seen is not None and seen[0] == stamp:
+            return seen[1]
+        if stamp is None:
+            raise CorruptData(f"{path}: missing (removed since adoption?)")
+        view = self._verify(k, stamp)
+        self._verified[k] = (stamp, view)
+        return view
+
+    def _handle(self, path: Path, stamp: FileStamp):
+        """One open handle a file, opened again when the file changed (a replaced file is a new inode)."""
+        held = self._handles.get(path)
+        if held is None or held[0] != stamp:
+            held = self._handles[path] = (stamp, open_handle(path, str(path)))
+        return held[1]
+
+    def _verify(self, k: int, stamp: FileStamp) -> CheckedTokens:
+        path, start, n, sha = self.blocks[k]
+        handle = self._handle(path, stamp)
+        size = n * self.dtype.itemsize
+        if self.mode == VerifyMode.OFF:
+            return CheckedTokens(CheckedRegion(handle, start, size, None, str(path)), self.dtype, n)
+        data = pread_exact(handle, start, size, str(path))
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise CorruptData(f"{path}: tokens {k} block checksum mismatch (changed since adoption?)")
+        digest = Digest(self.dtype)
+        digest.update(data)
+        region = CheckedRegion(handle, start, size, digest.finish(), str(path))
+        if digest.max_token >= self.vocab_size:
+            tokens = np.frombuffer(data, dtype=self.dtype)
+            i = int(np.flatnonzero(tokens >= self.vocab_size)[0])
+            raise CorruptData(f"{path}: token id {int(tokens[i])} at byte {start + i * self.dtype.itemsize} "
+                              f"is outside the vocabulary ({self.vocab_size} ids)")
+        return CheckedTokens(region, self.dtype, n, recover=lambda failed: self._recover(k, failed))
+
+    def _recover(self, k: int, failed: CheckedRegion) -> CheckedRegion:
+        """A read of block ``k`` failed its check: the file is read in place, so there is nothing to rebuild
+        from; hash it again (a file put back is accepted), else the fault stands, for readiness too."""
+        self._verified.pop(k, None)
+        self._handles.pop(self.blocks[k][0], None)
+        try:
+            return self.load(k).region
+        except CorruptData as exc:
+            self.faults[k] = str(exc)
+            raise
 
 
 def _open_index(path: Path, meta: SourceMeta, record: dict, mode: VerifyMode) -> np.ndarray | DocIndex:
@@ -389,37 +512,76 @@ def _open_index(path: Path, meta: SourceMeta, record: dict, mode: VerifyMode) ->
     return open_index(path, meta, blocks, record["doc_offsets_sha256"], mode)
 
 
+def _root(meta: SourceMeta, record: dict) -> str:
+    """The Merkle root of an adoption record: every token block (or MDS shard) hash in stream order, then
+    the index blocks."""
+    leaves: list[Any] = []
+    for p in record["parts"]:
+        if "blocks" in p:
+            leaves += [["block", p["file"], p["offset"], p["num_tokens"], k, sha]
+                       for k, sha in enumerate(p["blocks"])]
+        else:
+            leaves.append(["shard", p["file"], p["num_tokens"], p["sha256"], p["raw_sha256"]])
+    blocks = IndexBlocks.from_json(record["doc_index_blocks"], meta.num_docs + 1) \
+        if "doc_index_blocks" in record else None
+    header = meta.root_header() | {"block_tokens": record.get("block_tokens")}
+    return merkle_root(header, leaves + index_leaves(blocks, record["doc_offsets_sha256"]))
+
+
 class AdoptedSource(ShardedSource):
     """An adopted corpus served like a prepared source (same fingerprint for the same documents)."""
 
+    record: dict  # the adoption record it was opened with
+    _manifest_sha: str
+
     @classmethod
     def open(cls, directory: Path | str, cache: ShardCache, *,
-             verify: bool | str | VerifyMode = DEFAULT_VERIFY) -> AdoptedSource:
+             verify: bool | str | VerifyMode = DEFAULT_VERIFY, state: Path | None = None) -> AdoptedSource:
+        """Open the corpus in ``directory``; its adoption record is kept in ``state`` (default: beside the
+        shard cache, ``state_dir``)."""
         directory = Path(directory)
+        state = Path(state) if state is not None else state_dir(directory, cache)
         mode = as_verify_mode(verify)
         m = Manifest.load(directory)
         try:
-            record = adopt(directory)
+            record = adopt(directory, state)
         except (OSError, ValueError) as exc:
             raise CorruptData(f"{directory}: cannot adopt ({exc})") from exc
         meta = SourceMeta(m.name, record["fingerprint"], m.tokenizer_fingerprint, m.vocab_size, m.eos_id,
                           m.dtype, record["num_docs"], record["num_tokens"], directory)
-        offsets = _open_index(directory / OFFSETS, meta, record, mode)
+        try:
+            meta = dataclasses.replace(meta, root=_root(meta, record))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptData(f"{state / RECORD}: invalid adoption record ({exc})") from exc
+        offsets = _open_index(state / OFFSETS, meta, record, mode)
         dtype = np.dtype(m.dtype).newbyteorder("<")
         parts = record["parts"]
+        faults: dict[int, str] = {}
         if m.format == "mds":
             origin = LocalOrigin(directory)
             shards = [Shard(origin, p["file"], p["num_tokens"], dtype, p["sha256"], p["raw_sha256"],
-                            _mds_expand(directory, p, m)) for p in parts]
+                            _mds_expand(directory, p, m), m.vocab_size) for p in parts]
             sizes, load = [s.num_tokens for s in shards], (lambda k: cache.get(shards[k]))
         else:
-            blocks = _InPlaceBlocks(directory, parts, dtype, record["block_tokens"], mode)
-            sizes, load = blocks.sizes, blocks.load
+            blocks = _InPlaceBlocks(directory, parts, dtype, record["block_tokens"], mode, m.vocab_size)
+            sizes, load, faults = blocks.sizes, blocks.load, blocks.faults
         watched = {directory / p["file"]: FileStamp.of(directory / p["file"]) for p in parts}
         shard_offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         source = cls(meta, shard_offsets, load, offsets,
-                     (directory / MANIFEST, directory / RECORD, directory / OFFSETS), watched)
+                     (directory / MANIFEST, state / RECORD, state / OFFSETS), watched, faults)
+        source.record, source._manifest_sha = record, record["manifest_sha256"]
         if mode == VerifyMode.FULL:
             for k in range(len(sizes)):
                 source.tokens.shard(k)
         return source
+
+    def _still_valid(self, path: Path) -> bool:
+        """A manifest or record put back with the same content is accepted again (the index: its blocks)."""
+        try:
+            if path.name == MANIFEST:
+                return hashlib.sha256(path.read_bytes()).hexdigest() == self._manifest_sha
+            if path.name == RECORD:
+                return json.loads(path.read_text()) == self.record
+        except (OSError, ValueError):
+            return False
+        return super()._still_valid(path)

@@ -4,10 +4,14 @@ Each entry is one shard's raw little-endian tokens in ``<raw_sha256>.bin``: cont
 sources sharing a shard share an entry and a changed shard can never be mistaken for the old one. An entry
 is verified (sha256 of the decompressed bytes) the first time this process uses it, and again whenever its
 file changes (inode, size or mtime); a shard fetched from its origin is checked twice (compressed hash before
-decompression, raw hash after) before it is installed by rename. Total size stays within ``limit_bytes``
-by evicting the least recently used entries (never the one just asked for); arrays already handed out stay
-valid after eviction because an unlinked file stays mapped. ``prefetch`` takes the shards the next steps
-will need, so steady-state requests find them present.
+decompression, raw hash after) before it is installed by rename. The same pass takes a 4 KiB block checksum
+table from the verified bytes (``checked``): every later read of the entry is a ``pread`` checked against it,
+so bit rot that leaves the file's stat untouched, or a truncation, is caught on the read that meets it; the
+entry is then dropped and rebuilt from its shard. Token ids are checked against the source's vocabulary
+once, in that same pass. Total size stays within ``limit_bytes`` by evicting the least recently used entries
+(never the one just asked for); views already handed out stay valid after eviction because they hold the
+unlinked file open. ``prefetch`` takes the shards the next steps will need, so steady-state requests find
+them present.
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ import numpy as np
 import zstandard
 
 from mixer_service.errors import CorruptData, InvalidInput, MixerError
+from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, find_token_above, open_handle
 from mixer_service.sources.origins import Origin
-from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode, sha256_file
+from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
 
 log = logging.getLogger(__name__)
+
+_READ_CHUNK = 1 << 22  # bytes hashed a read while verifying an entry (a multiple of the check block)
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class Shard:
     raw_sha256: str  # of the decompressed tokens: the cache key
     # Turns the stored file into raw tokens when it is not a plain zstd stream (e.g. an MDS shard).
     expand: Callable[[bytes], bytes] | None = field(default=None, compare=False, repr=False)
+    vocab_size: int | None = field(default=None, compare=False)  # token ids must lie below it
 
     @property
     def raw_bytes(self) -> int:
@@ -61,7 +69,8 @@ class _Entry:
     path: Path
     size: int
     stamp: FileStamp | None
-    array: np.ndarray | None = None  # set once verified in this process
+    region: CheckedRegion | None = None  # set once verified in this process
+    max_token: int = -1  # largest token id, from the verified bytes (-1: not looked at, --verify off)
 
 
 @dataclass
@@ -72,6 +81,7 @@ class CacheStats:
     fetched_bytes: int = 0
     verified: int = 0  # cache files hashed
     evictions: int = 0
+    rebuilt: int = 0  # entries whose bytes failed a read check after verification, dropped and rebuilt
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -118,30 +128,54 @@ class ShardCache:
     def __contains__(self, shard: Shard) -> bool:
         return shard.raw_sha256 in self._entries
 
-    def get(self, shard: Shard) -> np.ndarray:
-        """The shard's tokens, memory-mapped, verified in this process; fetches it when absent."""
+    def get(self, shard: Shard) -> CheckedTokens:
+        """The shard's tokens, verified in this process, read (and checked) from disk on every access;
+        fetches it when absent."""
+        return self._view(shard, self._entry(shard))
+
+    def _entry(self, shard: Shard, failed: CheckedRegion | None = None) -> _Entry:
+        """The verified entry of ``shard``; ``failed``: a region of it that failed a read check, so the
+        entry is dropped and rebuilt (unless another thread already did)."""
         key = shard.raw_sha256
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and entry.array is not None and FileStamp.of(entry.path) == entry.stamp:
+            if failed is None and self._usable(entry):
                 self._entries.move_to_end(key)
                 self.stats.hits += 1
-                return entry.array
+                return entry
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:
             with self._lock:  # another thread may have loaded it while this one waited
                 entry = self._entries.get(key)
-                if entry is not None and entry.array is not None and FileStamp.of(entry.path) == entry.stamp:
+                if self._usable(entry) and (failed is None or entry.region is not failed):
                     self._entries.move_to_end(key)
                     self.stats.hits += 1
-                    return entry.array
+                    return entry
                 self.stats.misses += 1
-            array, entry = self._load(shard)
+            if failed is not None:
+                self.stats.rebuilt += 1
+                log.warning("cached shard failed a read check; rebuilding it", extra={
+                    "event": "cache.corrupt", "cache_file": str(failed.label), "shard": shard.label})
+            entry = self._load(shard, trust_file=failed is None)
             with self._lock:
                 self._entries[key] = entry
                 self._entries.move_to_end(key)
                 self._evict(keep=key)
-            return array
+            return entry
+
+    @staticmethod
+    def _usable(entry: _Entry | None) -> bool:
+        return entry is not None and entry.region is not None and FileStamp.of(entry.path) == entry.stamp
+
+    def _view(self, shard: Shard, entry: _Entry) -> CheckedTokens:
+        assert entry.region is not None
+        view = CheckedTokens(entry.region, shard.dtype, shard.num_tokens,
+                             recover=lambda failed: self._entry(shard, failed).region)
+        if shard.vocab_size is not None and entry.max_token >= shard.vocab_size:
+            pos, token = find_token_above(view, shard.vocab_size) or (-1, entry.max_token)
+            raise CorruptData(f"{shard.label}: token id {token} at token offset {pos} is outside the "
+                              f"vocabulary ({shard.vocab_size} ids)")
+        return view
 
     def prefetch(self, shards: Iterable[Shard]) -> list[Future]:
         """Start loading the shards not yet present, in the background; failures surface on ``get``.
@@ -153,7 +187,7 @@ class ShardCache:
             key = shard.raw_sha256
             with self._lock:
                 entry = self._entries.get(key)
-                if (entry is not None and entry.array is not None) or key in self._pending:
+                if (entry is not None and entry.region is not None) or key in self._pending:
                     continue
                 self._pending.add(key)
             started.append(self._pool.submit(self._prefetch_one, shard))
@@ -177,33 +211,50 @@ class ShardCache:
     def _path(self, shard: Shard) -> Path:
         return self.directory / f"{shard.raw_sha256}.bin"
 
-    def _load(self, shard: Shard) -> tuple[np.ndarray, _Entry]:
+    def _load(self, shard: Shard, trust_file: bool = True) -> _Entry:
+        """Verify the cached file (building it first when absent, wrong, or not ``trust_file``) and open it
+        for checked reads."""
         path = self._path(shard)
         stamp = FileStamp.of(path)
-        if stamp is not None and stamp.size == shard.raw_bytes and self._trusted(path, shard):
-            return self._map(shard, path)
-        if stamp is not None:
+        if trust_file and stamp is not None and stamp.size == shard.raw_bytes:
+            entry = self._verified(shard, path)
+            if entry is not None:
+                return entry
+        if trust_file and stamp is not None:
             log.warning("cached shard does not match its hash; fetching it again", extra={
                 "event": "cache.mismatch", "cache_file": str(path), "shard": shard.label})
-        self._build(shard, path)
-        return self._map(shard, path)
+        digest = self._build(shard, path)
+        region = CheckedRegion(open_handle(path, str(path)), 0, shard.raw_bytes, digest.finish(), str(path))
+        return _Entry(path, shard.raw_bytes, FileStamp.of(path), region, digest.max_token)
 
-    def _trusted(self, path: Path, shard: Shard) -> bool:
-        if self.verify == VerifyMode.OFF:
-            return True
-        self.stats.verified += 1
-        return sha256_file(path) == shard.raw_sha256
-
-    def _map(self, shard: Shard, path: Path) -> tuple[np.ndarray, _Entry]:
+    def _verified(self, shard: Shard, path: Path) -> _Entry | None:
+        """An entry for ``path`` with the checksum table of the bytes just hashed, or None when they do not
+        match the shard (``--verify off``: length checks only, nothing hashed)."""
+        handle = open_handle(path, str(path))
         stamp = FileStamp.of(path)
-        if shard.num_tokens == 0:
-            array = np.zeros(0, dtype=shard.dtype)
-        else:
-            array = np.asarray(np.memmap(path, dtype=shard.dtype, mode="r", shape=(shard.num_tokens,)))
-        return array, _Entry(path, shard.raw_bytes, stamp, array)
+        if self.verify == VerifyMode.OFF:
+            unchecked = CheckedRegion(handle, 0, shard.raw_bytes, None, str(path))
+            return _Entry(path, shard.raw_bytes, stamp, unchecked)
+        self.stats.verified += 1
+        sha, digest, offset = hashlib.sha256(), Digest(shard.dtype), 0
+        while offset < shard.raw_bytes:
+            try:
+                chunk = os.pread(handle.fileno(), min(_READ_CHUNK, shard.raw_bytes - offset), offset)
+            except OSError:
+                return None  # unreadable (EIO): rebuilt like a wrong one
+            if not chunk:
+                return None
+            sha.update(chunk)
+            digest.update(chunk)
+            offset += len(chunk)
+        if sha.hexdigest() != shard.raw_sha256:
+            return None
+        region = CheckedRegion(handle, 0, shard.raw_bytes, digest.finish(), str(path))
+        return _Entry(path, shard.raw_bytes, stamp, region, digest.max_token)
 
-    def _build(self, shard: Shard, path: Path) -> None:
-        """Fetch, check, decompress, check again, install by rename: a torn or wrong file is never named."""
+    def _build(self, shard: Shard, path: Path) -> Digest:
+        """Fetch, check, decompress, check again, install by rename: a torn or wrong file is never named.
+        Returns the block checksums (and largest token id) of the bytes it proved."""
         started = time.perf_counter()
         data = shard.origin.read(shard.file)
         self.stats.fetches += 1
@@ -213,10 +264,11 @@ class ShardCache:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=self.directory)
         tmp = Path(tmp_name)
         try:
-            raw_hash, raw_size = hashlib.sha256(), 0
+            raw_hash, raw_size, digest = hashlib.sha256(), 0, Digest(shard.dtype)
             with os.fdopen(fd, "wb") as out:
                 for chunk in _raw_chunks(shard, data):
                     raw_hash.update(chunk)
+                    digest.update(chunk)
                     raw_size += len(chunk)
                     out.write(chunk)
             if raw_size != shard.raw_bytes or raw_hash.hexdigest() != shard.raw_sha256:
@@ -230,6 +282,7 @@ class ShardCache:
             raise
         log.info("shard cached", extra={"event": "cache.fetched", "shard": shard.label, "bytes": raw_size,
                                         "seconds": round(time.perf_counter() - started, 3)})
+        return digest
 
     def _evict(self, keep: str | None) -> None:
         """Drop least recently used entries until the total fits (caller holds ``_lock``)."""

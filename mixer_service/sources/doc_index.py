@@ -1,4 +1,4 @@
-"""The document index of a source (int64[num_docs + 1]), memory-mapped and verified block by block.
+"""The document index of a source (int64[num_docs + 1]), read with ``pread`` and verified block by block.
 
 At 10^12 tokens the index is ~2·10^9 documents, 16 GB: hashing it whole at every start, or copying it
 from object storage, is the one cost that would grow with the corpus. Here a block (``IndexBlocks``,
@@ -6,6 +6,12 @@ from object storage, is the one cost that would grow with the corpus. Here a blo
 not match is fetched with one ranged read into a sparse local file and hashed on arrival. Opening costs
 O(1); serving touches the few blocks around the documents a batch reads. Entry 0 and the last entry are
 known from ``meta.json`` (0 and the token count) and cost nothing.
+
+Hashing a block also takes its 4 KiB checksums and every 512th entry (``checked``; 0.4 % of the block,
+kept in memory), and every later lookup reads the 4 KiB it needs from disk and checks it: bit rot after
+verification is refused (a cached remote block is fetched again), and a truncated file is an error naming
+it, never the SIGBUS a memory map would raise. A binary search routes through the kept entries and reads
+one 4 KiB block.
 
 The engine uses the index through ``len``, integer, slice and integer-array indexing, and
 ``searchsorted`` (a binary search that reads one block), exactly like a numpy array; ``np.asarray`` of the
@@ -21,6 +27,7 @@ import operator
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,13 +35,24 @@ import numpy as np
 
 from mixer_service.errors import CorruptData
 from mixer_service.prepare.meta import IndexBlocks
+from mixer_service.sources.checked import CHECK_BLOCK, CheckedRegion, block_sums, open_handle, pread_exact
 from mixer_service.sources.verify import FileStamp, VerifyMode
 
 Fetch = Callable[[int, int], bytes]  # byte range [a, b) of the index file at its origin
+SUB = CHECK_BLOCK // 8  # entries a checksum covers; a binary search reads one such run
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A verified block: where its entries lie (``region``, entries ``a`` on) and every ``SUB``-th entry."""
+
+    a: int
+    region: CheckedRegion
+    samples: np.ndarray
 
 
 class DocIndex:
-    """``doc_offsets`` of one source: a verified, lazily checked view of a memory-mapped ``.npy`` file.
+    """``doc_offsets`` of one source: a verified, lazily checked view of an ``.npy`` file read in place.
 
     ``fetch`` makes the file a cache of a remote index: a block that does not hash right locally is read
     from the origin, checked and written in place (the file is sparse until then). Without ``fetch`` the
@@ -53,9 +71,9 @@ class DocIndex:
         self._lock = threading.Lock()
         self._firsts = np.asarray(blocks.firsts, dtype=np.int64)
         self._first_list = list(blocks.firsts)
-        self._verified: set[int] = set()
+        self._checked: dict[int, _Block] = {}
         self.faults: dict[int, str] = {}  # block -> why it failed, for readiness; cleared when it verifies
-        self._map()
+        self._open_file()
 
     # -- numpy-like surface used by the engine ------------------------------------------------------------
 
@@ -65,7 +83,7 @@ class DocIndex:
 
     @property
     def dtype(self) -> np.dtype:
-        return self._array.dtype
+        return np.dtype("<i8")
 
     @property
     def size(self) -> int:
@@ -77,11 +95,9 @@ class DocIndex:
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, slice):
             start, stop, step = key.indices(self._n)
-            if step > 0 and stop > start:
-                self._ensure_range(start, stop - 1)
-            elif step < 0 and start > stop:
-                self._ensure_range(stop + 1, start)
-            return self._array[key]
+            if step == 1:
+                return self._entries(start, stop)
+            return self[np.arange(start, stop, step)]
         if isinstance(key, (int, np.integer)):
             i = operator.index(key)
             i = i + self._n if i < 0 else i
@@ -89,56 +105,57 @@ class DocIndex:
                 return np.int64(0)
             if i == self._n - 1:
                 return np.int64(self.num_tokens)
-            if 0 < i < self._n:
-                self._ensure(i // self.blocks.entries)
-            return self._array[i]  # out of range: numpy's IndexError
+            if not 0 < i < self._n:
+                raise IndexError(f"index {key} is out of bounds for a document index of size {self._n}")
+            return self._entries(i, i + 1)[0]
         idx = np.asarray(key)
-        if idx.dtype == bool or idx.size == 0:
-            self._ensure_range(0, self._n - 1)
-            return self._array[idx]
-        idx = np.where(idx < 0, idx + self._n, idx)
-        if idx.size >= 64:  # a large request: every block between its ends (no sort of the indices)
-            self._ensure_range(int(idx.min()), int(idx.max()))
-        else:
-            for b in np.unique(idx // self.blocks.entries).tolist():
-                self._ensure(b)
-        return self._array[idx]
+        if idx.dtype == bool:
+            return self._entries(0, self._n)[idx]
+        idx = np.where(idx < 0, idx + self._n, idx).astype(np.int64)
+        if idx.size == 0:
+            return np.zeros(idx.shape, dtype=np.int64)
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self._n:
+            raise IndexError(f"index out of bounds for a document index of size {self._n}")
+        if idx.size >= 64 or hi - lo < 8 * SUB:  # one read of the covering range
+            return self._entries(lo, hi + 1)[idx - lo]
+        return np.array([self._entries(i, i + 1)[0] for i in idx.reshape(-1).tolist()],
+                        dtype=np.int64).reshape(idx.shape)
 
     def searchsorted(self, values: Any, side: Literal["left", "right"] = "left") -> Any:
-        """``np.searchsorted(index, values, side)``, reading only the block each value falls in."""
+        """``np.searchsorted(index, values, side)``, reading one 4 KiB run of entries per value."""
         if np.ndim(values) == 0:  # the per-row provenance path: keep it a few microseconds
             b = min(max(bisect.bisect_right(self._first_list, values) if side == "right"
                         else bisect.bisect_left(self._first_list, values), 1), len(self._first_list)) - 1
-            self._ensure(b)
-            a, z = self.blocks.span(b, self._n)
-            return a + self._array[a:z].searchsorted(values, side=side)
+            blk = self._block(b)
+            j = max(int(blk.samples.searchsorted(values, side=side)) - 1, 0)
+            return blk.a + j * SUB + int(self._run(b, j).searchsorted(values, side=side))
         v = np.asarray(values, dtype=np.int64)
-        if len(self._verified) == len(self._first_list):  # all checked: one search, no routing
-            return self._array.searchsorted(v, side=side)
         flat = v.reshape(-1)
         block = np.clip(np.searchsorted(self._firsts, flat, side=side) - 1, 0, len(self._firsts) - 1)
         out = np.empty(flat.shape, dtype=np.intp)
         for b in np.unique(block).tolist():
-            self._ensure(b)
-            a, z = self.blocks.span(b, self._n)
-            sel = block == b
-            out[sel] = a + np.searchsorted(self._array[a:z], flat[sel], side=side)
+            blk = self._block(b)
+            sel = np.flatnonzero(block == b)
+            runs = np.maximum(blk.samples.searchsorted(flat[sel], side=side) - 1, 0)
+            for j in np.unique(runs).tolist():
+                here = sel[runs == j]
+                out[here] = blk.a + j * SUB + self._run(b, j).searchsorted(flat[here], side=side)
         return out.reshape(v.shape) if v.ndim else out[0]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        self._ensure_range(0, self._n - 1)
-        return np.asarray(self._array, dtype=dtype)
+        return np.asarray(self._entries(0, self._n), dtype=dtype)
 
     def __repr__(self) -> str:
         return (f"DocIndex({self.label!r}, {self._n - 1} documents, "
-                f"{len(self._verified)}/{len(self._firsts)} blocks verified)")
+                f"{len(self._checked)}/{len(self._firsts)} blocks verified)")
 
     # -- verification -------------------------------------------------------------------------------------
 
     @property
     def verified_blocks(self) -> int:
         """How many blocks this process has checked (and, for a remote index, holds locally)."""
-        return len(self._verified)
+        return len(self._checked)
 
     @property
     def is_cache(self) -> bool:
@@ -147,25 +164,26 @@ class DocIndex:
 
     def verify_all(self) -> None:
         """Check every block now (``--verify full``)."""
-        self._ensure_range(0, self._n - 1)
+        for b in range(len(self._firsts)):
+            self._block(b)
 
     def verify_ends(self) -> None:
         """Check the first and the last block now."""
-        self._ensure(0)
-        self._ensure(len(self._firsts) - 1)
+        self._block(0)
+        self._block(len(self._firsts) - 1)
 
     def revalidate(self) -> bool:
-        """After the file changed: map it again and re-check the blocks in use (others are checked on
+        """After the file changed: open it again and re-check the blocks in use (others are checked on
         their first use; blocks that failed are tried again). True when every one of them holds the bytes this
         source was opened with."""
         try:
-            self._map()
+            self._open_file()
         except CorruptData:
             return False
-        in_use, self._verified = sorted(self._verified | set(self.faults)), set()
+        in_use, self._checked = sorted(set(self._checked) | set(self.faults)), {}
         try:
             for b in in_use:
-                self._ensure(b)
+                self._block(b)
         except CorruptData:
             return False
         return True
@@ -178,82 +196,141 @@ class DocIndex:
                 sparse_index_file(self.path, self._header, self._n)
                 self._follow_file()
 
-    def _map(self) -> None:
-        array = map_index(self.path, self._n, self.label)
-        self._array = np.asarray(array)  # a plain view: slicing a memmap object costs ~10x more
+    def _open_file(self) -> None:
+        handle = open_handle(self.path, self.label)
+        self._offset = index_data_offset(handle, self._n, self.label)
+        self._handle = handle
         if self._fetch is not None:
-            with open(self.path, "rb") as fh:
-                self._header = fh.read(array.offset)
+            self._header = pread_exact(handle, 0, self._offset, self.label)
         self._stamp = FileStamp.of(self.path)
 
     def _follow_file(self) -> None:
-        """Map the file now at ``path`` and trust none of it until its blocks are checked again."""
-        self._map()
-        self._verified = set()
+        """Open the file now at ``path`` and trust none of it until its blocks are checked again."""
+        self._open_file()
+        self._checked = {}
 
-    def _ensure_range(self, first: int, last: int) -> None:
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def _entries(self, first: int, stop: int) -> np.ndarray:
+        """Entries ``[first, stop)``, each 4 KiB they lie in checked as it is read."""
+        if stop <= first:
+            return np.zeros(0, dtype=np.int64)
         per = self.blocks.entries
-        for b in range(max(first, 0) // per, min(last, self._n - 1) // per + 1):
-            self._ensure(b)
+        pieces = []
+        for b in range(first // per, (stop - 1) // per + 1):
+            a = b * per
+            pieces.append(self._read(b, max(first, a) - a, min(stop, a + per) - a))
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    def _ensure(self, b: int) -> None:
-        if b in self._verified or self.mode == VerifyMode.OFF and self._fetch is None:
-            return
+    def _run(self, b: int, j: int) -> np.ndarray:
+        """The ``j``-th run of ``SUB`` entries of block ``b`` (one checksum block)."""
+        return self._read(b, j * SUB, min((j + 1) * SUB, self.blocks.entries))
+
+    def _read(self, b: int, lo: int, hi: int) -> np.ndarray:
+        """Entries ``[lo, hi)`` of block ``b`` (relative to its start). A failed check on a cached remote
+        block fetches it again; on the source's own file it is ``CorruptData`` naming the file."""
+        blk = self._block(b)
         try:
-            self._check(b)
+            return np.frombuffer(blk.region.read(8 * lo, 8 * hi), dtype="<i8")
+        except CorruptData as exc:
+            self._checked.pop(b, None)
+            if not self.is_cache:
+                self.faults[b] = str(exc)
+                raise
+        return np.frombuffer(self._block(b).region.read(8 * lo, 8 * hi), dtype="<i8")
+
+    def _block(self, b: int) -> _Block:
+        blk = self._checked.get(b)
+        if blk is not None:
+            return blk
+        try:
+            blk = self._verify(b)
         except CorruptData as exc:
             self.faults[b] = str(exc)
             raise
         self.faults.pop(b, None)
-        self._verified.add(b)
+        self._checked[b] = blk
+        return blk
 
-    def _check(self, b: int) -> None:
+    def _verify(self, b: int) -> _Block:
+        """Read block ``b``, prove it (sha256; fetched from the origin when the local copy is wrong), and
+        keep what later reads are checked against."""
         a, z = self.blocks.span(b, self._n)
-        if not self._hash_ok(b, self._array[a:z]):
+        start, size = self._offset + 8 * a, 8 * (z - a)
+        trusting = self.mode == VerifyMode.OFF and self._fetch is None
+        try:
+            data = pread_exact(self._handle, start, size, self.label)
+        except CorruptData:
+            if self._fetch is None:
+                raise
+            data = b""
+        if not trusting and not self._hash_ok(b, data):
             if self._fetch is None:
                 raise CorruptData(f"{self.label}: document index hash mismatch in block {b} "
                                   "(corrupt or edited)")
-            self._fill(self._fetch, b, a, z)
-        data = self._array[a:z]
+            data = self._fill(self._fetch, b, a, z)
+        values = np.frombuffer(data, dtype="<i8")
         last = b + 1 == len(self._firsts)
-        if data[0] != self._firsts[b] or (last and data[-1] != self.num_tokens) or (
-                not last and data[-1] != self._firsts[b + 1]):
+        if values[0] != self._firsts[b] or (last and values[-1] != self.num_tokens) or (
+                not last and values[-1] != self._firsts[b + 1]):
             raise CorruptData(f"{self.label}: document index block {b} does not agree with meta.json")
+        sums = None if trusting else block_sums(data)
+        return _Block(a, CheckedRegion(self._handle, self._offset + 8 * a, size, sums, self.label),
+                      values[::SUB].copy())
 
-    def _hash_ok(self, b: int, data: np.ndarray) -> bool:
-        return hashlib.sha256(np.ascontiguousarray(data).data).hexdigest() == self.blocks.sha256[b]
+    def _hash_ok(self, b: int, data: bytes) -> bool:
+        return hashlib.sha256(data).hexdigest() == self.blocks.sha256[b]
 
-    def _fill(self, fetch: Fetch, b: int, a: int, z: int) -> None:
+    def _fill(self, fetch: Fetch, b: int, a: int, z: int) -> bytes:
         """Fetch block ``b`` from the origin, check it, and write it into the local file (outside the lock:
-        two threads fetching one block write the same verified bytes)."""
+        two threads fetching one block write the same verified bytes). Returns the verified bytes."""
         start = self.blocks.data_offset + 8 * a
         data = fetch(start, start + 8 * (z - a))
-        if len(data) != 8 * (z - a) or not self._hash_ok(b, np.frombuffer(data, dtype="<i8")):
+        if len(data) != 8 * (z - a) or not self._hash_ok(b, data):
             raise CorruptData(f"{self.label}: document index block {b} hash mismatch on arrival")
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY)
             try:
-                if self._stamp is None or os.fstat(fd).st_ino != self._stamp.inode:
+                fd = os.open(self.path, os.O_WRONLY)
+            except OSError as exc:
+                raise CorruptData(f"{self.path}: cannot write the fetched block ({exc.strerror})") from exc
+            try:
+                if os.fstat(fd).st_ino != os.fstat(self._handle.fileno()).st_ino:
                     self._follow_file()  # another process replaced the file
                 os.pwrite(fd, data, start)
             finally:
                 os.close(fd)
             self._stamp = FileStamp.of(self.path)  # our own write is not a foreign change
-        if not self._hash_ok(b, self._array[a:z]):  # the file was replaced under us: never trust the map
-            raise CorruptData(f"{self.label}: document index block {b} did not reach the mapped file")
+        return data
 
 
-def map_index(path: Path, num_entries: int, label: str) -> np.memmap:
-    """Memory-map an int64 index of ``num_entries``; a missing, unreadable or misshapen file is
-    ``CorruptData`` naming ``label``."""
+def index_data_offset(handle: io.FileIO, num_entries: int, label: str) -> int:
+    """Where the data of an ``.npy`` int64 index of ``num_entries`` starts in ``handle``'s file; a missing,
+    unreadable, misshapen or short file is ``CorruptData`` naming ``label``."""
     try:
-        array = np.load(path, mmap_mode="r")
+        handle.seek(0)
+        version = np.lib.format.read_magic(handle)
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read(handle)
+        offset = handle.tell()
+        size = os.fstat(handle.fileno()).st_size
     except (OSError, ValueError) as exc:
         raise CorruptData(f"{label}: unreadable document index ({exc})") from exc
-    if array.dtype != np.dtype("<i8") or array.shape != (num_entries,):
+    if dtype != np.dtype("<i8") or shape != (num_entries,) or fortran:
         raise CorruptData(f"{label}: document index does not match the source's description "
                           f"({num_entries - 1} documents)")
-    return array
+    if size != offset + 8 * num_entries:
+        raise CorruptData(f"{label}: document index is {size} bytes, {offset + 8 * num_entries} expected "
+                          "(truncated?)")
+    return offset
+
+
+def load_index(path: Path, num_entries: int, label: str) -> np.ndarray:
+    """Read a whole int64 index into memory (sources from before per-block hashes: hashed whole at open,
+    then served from memory, so nothing on disk can change or truncate it under the server)."""
+    handle = open_handle(path, label)
+    offset = index_data_offset(handle, num_entries, label)
+    return np.frombuffer(pread_exact(handle, offset, 8 * num_entries, label), dtype="<i8")
 
 
 def sparse_index_file(path: Path, header: bytes, num_entries: int) -> None:

@@ -1,6 +1,6 @@
 """A prepared source (see ``prepare.meta`` for the layout) opened for O(1) random access to documents.
 
-Opening reads ``meta.json`` and memory-maps the document index (8 bytes a document, verified block by
+Opening reads ``meta.json`` and opens the document index (8 bytes a document, verified block by
 block on first use: ``doc_index.DocIndex``); no shard is touched, so the time to open does not grow with
 the corpus. Each shard is fetched, decompressed and verified into a ``ShardCache`` the first time a batch
 needs it. Files that change under a running server are reported by
@@ -31,7 +31,7 @@ from mixer_service.prepare.meta import (
     content_fingerprint,
 )
 from mixer_service.sources.cache import Shard, ShardCache
-from mixer_service.sources.doc_index import DocIndex, Fetch, map_index, npy_header, sparse_index_file
+from mixer_service.sources.doc_index import DocIndex, Fetch, load_index, npy_header, sparse_index_file
 from mixer_service.sources.origins import LocalOrigin, Origin
 from mixer_service.sources.tokens import ShardedTokens
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
@@ -54,17 +54,18 @@ def as_verify_mode(verify: bool | str | VerifyMode) -> VerifyMode:
 
 class ShardedSource:
     """What every token source offers the engine and the registry: lazily loaded, verified shards, the
-    memory-mapped document index, and change detection for the files read in place."""
+    block-verified document index, and change detection for the files read in place."""
 
     def __init__(self, meta: SourceMeta, shard_offsets: np.ndarray, load: Callable[[int], np.ndarray],
                  doc_offsets: np.ndarray | DocIndex, index_files: tuple[Path, ...],
-                 watched: dict[Path, FileStamp | None]) -> None:
+                 watched: dict[Path, FileStamp | None], faults: dict[int, str] | None = None) -> None:
         self.meta = meta
         self.tokens = ShardedTokens(shard_offsets, np.dtype(meta.dtype).newbyteorder("<"), self._guard(load))
         # int64[num_shards + 1]: shard k holds tokens [shard_offsets[k], shard_offsets[k + 1])
         self.shard_offsets = self.tokens.shard_offsets
         self.doc_offsets = doc_offsets
-        self.faults: dict[int, str] = {}  # shard -> why its last load failed; cleared by a good load
+        # shard -> why its last load (or checked read) failed; cleared by a good load
+        self.faults: dict[int, str] = {} if faults is None else faults
         self._index_files = index_files
         self._stamps = {path: FileStamp.of(path) for path in index_files} | watched
 
@@ -144,7 +145,7 @@ class ShardedSource:
 
 
 class PreparedSource(ShardedSource):
-    """Tokens (lazily loaded shards) plus the memory-mapped document offsets of one prepared source."""
+    """Tokens (lazily loaded shards) plus the block-verified document offsets of one prepared source."""
 
     def __init__(self, meta: SourceMeta, info: MetaFile, origin: Origin, index_dir: Path,
                  doc_offsets: np.ndarray | DocIndex, cache: ShardCache) -> None:
@@ -152,8 +153,8 @@ class PreparedSource(ShardedSource):
         self.origin = origin
         self.cache = cache
         dtype = np.dtype(meta.dtype).newbyteorder("<")
-        self._shards = [Shard(origin, sh.file, sh.num_tokens, dtype, sh.sha256, sh.raw_sha256)
-                        for sh in info.shards]
+        self._shards = [Shard(origin, sh.file, sh.num_tokens, dtype, sh.sha256, sh.raw_sha256,
+                              vocab_size=meta.vocab_size) for sh in info.shards]
         offsets = np.concatenate([[0], np.cumsum([sh.num_tokens for sh in info.shards], dtype=np.int64)])
         watched: dict[Path, FileStamp | None] = {}
         for sh in info.shards:
@@ -259,7 +260,7 @@ def open_index(path: Path, meta: SourceMeta, blocks: IndexBlocks | None, whole_s
         elif fetch is None:
             index.verify_ends()
         return index
-    offsets = map_index(path, meta.num_docs + 1, str(path))
+    offsets = load_index(path, meta.num_docs + 1, str(path))
     if offsets[0] != 0 or offsets[-1] != meta.num_tokens:
         raise CorruptData(f"{path}: document index does not match the source's description "
                           f"({meta.num_docs} docs, {meta.num_tokens} tokens)")
