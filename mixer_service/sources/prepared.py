@@ -68,6 +68,7 @@ class ShardedSource:
         self.faults: dict[int, str] = {} if faults is None else faults
         self._index_files = index_files
         self._stamps = {path: FileStamp.of(path) for path in index_files} | watched
+        self._rejected: dict[Path, FileStamp | None] = {}  # stamps found not to hold the opened bytes
 
     def __len__(self) -> int:
         return self.meta.num_docs
@@ -105,15 +106,18 @@ class ShardedSource:
     def changed(self) -> str | None:
         """Why this source can no longer be served (a stat of each index file), or None.
 
-        Shards need no check here: each is hashed when it enters the cache and re-hashed when its cached
-        file changes, so only the index files, read in place, can change unseen (a remote index's local
-        copy is a cache too: changed under us, its blocks are checked again before use).
+        Shards need no check here: each is hashed when it enters the cache and every read of it is checked,
+        so only the index files, read in place, can change unseen (a remote index's local copy is a cache
+        too: changed under us, its blocks are checked again before use). A changed file that holds the
+        bytes this source was opened with again (put back) is accepted here, on the request path: nobody
+        has to poll readiness for batches to recover.
         """
         if isinstance(self.doc_offsets, DocIndex):
             self.doc_offsets.refresh()
         for path in self._index_files:
-            if FileStamp.of(path) != self._stamps[path]:
-                return f"source {self.meta.name!r}: {path} was removed or changed under this server"
+            why = self._recheck(path)
+            if why:
+                return why
         return None
 
     def problems(self) -> list[str]:
@@ -123,19 +127,24 @@ class ShardedSource:
         A stat per file; a file whose stamp changed is re-verified against the hash this source expects,
         and accepted again when it matches (a shard put back from a backup is fine).
         """
-        out = []
-        for path, stamp in list(self._stamps.items()):
-            now = FileStamp.of(path)
-            if now == stamp:
-                continue
-            if now is not None and self._still_valid(path):
-                self._stamps[path] = now
-                continue
-            what = "was removed" if now is None else "changed"
-            out.append(f"source {self.meta.name!r}: {path} {what} under this server")
+        out = [why for why in map(self._recheck, list(self._stamps)) if why]
         index_faults = self.doc_offsets.faults if isinstance(self.doc_offsets, DocIndex) else {}
         failed = [*self.faults.values(), *index_faults.values()]
         return [f"source {self.meta.name!r}: {why}" for why in failed] + out
+
+    def _recheck(self, path: Path) -> str | None:
+        """None when ``path`` has the stamp it was opened with, or holds the same bytes again; else why not.
+        A stamp already found wrong is not hashed again until it changes (one stat a request meanwhile)."""
+        now = FileStamp.of(path)
+        if now == self._stamps[path]:
+            return None
+        if now is not None and now != self._rejected.get(path) and self._still_valid(path):
+            self._stamps[path] = now
+            self._rejected.pop(path, None)
+            return None
+        self._rejected[path] = now
+        what = "was removed" if now is None else "changed"
+        return f"source {self.meta.name!r}: {path} {what} under this server"
 
     def _still_valid(self, path: Path) -> bool:
         """Whether a changed file still holds exactly the bytes this source was opened with (for the
