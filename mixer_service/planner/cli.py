@@ -1,11 +1,13 @@
 """``mixer plan ...``: fit the scaling laws from measurements and print recommendations.
 
-    mixer plan spt --runs runs.csv --target-tokens 100B --domain-tokens 300M [--plot fit.png] [--json]
-        [--tokens-unit 1B] [--holdout-delta 0.1] [--predict-delta 0.1] [--ft-gain ft.csv]
+    mixer plan spt --runs runs.csv --target-tokens 100B [200B ...] --domain-tokens 300M [--plot fit.png]
+        [--json] [--tokens-unit 1B] [--holdout-delta 0.1] [--predict-delta 0.1] [--ft-gain ft.csv]
+        [--max-seconds 600]
     mixer plan storage --points grid.csv --budget 5M --budget 20M [--codec codec.csv] [--plot fit.png]
     mixer plan images --out data/fmnist-q50 --quality 50 | --budget 2M [--num-samples 10000]
 
-Counts accept SI suffixes (k, M, G or B = 1e9, T). Bad input prints one line on stderr and exits 2.
+Counts accept SI suffixes (k, M, G or B = 1e9, T). Bad input prints one line on stderr and exits 2, before
+any fit; ``--json`` is strict JSON (no NaN).
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mixer_service.errors import InvalidInput, MixerError
-from mixer_service.planner.fit_stats import FitQuality, ParamEstimate
+from mixer_service.planner.fit_stats import FitQuality, ParamEstimate, strict_json
 
 if TYPE_CHECKING:
-    from mixer_service.planner.overfitting_law import HoldoutCheck, SptFit
-    from mixer_service.planner.recommend import Recommendation
+    from mixer_service.planner.spt_plan import SptPlan
+    from mixer_service.planner.storage_law import Allocation, StorageFit
 
 # The planner's heavy dependencies (scipy, Pillow, matplotlib: the optional "planner" extra) are imported
 # inside the command functions, so registering ``plan`` never breaks a ``mixer`` installed without them.
 LOSSLESS_WORDS = ("lossless", "png")
 DEFAULT_TOKENS_UNIT = 1e9  # = overfitting_law.DEFAULT_TOKENS_UNIT, repeated: that module needs scipy
+DEFAULT_MAX_SECONDS = 600.0
 
 _SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9, "T": 1e12}
 
@@ -64,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     spt = sub.add_parser("spt", help="fit the SPT overfitting law from pilot runs and recommend δ*")
     spt.add_argument("--runs", nargs="+", required=True, help="CSV and/or trainer JSONL files")
-    spt.add_argument("--target-tokens", type=count, required=True, help="pretraining token budget T")
+    spt.add_argument("--target-tokens", type=count, nargs="+", required=True,
+                     help="pretraining token budget(s) T: δ*(T) for each from one fit")
     spt.add_argument("--domain-tokens", type=count, required=True, help="domain set size |D| in tokens")
     spt.add_argument("--delta-range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="δ search range")
     spt.add_argument(
@@ -74,7 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     spt.add_argument(
         "--tokens-unit", type=count, default=DEFAULT_TOKENS_UNIT,
-        help="T is divided by this inside the law (default 1B: T in billions); the fit depends on it",
+        help="the unit of T the law's constants are reported in (default 1B); the fit does not depend on it",
+    )
+    spt.add_argument(
+        "--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
+        help="wall-clock budget: the bootstrap stops when it is spent, the point fit fails (default 600)",
     )
     spt.add_argument(
         "--holdout-delta", type=float, metavar="D",
@@ -160,49 +168,48 @@ def _safe(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespa
 
 
 def run_spt(args: argparse.Namespace) -> int:
-    from mixer_service.planner.overfitting_law import fit_overfitting_law, holdout_check
-    from mixer_service.planner.recommend import fit_finetune_gain, recommend_delta, schedule_for_delta
+    from mixer_service.planner.budget import Deadline
+    from mixer_service.planner.recommend import fit_finetune_gain
+    from mixer_service.planner.spt_plan import SptQuestion, check_question, plan_spt
     from mixer_service.planner.spt_runs import load_runs
 
+    question = SptQuestion(
+        target_tokens=args.target_tokens, domain_tokens=args.domain_tokens,
+        delta_range=tuple(args.delta_range) if args.delta_range else None, n_bootstrap=args.bootstrap,
+        seed=args.seed, tokens_unit=args.tokens_unit, holdout_delta=args.holdout_delta,
+        predict_deltas=tuple(args.predict_delta),
+        schedule_sources=tuple(args.schedule) if args.schedule else None,
+    )
+    if args.bootstrap < 0:
+        raise InvalidInput(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    deadline = Deadline(args.max_seconds, what="--max-seconds")
     runs = load_runs(args.runs, args.tokens_key, args.delta_key, args.loss_key)
-    delta_max = args.delta_range[1] if args.delta_range else None
-    fit = fit_overfitting_law(runs, args.bootstrap, args.seed, args.tokens_unit, delta_max)
+    check_question(runs, question)
     finetune = None
     if args.ft_gain:
         columns = _read_columns(args.ft_gain, ("tokens", "gain"), optional=("delta",))
         finetune = fit_finetune_gain(columns["tokens"], columns["gain"], columns.get("delta"))
-    rec = recommend_delta(
-        fit, args.target_tokens, args.domain_tokens, args.delta_range, finetune, tuple(args.predict_delta)
-    )
-    holdout = None
-    if args.holdout_delta is not None:
-        holdout = holdout_check(runs, args.holdout_delta, args.bootstrap, args.seed, args.tokens_unit)
-    schedule = schedule_for_delta(rec.delta, *args.schedule) if args.schedule else None
+    plan = plan_spt(runs, question, finetune, deadline)
     if args.plot:
         from mixer_service.planner.plots import plot_spt
 
-        plot_spt(fit, runs, rec, args.plot)
+        plot_spt(plan.fit, runs, plan.recommendations, args.plot, finetune)
     if args.json:
-        out = {"fit": fit.to_dict(), "recommendation": rec.to_dict()}
-        if finetune is not None:
-            out["finetune_gain"] = finetune.to_dict()
-        if schedule is not None:
-            out["schedule"] = schedule
-        if holdout is not None:
-            out["holdout"] = holdout.to_dict()
-        print(json.dumps(out, indent=2))
+        print(json.dumps(plan.to_dict(), indent=2, allow_nan=False))
     else:
-        _print_spt(fit, rec, schedule, holdout)
-    for warning in rec.warnings + (holdout.warnings if holdout else []):
+        _print_spt(plan)
+    for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
-def _print_spt(fit: SptFit, rec: Recommendation, schedule: dict | None, holdout: HoldoutCheck | None) -> None:
-    print(f"T unit: {fit.law.tokens_unit:.4g} tokens; δ as a fraction; b_gap(δ) < 1 imposed on "
-          f"[0, {fit.delta_max:g}]")
+def _print_spt(plan: SptPlan) -> None:
+    fit, rec, holdout = plan.fit, plan.recommendations[0], plan.holdout
+    print(f"T unit: {fit.law.tokens_unit:.4g} tokens for the constants (fitted in units of "
+          f"{fit.fit_tokens_unit:.4g}; the answer does not depend on either); δ as a fraction; b_gap(δ) < 1 "
+          f"imposed on the pilots' [0, {fit.delta_max:g}]")
     print(_quality_line("joint fit", fit.quality))
-    print(_quality_line("shared-exponent fit (App. D.1, C_train and A_gap free per δ)", fit.shared.quality))
+    print(_quality_line("shared-exponent fit (App. D.1, amplitudes free per δ)", fit.shared.quality))
     per_delta = [
         [f"{p.delta:g}", p.n_points, f"{p.tokens_min:.3g}–{p.tokens_max:.3g}", f"{p.b:.4f}", f"{p.h:.4f}",
          f"{p.quality.r2:.5f}", f"{p.quality.rmse:.3g}"]
@@ -210,6 +217,7 @@ def _print_spt(fit: SptFit, rec: Recommendation, schedule: dict | None, holdout:
     ]  # fmt: skip
     print(_table(["δ", "points", "T range", "b", "h (gap)", "R²", "RMSE"], per_delta))
     print(_param_table(fit.params))
+    mult = rec.compute_multiplier
     rows: list[list[object]] = [
         ["objective", rec.objective],
         ["target tokens T", f"{rec.target_tokens:.4g}"],
@@ -217,10 +225,19 @@ def _print_spt(fit: SptFit, rec: Recommendation, schedule: dict | None, holdout:
         ["predicted domain loss", _with_interval(rec.predicted_loss, rec.loss_interval, ".4f")],
         ["repetitions E* = T·δ*/|D|", f"{rec.repetitions:.3g}"],
         ["domain tokens needed T·δ*", f"{rec.target_tokens * rec.delta:.4g}"],
+        ["compute multiplier at δ* (T / tokens to match δ=0 at T)",
+         "-" if mult.multiplier is None else _with_interval(mult.multiplier, mult.interval, ".3g")],
     ]
     if rec.predicted_loss_after_finetune is not None:
         rows.append(["predicted loss after finetuning (Eq. 7)", f"{rec.predicted_loss_after_finetune:.4f}"])
     print(_table(["recommendation", "value"], rows))
+    if len(plan.recommendations) > 1:
+        print(_table(["T", "δ*(T)", "95% interval", "predicted loss", "E*", "compute multiplier"], [
+            [f"{r.target_tokens:.4g}", f"{r.delta:.4g}", _interval(r.delta_interval, ".4g"),
+             f"{r.predicted_loss:.4f}", f"{r.repetitions:.3g}",
+             "-" if r.compute_multiplier.multiplier is None else f"{r.compute_multiplier.multiplier:.3g}"]
+            for r in plan.recommendations
+        ]))
     print(_table(
         [f"δ (at T={rec.target_tokens:.3g})", "predicted loss", "95% interval", "beyond pilots"],
         [
@@ -228,6 +245,12 @@ def _print_spt(fit: SptFit, rec: Recommendation, schedule: dict | None, holdout:
             for p in rec.predictions
         ],
     ))
+    if plan.next_pilots:
+        print(_table(["next pilot: δ", "checkpoints up to T", "δ* 95% width now", "expected width after"], [
+            [f"{p.delta:.4g}", f"{p.tokens:.3g} ({p.checkpoints})", f"{p.width_now:.3g}",
+             f"{p.expected_width:.3g}"]
+            for p in plan.next_pilots
+        ]))
     if holdout is not None:
         print(_table(["holdout check (§5.3)", "value"], [
             ["held-out δ", f"{holdout.delta:g} (fitted on δ = {', '.join(map(str, holdout.fitted_deltas))})"],
@@ -239,10 +262,10 @@ def _print_spt(fit: SptFit, rec: Recommendation, schedule: dict | None, holdout:
             ["held-out points inside the 95% interval",
              "-" if holdout.share_in_interval is None else f"{holdout.share_in_interval:.0%}"],
         ]))
-    if rec.warnings:
-        print(_table(["warning"], [[w] for w in rec.warnings]))
-    if schedule is not None:
-        print(json.dumps(schedule))
+    if plan.warnings:
+        print(_table(["warning"], [[w] for w in plan.warnings]))
+    if plan.schedule is not None:
+        print(json.dumps(plan.schedule))
 
 
 def run_storage(args: argparse.Namespace) -> int:
@@ -266,8 +289,16 @@ def run_storage(args: argparse.Namespace) -> int:
         plot_storage(fit, n, size, err, allocations, args.plot)
     if args.json:
         allocs = [dict(a.to_dict(), quality=q) for a, q in zip(allocations, qualities, strict=True)]
-        print(json.dumps({"fit": fit.to_dict(), "allocations": allocs}, indent=2))
-        return 0
+        out = strict_json({"fit": fit.to_dict(), "allocations": allocs})
+        print(json.dumps(out, indent=2, allow_nan=False))
+    else:
+        _print_storage(fit, allocations, qualities)
+    for warning in fit.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _print_storage(fit: StorageFit, allocations: list[Allocation], qualities: list[int | None]) -> None:
     print(_quality_line(f"{fit.law.variant} fit", fit.quality))
     print(_param_table(fit.params))
     if allocations:
@@ -287,7 +318,6 @@ def run_storage(args: argparse.Namespace) -> int:
                 ],
             )
         )
-    return 0
 
 
 def run_images(args: argparse.Namespace) -> int:

@@ -6,7 +6,9 @@ residuals and bootstrap refits into the numbers the planner reports next to ever
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -88,3 +90,17 @@ def require_finite(name: str, values: np.ndarray) -> None:
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         raise InvalidInput(f"{name} has a non-finite value (NaN or inf) at row {int(bad[0])}")
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) replaced by None: JSON has no NaN, and a client
+    that gets a bare ``NaN`` token cannot parse the answer at all."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, np.generic):
+        return strict_json(value.item())
+    return value

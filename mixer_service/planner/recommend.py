@@ -7,7 +7,7 @@ an interval for δ* so an operator can see how firmly the pilot runs pin it down
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 
@@ -16,7 +16,8 @@ from scipy.optimize import least_squares, minimize_scalar
 
 from mixer_service.errors import InvalidInput
 from mixer_service.planner.fit_stats import require_finite
-from mixer_service.planner.overfitting_law import OverfittingLaw, SptFit, interval95
+from mixer_service.planner.multiplier import ComputeMultiplier, compute_multiplier
+from mixer_service.planner.overfitting_law import OverfittingLaw, SptFit, interval95, prediction_warnings
 
 TOKENS_EXTRAPOLATION_FACTOR = 10.0  # a target this many times beyond the fitted tokens is "far"
 GRID_POINTS = 2001
@@ -36,6 +37,8 @@ class FinetuneGain:
     c: float
     a_delta: float = 0.0
     c_delta: float = 0.0
+    tokens_range: tuple[float, float] | None = None  # the T its gains were measured at
+    delta_range: tuple[float, float] | None = None  # the δ (δ-dependent fits only)
 
     def __call__(self, tokens: np.ndarray | float, delta: np.ndarray | float = 0.0) -> np.ndarray:
         d = np.asarray(delta, float)
@@ -45,8 +48,28 @@ class FinetuneGain:
     def depends_on_delta(self) -> bool:
         return self.a_delta != 0.0 or self.c_delta != 0.0
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict:
         return asdict(self)
+
+    def extrapolation_warnings(self, tokens: float, deltas: np.ndarray) -> list[str]:
+        """Say when the gain is read outside where it was measured, or comes out negative (a finetune that
+        raises the loss is not what Eq. 7 was fitted to describe)."""
+        out = []
+        if self.tokens_range is not None and not self.tokens_range[0] <= tokens <= self.tokens_range[1]:
+            out.append(f"the finetune gain (Eq. 7) is extrapolated to T={tokens:.3g}, outside the measured "
+                       f"T range [{self.tokens_range[0]:.3g}, {self.tokens_range[1]:.3g}]")
+        if self.depends_on_delta and self.delta_range is not None:
+            beyond = deltas[(deltas < self.delta_range[0] - 1e-12) | (deltas > self.delta_range[1] + 1e-12)]
+            if beyond.size:
+                out.append(f"the finetune gain's δ term is extrapolated to δ={beyond.max():.3g}, outside the "
+                           f"measured δ range [{self.delta_range[0]:g}, {self.delta_range[1]:g}]")
+        gains = np.asarray(self(tokens, deltas), float)
+        if np.any(gains < 0):
+            at = float(deltas[int(np.argmin(gains))])
+            out.append(f"the finetune gain (Eq. 7) is negative at T={tokens:.3g} (down to "
+                       f"{float(np.min(gains)):.4g} at δ={at:.3g}): finetuning would raise the loss there, "
+                       "an extrapolation of the fitted gain, not a measurement")
+        return out
 
 
 def fit_finetune_gain(
@@ -91,6 +114,8 @@ def fit_finetune_gain(
         c=float(coef[1]),
         a_delta=float(coef[2] * fold) if with_delta else 0.0,
         c_delta=float(coef[3]) if with_delta else 0.0,
+        tokens_range=(float(tokens.min()), float(tokens.max())),
+        delta_range=(float(d.min()), float(d.max())) if with_delta else None,
     )
 
 
@@ -122,6 +147,7 @@ class Recommendation:
     delta_interval: tuple[float, float] | None
     loss_interval: tuple[float, float] | None
     predictions: list[Prediction]
+    compute_multiplier: ComputeMultiplier
     candidates: np.ndarray = field(repr=False)
     candidate_losses: np.ndarray = field(repr=False)
     warnings: list[str] = field(default_factory=list)
@@ -132,12 +158,41 @@ class Recommendation:
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("candidates", "candidate_losses")}
+        out["compute_multiplier"] = self.compute_multiplier.to_dict()
         out["domain_tokens_needed"] = self.target_tokens * self.delta
         return out
 
 
 OBJECTIVE_PRETRAIN = "pretraining domain loss L_test(T, δ)"
 OBJECTIVE_FINETUNE = "post-finetune domain loss L_test(T, δ) − Δℓ(T, δ) (Eq. 7)"
+
+
+def check_arguments(
+    target_tokens: Sequence[float],
+    domain_tokens: float,
+    delta_range: tuple[float, float] | None = None,
+    query_deltas: Sequence[float] = (),
+) -> None:
+    """Refuse bad arguments before any fit (a fit can take minutes; a typo should not)."""
+    if not target_tokens:
+        raise InvalidInput("give at least one target token budget")
+    for t in target_tokens:
+        if not (np.isfinite(t) and t > 0):
+            raise InvalidInput(f"target tokens must be a positive number, got {t}")
+    if not (np.isfinite(domain_tokens) and domain_tokens > 0):
+        raise InvalidInput(f"domain tokens |D| must be a positive number, got {domain_tokens}")
+    if delta_range is not None:
+        lo, hi = delta_range
+        if not 0.0 <= lo < hi <= 1.0:
+            raise InvalidInput(f"delta range must satisfy 0 <= low < high <= 1, got [{lo}, {hi}]")
+    for q in query_deltas:
+        if not 0.0 <= q <= 1.0:
+            raise InvalidInput(f"queried δ must lie in [0, 1], got {q}")
+
+
+def search_range(fit: SptFit, delta_range: tuple[float, float] | None) -> tuple[float, float]:
+    """The δ searched for δ*: as given, else [0, min(1, 2 × largest pilot δ)]. It never changes the fit."""
+    return delta_range if delta_range is not None else (0.0, min(1.0, 2.0 * fit.delta_max))
 
 
 def recommend_delta(
@@ -150,37 +205,26 @@ def recommend_delta(
 ) -> Recommendation:
     """Pick δ* = argmin_δ of the predicted loss at ``target_tokens`` and report E* = T·δ*/|D| for a domain
     set of ``domain_tokens`` tokens. The loss is the post-finetune one when ``finetune`` is given.
-    ``delta_range`` defaults to [0, fit.delta_max]; ``query_deltas`` adds predictions at those δ."""
-    if not (np.isfinite(target_tokens) and target_tokens > 0):
-        raise InvalidInput(f"target tokens must be a positive number, got {target_tokens}")
-    if not (np.isfinite(domain_tokens) and domain_tokens > 0):
-        raise InvalidInput(f"domain tokens |D| must be a positive number, got {domain_tokens}")
-    lo, hi = delta_range if delta_range is not None else (0.0, fit.delta_max)
-    if not 0.0 <= lo < hi <= 1.0:
-        raise InvalidInput(f"delta range must satisfy 0 <= low < high <= 1, got [{lo}, {hi}]")
-    for q in query_deltas:
-        if not 0.0 <= q <= 1.0:
-            raise InvalidInput(f"queried δ must lie in [0, 1], got {q}")
-
-    def objective(law: OverfittingLaw) -> Callable[[np.ndarray | float], np.ndarray]:
-        if finetune is None:
-            return lambda d: law.test_loss(target_tokens, d)
-        return lambda d: law.test_loss(target_tokens, d) - finetune(target_tokens, d)
-
+    ``delta_range`` defaults to ``search_range``; ``query_deltas`` adds predictions at those δ. The
+    compute multiplier (the paper's: T / the tokens SPT at δ* needs to match δ = 0 at T) comes with it."""
+    check_arguments([target_tokens], domain_tokens, delta_range, query_deltas)
+    lo, hi = search_range(fit, delta_range)
     grid = np.linspace(lo, hi, GRID_POINTS)
-    delta, losses = _argmin_delta(objective(fit.law), grid)
+    delta, losses = argmin_delta(objective(fit.law, target_tokens, finetune), grid)
     predicted = float(fit.law.test_loss(target_tokens, delta))
 
     delta_interval: tuple[float, float] | None = None
     loss_interval: tuple[float, float] | None = None
     if len(fit.bootstrap_laws) >= 2:
-        boot = np.array([_argmin_delta(objective(law), grid)[0] for law in fit.bootstrap_laws])
-        delta_interval = interval95(boot, delta)
+        delta_interval = interval95(bootstrap_optima(fit, target_tokens, grid, finetune), delta)
         loss_interval = fit.predict(target_tokens, delta)[1]
 
     queried = sorted({*fit.deltas, delta, *query_deltas})
     predictions = [_prediction(fit, target_tokens, d) for d in queried]
     after_finetune = None if finetune is None else predicted - float(finetune(target_tokens, delta))
+    warnings = _warnings(fit, target_tokens, delta, (lo, hi), delta_interval, predictions)
+    if finetune is not None:
+        warnings += finetune.extrapolation_warnings(target_tokens, grid)
     return Recommendation(
         target_tokens=float(target_tokens),
         domain_tokens=float(domain_tokens),
@@ -192,10 +236,25 @@ def recommend_delta(
         delta_interval=delta_interval,
         loss_interval=loss_interval,
         predictions=predictions,
+        compute_multiplier=compute_multiplier(fit, target_tokens, delta, finetune),
         candidates=grid,
         candidate_losses=losses,
-        warnings=_warnings(fit, target_tokens, delta, (lo, hi), delta_interval, predictions),
+        warnings=warnings,
     )
+
+
+def objective(law: OverfittingLaw, tokens: float,
+              finetune: FinetuneGain | None) -> Callable[[np.ndarray | float], np.ndarray]:
+    """δ ↦ the loss δ* minimises at ``tokens``: pretraining, or post-finetune with Eq. 7."""
+    if finetune is None:
+        return lambda d: law.test_loss(tokens, d)
+    return lambda d: law.test_loss(tokens, d) - finetune(tokens, d)
+
+
+def bootstrap_optima(fit: SptFit, tokens: float, grid: np.ndarray,
+                     finetune: FinetuneGain | None = None) -> np.ndarray:
+    """δ* of every bootstrap law: the spread of the answer the pilots allow."""
+    return np.array([argmin_delta(objective(law, tokens, finetune), grid)[0] for law in fit.bootstrap_laws])
 
 
 def _prediction(fit: SptFit, tokens: float, delta: float) -> Prediction:
@@ -203,7 +262,7 @@ def _prediction(fit: SptFit, tokens: float, delta: float) -> Prediction:
     return Prediction(float(tokens), float(delta), loss, interval, bool(delta > max(fit.deltas)))
 
 
-def _argmin_delta(
+def argmin_delta(
     loss: Callable[[np.ndarray | float], np.ndarray], grid: np.ndarray
 ) -> tuple[float, np.ndarray]:
     """Grid scan, then a bounded Brent refinement inside the best cell's neighbours."""
@@ -241,13 +300,11 @@ def _warnings(
         warnings.append(
             f"δ*={delta:.4g} sits on the edge of the searched range [{search[0]:g}, {search[1]:g}]"
         )
-    if search[1] > fit.delta_max * (1 + 1e-9):
-        reach = fit.law.delta_gap_exponent_one()
+    reach = fit.law.delta_gap_exponent_one()
+    if fit.delta_max < reach < search[1]:
         warnings.append(
-            f"the search range reaches δ={search[1]:g} but the fit imposed b_gap(δ) < 1 only up to "
-            f"δ={fit.delta_max:g}"
-            + (f"; the fitted b_gap reaches 1 at δ={reach:.3g}" if reach < search[1] else "")
-            + " (refit with a larger delta_max)"
+            f"the fitted b_gap(δ) reaches 1 at δ={reach:.3g}, inside the searched range but above the pilots "
+            f"(δ ≤ {fit.delta_max:g}): the paper's regime (b_gap < 1) is not known to hold there"
         )
     if delta_interval is not None and delta_interval[1] - delta_interval[0] > WIDE_DELTA_INTERVAL * (
         search[1] - search[0]
@@ -258,6 +315,8 @@ def _warnings(
             "larger δ or longer T"
         )
     for p in predictions:
+        warnings += prediction_warnings(f"at δ={p.delta:.4g}, T={tokens:.3g}", np.array([p.loss]),
+                                        [p.interval])
         wide = p.interval is not None and p.interval[1] - p.interval[0] > 0.1 * p.loss
         if p.extrapolated_in_delta and wide:
             warnings.append(

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from mixer_service.errors import InvalidInput
-from mixer_service.planner.fit_stats import require_finite
 
 TOKENS_KEYS = ("tokens", "T", "tokens_seen", "train_tokens", "consumed_tokens")
 DELTA_KEYS = ("delta", "δ", "domain_fraction", "domain_weight")
 LOSS_KEYS = ("domain_loss", "domain_test_loss", "domain_val_loss", "val_domain_loss", "eval_domain_loss")
 TRAIN_LOSS_KEYS = ("domain_train_loss",)
+MAX_LOSS = 1e3  # nats per token: above it a value is not a language-model loss (e^1000 perplexity)
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,15 @@ class SptRuns:
     """Domain loss measured at ``tokens`` pretraining tokens with domain fraction ``delta``.
 
     ``train_loss`` (domain *training-set* loss) is optional; with it the fit separates L_train from L_gap
-    as the paper does, without it only their sum L_test is observed.
+    as the paper does, without it only their sum L_test is observed. ``where`` names each row's origin
+    (``file:line`` or ``runs[i]``) for error messages.
     """
 
     tokens: np.ndarray
     delta: np.ndarray
     loss: np.ndarray
     train_loss: np.ndarray | None = None
+    where: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("tokens", "delta", "loss", "train_loss"):
@@ -45,20 +47,31 @@ class SptRuns:
         arrays = {"tokens": self.tokens, "delta": self.delta, "domain_loss": self.loss}
         if self.train_loss is not None:
             arrays["domain_train_loss"] = self.train_loss
+        if self.where is not None and len(self.where) != n:
+            raise InvalidInput(f"{len(self.where)} row labels for {n} rows")
         for name, arr in arrays.items():
             if arr.size != n:
                 raise InvalidInput(f"column {name} has {arr.size} values, expected {n}")
-            require_finite(name, arr)
+            self.refuse(name, ~np.isfinite(arr), "has a non-finite value (NaN or inf)")
         if n == 0:
             raise InvalidInput("no run measurements given")
-        if np.any(self.tokens <= 0):
-            raise InvalidInput(f"tokens must be > 0 (row {int(np.argmax(self.tokens <= 0))})")
-        if np.any((self.delta < 0) | (self.delta > 1)):
-            raise InvalidInput(
-                f"delta must lie in [0, 1] (row {int(np.argmax((self.delta < 0) | (self.delta > 1)))})"
-            )
-        if np.any(self.loss <= 0) or (self.train_loss is not None and np.any(self.train_loss <= 0)):
-            raise InvalidInput("domain_loss and domain_train_loss must be > 0")
+        self.refuse("tokens", self.tokens <= 0, "must be > 0")
+        self.refuse("delta", (self.delta < 0) | (self.delta > 1), "must lie in [0, 1] (a fraction)")
+        for name, arr in (("domain_loss", self.loss), ("domain_train_loss", self.train_loss)):
+            if arr is not None:
+                self.refuse(name, arr <= 0, "must be > 0 (domain_loss and domain_train_loss must be > 0)")
+                self.refuse(name, arr > MAX_LOSS,
+                             f"must be <= {MAX_LOSS:g}: a per-token loss (nats or bits), not a perplexity")
+
+    def refuse(self, name: str, bad: np.ndarray, why: str) -> None:
+        """Raise naming the first bad row, so one value that would break the fit is found in its file."""
+        if bad.any():
+            i = int(np.argmax(bad))
+            column = {"domain_loss": "loss", "domain_train_loss": "train_loss"}.get(name, name)
+            raise InvalidInput(f"{name} {why}: {self.label(i)} has {getattr(self, column)[i]:g}")
+
+    def label(self, i: int) -> str:
+        return f"row {i}" if self.where is None else self.where[i]
 
     @property
     def deltas(self) -> np.ndarray:
@@ -85,7 +98,7 @@ def load_runs(
         (delta_key,) if delta_key else DELTA_KEYS,
         (loss_key,) if loss_key else LOSS_KEYS,
     )
-    rows: list[tuple[float, float, float, float | None]] = []
+    rows: list[tuple[float, float, float, float | None, str]] = []
     for path in map(Path, paths):
         if not path.is_file():
             raise InvalidInput(f"run file not found: {path}")
@@ -98,7 +111,8 @@ def load_runs(
     has_train = [r[3] is not None for r in rows]
     arr = np.array([r[:3] for r in rows], dtype=float)
     train = np.array([r[3] for r in rows], dtype=float) if all(has_train) else None
-    return SptRuns(tokens=arr[:, 0], delta=arr[:, 1], loss=arr[:, 2], train_loss=train)
+    return SptRuns(tokens=arr[:, 0], delta=arr[:, 1], loss=arr[:, 2], train_loss=train,
+                   where=tuple(r[4] for r in rows))
 
 
 def _csv_records(path: Path) -> Iterable[tuple[int, dict]]:
@@ -126,7 +140,7 @@ def _rows(
     tokens_keys: tuple[str, ...],
     delta_keys: tuple[str, ...],
     loss_keys: tuple[str, ...],
-) -> Iterable[tuple[float, float, float, float | None]]:
+) -> Iterable[tuple[float, float, float, float | None, str]]:
     current_delta: float | None = None
     for line_no, record in records:
         where = f"{path}:{line_no}"
@@ -141,7 +155,7 @@ def _rows(
             raise InvalidInput(f"{where}: domain loss without a token count ({'/'.join(tokens_keys)})")
         if current_delta is None:
             raise InvalidInput(f"{where}: domain loss without a domain fraction ({'/'.join(delta_keys)})")
-        yield tokens, current_delta, loss, _pick(record, TRAIN_LOSS_KEYS, where)
+        yield tokens, current_delta, loss, _pick(record, TRAIN_LOSS_KEYS, where), where
 
 
 def _pick(record: dict, keys: tuple[str, ...], where: str) -> float | None:

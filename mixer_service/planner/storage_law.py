@@ -29,6 +29,7 @@ from mixer_service.planner.fit_stats import (
 )
 
 VARIANTS = ("additive", "additive_no_floor", "multiplicative")
+MIN_R2 = 0.5  # below it a fit's allocations come with a warning
 _PARAMS = {
     "additive": ("err_star", "A", "alpha", "B", "beta"),
     "additive_no_floor": ("A", "alpha", "B", "beta"),
@@ -150,6 +151,7 @@ class StorageFit:
     n_range: tuple[float, float]
     bytes_range: tuple[float, float]
     bootstrap_laws: list[StorageLaw] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -159,6 +161,7 @@ class StorageFit:
             "n_range": list(self.n_range),
             "bytes_range": list(self.bytes_range),
             "n_bootstrap": len(self.bootstrap_laws),
+            "warnings": list(self.warnings),
         }
 
 
@@ -185,14 +188,21 @@ def fit_storage_law(
                 laws.append(_fit_once(n[idx], size[idx], err[idx], variant, start=law.params()))
     samples = np.array([b.params() for b in laws]) if laws else None
     predicted = law.error(n, size)
+    quality = fit_quality(err, predicted)
+    warnings = []
+    if not quality.r2 >= MIN_R2:  # NaN too
+        warnings.append(f"the {variant} storage law explains the grid poorly (R² = {quality.r2:.3g} < "
+                        f"{MIN_R2}): L* and n* from it are not to be acted on; check the grid or try another "
+                        "variant")
     return StorageFit(
         law=law,
-        quality=fit_quality(err, predicted),
+        quality=quality,
         residuals=err - predicted,
         params=summarize_params(_PARAMS[variant], np.array(law.params()), samples),
         n_range=(float(n.min()), float(n.max())),
         bytes_range=(float(size.min()), float(size.max())),
         bootstrap_laws=laws,
+        warnings=warnings,
     )
 
 

@@ -1,41 +1,54 @@
 """Planner endpoints: fit the published scaling laws from posted measurements and recommend settings.
 
 A fit is CPU work that grows with the number of points times (bootstrap refits + 1), so every request is
-bounded by ``PlanLimits`` (413 naming the limit beyond it), and the handlers are plain ``def``: FastAPI runs
-them in its bounded thread pool, so a fit never blocks the event loop that serves batches.
+bounded by ``PlanLimits`` (413 naming the limit beyond it) and by a wall-clock budget, and runs in the bounded
+thread pool, so a fit never blocks the event loop that serves batches. The event loop meanwhile watches the
+client: when it leaves, the fit is cancelled at its next linear solve instead of running on for nobody.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field, model_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
 
 from mixer_service.errors import InvalidInput, TooLarge
+from mixer_service.planner.budget import Deadline, FitCancelled
+from mixer_service.planner.fit_stats import strict_json
 from mixer_service.service.auth import require_reader
 from mixer_service.service.problems import responses
 
 router = APIRouter(prefix="/v1/plan", tags=["planner"], dependencies=[Depends(require_reader)])
 
 HARD_MAX_ITEMS = 100_000  # schema bound; the configured PlanLimits are far below it
+DISCONNECT_POLL_S = 0.25  # how often a running fit's client is checked
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PlanLimits:
-    """Per-request bounds of the planner; set with MIXER_PLAN_MAX_RUNS / _MAX_POINTS / _MAX_BOOTSTRAP."""
+    """Per-request bounds of the planner; set with MIXER_PLAN_MAX_RUNS / _MAX_POINTS / _MAX_BOOTSTRAP /
+    _MAX_SECONDS (the wall-clock budget of one fit: its bootstrap stops there, a point fit past it is 413)."""
 
     max_runs: int = 1000
     max_points: int = 1000
     max_bootstrap: int = 200
+    max_seconds: int = 120
 
     @classmethod
     def from_env(cls) -> PlanLimits:
         values = {}
-        for name in ("max_runs", "max_points", "max_bootstrap"):
+        for name in ("max_runs", "max_points", "max_bootstrap", "max_seconds"):
             raw = os.environ.get(f"MIXER_PLAN_{name.upper()}")
             if raw is not None:
                 if not raw.isdigit() or int(raw) < 1:
@@ -67,12 +80,15 @@ class FinetunePoint(BaseModel):
 
 class SptRequest(BaseModel):
     runs: list[SptRun] = Field(min_length=1, max_length=HARD_MAX_ITEMS)
-    target_tokens: float = Field(gt=0)
+    target_tokens: float | list[float] = Field(description="token budget T, or several: δ*(T) from one fit")
     domain_tokens: float = Field(gt=0, description="|D|: domain set size in tokens")
     delta_range: tuple[float, float] | None = Field(default=None, description="δ search range [low, high]")
     bootstrap: int = Field(default=50, ge=0)
     seed: int = 0
-    tokens_unit: float = Field(default=1e9, gt=0, description="T is divided by this inside the law")
+    tokens_unit: float = Field(default=1e9, gt=0, description="unit of T of the reported constants; the "
+                               "fit and its answers do not depend on it")
+    max_seconds: float | None = Field(default=None, gt=0, description="wall-clock budget, at most the "
+                                      "server's (MIXER_PLAN_MAX_SECONDS)")
     holdout_delta: float | None = Field(default=None, ge=0, le=1, description="§5.3 holdout check at this δ")
     predict_deltas: list[float] = Field(default_factory=list, max_length=100)
     finetune: list[FinetunePoint] | None = Field(
@@ -85,6 +101,8 @@ class SptRequest(BaseModel):
     def _both_sources_or_none(self) -> SptRequest:
         if (self.domain_source is None) != (self.web_source is None):
             raise ValueError("give both domain_source and web_source, or neither")
+        if isinstance(self.target_tokens, list) and not 1 <= len(self.target_tokens) <= 100:
+            raise ValueError("give 1 to 100 target token budgets")
         return self
 
 
@@ -103,23 +121,31 @@ class StorageRequest(BaseModel):
 
 
 @router.post("/spt", responses=responses(400, 413, 422))
-def plan_spt(body: SptRequest) -> dict[str, Any]:
-    from mixer_service.planner.overfitting_law import fit_overfitting_law, holdout_check
-    from mixer_service.planner.recommend import fit_finetune_gain, recommend_delta, schedule_for_delta
-    from mixer_service.planner.spt_runs import SptRuns
-
+async def plan_spt(body: SptRequest, request: Request) -> Any:
     _check("runs", len(body.runs), LIMITS.max_runs, "MIXER_PLAN_MAX_RUNS")
     _check("finetune points", len(body.finetune or []), LIMITS.max_runs, "MIXER_PLAN_MAX_RUNS")
     _check("bootstrap refits", body.bootstrap, LIMITS.max_bootstrap, "MIXER_PLAN_MAX_BOOTSTRAP")
+    seconds = min(body.max_seconds or LIMITS.max_seconds, LIMITS.max_seconds)
+    deadline = Deadline(seconds, what="this request's planner budget (max_seconds, MIXER_PLAN_MAX_SECONDS)")
+    return await _while_client_waits(request, deadline, functools.partial(_plan_spt, body, deadline))
+
+
+def _plan_spt(body: SptRequest, deadline: Deadline) -> dict[str, Any]:
+    from mixer_service.planner.recommend import fit_finetune_gain
+    from mixer_service.planner.spt_plan import SptQuestion, plan_spt
+    from mixer_service.planner.spt_runs import SptRuns
 
     def column(name: str) -> np.ndarray:
         return np.array([getattr(r, name) for r in body.runs], dtype=float)
 
     has_train = all(r.domain_train_loss is not None for r in body.runs)
     runs = SptRuns(column("tokens"), column("delta"), column("domain_loss"),
-                   column("domain_train_loss") if has_train else None)
-    delta_max = body.delta_range[1] if body.delta_range else None
-    fit = fit_overfitting_law(runs, body.bootstrap, body.seed, body.tokens_unit, delta_max)
+                   column("domain_train_loss") if has_train else None,
+                   where=tuple(f"runs[{i}]" for i in range(len(body.runs))))
+    targets = body.target_tokens if isinstance(body.target_tokens, list) else [body.target_tokens]
+    sources = (body.domain_source, body.web_source) if body.domain_source and body.web_source else None
+    question = SptQuestion(targets, body.domain_tokens, body.delta_range, body.bootstrap, body.seed,
+                           body.tokens_unit, body.holdout_delta, tuple(body.predict_deltas), sources)
     finetune = None
     if body.finetune:
         deltas = [p.delta for p in body.finetune]
@@ -128,18 +154,23 @@ def plan_spt(body: SptRequest) -> dict[str, Any]:
         finetune = fit_finetune_gain(np.array([p.tokens for p in body.finetune]),
                                      np.array([p.gain for p in body.finetune]),
                                      None if deltas[0] is None else np.array(deltas, float))
-    rec = recommend_delta(fit, body.target_tokens, body.domain_tokens, body.delta_range, finetune,
-                          tuple(body.predict_deltas))
-    out: dict[str, Any] = {"fit": fit.to_dict(), "recommendation": rec.to_dict(),
-                           "warnings": rec.warnings}
-    if finetune is not None:
-        out["finetune_gain"] = finetune.to_dict()
-    if body.holdout_delta is not None:
-        check = holdout_check(runs, body.holdout_delta, body.bootstrap, body.seed, body.tokens_unit)
-        out["holdout"] = check.to_dict()
-    if body.domain_source and body.web_source:
-        out["schedule"] = schedule_for_delta(rec.delta, body.domain_source, body.web_source)
-    return out
+    return plan_spt(runs, question, finetune, deadline).to_dict()
+
+
+async def _while_client_waits(request: Request, deadline: Deadline, work: Callable[[], Any]) -> Any:
+    """Run ``work`` in the thread pool; if the client disconnects first, cancel it (it stops at its next
+    check point) and answer nobody."""
+    task = asyncio.ensure_future(run_in_threadpool(work))
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            deadline.cancel.set()
+            log.warning("planner request cancelled: the client left", extra={"path": request.url.path})
+            break
+    try:
+        return await task
+    except FitCancelled:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
 
 @router.post("/storage", responses=responses(400, 413, 422))
@@ -152,4 +183,5 @@ def plan_storage(body: StorageRequest) -> dict[str, Any]:
         np.array([getattr(p, f) for p in body.points]) for f in ("n", "bytes_per_sample", "error")
     )
     fit = fit_storage_law(n, size, err, variant=body.variant, n_bootstrap=body.bootstrap, seed=body.seed)
-    return {"fit": fit.to_dict(), "allocations": [allocate(fit.law, s).to_dict() for s in body.budgets]}
+    allocations = [allocate(fit.law, s).to_dict() for s in body.budgets]
+    return strict_json({"fit": fit.to_dict(), "allocations": allocations, "warnings": fit.warnings})
