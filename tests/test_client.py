@@ -441,3 +441,35 @@ def test_a_job_recreated_under_the_same_id_stops_the_loader(sources_dir, tmp_pat
             loader.close()
     assert first == [0, 1, 2] and state["next_step"] == 3, "the refused step is not skipped"
     assert raised.value.expected == state["incarnation"] != raised.value.got
+
+
+def test_log_pins_keep_one_range_per_history_and_catch_a_rewritten_step() -> None:
+    """The loader's record of which schedule history each received step came from (issue 17)."""
+    from client.errors import HistoryRewritten
+    from client.history import LogPins
+
+    pins = LogPins()
+    for step in range(10):
+        pins.check(step, "v1")
+    for step in range(10, 20):
+        pins.check(step, "v2")
+    pins.check(25, "v2")
+    pins.check(5, "v1")  # the same step, the same history: a retry, a replica failover, a resume
+    pins.check(3, None)  # a server from before log chains: nothing to compare
+    assert pins.state() == [[0, 9, "v1"], [10, 19, "v2"], [25, 25, "v2"]]
+    with pytest.raises(HistoryRewritten, match="step 12 was received before") as caught:
+        pins.check(12, "v3")
+    assert (caught.value.step, caught.value.expected, caught.value.got) == (12, "v2", "v3")
+
+    resumed = LogPins()
+    resumed.load(pins.state())
+    assert resumed.state() == pins.state()
+    with pytest.raises(HistoryRewritten):
+        resumed.check(0, "v9")
+    for step in range(20, 25):  # filling the gap joins the two ranges
+        resumed.check(step, "v2")
+    assert resumed.state() == [[0, 9, "v1"], [10, 25, "v2"]]
+    contradicting = LogPins()
+    contradicting.check(15, "other")
+    with pytest.raises(HistoryRewritten):
+        contradicting.load(pins.state())

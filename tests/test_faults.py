@@ -248,10 +248,11 @@ def test_a_change_accepted_by_a_restored_store_never_rewrites_served_steps(healt
     served = _pull(a, job, range(30))
     healthy.redis.snapshot(tmp_path)
     served |= _pull(a, job, range(30, 60))
-    loader = MixerLoader(a, job, end_step=60, world=1, rank=0, prefetch=1)
-    for _ in range(45):
-        next(loader)
-    healthy.redis.restore(tmp_path)
+    with MixerLoader(a, job, end_step=60, world=1, rank=0, prefetch=1) as loader:
+        for _ in range(45):
+            next(loader)
+        state = loader.state_dict()  # closed before the restore: a trainer still pulling would have A
+    healthy.redis.restore(tmp_path)  # put its high water back at once, which narrows (not closes) the window
 
     put = _change_now(b, job, 0.5)
     assert put.status_code == 200 and put.json()["effective_step"] == 30, put.text
@@ -269,8 +270,6 @@ def test_a_change_accepted_by_a_restored_store_never_rewrites_served_steps(healt
     # A loader that trained on steps 30-44 and resumes from 30 (a checkpoint) through a replica that knows
     # nothing (restarted) is told, instead of training on other bytes.
     healthy.restart(1)
-    state = loader.state_dict()
-    loader.close()
     with MixerLoader(b, job, end_step=60, world=1, rank=0, prefetch=1) as resumed:
         resumed.load_state_dict(state | {"next_step": 30})
         with pytest.raises((HistoryRewritten, ServerError)):

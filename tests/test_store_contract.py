@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -36,7 +37,15 @@ from mixer_service.errors import (
     StoreUnavailable,
 )
 from mixer_service.store import ScheduleVersion, StateStore, open_store
-from mixer_service.store.base import MAX_COMMIT_ATTEMPTS, ChangePlan, StoreLimits, verify_chain
+from mixer_service.store.base import (
+    MAX_COMMIT_ATTEMPTS,
+    ChangePlan,
+    JobHead,
+    StoreLimits,
+    canonical_json,
+    config_digest,
+    verify_chain,
+)
 from mixer_service.store.redis_store import RedisStore, redact_url
 
 CONFIG = {"seq_len": 8, "global_batch": 4, "sources": ["web", "domain"]}
@@ -643,3 +652,60 @@ def test_hung_redis_times_out_with_store_unavailable(redis_server: Any) -> None:
         assert time.monotonic() - started < 5
         redis_server.process.send_signal(signal.SIGCONT)
         assert mark_step(store, "job", 1) == 1, "the store recovers once Redis answers again"
+
+
+# --- issue 17: the log commits to the config; the head names the chain served steps were served under ----
+
+
+def test_version_one_commits_to_the_config_it_was_created_with(store: StateStore, job: str) -> None:
+    first = store.versions(job)[0]
+    assert first.config_sha256 == config_digest(canonical_json(store.get_job(job)))
+    assert verify_chain(store.head(job).incarnation, [first])
+    assert not verify_chain(store.head(job).incarnation, [replace(first, config_sha256="0" * 64)])
+
+
+def test_the_head_names_the_chain_the_high_water_last_rose_under(store: StateStore, job: str) -> None:
+    first = store.versions(job)[0]
+    assert store.head(job).served_chain == first.chain
+    mark_step(store, job, 4)
+    second = commit_change(store, job, 1, 9, ANNEAL, "bob", "", accept)
+    assert store.head(job).served_chain == first.chain, "a commit alone serves nothing"
+    mark_step(store, job, 3)
+    assert store.head(job).served_chain == first.chain, "a step below the high water writes nothing"
+    mark_step(store, job, 12)
+    assert store.head(job).served_chain == second.chain
+    incarnation = store.head(job).incarnation
+    head = store.restore(job, incarnation, first.chain, [], 20)
+    assert (head.served_high_water, head.served_chain) == (20, first.chain), "the restorer's log is named"
+
+
+@pytest.mark.parametrize("fields", [
+    ("ab" * 16, 1, "cd" * 32, "abc", -1, ""),
+    ("ab" * 16, 1, "cd" * 32, 3, "1.5", ""),
+    ("not-an-incarnation", 1, "cd" * 32, 3, -1, ""),
+    ("ab" * 16, 0, "cd" * 32, 3, -1, ""),
+    ("ab" * 16, 1, "cd" * 32, 3, -1, "short"),
+    ("ab" * 16, 1, None, 3, -1, ""),
+    ("ab" * 16, 1, "cd" * 32, True, -1, ""),
+])
+def test_a_malformed_head_field_is_corrupt_data_naming_it(fields: tuple) -> None:
+    with pytest.raises(CorruptData, match="malformed fields"):
+        JobHead.decode("job", fields, "here")
+    assert JobHead.decode("job", ("ab" * 16, 1, "cd" * 32, "7", "-1", None), "here").served_high_water == 7
+
+
+def test_a_damaged_high_water_is_corrupt_data_and_writes_nothing(location: Location, store: StateStore,
+                                                                 job: str) -> None:
+    incarnation = store.head(job).incarnation
+    if location.url is None:
+        with sqlite3.connect(location.path) as conn:
+            conn.execute("UPDATE jobs SET served_high_water = 'abc' WHERE job_id = 'job'")
+    else:
+        import redis
+
+        with redis.Redis.from_url(location.url) as client:
+            client.set("mixer:{job}:hw", "abc")
+    for call in (lambda: store.head(job), lambda: store.mark_served(job, 5, incarnation),
+                 lambda: store.restore(job, incarnation, store.versions(job)[0].chain, [], 9)):
+        with pytest.raises(CorruptData, match="served high water 'abc'"):
+            call()
