@@ -8,19 +8,25 @@ replaced it: every accepted request can be served, and every refusal is problem+
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import random
+import socket
+import threading
+import time
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import JOB, Server, etag_of
+from service_helpers import JOB, SCHEDULE, Server, etag_of
 from test_service import new_job
 
 from mixer_service.engine.schedule import MAX_PHASES
+from mixer_service.errors import SourceUnavailable
 from mixer_service.service.app import Settings, create_app
 from mixer_service.service.auth import Tokens
 from mixer_service.service.sources import SourceRegistry
+from mixer_service.sources.origins import S3Origin, s3_client
 from mixer_service.store import open_store
 from mixer_service.values import WEIGHT_DIGITS
 
@@ -105,3 +111,126 @@ def test_an_unexpected_error_is_a_logged_problem_500_without_fault(sources_dir, 
     assert body["status"] == 500 and body["instance"] == "/v1/boom" and "fault" not in body
     assert "OverflowError" not in body["detail"], "internals stay in the log"
     assert any("OverflowError" in (rec.exc_text or "") or rec.exc_info for rec in caplog.records)
+
+
+# --- item 9: bounded work, and every refusal says why -------------------------------------------------
+
+
+def refused_as_overload(response: httpx.Response) -> bool:
+    """A 503 that says why and when to retry (never uvicorn's bare text/plain 503)."""
+    return (response.status_code == 503 and response.headers["content-type"] == "application/problem+json"
+            and response.json().get("fault") == "overloaded" and "retry-after" in response.headers)
+
+
+@pytest.fixture(scope="module")
+def thousand_jobs(sources_dir, tmp_path_factory):
+    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), extra_args=["--max-in-flight", "32"]).start()
+    with httpx.Client(base_url=srv.url) as client:
+        for i in range(1000):
+            r = client.post("/v1/jobs", json={"job_id": f"j{i}", "config": JOB, "schedule": SCHEDULE})
+            assert r.status_code == 201, r.text
+    yield srv
+    srv.stop()
+
+
+def test_a_scrape_storm_does_not_starve_batches(thousand_jobs):
+    """Found: with 1000 jobs, 64 anonymous /metrics scrapers (exempt from --max-in-flight, each render
+    O(jobs) in a pool thread) stalled a batch 22.8 s and /v1/ready 38.7 s."""
+    url = thousand_jobs.url
+    answers: list[httpx.Response] = []
+
+    def scrape(_: int) -> None:
+        with httpx.Client(timeout=60) as client:
+            answers.extend(client.get(f"{url}/metrics") for _ in range(10))
+
+    served, batch_answers = 0, []
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        storm = [pool.submit(scrape, i) for i in range(64)]
+        with httpx.Client(timeout=10) as client:
+            for step in range(20):
+                for _ in range(50):  # a trainer retries 503s
+                    r = client.get(f"{url}/v1/jobs/j{step}/batches/{step}")
+                    batch_answers.append(r)
+                    if r.status_code == 200:
+                        served += 1
+                        break
+                    time.sleep(0.05)
+            assert client.get(f"{url}/v1/ready").status_code in (200, 503)
+        for future in storm:
+            future.result()
+    assert served == 20
+    assert all(r.status_code == 200 or refused_as_overload(r) for r in batch_answers)
+    assert all(r.status_code == 200 or refused_as_overload(r) for r in answers)
+    assert sum(r.status_code == 200 for r in answers) >= 64, "scrapers are served too"
+    assert 'mixer_schedule_version{job="j999"} 1.0' in next(r.text for r in answers if r.status_code == 200)
+
+
+def test_past_the_connection_cap_every_refusal_is_problem_json(sources_dir, tmp_path):
+    """Found: 64 clients with --max-in-flight 8 (uvicorn's cap was 4x that) got 10,159 bare text/plain
+    503s of 29,536 answers, without ``fault`` or Retry-After."""
+    with Server(sources_dir, tmp_path / "state", extra_args=["--max-in-flight", "8"]) as srv:
+        job = new_job(srv.url)
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(40)]
+        answers: list[httpx.Response] = []
+
+        def client(k: int) -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                answers.extend(c.get(f"/v1/jobs/{job}/batches/{k * 10 + i}") for i in range(10))
+
+        with concurrent.futures.ThreadPoolExecutor(64) as pool:
+            list(pool.map(client, range(64)))
+        for sock in idle:
+            sock.close()
+    assert len(answers) == 640
+    assert all(r.status_code == 200 or refused_as_overload(r) for r in answers), \
+        {(r.status_code, r.headers["content-type"]) for r in answers}
+    assert sum(r.status_code == 200 for r in answers) > 0
+
+
+def test_idle_connections_past_the_cap_make_room_for_new_ones(sources_dir, tmp_path):
+    """Found: 1,100 idle connections made every new request a bare text/plain 503 until they timed out.
+    Now the longest-idle connection is closed (as a keep-alive timeout would) when a new one arrives."""
+    with Server(sources_dir, tmp_path / "state", extra_args=["--max-connections", "50"]) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(100)]
+        r = httpx.get(f"{srv.url}/v1/jobs", timeout=10)
+        assert r.status_code == 200, r.text
+        idle[0].settimeout(10)
+        assert idle[0].recv(1) == b"", "the longest-idle connection was closed"
+        for sock in idle:
+            sock.close()
+
+
+@pytest.fixture
+def hung_endpoint():
+    """A TCP server on loopback that accepts connections and never answers: a hung object store."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for sock in (*held, listener):
+        sock.close()
+
+
+def test_a_hung_object_store_is_refused_within_5_s(hung_endpoint, monkeypatch):
+    """Found: a hung S3 endpoint cost 41.5 s per request (4 attempts of a 10 s read timeout) before
+    the 503."""
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}.items():
+        monkeypatch.setenv(key, value)
+    origin = S3Origin(s3_client(hung_endpoint), "corpora", "abc")
+    start = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="s3://corpora/abc/meta.json"):
+        origin.read("meta.json")
+    assert time.monotonic() - start < 5

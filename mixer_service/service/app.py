@@ -90,10 +90,11 @@ class InFlightLimit:
     """503 problem+json (``fault: overloaded``, Retry-After) once ``limit`` requests are in flight.
 
     Requests stuck on a hung store would otherwise pile up until uvicorn's own connection limit answers
-    a bare text/plain 503. Probes and metrics are never refused: they must answer precisely then.
+    a bare text/plain 503. Probes are never refused: they must answer precisely then. ``/metrics`` counts
+    like any request (a scrape storm must not crowd out batches); its render is shared and cached.
     """
 
-    EXEMPT = ("/v1/health", "/v1/ready", "/metrics")
+    EXEMPT = ("/v1/health", "/v1/ready")
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit, self.in_flight = app, limit, 0

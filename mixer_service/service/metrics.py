@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -50,6 +53,41 @@ class Metrics:
         self.store_up = Gauge("mixer_store_up", "1 when the state store answers", registry=r)
         self.trained_step = Gauge("mixer_trained_step", "Step trainers reported", ["job"], registry=r)
         self.high_water = Gauge("mixer_served_high_water", "Highest step served", ["job"], registry=r)
+        self.exposition = Exposition(r)
+
+
+class Exposition:
+    """The /metrics body: one render at a time, shared by every scrape that arrives during it.
+
+    Job gauges are read from the store (O(jobs)), so that part is reused for ``min_age_s`` or twice its
+    own time, whichever is longer: it then takes at most a third of one thread however many jobs the store
+    holds. Concurrent scrapes wait for the render in progress on the event loop, holding no pool thread,
+    so a scrape storm costs one render at a time. Counters are rendered fresh on every render.
+    """
+
+    def __init__(self, registry: CollectorRegistry, min_age_s: float = 1.0) -> None:
+        self.registry, self.min_age_s = registry, min_age_s
+        self._refresh_due = 0.0
+        self._rendering: asyncio.Future[bytes] | None = None
+
+    async def get(self, refresh: Callable[[], None]) -> bytes:
+        """The exposition; ``refresh`` sets the job gauges (called in a pool thread when they are due)."""
+        if self._rendering is None:
+            self._rendering = asyncio.ensure_future(self._render(refresh))
+        return await asyncio.shield(self._rendering)  # a scraper that leaves does not cancel the others'
+
+    async def _render(self, refresh: Callable[[], None]) -> bytes:
+        try:
+            return await run_in_threadpool(self._render_now, refresh)
+        finally:
+            self._rendering = None
+
+    def _render_now(self, refresh: Callable[[], None]) -> bytes:
+        if time.monotonic() >= self._refresh_due:
+            start = time.monotonic()
+            refresh()
+            self._refresh_due = time.monotonic() + max(self.min_age_s, 2 * (time.monotonic() - start))
+        return generate_latest(self.registry)
 
 
 class MetricsMiddleware:

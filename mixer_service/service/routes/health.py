@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from mixer_service.errors import MixerError, StoreUnavailable
 from mixer_service.service.metrics import QUANTILES
@@ -51,9 +51,10 @@ async def ready(request: Request, response: Response) -> dict[str, Any]:
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(request: Request) -> Response:
-    _refresh_gauges(request.app)
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition; concurrent scrapes share one render, job gauges are reused for a second."""
+    body = await request.app.state.metrics.exposition.get(lambda: _refresh_gauges(request.app))
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 def _refresh_gauges(app) -> None:
