@@ -190,7 +190,8 @@ def test_past_the_connection_cap_every_refusal_is_problem_json(sources_dir, tmp_
 def test_idle_connections_past_the_cap_make_room_for_new_ones(sources_dir, tmp_path):
     """Found: 1,100 idle connections made every new request a bare text/plain 503 until they timed out.
     Now the longest-idle connection is closed (as a keep-alive timeout would) when a new one arrives."""
-    with Server(sources_dir, tmp_path / "state", extra_args=["--max-connections", "50"]) as srv:
+    with Server(sources_dir, tmp_path / "state", extra_args=["--max-in-flight", "8",
+                                                               "--max-connections", "50"]) as srv:
         idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(100)]
         r = httpx.get(f"{srv.url}/v1/jobs", timeout=10)
         assert r.status_code == 200, r.text

@@ -50,8 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     limits.add_argument("--threads", type=int, default=32,
                         help="threads for handlers that do store I/O or assemble batches")
     limits.add_argument("--max-in-flight", type=int, default=256,
-                        help="requests at once before a problem+json 503 with Retry-After (probes exempt); "
-                        "uvicorn's own connection cap is 4x this")
+                        help="requests at once (/metrics included) before a problem+json 503 with "
+                        "Retry-After (probes exempt)")
+    limits.add_argument("--max-connections", type=int, default=None,
+                        help="open connections; past it a new one closes the longest-idle one (keep-alive "
+                        "connections reconnect). Above --max-in-flight (default: 4x it, at least 1024); "
+                        "uvicorn's own cap is 2x this")
     limits.add_argument("--plan-max-runs", type=int, default=None,
                         help="pilot runs (and finetune points) per /v1/plan/spt request (413 beyond; "
                         "default 1000, or MIXER_PLAN_MAX_RUNS)")
@@ -73,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def build_app():
     """Uvicorn factory: reads its settings from the environment that ``run`` prepared."""
     from mixer_service.service.app import ServiceLimits, Settings, create_app
+    from mixer_service.service.connections import CappedConnections
     from mixer_service.service.sources import SourceRegistry
     from mixer_service.store import open_store
     from mixer_service.store.base import StoreLimits
@@ -81,6 +86,7 @@ def build_app():
     state_dir = Path(os.environ["MIXER_STATE_DIR"])
     state_dir.mkdir(parents=True, exist_ok=True)
     limits = json.loads(os.environ.get("MIXER_LIMITS", "{}"))
+    CappedConnections.max_connections = limits.get("max_connections", CappedConnections.max_connections)
     return create_app(
         Settings(
             store=open_store(
@@ -129,15 +135,21 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     check_bind(args.host, _tokens(), args.insecure_bind)
+    if args.max_connections is None:
+        args.max_connections = max(1024, 4 * args.max_in_flight)
     for name in ("max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads",
-                 "max_in_flight"):
+                 "max_in_flight", "max_connections"):
         if getattr(args, name) < 1:
             raise InvalidInput(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.max_connections <= args.max_in_flight:
+        raise InvalidInput(f"--max-connections ({args.max_connections}) must be above --max-in-flight "
+                           f"({args.max_in_flight}): requests past that are refused with problem+json")
     for name in ("plan_max_runs", "plan_max_points", "plan_max_bootstrap"):
         if getattr(args, name) is not None:  # the plan routes read these at import, in every worker
             os.environ[f"MIXER_{name.upper()}"] = str(getattr(args, name))
     os.environ["MIXER_LIMITS"] = json.dumps({n: getattr(args, n) for n in (
-        "max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads", "max_in_flight")})
+        "max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads", "max_in_flight",
+        "max_connections")})
     if args.sources_dir is None and not args.sources_url:
         raise InvalidInput("give --sources-dir, --sources-url, or both")
     if args.sources_dir is not None:
@@ -165,7 +177,10 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level="info",
         access_log=False,
-        limit_concurrency=4 * args.max_in_flight,
+        # Ours refuse first, with problem+json: --max-in-flight requests, --max-connections connections
+        # (CappedConnections closes idle ones), so uvicorn's bare text/plain 503 is a backstop only.
+        http="mixer_service.service.connections:CappedConnections",
+        limit_concurrency=2 * args.max_connections,
         timeout_keep_alive=args.timeout_keep_alive,
         h11_max_incomplete_event_size=64 * 1024,  # request line + headers
     )
