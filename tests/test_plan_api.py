@@ -128,3 +128,39 @@ def test_storage_plan_returns_an_allocation_within_budget(server):
 def test_degenerate_spt_inputs_get_422(server, body):
     r = httpx.post(f"{server.url}/v1/plan/spt", json=body, timeout=60)
     assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+
+
+def test_spt_plan_is_strict_json_and_answers_several_budgets(server):
+    body = dict(spt_body(72), target_tokens=[1e10, 3e10], tokens_unit=1.0)
+    r = httpx.post(f"{server.url}/v1/plan/spt", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [x["target_tokens"] for x in out["recommendations"]] == [1e10, 3e10]
+    assert out["fit"]["params"][0]["std"] is None  # no bootstrap: no NaN in the body
+
+
+def test_a_fit_over_its_budget_is_413_and_the_bootstrap_stops_in_time(server):
+    r = httpx.post(f"{server.url}/v1/plan/spt", json=dict(spt_body(72), max_seconds=0.001), timeout=60)
+    assert r.status_code == 413 and "did not finish within" in r.json()["detail"]
+    r = httpx.post(f"{server.url}/v1/plan/spt", json=dict(spt_body(72, bootstrap=200), max_seconds=6),
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert any("bootstrap stopped after" in w for w in r.json()["warnings"])
+
+
+def test_ill_posed_runs_are_422_naming_the_row(server):
+    body = spt_body(72)
+    body["runs"][5]["tokens"] = 1e-291
+    r = httpx.post(f"{server.url}/v1/plan/spt", json=body, timeout=60)
+    assert r.status_code == 422 and "runs[5]" in r.json()["detail"]
+
+
+def test_a_client_that_leaves_cancels_its_fit(server):
+    import time
+
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/plan/spt", json=spt_body(72, bootstrap=200), timeout=2)
+    deadline = time.monotonic() + 10
+    while "planner request cancelled" not in server.tail() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "planner request cancelled: the client left" in server.tail()

@@ -302,23 +302,22 @@ def _fit(runs: SptRuns, n_bootstrap: int, seed: int, tokens_unit: float, deadlin
     law = joint.law(best.x, ref).in_unit(tokens_unit)
     predicted = law.test_loss(runs.tokens, runs.delta)
 
-    warnings = []
-    until = deadline.share(bootstrap_share)
-    laws = _bootstrap(scaled, per_delta, best.x, ref, n_bootstrap, seed, until, warnings)
-    laws = [b.in_unit(tokens_unit) for b in laws]
-    samples = np.array([[getattr(b, n) for n in PARAM_NAMES] for b in laws]) if laws else None
-    if not best.success:
-        warnings.append(f"joint fit did not converge: {best.message}")
+    warnings = [] if best.success else [f"joint fit did not converge: {best.message}"]
     if len(runs.deltas) < 4:
         warnings.append(
             f"only {len(runs.deltas)} distinct δ values: C_train(δ) has 4 constants, "
             "so its δ-shape is weakly determined"
         )
     warnings += joint.bound_warnings(best.x)
+    shared_fit = shared.result(shared_x)  # every solve of the point fit before the bootstrap spends the rest
+    until = deadline.share(bootstrap_share)
+    laws = _bootstrap(scaled, per_delta, best.x, ref, n_bootstrap, seed, until, warnings)
+    laws = [b.in_unit(tokens_unit) for b in laws]
+    samples = np.array([[getattr(b, n) for n in PARAM_NAMES] for b in laws]) if laws else None
     return SptFit(
         law=law,
         per_delta=per_delta,
-        shared=shared.result(shared_x),
+        shared=shared_fit,
         quality=fit_quality(runs.loss, predicted),
         residuals=runs.loss - predicted,
         params=summarize_params(PARAM_NAMES, np.array([getattr(law, n) for n in PARAM_NAMES]), samples),
