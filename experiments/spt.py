@@ -8,10 +8,13 @@ learning rate of a small grid; the best rate is kept. Reported, as in "The Finet
 * domain validation loss after finetuning, and the relative gain against δ=0
   R = 100·(L_NPT→FT − L_SPT→FT) / L_NPT→FT;
 * forgetting: web validation loss after finetuning minus before;
-* the compute multiplier: the δ=0 run continues past the budget (lr held at its floor after the budget,
-  so its model at the budget *is* the δ=0 baseline), checkpoints of it are finetuned the same way, and
-  multiplier = pretraining tokens δ=0 needs to reach an SPT run's post-finetune domain loss / the SPT
-  run's tokens ("not reached" if no checkpoint gets there);
+* the compute multiplier, as the paper defines it: budget / the pretraining tokens an SPT run needs to
+  match (after finetuning) the δ=0 model's domain loss at the budget — checkpoints of each SPT run below
+  the budget are finetuned the same way (``compute_multiplier`` in the results);
+* its inverse, reported separately and not the paper's number: the δ=0 run continues past the budget (lr
+  held at its floor after the budget, so its model at the budget *is* the δ=0 baseline), its checkpoints
+  are finetuned, and inverse multiplier = pretraining tokens δ=0 needs to reach an SPT run's post-finetune
+  domain loss / the SPT run's tokens ("not reached" if no checkpoint gets there; ``inverse_multiplier``);
 * the data stall share of every pretraining run (train()'s data_stall_frac).
 
 Outputs in --out (default runs/spt/): results.json, results.md (the table), spt.png (the plot), and one
