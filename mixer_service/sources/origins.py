@@ -68,14 +68,19 @@ class LocalOrigin:
 
 
 class S3Origin:
-    """A source under ``s3://bucket/prefix/`` read with boto3; transient failures retry with backoff.
+    """A source under ``s3://bucket/prefix/`` read with boto3; transient failures retry with backoff while
+    another attempt still fits in ``deadline_s`` (a hung store: one timed-out attempt, then a 503).
 
     boto3 is the reference S3 client (AWS, MinIO, GCS interop and Ceph all test against it), keeps its own
     connection pool per client, and is thread-safe per client, so prefetch threads share one.
     """
 
-    def __init__(self, client, bucket: str, prefix: str, attempts: int = 4, backoff_s: float = 0.2) -> None:
+    def __init__(self, client, bucket: str, prefix: str, attempts: int = 4, backoff_s: float = 0.2,
+                 deadline_s: float = 4.5) -> None:
         self.client = client
+        self.deadline_s = deadline_s
+        config = client.meta.config
+        self.attempt_s = config.connect_timeout + config.read_timeout  # the longest one attempt can hang
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.attempts = attempts
@@ -99,7 +104,7 @@ class S3Origin:
     def _get(self, name: str, **extra: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        delay = self.backoff_s
+        delay, deadline = self.backoff_s, time.monotonic() + self.deadline_s
         for attempt in range(1, self.attempts + 1):
             try:
                 return self.client.get_object(Bucket=self.bucket, Key=self.key(name), **extra)["Body"].read()
@@ -112,15 +117,20 @@ class S3Origin:
                 error = exc
             log.warning("object store read failed; retrying", extra={
                 "event": "s3.retry", "object": self.describe(name), "attempt": attempt, "error": str(error)})
-            if attempt < self.attempts:
-                time.sleep(delay)
-                delay *= 2
+            if attempt == self.attempts or time.monotonic() + delay + self.attempt_s > deadline:
+                break  # no time for another attempt: the caller answers 503 now, not after many timeouts
+            time.sleep(delay)
+            delay *= 2
         raise SourceUnavailable(
-            f"{self.describe(name)}: object store unreachable after {self.attempts} attempts ({error})")
+            f"{self.describe(name)}: object store unreachable after {attempt} attempts ({error})")
 
 
-def s3_client(endpoint_url: str | None = None, region: str | None = None, timeout_s: float = 10.0):
-    """One boto3 S3 client; its own retries are off because ``S3Origin`` retries (and logs) itself."""
+def s3_client(endpoint_url: str | None = None, region: str | None = None, timeout_s: float = 2.0):
+    """One boto3 S3 client; its own retries are off because ``S3Origin`` retries (and logs) itself.
+
+    ``timeout_s`` bounds each read (the gap between bytes, not a whole shard) and connecting gets half,
+    so a hung store is noticed within it.
+    """
     import boto3
     from botocore.config import Config
 
@@ -128,7 +138,7 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None, timeou
         "s3",
         endpoint_url=endpoint_url,
         region_name=region or "us-east-1",
-        config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=timeout_s,
+        config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=timeout_s / 2,
                       read_timeout=timeout_s, max_pool_connections=32),
     )
 
