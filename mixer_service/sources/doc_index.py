@@ -216,6 +216,9 @@ class DocIndex:
         if stop <= first:
             return np.zeros(0, dtype=np.int64)
         per = self.blocks.entries
+        b = first // per
+        if (stop - 1) // per == b:  # the usual case: inside one block
+            return self._read(b, first - b * per, stop - b * per)
         pieces = []
         for b in range(first // per, (stop - 1) // per + 1):
             a = b * per

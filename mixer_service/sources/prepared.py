@@ -115,9 +115,8 @@ class ShardedSource:
         if isinstance(self.doc_offsets, DocIndex):
             self.doc_offsets.refresh()
         for path in self._index_files:
-            why = self._recheck(path)
-            if why:
-                return why
+            if not self._recheck(path):
+                return f"source {self.meta.name!r}: {path} was removed or changed under this server"
         return None
 
     def problems(self) -> list[str]:
@@ -127,24 +126,24 @@ class ShardedSource:
         A stat per file; a file whose stamp changed is re-verified against the hash this source expects,
         and accepted again when it matches (a shard put back from a backup is fine).
         """
-        out = [why for why in map(self._recheck, list(self._stamps)) if why]
+        out = [f"source {self.meta.name!r}: {path} {'changed' if path.exists() else 'was removed'} "
+               "under this server" for path in list(self._stamps) if not self._recheck(path)]
         index_faults = self.doc_offsets.faults if isinstance(self.doc_offsets, DocIndex) else {}
         failed = [*self.faults.values(), *index_faults.values()]
         return [f"source {self.meta.name!r}: {why}" for why in failed] + out
 
-    def _recheck(self, path: Path) -> str | None:
-        """None when ``path`` has the stamp it was opened with, or holds the same bytes again; else why not.
+    def _recheck(self, path: Path) -> bool:
+        """Whether ``path`` has the stamp it was opened with, or holds the same bytes again (put back).
         A stamp already found wrong is not hashed again until it changes (one stat a request meanwhile)."""
         now = FileStamp.of(path)
         if now == self._stamps[path]:
-            return None
+            return True
         if now is not None and now != self._rejected.get(path) and self._still_valid(path):
             self._stamps[path] = now
             self._rejected.pop(path, None)
-            return None
+            return True
         self._rejected[path] = now
-        what = "was removed" if now is None else "changed"
-        return f"source {self.meta.name!r}: {path} {what} under this server"
+        return False
 
     def _still_valid(self, path: Path) -> bool:
         """Whether a changed file still holds exactly the bytes this source was opened with (for the
