@@ -124,7 +124,10 @@ def test_resume_from_state_dict_yields_identical_batches(server):
     assert [b["step"] for b in first] == list(range(10))
     described = httpx.get(f"{server.url}/v1/jobs/{job}", headers={"Authorization": f"Bearer {READER}"})
     incarnation = described.json()["incarnation"]
-    assert state == {"next_step": 5, "job": job, "incarnation": incarnation}
+    assert {k: state[k] for k in ("next_step", "job", "incarnation")} == \
+        {"next_step": 5, "job": job, "incarnation": incarnation}
+    [(first_step, last_step, _)] = state["log_chain"]  # one schedule version: one pinned range
+    assert (first_step, last_step) == (0, 4)
     buf = io.BytesIO()
     torch.save({"data": [state]}, buf)  # the trainer's checkpoint loads with weights_only=True
     buf.seek(0)

@@ -709,3 +709,14 @@ def test_a_damaged_high_water_is_corrupt_data_and_writes_nothing(location: Locat
                  lambda: store.restore(job, incarnation, store.versions(job)[0].chain, [], 9)):
         with pytest.raises(CorruptData, match="served high water 'abc'"):
             call()
+
+
+def test_restored_versions_become_the_served_chain(store: StateStore, job: str) -> None:
+    """A high water raised while the store was behind (the replica refused that step) must not make the
+    versions it then puts back look like a rewrite of served steps."""
+    incarnation = store.head(job).incarnation
+    first = store.versions(job)[0]
+    second = ScheduleVersion(2, 20, ANNEAL, time.time(), "bob", "lost").sealed(first.chain)
+    mark_step(store, job, 30)  # raised under version 1 while the replica held version 2
+    head = store.restore(job, incarnation, first.chain, [second], 10)
+    assert (head.version, head.served_high_water, head.served_chain) == (2, 30, second.chain)

@@ -284,9 +284,10 @@ class StateStore(ABC):
         """Put back state the store lost but a replica holds, and return the head afterwards.
 
         ``missing`` (possibly empty; verified by the caller to link onto ``previous_chain``) is appended iff
-        the store's log ends with ``previous_chain``; the high water is raised to ``min_high_water``, and
-        then the served chain becomes the caller's (``missing[-1].chain``, else ``previous_chain``): the log
-        those steps were served under. Both only for the same incarnation.
+        the store's log ends with ``previous_chain``; the high water is raised to ``min_high_water``. Either
+        write makes the served chain the caller's (``missing[-1].chain``, else ``previous_chain``): the
+        replica vouches that the served steps belong to its log (a step "served" while the store was behind
+        was refused by the replica that raised the high water). Both only for the same incarnation.
         Raising the high water never changes a batch; re-appending verified versions restores history.
         """
 

@@ -225,10 +225,11 @@ class EmbeddedStore(StateStore):
             head = self._read_head(conn, job_id)
             if head.incarnation != incarnation:
                 return head
+            served_chain = missing[-1].chain if missing else previous_chain
             if missing and head.chain == previous_chain:
                 for version in missing:
                     self._append_version(conn, job_id, version)
-            served_chain = missing[-1].chain if missing else previous_chain
+                conn.execute("UPDATE jobs SET served_chain = ? WHERE job_id = ?", (served_chain, job_id))
             conn.execute(
                 "UPDATE jobs SET served_high_water = ?, served_chain = ? "
                 "WHERE job_id = ? AND served_high_water < ?",

@@ -120,13 +120,14 @@ return found
 """
 
 # ARGV: incarnation, min_high_water, expected chain before the first missing entry, then (json, chain)
-# pairs of the missing entries. Appends them iff the log ends on that chain; raises the high water and then
-# records the caller's chain (the last one given) as the one those steps were served under.
+# pairs of the missing entries. Appends them iff the log ends on that chain; raises the high water. Either
+# write records the caller's chain (the last one given) as the one the served steps belong to.
 _RESTORE = _HEAD + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   if #ARGV > 3 and redis.call('GET', KEYS[3]) == ARGV[3] then
     for i = 4, #ARGV, 2 do redis.call('RPUSH', KEYS[2], ARGV[i]) end
     redis.call('SET', KEYS[3], ARGV[#ARGV])
+    redis.call('SET', KEYS[6], ARGV[#ARGV])
   end
   local served = hw()
   if served ~= nil and tonumber(ARGV[2]) > served then
