@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -23,10 +23,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from mixer_service.errors import InvalidInput, TooLarge
-from mixer_service.planner.budget import Deadline, FitCancelled
-from mixer_service.planner.fit_stats import strict_json
 from mixer_service.service.auth import require_reader
 from mixer_service.service.problems import responses
+
+if TYPE_CHECKING:
+    from mixer_service.planner.budget import Deadline
 
 router = APIRouter(prefix="/v1/plan", tags=["planner"], dependencies=[Depends(require_reader)])
 
@@ -125,6 +126,8 @@ async def plan_spt(body: SptRequest, request: Request) -> Any:
     _check("runs", len(body.runs), LIMITS.max_runs, "MIXER_PLAN_MAX_RUNS")
     _check("finetune points", len(body.finetune or []), LIMITS.max_runs, "MIXER_PLAN_MAX_RUNS")
     _check("bootstrap refits", body.bootstrap, LIMITS.max_bootstrap, "MIXER_PLAN_MAX_BOOTSTRAP")
+    from mixer_service.planner.budget import Deadline  # the planner loads only when asked (scipy is heavy)
+
     seconds = min(body.max_seconds or LIMITS.max_seconds, LIMITS.max_seconds)
     deadline = Deadline(seconds, what="this request's planner budget (max_seconds, MIXER_PLAN_MAX_SECONDS)")
     return await _while_client_waits(request, deadline, functools.partial(_plan_spt, body, deadline))
@@ -160,6 +163,8 @@ def _plan_spt(body: SptRequest, deadline: Deadline) -> dict[str, Any]:
 async def _while_client_waits(request: Request, deadline: Deadline, work: Callable[[], Any]) -> Any:
     """Run ``work`` in the thread pool; if the client disconnects first, cancel it (it stops at its next
     check point) and answer nobody."""
+    from mixer_service.planner.budget import FitCancelled
+
     task = asyncio.ensure_future(run_in_threadpool(work))
     while not task.done():
         await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
@@ -175,6 +180,7 @@ async def _while_client_waits(request: Request, deadline: Deadline, work: Callab
 
 @router.post("/storage", responses=responses(400, 413, 422))
 def plan_storage(body: StorageRequest) -> dict[str, Any]:
+    from mixer_service.planner.fit_stats import strict_json
     from mixer_service.planner.storage_law import allocate, fit_storage_law
 
     _check("points", len(body.points), LIMITS.max_points, "MIXER_PLAN_MAX_POINTS")
