@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from service_helpers import prepare_real_sources
 
-from mixer_service.service.process import NO_PERSISTENCE, free_port, start_redis
+from mixer_service.service.process import NO_PERSISTENCE, free_port, start_redis, start_redis_cluster
 from mixer_service.service.process import RedisProcess as RedisServer
 
 
@@ -47,6 +47,30 @@ def clean_redis_url(redis_url: str) -> str:
     with redis.Redis.from_url(redis_url) as client:
         client.flushdb()
     return redis_url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL (``redis+cluster://``) of a private 3-master Redis Cluster shared by the session."""
+    try:
+        cluster = start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield cluster.url
+    cluster.stop()
+
+
+@pytest.fixture
+def clean_redis_cluster_url(redis_cluster_url: str) -> str:
+    """The session cluster, every master emptied before the test."""
+    from mixer_service.store.redis_store import connect
+
+    client = connect(redis_cluster_url, 5.0, 1)
+    try:
+        client.flushall(target_nodes="primaries")
+    finally:
+        client.close()
+    return redis_cluster_url
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -30,6 +31,8 @@ from conftest import RedisServer, start_redis_server
 from service_helpers import JOB, SCHEDULE, Server
 
 from mixer_service import wire
+from mixer_service.service.process import CLUSTER_NODE
+from mixer_service.store.redis_store import connect
 
 PROBLEM = "application/problem+json"
 STEP_DEADLINE_S = 40.0  # a step (or change) nobody answers with 200 for this long fails the run
@@ -50,10 +53,10 @@ class DurableRedis:
     """A redis-server with AOF that a test can SIGKILL, hang (SIGSTOP), restore from an older copy of its
     files, and restart on the same port and directory, as an operator or a crash would."""
 
-    def __init__(self, directory: Path, fsync: str = "always") -> None:
+    def __init__(self, directory: Path, fsync: str = "always", extra: tuple[str, ...] = ()) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.persistence = aof(fsync)
+        self.persistence = aof(fsync) + extra
         self.server: RedisServer = start_redis_server(directory, persistence=self.persistence)
 
     @property
@@ -99,10 +102,76 @@ class DurableRedis:
         self.server.stop()
 
 
+class DurableRedisCluster:
+    """Three ``DurableRedis`` masters joined into a Redis Cluster; each fault hits every node at once (a
+    whole-cluster crash, hang or restore), and a restarted node rejoins from its ``nodes.conf``."""
+
+    def __init__(self, directory: Path, masters: int = 3) -> None:
+        self.nodes = [DurableRedis(directory / f"node{i}", extra=CLUSTER_NODE) for i in range(masters)]
+        created = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.server.port}"
+                                  for n in self.nodes), "--cluster-replicas", "0", "--cluster-yes"],
+                                 capture_output=True, text=True, timeout=60)
+        assert created.returncode == 0, created.stdout + created.stderr
+        self.wait_ok()
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.server.port}" for n in self.nodes)
+
+    def client(self) -> redis.RedisCluster:
+        return connect(self.url, 5.0, 3)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            infos = [subprocess.run(["redis-cli", "-p", str(n.server.port), "cluster", "info"],
+                                    capture_output=True, text=True).stdout for n in self.nodes]
+            if all("cluster_state:ok" in i for i in infos):
+                return
+            assert time.monotonic() < deadline, "the Redis Cluster did not reach cluster_state:ok"
+            time.sleep(0.1)
+
+    def _each(self, action: Callable[[DurableRedis], object]) -> None:
+        for node in self.nodes:
+            action(node)
+
+    def kill(self) -> None:
+        self._each(DurableRedis.kill)
+
+    def restart(self) -> None:
+        self._each(DurableRedis.restart)
+
+    def pause(self) -> None:
+        self._each(DurableRedis.pause)
+
+    def resume(self) -> None:
+        self._each(DurableRedis.resume)
+
+    def snapshot(self, dest: Path) -> Path:
+        for i, node in enumerate(self.nodes):
+            node.snapshot(dest / f"node{i}")
+        return dest
+
+    def restore(self, snapshot: Path) -> None:
+        self.kill()
+        for i, node in enumerate(self.nodes):
+            shutil.rmtree(node.directory / "appendonlydir")
+            shutil.copytree(snapshot / f"node{i}" / "appendonlydir", node.directory / "appendonlydir")
+        self.restart()
+
+    def ensure_running(self) -> None:
+        self._each(DurableRedis.ensure_running)
+        self.wait_ok()
+
+    def stop(self) -> None:
+        self._each(DurableRedis.stop)
+
+
 class Cluster:
     """Two replicas of ``mixer serve`` on one ``DurableRedis``, each restartable on its own port."""
 
-    def __init__(self, sources_dir: Path, workdir: Path, redis_server: DurableRedis) -> None:
+    def __init__(self, sources_dir: Path, workdir: Path, redis_server: DurableRedis | DurableRedisCluster
+                 ) -> None:
         self.sources_dir = sources_dir
         self.redis = redis_server
         self.replicas = [Server(sources_dir, workdir / f"replica{i}", redis_url=redis_server.url)

@@ -25,6 +25,7 @@ from fault_harness import (
     FAULT_AT,
     Cluster,
     DurableRedis,
+    DurableRedisCluster,
     Pull,
     TableRow,
     batch_difference,
@@ -57,12 +58,15 @@ def table() -> Iterator[list[TableRow]]:
         Path(path).write_text(text + "\n")
 
 
-@pytest.fixture(scope="module")
-def cluster(sources_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Two replicas on one AOF Redis, serving a private copy of the sources (one test damages its caches)."""
+@pytest.fixture(scope="module", params=["redis", "redis-cluster"])
+def cluster(request: pytest.FixtureRequest, sources_dir: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Two replicas on one AOF Redis (or a 3-master Redis Cluster, every node with AOF), serving a private
+    copy of the sources (one test damages its caches)."""
     sources = tmp_path_factory.mktemp("fault-sources")
     shutil.copytree(sources_dir, sources, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache"))
-    redis_server = DurableRedis(tmp_path_factory.mktemp("redis-aof"))
+    store = DurableRedis if request.param == "redis" else DurableRedisCluster
+    redis_server = store(tmp_path_factory.mktemp("redis-aof"))
     replicas = Cluster(sources, tmp_path_factory.mktemp("replicas"), redis_server)
     try:
         yield replicas.start()
@@ -87,6 +91,8 @@ def run_fault(name: str, cluster: Cluster, reference: str, table: list[TableRow]
               actions: dict[int, Callable[[Pull], object]], config: dict = JOB) -> Pull:
     pull = Pull(cluster, new_job(cluster.url(0), config), config).run(actions)
     verdict = check_against_replay(pull, reference)
+    if isinstance(cluster.redis, DurableRedisCluster):
+        name += " (Redis Cluster, 3 masters)"
     table.append(row(name, pull, verdict))
     bad = pull.unexpected()
     assert not bad, f"{len(bad)} answers other than 200 / 503 problem+json, e.g. {bad[0].status}: " \

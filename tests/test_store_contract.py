@@ -46,7 +46,7 @@ from mixer_service.store.base import (
     config_digest,
     verify_chain,
 )
-from mixer_service.store.redis_store import RedisStore, redact_url
+from mixer_service.store.redis_store import RedisStore, connect, redact_url
 
 CONFIG = {"seq_len": 8, "global_batch": 4, "sources": ["web", "domain"]}
 SCHEDULE = {"phases": [{"weights": {"web": 0.9, "domain": 0.1}}]}
@@ -99,9 +99,13 @@ class Location(NamedTuple):
         return open_store(self.url, self.path)
 
 
-@pytest.fixture(params=["embedded", "redis"])
+URL_FIXTURES = {"embedded": None, "redis": "clean_redis_url", "cluster": "clean_redis_cluster_url"}
+
+
+@pytest.fixture(params=list(URL_FIXTURES))
 def location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
-    url = request.getfixturevalue("clean_redis_url") if request.param == "redis" else None
+    fixture = URL_FIXTURES[request.param]
+    url = request.getfixturevalue(fixture) if fixture else None
     return Location(url, tmp_path / "state.sqlite3")
 
 
@@ -587,10 +591,8 @@ def _delete_job(location: Location, store: StateStore, job_id: str) -> None:
             conn.execute("DELETE FROM schedule_versions WHERE job_id = ?", (job_id,))
             conn.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
     else:
-        import redis
-
-        with redis.Redis.from_url(location.url) as client:
-            client.delete(*client.keys(f"mixer:{{{job_id}}}:*"))
+        with connect(location.url, 5.0, 1) as client:
+            client.delete(*client.scan_iter(match=f"mixer:{{{job_id}}}:*"))
             client.srem("mixer:jobs", job_id)
 
 
@@ -701,9 +703,7 @@ def test_a_damaged_high_water_is_corrupt_data_and_writes_nothing(location: Locat
         with sqlite3.connect(location.path) as conn:
             conn.execute("UPDATE jobs SET served_high_water = 'abc' WHERE job_id = 'job'")
     else:
-        import redis
-
-        with redis.Redis.from_url(location.url) as client:
+        with connect(location.url, 5.0, 1) as client:
             client.set("mixer:{job}:hw", "abc")
     for call in (lambda: store.head(job), lambda: store.mark_served(job, 5, incarnation),
                  lambda: store.restore(job, incarnation, store.versions(job)[0].chain, [], 9)):
@@ -720,3 +720,19 @@ def test_restored_versions_become_the_served_chain(store: StateStore, job: str) 
     mark_step(store, job, 30)  # raised under version 1 while the replica held version 2
     head = store.restore(job, incarnation, first.chain, [second], 10)
     assert (head.version, head.served_high_water, head.served_chain) == (2, 30, second.chain)
+
+
+def test_every_key_of_a_job_lives_in_one_cluster_slot(clean_redis_cluster_url: str) -> None:
+    """Per-job scripts touch one slot (a cross-slot script is refused by a cluster); only the registry of
+    job ids lives elsewhere, and it is written by a script of its own."""
+    from redis.crc import key_slot
+
+    with open_store(clean_redis_cluster_url, Path("unused")) as store:
+        store.create_job("a.job", CONFIG, SCHEDULE, "alice", "")
+        mark_step(store, "a.job", 3)
+        commit_change(store, "a.job", 1, 9, ANNEAL, "bob", "", accept)
+        with connect(clean_redis_cluster_url, 5.0, 1) as client:
+            keys = list(client.scan_iter(match="mixer:*"))
+        slots = {key_slot(k.encode()) for k in keys if k != "mixer:jobs"}
+        assert len(slots) == 1 and len(keys) == 8, keys
+        assert store.list_jobs() == ["a.job"]

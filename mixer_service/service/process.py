@@ -93,6 +93,55 @@ def start_redis(directory: Path, port: int | None = None,
     raise RuntimeError(f"redis-server did not start; last log:\n{output}")
 
 
+CLUSTER_NODE = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+
+
+@dataclass
+class RedisClusterProcesses:
+    """A private Redis Cluster of ``redis-server`` masters on loopback, one directory each, every slot
+    assigned (tests and benchmarks); ``url`` names every node, as a replica would be configured."""
+
+    nodes: list[RedisProcess]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def start_redis_cluster(directory: Path, masters: int = 3,
+                        persistence: tuple[str, ...] = NO_PERSISTENCE) -> RedisClusterProcesses:
+    """Start ``masters`` cluster-enabled servers and join them with ``redis-cli --cluster create``."""
+    nodes: list[RedisProcess] = []
+    try:
+        for i in range(masters):
+            (directory / f"node{i}").mkdir(parents=True, exist_ok=True)
+            nodes.append(start_redis(directory / f"node{i}", persistence=(*persistence, *CLUSTER_NODE)))
+        addresses = [f"127.0.0.1:{n.port}" for n in nodes]
+        created = subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0",
+                                  "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        if created.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-1000:]}{created.stderr}")
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S * 3
+        while not all(_cluster_ok(n.port) for n in nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return RedisClusterProcesses(nodes)
+
+
+def _cluster_ok(port: int) -> bool:
+    info = subprocess.run(["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, text=True)
+    return "cluster_state:ok" in info.stdout
+
+
 class ServerProcess:
     """A ``mixer serve`` process; ``MIXER_*`` variables are not inherited, only those passed in ``env``."""
 

@@ -15,7 +15,7 @@ from mixer_service.store.embedded import EmbeddedStore
 
 __all__ = ["ScheduleVersion", "StateStore", "open_store"]
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
 
 def open_store(url: str | None, path: Path, limits: StoreLimits | None = None) -> StateStore:

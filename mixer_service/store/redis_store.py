@@ -1,10 +1,10 @@
 """Redis state store: several stateless replicas share each job's state through one Redis.
 
-Key layout (the ``{job}`` hash tag puts a job's keys in one cluster slot, so per-job scripts and
-transactions are single-slot):
+Key layout (the ``{job}`` hash tag puts a job's keys in one cluster slot, so every per-job script is
+single-slot and the same code runs on one Redis and on a Redis Cluster, ``redis+cluster://``):
 
 ===============================  ======  ==========================================================
-``mixer:jobs``                   SET     every job id (for ``list_jobs``)
+``mixer:jobs``                   SET     every job id (for ``list_jobs``; a slot of its own, written first)
 ``mixer:{job}:config``           STRING  canonical JSON of the job config
 ``mixer:{job}:incarnation``      STRING  random id fixed at creation (a recreated job gets a new one)
 ``mixer:{job}:schedule``         LIST    canonical JSON of each ScheduleVersion (length = latest version)
@@ -14,10 +14,14 @@ transactions are single-slot):
 ``mixer:{job}:trained``          STRING  last reported trained step (-1 until reported)
 ===============================  ======  ==========================================================
 
-Every multi-key read or update is one Lua script, so it is atomic across replicas and costs one round
-trip. Writes are made safe to retry after a lost reply: when a create or commit finds its own bytes already
-stored, it reports success. Durability is Redis's: run it with AOF ``appendfsync always`` (docs/operations.md)
-or a lost second of writes is detected by every replica that saw it, which then answers 503.
+Every multi-key read or update of a job is one Lua script, so it is atomic across replicas and costs one
+round trip. The job registry lives in another slot, so creating a job is two steps: reserve the id in the
+registry (atomic with the ``max_jobs`` check), then create the job's keys; a crash between the two leaves
+an id listed whose job does not exist (listed with its "unknown job" error), which a retried create fills.
+Writes are made safe to retry after a lost reply: when a create or commit finds its own bytes already
+stored, it reports success. Durability is Redis's: run it with AOF ``appendfsync always``
+(docs/operations.md) or a lost second of writes is detected by every replica that saw it, which then
+answers 503.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import EqualJitterBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from mixer_service.errors import CorruptData, NotFound, StoreUnavailable
@@ -48,6 +53,7 @@ from mixer_service.values import STEP, TRAINED_STEP
 
 logger = logging.getLogger(__name__)
 
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 KEY_PREFIX = "mixer"
 JOBS_KEY = f"{KEY_PREFIX}:jobs"
 FIELDS = ("incarnation", "schedule", "chain", "hw", "trained", "served")  # KEYS[1..6] of every per-job script
@@ -69,22 +75,33 @@ local function hw()
 end
 """
 
-# KEYS: FIELDS + config, jobs. ARGV: job_id, config_json, first_json, incarnation, first_chain, max_jobs.
-# Returns {1} when created, {-2} at the job limit, else {0, stored config, stored first version}.
+# KEYS: the registry. ARGV: job_id, max_jobs. Returns 1 when the id is (now) listed, -2 at the job limit.
+_RESERVE_JOB = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return -2 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS: FIELDS + config. ARGV: config_json, first_json, incarnation, first_chain.
+# Returns {1} when created, else {0, stored config, stored first version}.
 _CREATE_JOB = """
 if redis.call('EXISTS', KEYS[7]) == 1 then
   return {0, redis.call('GET', KEYS[7]), redis.call('LINDEX', KEYS[2], 0)}
 end
-if redis.call('SCARD', KEYS[8]) >= tonumber(ARGV[6]) then return {-2} end
-redis.call('SET', KEYS[7], ARGV[2])
-redis.call('SET', KEYS[1], ARGV[4])
-redis.call('RPUSH', KEYS[2], ARGV[3])
-redis.call('SET', KEYS[3], ARGV[5])
+redis.call('SET', KEYS[7], ARGV[1])
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[4])
 redis.call('SET', KEYS[4], '-1')
 redis.call('SET', KEYS[5], '-1')
-redis.call('SET', KEYS[6], ARGV[5])
-redis.call('SADD', KEYS[8], ARGV[1])
+redis.call('SET', KEYS[6], ARGV[4])
 return {1}
+"""
+
+# KEYS: incarnation, schedule. ARGV: after. Returns {exists, entries above ``after``}, read atomically.
+_VERSIONS = """
+return {redis.call('EXISTS', KEYS[1]), redis.call('LRANGE', KEYS[2], tonumber(ARGV[1]), -1)}
 """
 
 _READ_HEAD = _HEAD + "return head()"
@@ -148,6 +165,24 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
+def connect(url: str, timeout: float, retries: int) -> redis.Redis | RedisCluster:
+    """A client for one Redis (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
+    (``redis+cluster://host:port[,host:port...]``: any reachable nodes; the rest are discovered)."""
+    common: dict[str, Any] = {"decode_responses": True, "socket_timeout": timeout,
+                              "socket_connect_timeout": timeout,
+                              "retry": Retry(EqualJitterBackoff(cap=0.5, base=0.05), retries)}
+    if not url.startswith(CLUSTER_SCHEMES):
+        return redis.Redis.from_url(url, health_check_interval=30, **common,
+                                    retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    parts = urlsplit(url.replace("+cluster", "", 1))
+    nodes = []
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        name, _, port = host.rpartition(":") if ":" in host else (host, "", "6379")
+        nodes.append(ClusterNode(name, int(port)))
+    return RedisCluster(startup_nodes=nodes, username=parts.username, password=parts.password,
+                        ssl=parts.scheme == "rediss", **common)
+
+
 def _job_key(job_id: str, field: str) -> str:
     return f"{KEY_PREFIX}:{{{job_id}}}:{field}"
 
@@ -170,18 +205,11 @@ class RedisStore(StateStore):
                  limits: StoreLimits | None = None) -> None:
         self._url = redact_url(url)
         self.limits = limits or StoreLimits()
-        retryable: list[type[Exception]] = [redis.ConnectionError, redis.TimeoutError]
-        self._client = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            health_check_interval=30,
-            retry=Retry(EqualJitterBackoff(cap=0.5, base=0.05), RETRY_ATTEMPTS),
-            retry_on_error=retryable,
-        )
+        self._client = connect(url, socket_timeout, RETRY_ATTEMPTS)
         self._raw_url = url
+        self._reserve_job = self._client.register_script(_RESERVE_JOB)
         self._create_job = self._client.register_script(_CREATE_JOB)
+        self._versions = self._client.register_script(_VERSIONS)
         self._read_head = self._client.register_script(_READ_HEAD)
         self._commit = self._client.register_script(_COMMIT_VERSION)
         self._mark_served = self._client.register_script(_MARK_SERVED)
@@ -193,7 +221,8 @@ class RedisStore(StateStore):
         """Turn every way of not reaching Redis (down, slow, failed over to a replica) into one error."""
         try:
             yield
-        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError,
+                redis.exceptions.ClusterError, redis.exceptions.RedisClusterException) as exc:
             raise StoreUnavailable(f"redis at {self._url} is unavailable: {exc}") from exc
         except redis.ResponseError as exc:
             if "WRONGTYPE" in str(exc):  # a key of the job was overwritten with another type by hand
@@ -202,13 +231,11 @@ class RedisStore(StateStore):
 
     def _insert_job(self, job_id: str, config_json: str, incarnation: str, first: ScheduleVersion) -> bool:
         first_json = to_json(first.to_dict(), "schedule version")
-        keys = _keys(job_id) + [_job_key(job_id, "config"), JOBS_KEY]
-        args: list[str | int] = [job_id, config_json, first_json, incarnation, first.chain,
-                                 self.limits.max_jobs]
         with self._reachable():
-            created, *stored = self._create_job(keys=keys, args=args)
-        if created == -2:
-            raise job_limit_error(self.limits)
+            if self._reserve_job(keys=[JOBS_KEY], args=[job_id, self.limits.max_jobs]) == -2:
+                raise job_limit_error(self.limits)
+            created, *stored = self._create_job(keys=_keys(job_id) + [_job_key(job_id, "config")],
+                                                args=[config_json, first_json, incarnation, first.chain])
         return bool(created) or stored == [config_json, first_json]
 
     def get_job(self, job_id: str) -> dict[str, Any]:
@@ -231,10 +258,7 @@ class RedisStore(StateStore):
     def versions(self, job_id: str, after: int = 0) -> list[ScheduleVersion]:
         check_job_id(job_id)
         with self._reachable():
-            pipe = self._client.pipeline(transaction=True)
-            pipe.exists(_job_key(job_id, "incarnation"))
-            pipe.lrange(_job_key(job_id, "schedule"), after, -1)
-            exists, entries = pipe.execute()
+            exists, entries = self._versions(keys=_keys(job_id)[:2], args=[after])
         if not exists:
             raise NotFound(f"unknown job {job_id!r}")
         return [decode_version(entry, f"{self._url} job {job_id!r}") for entry in entries]
@@ -279,12 +303,12 @@ class RedisStore(StateStore):
                 self._client.ping()
             return
         # A separate short-lived connection without retries: a hung Redis must fail the probe in time.
-        probe = redis.Redis.from_url(self._raw_url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        try:
-            with self._reachable():
+        with self._reachable():
+            probe = connect(self._raw_url, timeout, 0)  # a cluster client connects here, to learn its slots
+            try:
                 probe.ping()
-        finally:
-            probe.close()
+            finally:
+                probe.close()
 
     def close(self) -> None:
         self._client.close()
