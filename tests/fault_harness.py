@@ -140,6 +140,7 @@ class DurableRedisCluster:
 
     def restart(self) -> None:
         self._each(DurableRedis.restart)
+        self.wait_ok()
 
     def pause(self) -> None:
         self._each(DurableRedis.pause)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -40,7 +41,7 @@ from fault_harness import (
 )
 from service_helpers import JOB, Server
 
-from client import HistoryRewritten, MixerLoader, ServerError
+from client import HistoryRewritten, MixerLoader
 from mixer_service.store import ScheduleVersion
 
 pytestmark = pytest.mark.slow
@@ -246,22 +247,42 @@ def _change_now(url: str, job: str, weight: float) -> httpx.Response:
                      timeout=20)
 
 
-def test_a_change_accepted_by_a_restored_store_never_rewrites_served_steps(healthy, tmp_path):
-    """Item 1: steps 30-59 served by A, the store restored to step 29, a change through B at step 30. A (which
-    served them) and then every replica refuse `history_conflict`; a loader that got them stops loudly."""
-    a, b = healthy.url(0), healthy.url(1)
+def _served_then_restored(cluster: Cluster, tmp_path: Path, stop_a: bool = False
+                          ) -> tuple[str, dict[int, bytes], dict]:
+    """Steps 0-59 served by replica A (a loader took 0-44); A stopped (SIGSTOP) if asked; the store then
+    restored to a copy taken at step 29. Returns the job, the bytes A served and the loader's checkpoint."""
+    a = cluster.url(0)
     job = new_job(a)
     served = _pull(a, job, range(30))
-    healthy.redis.snapshot(tmp_path)
+    cluster.redis.snapshot(tmp_path)
     served |= _pull(a, job, range(30, 60))
     with MixerLoader(a, job, end_step=60, world=1, rank=0, prefetch=1) as loader:
         for _ in range(45):
             next(loader)
-        state = loader.state_dict()  # closed before the restore: a trainer still pulling would have A
-    healthy.redis.restore(tmp_path)  # put its high water back at once, which narrows (not closes) the window
+        state = loader.state_dict()
+    if stop_a:  # nothing of A's may run before the change: no request, no high-water watch
+        cluster.replicas[0].proc.send_signal(signal.SIGSTOP)
+    cluster.redis.restore(tmp_path)
+    return job, served, state
 
-    put = _change_now(b, job, 0.5)
-    assert put.status_code == 200 and put.json()["effective_step"] == 30, put.text
+
+def test_a_change_accepted_by_a_restored_store_never_rewrites_served_steps(healthy, tmp_path):
+    """Item 1: a change through B at step 30 lands on the restored store before A (which served 30-59, and
+    is stopped) can put its high water back. A loader resuming through B stops loudly at the first step B
+    computes under the new log; A refuses `history_conflict`, puts its record back, and then B refuses too."""
+    a, b = healthy.url(0), healthy.url(1)
+    replica_a = healthy.replicas[0].proc
+    try:
+        job, served, state = _served_then_restored(healthy, tmp_path, stop_a=True)
+        put = _change_now(b, job, 0.5)
+        assert put.status_code == 200 and put.json()["effective_step"] == 30, put.text
+        with MixerLoader(b, job, end_step=60, world=1, rank=0, prefetch=1) as resumed:
+            resumed.load_state_dict(state | {"next_step": 30})
+            with pytest.raises(HistoryRewritten, match="step 30 was received before"):
+                next(resumed)
+    finally:
+        replica_a.send_signal(signal.SIGCONT)
+
     def answers(url: str) -> Counter:
         return Counter(_same_or_refused(_get(url, f"/v1/jobs/{job}/batches/{s}"), served[s])
                        for s in range(30, 60))
@@ -270,16 +291,23 @@ def test_a_change_accepted_by_a_restored_store_never_rewrites_served_steps(healt
     assert answers(b) == {"history_conflict": 30}, "B, once A has put its record back"
     detail = _get(a, f"/v1/jobs/{job}/batches/40").json()["detail"]
     assert "version 2" in detail and "version 1" in detail, detail
-    text = httpx.get(f"{a}/metrics").text
-    assert 'fault="history_conflict"' in text
+    assert 'fault="history_conflict"' in httpx.get(f"{a}/metrics").text
 
-    # A loader that trained on steps 30-44 and resumes from 30 (a checkpoint) through a replica that knows
-    # nothing (restarted) is told, instead of training on other bytes.
-    healthy.restart(1)
-    with MixerLoader(b, job, end_step=60, world=1, rank=0, prefetch=1) as resumed:
-        resumed.load_state_dict(state | {"next_step": 30})
-        with pytest.raises((HistoryRewritten, ServerError)):
-            next(resumed)
+
+def test_a_restored_store_gets_the_served_high_water_back_before_any_change(healthy, tmp_path):
+    """Item 1, prevention: A serves nothing after the restore, yet its high-water watch puts the steps it
+    served back into the store within seconds, so a later change through B lands after them."""
+    job, served, _ = _served_then_restored(healthy, tmp_path)
+    deadline = time.monotonic() + 15
+    with healthy.redis.client() as r:
+        while int(r.get(f"mixer:{{{job}}}:hw") or -1) < 59:
+            assert time.monotonic() < deadline, "the watch did not put the high water back"
+            time.sleep(0.1)
+    put = _change_now(healthy.url(1), job, 0.5)
+    assert put.status_code == 200 and put.json()["effective_step"] == 60, put.text
+    for url in (healthy.url(0), healthy.url(1)):
+        assert Counter(_same_or_refused(_get(url, f"/v1/jobs/{job}/batches/{s}"), served[s])
+                       for s in range(30, 60)) == {"same": 30}
 
 
 def test_an_edited_config_or_a_hand_appended_version_is_refused_by_every_replica(healthy):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio.to_thread
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mixer_service.service import problems
@@ -27,6 +29,7 @@ class ServiceLimits:
     max_request_tokens: int = 1 << 24  # rows x seq_len of one batch response (64 MiB of uint32)
     threads: int = 32  # handlers that block (store I/O, batch assembly) run in this many threads
     max_in_flight: int = 256  # requests at once before a problem+json 503 (probes exempt)
+    high_water_watch_s: float = 2.0  # re-check served jobs against the store this often (0: never)
 
 
 @dataclass
@@ -116,11 +119,24 @@ class InFlightLimit:
             self.in_flight -= 1
 
 
+async def _watch_high_water(app: FastAPI, interval_s: float) -> None:
+    """Put back, within ``interval_s``, what a restored store forgot of the steps this process served."""
+    while True:
+        await asyncio.sleep(interval_s)
+        for fault in await run_in_threadpool(app.state.jobs.watch_high_water):
+            app.state.metrics.faults.labels(fault).inc()
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.limits.threads
+        watch = None
+        if settings.limits.high_water_watch_s > 0:
+            watch = asyncio.create_task(_watch_high_water(app, settings.limits.high_water_watch_s))
         yield
+        if watch is not None:
+            watch.cancel()
 
     app = FastAPI(title="mixer-service", version="1", lifespan=lifespan,
                   description="Exact, deterministic data mixing for specialized pretraining. Wire format: "

@@ -64,6 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "MIXER_PLAN_MAX_POINTS)")
     limits.add_argument("--plan-max-bootstrap", type=int, default=None,
                         help="bootstrap refits per plan request (default 200, or MIXER_PLAN_MAX_BOOTSTRAP)")
+    limits.add_argument("--high-water-watch", type=float, default=None, metavar="SECONDS",
+                        dest="high_water_watch_s",
+                        help="re-check the jobs this replica served against the store this often, so a "
+                        "store restored from a backup gets their high water back without a request "
+                        "(default 2; 0: only on requests)")
     limits.add_argument("--timeout-keep-alive", type=float, default=30.0,
                         help="seconds an idle keep-alive connection is kept open")
     p.add_argument(
@@ -103,7 +108,8 @@ def build_app():
             ),
             tokens=_tokens(),
             limits=ServiceLimits(**{k: limits[k] for k in (
-                "max_body_bytes", "max_request_tokens", "threads", "max_in_flight") if k in limits}),
+                "max_body_bytes", "max_request_tokens", "threads", "max_in_flight", "high_water_watch_s")
+                if k in limits}),
         )
     )
 
@@ -147,9 +153,11 @@ def run(args: argparse.Namespace) -> int:
     for name in ("plan_max_runs", "plan_max_points", "plan_max_bootstrap"):
         if getattr(args, name) is not None:  # the plan routes read these at import, in every worker
             os.environ[f"MIXER_{name.upper()}"] = str(getattr(args, name))
+    if args.high_water_watch_s is not None and args.high_water_watch_s < 0:
+        raise InvalidInput(f"--high-water-watch: must be >= 0 seconds, got {args.high_water_watch_s}")
     os.environ["MIXER_LIMITS"] = json.dumps({n: getattr(args, n) for n in (
         "max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads", "max_in_flight",
-        "max_connections")})
+        "max_connections", "high_water_watch_s") if getattr(args, n) is not None})
     if args.sources_dir is None and not args.sources_url:
         raise InvalidInput("give --sources-dir, --sources-url, or both")
     if args.sources_dir is not None:

@@ -57,6 +57,8 @@ from mixer_service.values import STEP, RankSlice, check_step, check_trained_step
 
 log = logging.getLogger(__name__)
 
+WATCH_RECENT_S = 3600.0  # jobs served this recently are re-checked by the high-water watch
+
 LEGACY_WARNING = ("this job was created before its log committed to its config: an edit of the stored config "
                   "would go unnoticed; recreate it to get that check (docs/reliability.md)")
 
@@ -265,6 +267,26 @@ class JobManager:
         updated = runtime.extended([new], engine)
         self._remember(job_id, updated, None, updated.version)
         return updated, engine.warnings
+
+    def watch_high_water(self, since_s: float = WATCH_RECENT_S) -> list[str]:
+        """Re-check every job this process served in the last ``since_s`` seconds against the store.
+
+        A store restored from a backup forgets the steps served after it; the replicas that served them
+        put their high water back on their next request, so a schedule change cannot take effect at those
+        steps. This runs the same check without a request (the server calls it every few seconds), so the
+        window in which a restored store accepts such a change stays a few seconds long even for an idle job.
+        Returns the faults found (each already logged and put right where it can be)."""
+        now, found = time.monotonic(), []
+        with self._lock:
+            recent = [job for job, seen in self._seen.items() if now - seen.high_water_at < since_s]
+        for job_id in recent:
+            try:
+                self.view(job_id)
+            except StoreBehind as exc:
+                found.append(exc.fault)
+            except MixerError as exc:  # store down, job gone or damaged: the next request says so
+                log.debug("high-water watch skipped a job", extra={"job_id": job_id, "error": str(exc)})
+        return found
 
     def report_progress(self, job_id: str, trained_step: Any) -> None:
         runtime = self.view(job_id).runtime
