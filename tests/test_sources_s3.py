@@ -173,3 +173,18 @@ def test_the_document_index_is_read_in_verified_blocks_by_ranged_gets(s3, many_s
     np.testing.assert_array_equal(remote.document(100), local.document(100))
     assert remote.doc_offsets.verified_blocks == 1
     np.testing.assert_array_equal(np.asarray(remote.doc_offsets), np.asarray(local.doc_offsets))
+
+
+def test_a_location_with_no_source_is_not_ready_and_says_why(s3, tmp_path) -> None:
+    """An S3 prefix (or a directory) that holds nothing servable used to start "ready" with 0 sources."""
+    from mixer_service.service.sources import SourceRegistry
+
+    (tmp_path / "empty").mkdir()
+    remote = SourceRegistry.load(tmp_path / "empty", tmp_path / "cache", s3_endpoint=s3,
+                                 remote_urls=[f"s3://{BUCKET}/no-such-prefix"])
+    assert remote.problems() == [f"s3://{BUCKET}/no-such-prefix holds no prepared source (no meta.json "
+                                 "under it or one level down; adopted formats are served from local "
+                                 "directories)"]
+    local = SourceRegistry.load(tmp_path / "empty")
+    [problem] = local.problems()
+    assert "holds no source" in problem and str(tmp_path / "empty") in problem

@@ -32,6 +32,7 @@ class SourceRegistry:
         self.images = images or {}
         self.broken = broken or {}
         self.cache = cache
+        self.empty: list[str] = []  # locations given that hold no source at all, and why that matters
 
     @classmethod
     def load(cls, root: Path | None, cache_dir: Path | None = None, *,
@@ -50,13 +51,22 @@ class SourceRegistry:
         mode = VerifyMode(verify)
         cache = ShardCache(Path(cache_dir) / "shards", cache_limit, mode)
         registry = cls({}, {}, {}, cache)
+        local = []
         if root is not None:
-            for sub in sorted(p for p in root.iterdir() if (p / META_FILE).is_file() or is_adopted(p)):
+            local = sorted(p for p in root.iterdir() if (p / META_FILE).is_file() or is_adopted(p))
+            for sub in local:
                 registry._open(sub.name, str(sub), lambda d=sub: _open_local(d, cache, mode))
         index_root = Path(cache_dir) / "index"
         for url in remote_urls:
-            for name, opener, where in _remote_openers(url, index_root, cache, mode, s3_endpoint):
+            openers = list(_remote_openers(url, index_root, cache, mode, s3_endpoint))
+            if not openers:
+                registry.empty.append(f"{url} holds no prepared source (no meta.json under it or one level "
+                                      "down; adopted formats are served from local directories)")
+            for name, opener, where in openers:
                 registry._open(name, where, opener)
+        if root is not None and not local and not remote_urls:
+            registry.empty.append(f"--sources-dir {root} holds no source (no sub-directory with a meta.json "
+                                  "or an adoption manifest)")
         return registry
 
     def _open(self, label: str, where: str, opener) -> None:
@@ -93,7 +103,7 @@ class SourceRegistry:
     def problems(self) -> list[str]:
         """Why this server cannot serve every source it started with (stat-level, cheap), or []."""
         out = [f"source {name!r} is unavailable on this server: {why}"
-               for name, why in sorted(self.broken.items())]
+               for name, why in sorted(self.broken.items())] + self.empty
         for src in self.sources.values():
             out += src.problems()
         return out
