@@ -201,6 +201,45 @@ def _pack(token_lists: list[np.ndarray], eos_id: int, dtype: np.dtype) -> tuple[
     return out, lengths
 
 
+class SkipCount:
+    """Empty documents dropped so far: known only once the batches are consumed, so kept by reference."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+def _packed_batches(
+    documents: Iterable[str],
+    tokenizer: TextTokenizer,
+    dtype: np.dtype,
+    batch_chars: int,
+    batch_docs: int,
+    max_docs: int | None,
+    skipped: SkipCount,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Packed tokens and per-doc lengths, batch by batch; empties counted, at most ``max_docs`` kept."""
+    kept = 0
+    for raw_batch in _batches(documents, batch_chars, batch_docs):
+        batch = [d for d in raw_batch if d]
+        skipped.value += len(raw_batch) - len(batch)
+        if max_docs is not None:
+            batch = batch[: max_docs - kept]
+        if batch:
+            yield _pack(tokenizer.encode_batch(batch), tokenizer.eos_id, dtype)
+            kept += len(batch)
+        if max_docs is not None and kept >= max_docs:
+            break
+
+
+def check_arguments(out_dir: Path, shard_tokens: int, max_docs: int | None, overwrite: bool) -> None:
+    """Refuse bad sizes or an occupied target before any input is read."""
+    if shard_tokens <= 0:
+        raise InvalidInput(f"shard_tokens must be positive, got {shard_tokens}")
+    if max_docs is not None and max_docs <= 0:
+        raise InvalidInput(f"max_docs must be positive, got {max_docs}")
+    _check_target(out_dir, overwrite)
+
+
 def prepare_source(
     documents: Iterable[str],
     out_dir: Path,
@@ -220,12 +259,32 @@ def prepare_source(
     Deterministic: the same documents and tokenizer always give the same fingerprint.
     """
     out_dir = Path(out_dir)
+    check_arguments(out_dir, shard_tokens, max_docs, overwrite)
+    skipped = SkipCount()
+    dtype = token_dtype(tokenizer.vocab_size)
+    batches = _packed_batches(documents, tokenizer, dtype, batch_chars, batch_docs, max_docs, skipped)
     name = name or out_dir.name
-    if shard_tokens <= 0:
-        raise InvalidInput(f"shard_tokens must be positive, got {shard_tokens}")
-    if max_docs is not None and max_docs <= 0:
-        raise InvalidInput(f"max_docs must be positive, got {max_docs}")
-    _check_target(out_dir, overwrite)
+    return write_packed(batches, out_dir, tokenizer, name, skipped, shard_tokens=shard_tokens,
+                        overwrite=overwrite, progress=progress, desc=f"prepare {name}")
+
+
+def write_packed(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    out_dir: Path,
+    tokenizer: TextTokenizer,
+    name: str,
+    skipped: SkipCount,
+    *,
+    shard_tokens: int,
+    overwrite: bool,
+    progress: bool,
+    desc: str,
+) -> SourceMeta:
+    """Write packed batches (tokens with EOS after each doc, per-doc lengths) as a prepared source.
+
+    The bytes depend only on the concatenated tokens and lengths, never on where batches split them,
+    which is what lets ``mixer prepare --ray`` merge parts into the single-process result.
+    """
     dtype = token_dtype(tokenizer.vocab_size)
     # The temp dir sits one level down (same filesystem, so the final rename is atomic): a crash just
     # before that rename leaves a complete-looking dir, but never as a sibling of real sources.
@@ -235,26 +294,18 @@ def prepare_source(
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished source should be shareable
     shards = _ShardWriter(tmp, dtype, shard_tokens)
     offsets = _OffsetsWriter(tmp)
-    skipped = 0
     started = time.perf_counter()
-    bar = tqdm(desc=f"prepare {name}", unit="doc", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(desc=desc, unit="doc", unit_scale=True, disable=not progress, dynamic_ncols=True)
     try:
-        for raw_batch in _batches(documents, batch_chars, batch_docs):
-            batch = [d for d in raw_batch if d]
-            skipped += len(raw_batch) - len(batch)
-            if max_docs is not None:
-                batch = batch[: max_docs - offsets.num_docs]
-            if batch:
-                tokens, lengths = _pack(tokenizer.encode_batch(batch), tokenizer.eos_id, dtype)
-                offsets.add(shards.num_tokens + np.cumsum(lengths))
-                shards.write(tokens)
-                bar.update(len(batch))
-                rate = shards.num_tokens / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s", refresh=False)
-            if max_docs is not None and offsets.num_docs >= max_docs:
-                break
+        for tokens, lengths in batches:
+            offsets.add(shards.num_tokens + np.cumsum(lengths))
+            shards.write(tokens)
+            bar.update(len(lengths))
+            rate = shards.num_tokens / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s", refresh=False)
         if offsets.num_docs == 0:
-            raise InvalidInput(f"no non-empty documents in the input for {name!r} ({skipped} empty skipped)")
+            raise InvalidInput(
+                f"no non-empty documents in the input for {name!r} ({skipped.value} empty skipped)")
         shard_infos = shards.close()
         offsets_sha = offsets.close()
         stream_sha = shards.stream_hash.hexdigest()
@@ -273,7 +324,7 @@ def prepare_source(
             shards=tuple(shard_infos),
             tokens_sha256=stream_sha,
             doc_offsets_sha256=offsets_sha,
-            skipped_empty_docs=skipped,
+            skipped_empty_docs=skipped.value,
             doc_index=IndexBlocks.of_file(tmp / OFFSETS_FILE),
         )
         (tmp / META_FILE).write_text(meta.to_json())
@@ -297,7 +348,7 @@ def prepare_source(
         s.num_docs,
         s.num_tokens,
         len(shard_infos),
-        skipped,
+        skipped.value,
         elapsed,
         s.num_tokens / elapsed,
         out_dir,
@@ -308,7 +359,7 @@ def prepare_source(
             "num_docs": s.num_docs,
             "num_tokens": s.num_tokens,
             "num_shards": len(shard_infos),
-            "skipped_empty_docs": skipped,
+            "skipped_empty_docs": skipped.value,
             "seconds": round(elapsed, 3),
         },
     )
