@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from mixer_service.errors import MixerError
+from mixer_service.errors import InvalidInput, MixerError
+from mixer_service.prepare.meta import SourceMeta
 from mixer_service.prepare.readers import FORMATS, iter_documents
-from mixer_service.prepare.tokenizer import load_tokenizer
+from mixer_service.prepare.tokenizer import TextTokenizer, load_tokenizer
 from mixer_service.prepare.writer import DEFAULT_SHARD_TOKENS, prepare_source
 
 
@@ -42,6 +44,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-docs", type=int, help="keep at most this many (non-empty) documents")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared source")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--ray", nargs="?", const="", metavar="ADDRESS",
+        help="tokenize on Ray (extra 'ray'): the cluster at ADDRESS, or an embedded local one without it; "
+        "same output bytes; inputs may be s3:// prefixes (MIXER_S3_ENDPOINT). Write --ray=ADDRESS or put "
+        "--ray after the inputs",
+    )
     p.set_defaults(func=run)
 
 
@@ -49,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``prepare``; print the new source's metadata as JSON. Errors: one line on stderr, exit 2."""
     try:
         tokenizer = load_tokenizer(args.tokenizer, args.vocab, args.merges, args.eos_token)
+        if args.ray is not None:
+            return _print(_run_on_ray(args, tokenizer))
         docs = iter_documents(args.inputs, args.format, args.text_field, args.split_regex, args.glob)
         meta = prepare_source(
             docs,
@@ -63,6 +73,24 @@ def run(args: argparse.Namespace) -> int:
     except (MixerError, OSError) as exc:
         print(f"mixer prepare: error: {exc}", file=sys.stderr)
         return 2
+    return _print(meta)
+
+
+def _print(meta: SourceMeta) -> int:
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in vars(meta).items()}
     print(json.dumps(summary, sort_keys=True))
     return 0
+
+
+def _run_on_ray(args: argparse.Namespace, tokenizer: TextTokenizer) -> SourceMeta:
+    """``--ray``: the same prepare on a Ray cluster (imported only here: Ray is an optional extra)."""
+    try:
+        from mixer_service.prepare.ray_prepare import prepare_source_ray
+    except ImportError as exc:
+        raise InvalidInput(f"--ray needs the 'ray' extra: pip install 'mixer-service[ray]' ({exc})") from exc
+    return prepare_source_ray(
+        args.inputs, args.out, tokenizer, args.name, address=args.ray or None, fmt=args.format,
+        text_field=args.text_field, split_regex=args.split_regex, glob=args.glob,
+        s3_endpoint=os.environ.get("MIXER_S3_ENDPOINT") or None, shard_tokens=args.shard_tokens,
+        max_docs=args.max_docs, overwrite=args.overwrite, progress=not args.no_progress,
+    )
