@@ -15,6 +15,7 @@ import logging
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -140,7 +141,9 @@ def _tokenize_on_cluster(
         _tokenize_rows,
         batch_size=1,
         batch_format="numpy",
-        fn_kwargs={"spec": spec, "tokenizer": tokenizer, "chunk_tokens": chunk_tokens},
+        # The tokenizer goes to the object store once; each worker process builds it once per run.
+        fn_kwargs={"spec": spec, "tokenizer": (uuid.uuid4().hex, ray.put(tokenizer)),
+                   "chunk_tokens": chunk_tokens},
         num_cpus=1,
         runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}},  # one core per task, as Ray reserves
     )
@@ -175,11 +178,22 @@ def _tokenize_on_cluster(
     return [chunk_file_name(p, c) for p, c in sorted(seen)]
 
 
+_worker_tokenizers: dict[str, TextTokenizer] = {}  # this run's tokenizer, in each worker process
+
+
+def _tokenizer_of_run(run: str, ref: ray.ObjectRef) -> TextTokenizer:
+    """Unpickling and checking GPT-2 BPE takes ~0.5 s: done once a worker process, not once a part."""
+    if run not in _worker_tokenizers:
+        _worker_tokenizers.clear()
+        _worker_tokenizers[run] = worker_tokenizer(ray.get(ref))
+    return _worker_tokenizers[run]
+
+
 def _tokenize_rows(
-    batch: dict[str, np.ndarray], spec: ReadSpec, tokenizer: TextTokenizer, chunk_tokens: int
+    batch: dict[str, np.ndarray], spec: ReadSpec, tokenizer: tuple[str, ray.ObjectRef], chunk_tokens: int
 ) -> Iterator[pa.Table]:
     """The ``map_batches`` function (on a worker): each part's chunks as one-row tables."""
-    tok = worker_tokenizer(tokenizer)
+    tok = _tokenizer_of_run(*tokenizer)
     for part, files_json in zip(batch["part"].tolist(), batch["files"].tolist(), strict=True):
         files = [InputFile(loc, kind, size) for loc, kind, size in json.loads(files_json)]
         for chunk in tokenize_part(part, read_part(files, spec), tok, chunk_tokens):
