@@ -232,7 +232,8 @@ def test_s3_prefix_is_the_same_source_as_its_local_copy(cluster, abc_files, tmp_
         client.create_bucket(Bucket=BUCKET)
         for f in abc_files[:4]:
             client.upload_file(str(f), BUCKET, f"abc/{f.name}")
-        client.put_object(Bucket=BUCKET, Key="abc/.hidden/skip.abc", Body=b"X: not me")
+        for skipped in ("abc/.hidden/skip.abc", "abc/sub/deeper.abc"):  # hidden; below the glob's depth
+            client.put_object(Bucket=BUCKET, Key=skipped, Body=b"X: not me")
         local = tmp_path / "local"
         local.mkdir()
         for f in abc_files[:4]:

@@ -106,13 +106,20 @@ def _plan_s3(url: str, fmt: Format, glob: str | None, endpoint: str | None) -> l
 
 
 def _matches(relative: str, glob: str | None) -> bool:
-    """Directory semantics for a key below the prefix: hidden parts skipped, a leading ``**/`` optional."""
-    if any(part.startswith(".") for part in PurePosixPath(relative).parts):
+    """``Path.glob`` semantics for a key below the prefix (``*`` within a segment, ``**`` any depth);
+    hidden segments skipped, as for a local directory."""
+    parts = PurePosixPath(relative).parts
+    if any(part.startswith(".") for part in parts):
         return False
-    if glob is None:
-        return True
-    return fnmatch.fnmatchcase(relative, glob) or (
-        glob.startswith("**/") and fnmatch.fnmatchcase(relative, glob[3:]))
+    return glob is None or _glob_match(parts, PurePosixPath(glob).parts)
+
+
+def _glob_match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
 
 
 def group_parts(files: Sequence[InputFile], part_bytes: int = PART_BYTES) -> list[list[InputFile]]:
@@ -122,7 +129,7 @@ def group_parts(files: Sequence[InputFile], part_bytes: int = PART_BYTES) -> lis
     parts: list[list[InputFile]] = []
     size = 0
     for f in files:
-        if not parts or (parts[-1] and size + f.size > part_bytes):
+        if not parts or size + f.size > part_bytes:
             parts.append([])
             size = 0
         parts[-1].append(f)
