@@ -134,6 +134,7 @@ def _tokenize_on_cluster(
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = ctx.print_on_execution_start = False  # ours count documents and tokens
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset started and finished
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     rows = [{"part": i, "files": json.dumps([[f.location, f.kind, f.size] for f in files])}
             for i, files in enumerate(parts)]
