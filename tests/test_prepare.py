@@ -508,3 +508,13 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
     )
     err = capsys.readouterr().err.strip()
     assert err.startswith("mixer prepare: error:") and "missing.jsonl" in err and "\n" not in err
+
+
+def test_split_mode_keeps_a_file_with_no_match_as_one_document(tmp_path: Path) -> None:
+    """A file in which the split pattern never matches used to crash the whole prepare (ValueError)."""
+    from mixer_service.prepare.readers import read_text
+
+    (tmp_path / "plain.abc").write_text("no tune header here\nonly notes: abc|\n")
+    (tmp_path / "blank.abc").write_text("  \n")
+    assert list(read_text(tmp_path / "plain.abc", r"^X:")) == ["no tune header here\nonly notes: abc|\n"]
+    assert list(read_text(tmp_path / "blank.abc", r"^X:")) == []

@@ -151,7 +151,7 @@ def read_text(path: Path, split_regex: str | re.Pattern[str] | None = None) -> I
     head = text[: starts[0]] if starts else text
     if head.strip():
         yield head
-    for begin, end in zip(starts, starts[1:] + [len(text)], strict=True):
+    for begin, end in zip(starts, starts[1:] + [len(text)] if starts else [], strict=True):
         yield text[begin:end]
 
 
