@@ -1,15 +1,18 @@
-"""Tokenized corpora adopted in place: Megatron-LM indexed datasets, flat token arrays, MDS token columns.
+"""Tokenized corpora adopted in place: Megatron-LM indexed datasets, flat token arrays, MDS token columns,
+datatrove ``.ds`` files.
 
 A directory holding ``mixer-source.json`` (the manifest the user writes) registers a corpus another
 pipeline already tokenized::
 
-    {"format": "megatron" | "flat" | "mds", "name": "web", "files": ["data_text_document"],
+    {"format": "megatron" | "flat" | "mds" | "datatrove", "name": "web", "files": ["data_text_document"],
      "tokenizer_fingerprint": "...", "vocab_size": 50257, "dtype": "uint16", "eos_id": 50256}
 
 ``files`` are relative to the directory: Megatron prefixes (``.bin`` + ``.idx``), flat ``.npy`` or raw
 ``.bin`` files of ``dtype`` in which every document ends with ``eos_id`` (the OLMo/Dolma layout), or MDS
 directories (with ``index.json``) whose ``column`` (default ``tokens``) holds each document's tokens; an
-MDS document gets ``eos_id`` appended unless ``"append_eos": false``.
+MDS document gets ``eos_id`` appended unless ``"append_eos": false``, or datatrove ``.ds`` token files
+(with their ``.ds.index``; ``datatrove_ds``), which may also live under an ``s3://`` prefix
+(``AdoptedSource.open_remote``: blocks fetched by ranged GETs into the bounded shard cache).
 
 The first open computes, once, what a prepared source's ``meta.json`` records: the document index
 (``.mixer-doc_offsets.npy``, int64, 8 bytes a document), the hash of every block of tokens and the content
@@ -34,7 +37,8 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +46,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from mixer_service.errors import CorruptData, InvalidInput
+from mixer_service.errors import CorruptData, InvalidInput, SourceUnavailable
 from mixer_service.prepare.meta import (
     DTYPES,
     IndexBlocks,
@@ -51,10 +55,11 @@ from mixer_service.prepare.meta import (
     index_leaves,
     merkle_root,
 )
+from mixer_service.sources import datatrove_ds
 from mixer_service.sources.cache import Shard, ShardCache
 from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, open_handle, pread_exact
 from mixer_service.sources.doc_index import DocIndex
-from mixer_service.sources.origins import LocalOrigin
+from mixer_service.sources.origins import LocalOrigin, Origin
 from mixer_service.sources.prepared import ShardedSource, _write_atomic, as_verify_mode, open_index
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
 
@@ -66,7 +71,7 @@ OFFSETS = ".mixer-doc_offsets.npy"
 RECORD_FORMAT, RECORD_VERSION = "mixer-adopted-source", 2  # 2: input probes, kept under the cache dir
 ADOPTED_SUBDIR = "adopted"
 PROBE_BYTES = 1 << 16  # hashed at each end of every input file at each open: what tells a regenerated file
-FORMATS = ("megatron", "flat", "mds")
+FORMATS = ("megatron", "flat", "mds", "datatrove")
 BLOCK_TOKENS = 1 << 24  # 32 MiB of uint16 per verified block: one hash costs ~20 ms
 _MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
 _MEGATRON_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64", 7: "float32",
@@ -91,8 +96,17 @@ class Manifest:
     def load(cls, directory: Path) -> Manifest:
         path = directory / MANIFEST
         try:
-            obj: dict[str, Any] = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidInput(f"{path}: unreadable manifest ({exc})") from exc
+        return cls.parse(data, str(path), str(directory))
+
+    @classmethod
+    def parse(cls, data: bytes, path: str, directory: str) -> Manifest:
+        """The manifest in ``data``, read from ``path`` (for messages) in ``directory``."""
+        try:
+            obj: dict[str, Any] = json.loads(data)
+        except ValueError as exc:
             raise InvalidInput(f"{path}: unreadable manifest ({exc})") from exc
         required = ("format", "name", "files", "tokenizer_fingerprint", "vocab_size", "dtype", "eos_id")
         missing = [k for k in required if k not in obj]
@@ -312,38 +326,42 @@ def probe(directory: Path, name: str) -> dict:
             "tail_sha256": hashlib.sha256(tail).hexdigest()}
 
 
-def _current(record: dict, directory: Path, manifest_sha: str) -> bool:
+def _current(record: dict, origin: Origin, manifest_sha: str) -> bool:
     """Whether a stored record still describes the files: same manifest, same version, same probes."""
     if record.get("manifest_sha256") != manifest_sha or record.get("version") != RECORD_VERSION:
         return False
+    if not isinstance(origin, LocalOrigin):
+        return datatrove_ds.same_probes(origin, record.get("inputs", []))
     try:
-        return all(probe(directory, p["file"]) == p for p in record["inputs"])
+        return all(probe(origin.directory, p["file"]) == p for p in record["inputs"])
     except (OSError, KeyError, TypeError):
         return False
 
 
-def adopt(directory: Path, state: Path, *, force: bool = False) -> dict:
-    """Compute (or load) the adoption record of ``directory`` kept in ``state``: document index, block
-    hashes, fingerprint.
+def adopt(where: Path | Origin, state: Path, *, force: bool = False) -> dict:
+    """Compute (or load) the adoption record of ``where`` (a directory, or an origin for formats read
+    through one) kept in ``state``: document index, block hashes, fingerprint.
 
     O(corpus) once; later opens read the stored record while the manifest and the probes of every input
     file are unchanged (a few 64 KiB reads a file).
     """
-    directory = Path(directory)
-    manifest_sha = hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
+    origin: Origin = LocalOrigin(where) if isinstance(where, Path) else where
+    directory = origin.directory if isinstance(origin, LocalOrigin) else None
+    manifest_bytes = (directory / MANIFEST).read_bytes() if directory else origin.read(MANIFEST)
+    manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
     record_path = state / RECORD
     if not force and record_path.is_file():
         try:
             record = json.loads(record_path.read_text())
-            if _current(record, directory, manifest_sha):
+            if _current(record, origin, manifest_sha):
                 return record
             log.warning("adopted files changed since their record; adopting again", extra={
-                "event": "adopt.stale", "directory": str(directory)})
+                "event": "adopt.stale", "directory": origin.describe("")})
         except ValueError:
             pass  # unreadable: recompute
-    m = Manifest.load(directory)
+    m = Manifest.parse(manifest_bytes, origin.describe(MANIFEST), origin.describe(""))
     started = time.perf_counter()
-    log.info("adopting %s (%s) once: hashing every token", directory, m.format,
+    log.info("adopting %s (%s) once: hashing every token", origin.describe(""), m.format,
              extra={"event": "adopt.start", "source": m.name, "format": m.format})
     stream, offsets_hash = hashlib.sha256(), hashlib.sha256()
     ends: list[np.ndarray] = []
@@ -351,7 +369,17 @@ def adopt(directory: Path, state: Path, *, force: bool = False) -> dict:
     parts: list[dict] = []
     inputs: list[str] = []
     dtype = np.dtype(m.dtype).newbyteorder("<")
-    if m.format == "mds":
+    if m.format == "datatrove":
+        for name in m.files:
+            inputs += [f"{name}.index", name]
+            doc_ends, part = datatrove_ds.adopt_file(origin, name, dtype, m.eos_id, BLOCK_TOKENS, stream)
+            ends.append(doc_ends + base)
+            base += part["num_tokens"]
+            parts.append(part)
+    elif directory is None:
+        raise InvalidInput(f"{origin.describe(MANIFEST)}: {m.format} corpora are adopted from local "
+                           "directories only (datatrove output also from object storage)")
+    elif m.format == "mds":
         for sub in m.files:
             inputs.append(f"{sub}/index.json")
             for spec in _mds_shards(directory, sub, m):
@@ -392,14 +420,16 @@ def adopt(directory: Path, state: Path, *, force: bool = False) -> dict:
                           "size": (directory / region.file).stat().st_size, "blocks": blocks})
     doc_offsets = np.concatenate([np.zeros(1, np.int64), *ends]).astype("<i8")
     if doc_offsets.size < 2 or np.any(np.diff(doc_offsets) < 2):
-        raise InvalidInput(f"{directory}: empty documents (a lone EOS) cannot be served; drop them first")
+        raise InvalidInput(f"{origin.describe('')}: empty documents (a lone EOS) cannot be served; drop them "
+                           "first")
     offsets_hash.update(doc_offsets.tobytes())
     buffer = _npy_bytes(doc_offsets)
     state.mkdir(parents=True, exist_ok=True)
     _write_atomic(state / OFFSETS, buffer)
     record = {
         "format": RECORD_FORMAT, "version": RECORD_VERSION, "manifest_sha256": manifest_sha,
-        "inputs": [probe(directory, name) for name in inputs],
+        "inputs": [probe(directory, name) if directory else datatrove_ds.probe(origin, name)
+                   for name in inputs],
         "fingerprint": content_fingerprint(m.tokenizer_fingerprint, m.dtype, stream.hexdigest(),
                                            offsets_hash.hexdigest()),
         "tokens_sha256": stream.hexdigest(), "doc_offsets_sha256": offsets_hash.hexdigest(),
@@ -407,7 +437,7 @@ def adopt(directory: Path, state: Path, *, force: bool = False) -> dict:
         "parts": parts, "doc_index_blocks": IndexBlocks.of_file(state / OFFSETS).to_json(),
     }
     _write_atomic(record_path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
-    log.info("adopted %s: %d docs, %d tokens in %.1fs", directory, record["num_docs"], base,
+    log.info("adopted %s: %d docs, %d tokens in %.1fs", origin.describe(""), record["num_docs"], base,
              time.perf_counter() - started, extra={"event": "adopt.done", "source": m.name,
                                                     "fingerprint": record["fingerprint"]})
     return record
@@ -533,6 +563,8 @@ class AdoptedSource(ShardedSource):
 
     record: dict  # the adoption record it was opened with
     _manifest_sha: str
+    _cache: ShardCache
+    _shards: list[Shard]  # what the shard cache holds for it (MDS, remote blocks); [] when read in place
 
     @classmethod
     def open(cls, directory: Path | str, cache: ShardCache, *,
@@ -547,16 +579,10 @@ class AdoptedSource(ShardedSource):
             record = adopt(directory, state)
         except (OSError, ValueError) as exc:
             raise CorruptData(f"{directory}: cannot adopt ({exc})") from exc
-        meta = SourceMeta(m.name, record["fingerprint"], m.tokenizer_fingerprint, m.vocab_size, m.eos_id,
-                          m.dtype, record["num_docs"], record["num_tokens"], directory)
-        try:
-            meta = dataclasses.replace(meta, root=_root(meta, record))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptData(f"{state / RECORD}: invalid adoption record ({exc})") from exc
-        offsets = _open_index(state / OFFSETS, meta, record, mode)
         dtype = np.dtype(m.dtype).newbyteorder("<")
         parts = record["parts"]
         faults: dict[int, str] = {}
+        shards: list[Shard] = []
         if m.format == "mds":
             origin = LocalOrigin(directory)
             shards = [Shard(origin, p["file"], p["num_tokens"], dtype, p["sha256"], p["raw_sha256"],
@@ -566,14 +592,60 @@ class AdoptedSource(ShardedSource):
             blocks = _InPlaceBlocks(directory, parts, dtype, record["block_tokens"], mode, m.vocab_size)
             sizes, load, faults = blocks.sizes, blocks.load, blocks.faults
         watched = {directory / p["file"]: FileStamp.of(directory / p["file"]) for p in parts}
+        return cls._assemble(m, record, directory, state, directory / MANIFEST, cache, shards, sizes, load,
+                             faults, watched, mode)
+
+    @classmethod
+    def open_remote(cls, origin: Origin, state: Path, cache: ShardCache, *,
+                    verify: bool | str | VerifyMode = DEFAULT_VERIFY) -> AdoptedSource:
+        """Open datatrove output under an object-store prefix. Its record and a copy of its manifest are kept
+        in ``state``; each block of tokens is one ranged GET into the bounded shard cache, on first use,
+        hashed on arrival and checked against the vocabulary."""
+        state = Path(state)
+        mode = as_verify_mode(verify)
+        data = origin.read(MANIFEST)
+        m = Manifest.parse(data, origin.describe(MANIFEST), origin.describe(""))
+        record = adopt(origin, state)
+        if record["manifest_sha256"] != hashlib.sha256(data).hexdigest():
+            raise SourceUnavailable(f"{origin.describe(MANIFEST)}: changed while being adopted; open again")
+        _write_atomic(state / MANIFEST, data)  # watched like a local manifest
+        dtype = np.dtype(m.dtype).newbyteorder("<")
+        ranges, block = datatrove_ds.BlockOrigin(origin), record["block_tokens"]
+        shards = []
+        for p in record["parts"]:
+            for k, sha in enumerate(p["blocks"]):
+                n, start = min(block, p["num_tokens"] - k * block), p["offset"] + k * block * dtype.itemsize
+                key = ranges.add(p["file"], start, start + n * dtype.itemsize)
+                shards.append(Shard(ranges, key, n, dtype, sha, sha, bytes, m.vocab_size))
+        return cls._assemble(m, record, state, state, state / MANIFEST, cache, shards,
+                             [s.num_tokens for s in shards], lambda k: cache.get(shards[k]), {}, {}, mode)
+
+    @classmethod
+    def _assemble(cls, m: Manifest, record: dict, path: Path, state: Path, manifest: Path, cache: ShardCache,
+                  shards: list[Shard], sizes: list[int], load: Callable[[int], Any], faults: dict[int, str],
+                  watched: dict[Path, FileStamp | None], mode: VerifyMode) -> AdoptedSource:
+        """The source over an adoption record: its metadata and Merkle root, the verified index, the
+        token loader."""
+        meta = SourceMeta(m.name, record["fingerprint"], m.tokenizer_fingerprint, m.vocab_size, m.eos_id,
+                          m.dtype, record["num_docs"], record["num_tokens"], path)
+        try:
+            meta = dataclasses.replace(meta, root=_root(meta, record))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptData(f"{state / RECORD}: invalid adoption record ({exc})") from exc
+        offsets = _open_index(state / OFFSETS, meta, record, mode)
         shard_offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        source = cls(meta, shard_offsets, load, offsets,
-                     (directory / MANIFEST, state / RECORD, state / OFFSETS), watched, faults)
+        source = cls(meta, shard_offsets, load, offsets, (manifest, state / RECORD, state / OFFSETS), watched,
+                     faults)
         source.record, source._manifest_sha = record, record["manifest_sha256"]
+        source._cache, source._shards = cache, shards
         if mode == VerifyMode.FULL:
             for k in range(len(sizes)):
                 source.tokens.shard(k)
         return source
+
+    def prefetch(self, shard_ids: Iterable[int]) -> list[Future]:
+        """Load these cached shards in the background; blocks read in place have nothing to fetch."""
+        return self._cache.prefetch(self._shards[int(k)] for k in shard_ids) if self._shards else []
 
     def _still_valid(self, path: Path) -> bool:
         """A manifest or record put back with the same content is accepted again (the index: its blocks)."""

@@ -1,0 +1,240 @@
+"""Adopting datatrove's tokenized output in place (``.ds`` tokens + ``.ds.index`` document ends), locally and
+under an S3 prefix: written by the real ``datatrove`` package (DocumentTokenizer, DocumentTokenizerMerger)
+over real text with the GPT-2 tokenizer, served with the fingerprint and the bytes of a prepared source of
+the same documents, verified like every adopted format, and bad files refused by name."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import test_sources_adopted
+import test_sources_s3
+from service_helpers import RAW, Server
+from test_sources_adopted import assert_same, manifest
+from test_sources_s3 import BUCKET, upload
+
+from mixer_service import wire
+from mixer_service.errors import CorruptData, InvalidInput
+from mixer_service.prepare.readers import iter_documents
+from mixer_service.prepare.writer import prepare_source
+from mixer_service.sources import PreparedSource, ShardCache, datatrove_ds
+from mixer_service.sources import adopted as adopted_mod
+from mixer_service.sources.adopted import AdoptedSource
+from mixer_service.sources.origins import S3Origin, s3_client
+
+pytest.importorskip("datatrove")
+from datatrove.data import Document  # noqa: E402
+from datatrove.executor import LocalPipelineExecutor  # noqa: E402
+from datatrove.pipeline.tokens import DocumentTokenizer, DocumentTokenizerMerger  # noqa: E402
+from datatrove.pipeline.tokens.tokenizer import TokenizedFile  # noqa: E402
+
+corpus = test_sources_adopted.corpus  # fixtures shared with the other adopted formats and the S3 tests
+s3 = test_sources_s3.s3
+UNSHUFFLED = ["00000_unshuffled.ds", "00001_unshuffled.ds"]  # DocumentTokenizer's names for tasks 0 and 1
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    """The 40 documents ``corpus`` prepared, in the same order."""
+    return list(itertools.islice(iter_documents([RAW / "sotu"], fmt="text", glob="*.txt"), 40))
+
+
+def tokenize(texts: list[str], out: Path, tok, *, eos: bool = True, shuffle: bool = False) -> Path:
+    """Run datatrove's DocumentTokenizer over ``texts`` in two tasks (each tokenizes one half), with the
+    GPT-2 tokenizer saved as a local tokenizer.json (no hub); returns the output folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    tok.backend.save(str(out / "tokenizer.json"))
+
+    def read(data, rank: int = 0, world_size: int = 1):
+        half = len(texts) // world_size
+        for i in range(rank * half, (rank + 1) * half):
+            yield Document(text=texts[i], id=str(i))
+
+    step = DocumentTokenizer(str(out / "ds"), tokenizer_name_or_path=str(out / "tokenizer.json"),
+                             eos_token="<|endoftext|>" if eos else None, shuffle_documents=shuffle, seed=7)
+    LocalPipelineExecutor([read, step], tasks=2, workers=1, logging_dir=str(out / "logs")).run()
+    return out / "ds"
+
+
+@pytest.fixture(scope="module")
+def datatrove_dir(texts, corpus, tmp_path_factory) -> Path:
+    """Unshuffled datatrove output of the corpus: task 0 holds documents 0-19, task 1 documents 20-39."""
+    out = tokenize(texts, tmp_path_factory.mktemp("dt"), corpus[2])
+    assert sorted(p.name for p in out.glob("*.ds")) == UNSHUFFLED
+    return out
+
+
+def copy_adoptable(src: Path, dst: Path, tok, files: list[str] = UNSHUFFLED, **extra) -> Path:
+    shutil.copytree(src, dst)
+    manifest(dst, "datatrove", files, tok, **extra)
+    return dst
+
+
+def test_tokenizer_output_has_the_prepared_fingerprint(corpus, datatrove_dir, tmp_path, monkeypatch) -> None:
+    """Same documents and EOS after each: same fingerprint, offsets and tokens as ``mixer prepare``; served
+    in place (nothing copied into the cache); a later open reuses the record without hashing a token."""
+    _, prepared, tok = corpus
+    directory = copy_adoptable(datatrove_dir, tmp_path / "d", tok)
+    cache = ShardCache(tmp_path / "cache")
+    adopted = AdoptedSource.open(directory, cache)
+    assert_same(adopted, prepared)
+    assert list((tmp_path / "cache").glob("*.bin")) == []
+    monkeypatch.setattr(datatrove_ds, "adopt_file", lambda *a: pytest.fail("re-hashed at open"))
+    assert_same(AdoptedSource.open(directory, cache), prepared)
+
+
+def test_shuffled_and_merged_output_is_the_prepared_source_of_its_order(corpus, texts, tmp_path) -> None:
+    """datatrove shuffles whole documents (in each task, then again in the merger, which also splits files):
+    the adopted source is the prepared source of the same documents in the merged files' order."""
+    docs, _, tok = corpus
+    shuffled = tokenize(texts, tmp_path / "s", tok, shuffle=True)
+    merger = DocumentTokenizerMerger(str(shuffled), str(tmp_path / "merged"), "sotu",
+                                     max_tokens_per_file=60_000, seed=11, progress=False)
+    LocalPipelineExecutor([merger], tasks=1, workers=1, logging_dir=str(tmp_path / "logs-merge")).run()
+    files = sorted(p.name for p in (tmp_path / "merged").glob("*.ds"))
+    assert len(files) > 1
+    manifest(tmp_path / "merged", "datatrove", files, tok)
+    adopted = AdoptedSource.open(tmp_path / "merged", ShardCache(tmp_path / "cache"))
+    where = {d.tobytes(): i for i, d in enumerate(docs)}
+    order = [where[adopted.document(i).tobytes()] for i in range(len(adopted))]
+    assert sorted(order) == list(range(len(docs))) and order != sorted(order)
+    prepare_source([texts[i] for i in order], tmp_path / "p", tok, name="sotu", progress=False)
+    assert_same(adopted, PreparedSource.open(tmp_path / "p"))
+
+
+def test_uint32_tokens(corpus, tmp_path) -> None:
+    """datatrove writes 4-byte tokens for vocabularies over 65,536 ids (token_size 4): adopted as uint32."""
+    docs, prepared, tok = corpus
+    (tmp_path / "w").mkdir()
+    writer = TokenizedFile(str(tmp_path / "w"), "wide.ds", token_size=4)
+    for d in docs:
+        writer.write(np.append(d, tok.eos_id).tolist(), None)
+    writer.close()
+    manifest(tmp_path / "w", "datatrove", ["wide.ds"], tok, dtype="uint32")
+    adopted = AdoptedSource.open(tmp_path / "w", ShardCache(tmp_path / "cache"))
+    assert adopted.meta.dtype == "uint32"
+    np.testing.assert_array_equal(adopted.doc_offsets, prepared.doc_offsets)
+    np.testing.assert_array_equal(np.asarray(adopted.tokens), np.asarray(prepared.tokens))
+
+
+def test_blocks_are_verified_and_token_ids_checked(corpus, datatrove_dir, tmp_path, monkeypatch) -> None:
+    """A byte changed inside the probed ends keeps the record but fails its block's hash on use; a token
+    outside the vocabulary (adopted as such) is refused when its block is first read."""
+    _, _, tok = corpus
+    monkeypatch.setattr(adopted_mod, "BLOCK_TOKENS", 1 << 14)
+    directory = copy_adoptable(datatrove_dir, tmp_path / "d", tok)
+    cache = ShardCache(tmp_path / "cache")
+    AdoptedSource.open(directory, cache)
+    path = directory / UNSHUFFLED[1]
+    tokens = np.fromfile(path, dtype="<u2")
+    tokens[tokens.size // 2] ^= 1  # between the 64 KiB probes
+    tokens.tofile(path)
+    fresh = AdoptedSource.open(directory, cache)
+    fresh.document(0)  # the other file's blocks still serve
+    with pytest.raises(CorruptData, match=rf"{UNSHUFFLED[1]}: tokens \d+ block checksum mismatch"):
+        np.asarray(fresh.tokens)
+    tokens[tokens.size // 2] = tok.vocab_size + 7
+    tokens.tofile(path)
+    shutil.rmtree(tmp_path / "adopted")  # adopt these bytes: the id itself must be refused
+    again = AdoptedSource.open(directory, cache)
+    with pytest.raises(CorruptData, match=rf"{UNSHUFFLED[1]}: token id {tok.vocab_size + 7} .* vocabulary"):
+        np.asarray(again.tokens)
+
+
+def _swap_ends(d: Path) -> None:
+    ends = np.fromfile(d / f"{UNSHUFFLED[0]}.index", "<u8")
+    ends[[2, 3]] = ends[[3, 2]]
+    ends.tofile(d / f"{UNSHUFFLED[0]}.index")
+
+
+def _end_past_file(d: Path) -> None:
+    ends = np.fromfile(d / f"{UNSHUFFLED[0]}.index", "<u8")
+    np.append(ends, ends[-1] + 100).astype("<u8").tofile(d / f"{UNSHUFFLED[0]}.index")
+
+
+def _truncate(d: Path) -> None:
+    data = (d / UNSHUFFLED[0]).read_bytes()
+    (d / UNSHUFFLED[0]).write_bytes(data[: len(data) - 10])
+
+
+@pytest.mark.parametrize(("damage", "error", "match"), [
+    (_swap_ends, CorruptData, rf"{UNSHUFFLED[0]}\.index: document ends are not increasing \(document 3"),
+    (_end_past_file, CorruptData, rf"{UNSHUFFLED[0]}\.index: the last document ends at token \d+, past the "
+                                  rf"end of .*{UNSHUFFLED[0]} "),
+    (_truncate, CorruptData, rf"{UNSHUFFLED[0]}\.index: .* past the end of .*{UNSHUFFLED[0]} .*truncated"),
+    (lambda d: (d / f"{UNSHUFFLED[1]}.index").unlink(), CorruptData, rf"{UNSHUFFLED[1]}\.index: cannot read"),
+])
+def test_bad_files_are_named(damage, error, match, corpus, datatrove_dir, tmp_path) -> None:
+    directory = copy_adoptable(datatrove_dir, tmp_path / "d", corpus[2])
+    damage(directory)
+    with pytest.raises(error, match=match):
+        AdoptedSource.open(directory, ShardCache(tmp_path / "cache"))
+
+
+def test_wrong_token_size_and_missing_eos_are_named(corpus, texts, datatrove_dir, tmp_path) -> None:
+    _, _, tok = corpus
+    directory = copy_adoptable(datatrove_dir, tmp_path / "d", tok, dtype="uint32")
+    with pytest.raises(InvalidInput, match=rf"{UNSHUFFLED[0]}: .* its tokens are 2 bytes \(datatrove "
+                                           r"token_size 2\); the manifest says uint32"):
+        AdoptedSource.open(directory, ShardCache(tmp_path / "cache"))
+    no_eos = tokenize(texts, tmp_path / "n", tok, eos=False)
+    manifest(no_eos, "datatrove", UNSHUFFLED, tok)
+    with pytest.raises(InvalidInput, match=rf"{UNSHUFFLED[0]}: documents do not all end with eos_id .*"
+                                           "eos_token"):
+        AdoptedSource.open(no_eos, ShardCache(tmp_path / "cache"))
+
+
+def test_s3_prefix_through_the_bounded_cache(s3, corpus, datatrove_dir, tmp_path, monkeypatch) -> None:
+    """The same output under s3://: the same fingerprint and tokens, each block one ranged GET into a cache
+    bounded below the corpus (evicting), the record reused at the next open, a changed object refused."""
+    _, prepared, tok = corpus
+    block = 1 << 14
+    monkeypatch.setattr(adopted_mod, "BLOCK_TOKENS", block)
+    upload(s3, copy_adoptable(datatrove_dir, tmp_path / "d", tok), "dt/sotu")
+    origin = S3Origin(s3_client(s3), BUCKET, "dt/sotu")
+    limit = 3 * block * 2
+    cache = ShardCache(tmp_path / "cache" / "shards", limit_bytes=limit)
+    adopted = AdoptedSource.open_remote(origin, tmp_path / "cache" / "adopted" / "sotu", cache)
+    assert_same(adopted, prepared)
+    assert cache.stats.fetches >= len(adopted.shard_offsets) - 1 and cache.stats.evictions > 0
+    assert cache.used_bytes <= limit
+    monkeypatch.setattr(datatrove_ds, "adopt_file", lambda *a: pytest.fail("re-hashed at open"))
+    again = AdoptedSource.open_remote(origin, tmp_path / "cache" / "adopted" / "sotu", cache)
+    assert again.meta.fingerprint == prepared.meta.fingerprint
+    tokens = np.fromfile(tmp_path / "d" / UNSHUFFLED[1], dtype="<u2")
+    tokens[tokens.size // 2] ^= 1  # same size, same probed ends: only the block's hash can tell
+    s3_client(s3).put_object(Bucket=BUCKET, Key=f"dt/sotu/{UNSHUFFLED[1]}", Body=tokens.tobytes())
+    fresh = AdoptedSource.open_remote(origin, tmp_path / "cache" / "adopted" / "sotu",
+                                      ShardCache(tmp_path / "cache2", limit_bytes=limit))
+    with pytest.raises(CorruptData, match=rf"s3://{BUCKET}/dt/sotu/{UNSHUFFLED[1]} \(bytes \d+-\d+\): shard "
+                                          "checksum mismatch"):
+        np.asarray(fresh.tokens)
+
+
+def test_served_batches_equal_the_prepared_source(corpus, datatrove_dir, tmp_path) -> None:
+    """Two real servers, one with the prepared source and one with the datatrove files adopted under the
+    same name: every batch is byte-identical."""
+    _, prepared, tok = corpus
+    copy_adoptable(datatrove_dir, tmp_path / "adopted" / "sotu", tok)
+    shutil.copytree(prepared.meta.path, tmp_path / "prepared" / "sotu",
+                    ignore=shutil.ignore_patterns(".cache"))
+    job = {"job_id": "j", "author": "t", "reason": "t",
+           "config": {"sources": [{"name": "sotu", "role": "repeat"}], "seq_len": 128, "global_batch": 4,
+                      "seed": 3, "total_steps": 100},
+           "schedule": {"phases": [{"start_step": 0, "weights": {"sotu": 1}}]}}
+    bodies = []
+    for name in ("prepared", "adopted"):
+        with Server(tmp_path / name, tmp_path / f"state-{name}") as srv:
+            assert httpx.post(f"{srv.url}/v1/jobs", json=job).status_code == 201
+            steps = []
+            for step in range(5):
+                r = httpx.get(f"{srv.url}/v1/jobs/j/batches/{step}")
+                assert r.status_code == 200, r.text
+                steps.append(wire.decode(r.content).tokens.tobytes())
+            bodies.append(steps)
+    assert bodies[0] == bodies[1]
