@@ -30,8 +30,8 @@ if ! python -c 'import torch, torchvision' 2>/dev/null; then
   say "pip: installing torch==2.14.1 torchvision==0.29.1"
   python -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-say "pip: installing the project with extras server, client, trainer, streaming, planner, ray, dev"
-python -m pip install -q -e '.[server,client,trainer,streaming,planner,ray,dev]'
+say "pip: installing the project with extras server, client, trainer, streaming, planner, ray, datatrove, dev"
+python -m pip install -q -e '.[server,client,trainer,streaming,planner,ray,datatrove,dev]'
 say "data: corpora (ABC tunes, State of the Union) and GPT-2 BPE files into data/"
 scripts/fetch_corpora.sh
 say "data: Fashion-MNIST images for the storage-law planner tests"
