@@ -200,9 +200,13 @@ def test_s3_prefix_through_the_bounded_cache(s3, corpus, datatrove_dir, tmp_path
     limit = 3 * block * 2
     cache = ShardCache(tmp_path / "cache" / "shards", limit_bytes=limit)
     adopted = AdoptedSource.open_remote(origin, tmp_path / "cache" / "adopted" / "sotu", cache)
+    for future in adopted.prefetch([0, 1]):  # what the serving path asks for the next steps' blocks
+        future.result()
+    assert cache.stats.fetches == 2
     assert_same(adopted, prepared)
     assert cache.stats.fetches >= len(adopted.shard_offsets) - 1 and cache.stats.evictions > 0
     assert cache.used_bytes <= limit
+    real_adopt_file = datatrove_ds.adopt_file
     monkeypatch.setattr(datatrove_ds, "adopt_file", lambda *a: pytest.fail("re-hashed at open"))
     again = AdoptedSource.open_remote(origin, tmp_path / "cache" / "adopted" / "sotu", cache)
     assert again.meta.fingerprint == prepared.meta.fingerprint
@@ -214,6 +218,12 @@ def test_s3_prefix_through_the_bounded_cache(s3, corpus, datatrove_dir, tmp_path
     with pytest.raises(CorruptData, match=rf"s3://{BUCKET}/dt/sotu/{UNSHUFFLED[1]} \(bytes \d+-\d+\): shard "
                                           "checksum mismatch"):
         np.asarray(fresh.tokens)
+    monkeypatch.setattr(datatrove_ds, "adopt_file", real_adopt_file)  # a new size: adopted again, and refused
+    truncated = (tmp_path / "d" / UNSHUFFLED[0]).read_bytes()[:-10]
+    s3_client(s3).put_object(Bucket=BUCKET, Key=f"dt/sotu/{UNSHUFFLED[0]}", Body=truncated)
+    url = f"s3://{BUCKET}/dt/sotu/{UNSHUFFLED[0]}"
+    with pytest.raises(CorruptData, match=rf"{url}\.index: .* past the end of {url} .*truncated"):
+        AdoptedSource.open_remote(origin, tmp_path / "cache" / "adopted" / "sotu", cache)
 
 
 def test_served_batches_equal_the_prepared_source(corpus, datatrove_dir, tmp_path) -> None:
