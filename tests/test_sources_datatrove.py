@@ -248,3 +248,17 @@ def test_served_batches_equal_the_prepared_source(corpus, datatrove_dir, tmp_pat
                 steps.append(wire.decode(r.content).tokens.tobytes())
             bodies.append(steps)
     assert bodies[0] == bodies[1]
+
+
+def test_the_server_finds_adopted_prefixes_under_a_sources_url(s3, corpus, datatrove_dir, tmp_path) -> None:
+    """``--sources-url s3://bucket/prefix`` opens adopted prefixes (a manifest, no meta.json) beside prepared
+    ones; before, it listed only prepared ones and started with 0 sources."""
+    from mixer_service.service.sources import SourceRegistry
+
+    _, prepared, tok = corpus
+    upload(s3, copy_adoptable(datatrove_dir, tmp_path / "d", tok), "fleet/sotu")
+    (tmp_path / "local").mkdir()
+    registry = SourceRegistry.load(tmp_path / "local", tmp_path / "cache", s3_endpoint=s3,
+                                   remote_urls=[f"s3://{BUCKET}/fleet"])
+    assert registry.problems() == [] and sorted(registry.sources) == ["sotu"]
+    assert registry.get("sotu").meta.fingerprint == prepared.meta.fingerprint

@@ -182,9 +182,8 @@ def test_a_location_with_no_source_is_not_ready_and_says_why(s3, tmp_path) -> No
     (tmp_path / "empty").mkdir()
     remote = SourceRegistry.load(tmp_path / "empty", tmp_path / "cache", s3_endpoint=s3,
                                  remote_urls=[f"s3://{BUCKET}/no-such-prefix"])
-    assert remote.problems() == [f"s3://{BUCKET}/no-such-prefix holds no prepared source (no meta.json "
-                                 "under it or one level down; adopted formats are served from local "
-                                 "directories)"]
+    assert remote.problems() == [f"s3://{BUCKET}/no-such-prefix holds no source (no meta.json or "
+                                 "mixer-source.json under it or one level down)"]
     local = SourceRegistry.load(tmp_path / "empty")
     [problem] = local.problems()
     assert "holds no source" in problem and str(tmp_path / "empty") in problem

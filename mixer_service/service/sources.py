@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mixer_service.errors import InvalidInput, MixerError, NotFound, SourceUnavailable
 from mixer_service.prepare.meta import META_FILE
-from mixer_service.sources.adopted import AdoptedSource, is_adopted
+from mixer_service.sources.adopted import MANIFEST, AdoptedSource, is_adopted
 from mixer_service.sources.cache import ShardCache
 from mixer_service.sources.prepared import CACHE_SUBDIR, PreparedSource, ShardedSource
 from mixer_service.sources.verify import DEFAULT_VERIFY, VerifyMode
@@ -60,8 +60,8 @@ class SourceRegistry:
         for url in remote_urls:
             openers = list(_remote_openers(url, index_root, cache, mode, s3_endpoint))
             if not openers:
-                registry.empty.append(f"{url} holds no prepared source (no meta.json under it or one level "
-                                      "down; adopted formats are served from local directories)")
+                registry.empty.append(f"{url} holds no source (no meta.json or {MANIFEST} under it or one "
+                                      "level down)")
             for name, opener, where in openers:
                 registry._open(name, where, opener)
         if root is not None and not local and not remote_urls:
@@ -173,15 +173,23 @@ def _remote_openers(url: str, index_root: Path, cache: ShardCache, mode: VerifyM
     except Exception as exc:  # botocore raises many unrelated types; any of them means "not reachable"
         yield url, _raiser(SourceUnavailable(f"{url}: cannot list the object store ({exc})")), url
         return
+    def has(prefix: str, name: str) -> bool:
+        return bool(client.list_objects_v2(Bucket=bucket, Prefix=prefix + name, MaxKeys=1).get("KeyCount"))
+
     keys = {o["Key"].rsplit("/", 1)[-1] for o in listing.get("Contents", [])}
-    subs = [origin] if META_FILE in keys else [
-        S3Origin(client, bucket, p["Prefix"]) for p in listing.get("CommonPrefixes", [])
-        if client.list_objects_v2(Bucket=bucket, Prefix=p["Prefix"] + META_FILE, MaxKeys=1).get("KeyCount")]
-    for sub in subs:
-        name = sub.prefix.rsplit("/", 1)[-1]
+    here = [k for k in (META_FILE, MANIFEST) if k in keys]
+    subs = [(origin, here[0])] if here else [
+        (S3Origin(client, bucket, p["Prefix"]), kind) for p in listing.get("CommonPrefixes", [])
+        for kind in [next((k for k in (META_FILE, MANIFEST) if has(p["Prefix"], k)), None)] if kind]
+    for sub, kind in subs:
+        name = sub.prefix.rstrip("/").rsplit("/", 1)[-1]
         index_dir = index_root / bucket / sub.prefix
-        yield name, (lambda sub=sub, d=index_dir: (
-            "tokens", PreparedSource.open_remote(sub, d, cache, mode))), sub.describe("")
+        if kind == MANIFEST:  # adopted in place (datatrove output): its record lives under the cache dir
+            yield name, (lambda sub=sub, d=index_dir: (
+                "tokens", AdoptedSource.open_remote(sub, d, cache, verify=mode))), sub.describe("")
+        else:
+            yield name, (lambda sub=sub, d=index_dir: (
+                "tokens", PreparedSource.open_remote(sub, d, cache, mode))), sub.describe("")
 
 
 def _raiser(exc: MixerError):
