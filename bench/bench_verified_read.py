@@ -13,7 +13,9 @@ read rows need ``sources.checked``. Page cache is warm (the numbers are CPU cost
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
+import os
 import statistics
 import tempfile
 import time
@@ -57,11 +59,42 @@ def read_rows(tokens, starts: np.ndarray, out: np.ndarray) -> None:
         out[row] = tokens[start : start + SEQ]
 
 
+def gather_rows(tokens, starts: np.ndarray, out: np.ndarray) -> None:
+    tokens.gather_rows(starts, SEQ, out, np.arange(len(starts)))
+
+
+class PlainSource:
+    """The same source as in-memory arrays: the read path with no pread and no check (the floor)."""
+
+    def __init__(self, src: PreparedSource) -> None:
+        self.tokens = np.asarray(src.tokens.read(0, src.tokens.size))
+        self.doc_offsets = np.asarray(src.doc_offsets)
+        self.shard_offsets = np.asarray(src.shard_offsets)
+
+
+def engine_rounds(engines: dict[str, MixingEngine], repeat: int, rounds: int) -> dict[str, list[float]]:
+    """Median seconds per batch (+ boundaries) of each engine, ``rounds`` rounds taken in turn so the
+    machine's drift hits every engine alike; each round asks every engine for the same steps."""
+    def one(engine: MixingEngine, steps) -> None:
+        step = next(steps)
+        engine.batch(step)
+        engine.row_boundaries(step)
+
+    out: dict[str, list[float]] = {name: [] for name in engines}
+    for r in range(rounds):
+        for name, engine in engines.items():
+            steps = iter(range(r * (repeat + 1), (r + 1) * (repeat + 1)))
+            out[name].append(timed(functools.partial(one, engine, steps), repeat))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=float, default=4e6)
     ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    print(f"loadavg(1m)={os.getloadavg()[0]:.2f}  {ROWS} x {SEQ} uint16 rows, {args.tokens:.0e} tokens")
     with tempfile.TemporaryDirectory() as tmp:
         src = make_source(Path(tmp) / "web", int(args.tokens))
         rows: dict[str, float] = {}
@@ -77,22 +110,36 @@ def main() -> None:
             out = np.empty((ROWS, SEQ), dtype=view.dtype)
             rows["rows: memory map, unchecked (before)"] = timed(lambda: read_rows(plain, starts, out),
                                                                  args.repeat)
-            rows["rows: pread, length checks only"] = timed(lambda: read_rows(unchecked, starts, out),
-                                                            args.repeat)
-            rows["rows: pread + xxh3 per 4 KiB (now)"] = timed(lambda: read_rows(view, starts, out),
-                                                              args.repeat)
-        config = JobConfig.parse({"sources": [{"name": "web", "role": "repeat"}], "seq_len": SEQ,
-                                  "global_batch": ROWS, "seed": 3, "total_steps": 10_000})
-        schedule = Schedule.parse({"phases": [{"start_step": 0, "weights": {"web": 1}}]}, ["web"])
-        engine = MixingEngine.create(config, {"web": src}, [(0, schedule)])
-        steps = iter(range(10_000))
-        rows["engine batch + boundaries, 64 x 2048"] = timed(
-            lambda: (engine.batch(s := next(steps)), engine.row_boundaries(s)), args.repeat)
+            rows["rows: pread per row, length checks only"] = timed(lambda: read_rows(unchecked, starts, out),
+                                                                    args.repeat)
+            rows["rows: pread + xxh3 per row"] = timed(lambda: read_rows(view, starts, out), args.repeat)
+            if hasattr(view, "gather_rows"):
+                rows["rows: coalesced preads, length checks only"] = timed(
+                    lambda: gather_rows(unchecked, starts, out), args.repeat)
+                rows["rows: coalesced preads + xxh3 per block (now)"] = timed(
+                    lambda: gather_rows(view, starts, out), args.repeat)
         for name, seconds in rows.items():
-            print(f"{name:42s} {seconds * 1e6:9.1f} us per batch")
-        if "rows: pread + xxh3 per 4 KiB (now)" in rows:
-            extra = rows["rows: pread + xxh3 per 4 KiB (now)"] - rows["rows: memory map, unchecked (before)"]
-            print(f"{'checked reads cost over unchecked':42s} {extra * 1e6:9.1f} us per batch")
+            print(f"{name:48s} {seconds * 1e6:9.1f} us per batch")
+        config = JobConfig.parse({"sources": [{"name": "web", "role": "repeat"}], "seq_len": SEQ,
+                                  "global_batch": ROWS, "seed": 3, "total_steps": 100_000})
+        schedule = Schedule.parse({"phases": [{"start_step": 0, "weights": {"web": 1}}]}, ["web"])
+        trusting = PreparedSource.open(Path(tmp) / "web", verify="off")
+        variants = {"checked (pread + xxh3, default)": src,
+                    "pread, no checksums (--verify off)": trusting,
+                    "in-memory arrays, no pread, no check": PlainSource(src)}
+        engines = {name: MixingEngine.create(config, {"web": source}, [(0, schedule)])
+                   for name, source in variants.items()}
+        times = engine_rounds(engines, args.repeat, args.rounds)
+        print(f"\nengine batch + row_boundaries, {ROWS} x {SEQ}, median of {args.repeat} per round, "
+              f"{args.rounds} rounds in turn:")
+        for name, per_round in times.items():
+            print(f"  {name:40s} " + " ".join(f"{t * 1e6:7.1f}" for t in per_round) + " us")
+        checked, off, memory = (np.array(times[n]) for n in variants)
+        share = np.median((checked - off) / checked)
+        whole = np.median((checked - memory) / checked)
+        print(f"verification (xxh3) share of a checked batch, median of rounds: {share:.1%} (target <= 10%)")
+        print(f"whole integrity read path (pread + xxh3 vs in-memory) share: {whole:.1%}")
+        print(f"loadavg(1m) at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -198,6 +198,9 @@ class MixingEngine:
             offsets, total = lay.source.doc_offsets, lay.num_tokens
             starts = lay.sequence_starts(seq[sel])
             wraps = starts + length > total
+            if hasattr(offsets, "window"):  # a checked index: read the runs these rows need at once
+                offsets = offsets.window(np.concatenate([starts, np.minimum(starts + length, total),
+                                                         starts[wraps] + length - total]))
             first = offsets.searchsorted(starts, side="right")
             last = np.where(wraps, len(offsets), offsets.searchsorted(np.minimum(starts + length, total),
                                                                       side="left"))

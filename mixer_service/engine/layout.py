@@ -113,6 +113,9 @@ class SourceLayout:
         for k in np.unique(shard[inside]).tolist():
             array, base = (tokens.shard(k), int(bounds[k])) if sharded else (tokens, 0)
             sel = np.flatnonzero(inside & (shard == k))
+            if hasattr(array, "gather_rows"):  # checked reads: one read of the shard's blocks, not one a row
+                array.gather_rows(starts[sel] - base, length, out, rows[sel])
+                continue
             for row, start in zip(rows[sel].tolist(), (starts[sel] - base).tolist(), strict=True):
                 out[row] = array[start:start + length]
         crossing = np.flatnonzero(~inside)  # runs into the next shard or wraps past the end of the stream

@@ -126,6 +126,39 @@ class CheckedRegion:
                 self._mismatch(first + j)
         return view[start - base : stop - base]
 
+    def read_blocks(self, blocks: list[int]) -> tuple[np.ndarray, list[int]]:
+        """Blocks ``blocks`` (ascending, unique) of the region, each checked once, with one ``pread`` per run
+        of adjacent blocks instead of one per caller: the bytes of the blocks back to back (uint8) and
+        where each run starts in them. Plain Python on purpose: a batch reads tens of blocks, where numpy's
+        per-call overhead would cost more than the reads."""
+        runs: list[list[int]] = []  # [first block, last block]
+        for blk in blocks:
+            if runs and blk == runs[-1][1] + 1:
+                runs[-1][1] = blk
+            else:
+                runs.append([blk, blk])
+        sizes = [min((last + 1) * CHECK_BLOCK, self.length) - first * CHECK_BLOCK for first, last in runs]
+        buf = np.empty(sum(sizes), dtype=np.uint8)
+        view = memoryview(buf)
+        at, p, fd, offset, sums = [], 0, self._fd, self.offset, self.sums
+        for (first, last), size in zip(runs, sizes, strict=True):
+            start = offset + first * CHECK_BLOCK
+            try:
+                got = os.preadv(fd, [view[p:p + size]], start)
+            except OSError as exc:
+                raise CorruptData(
+                    f"{self.label}: cannot read at byte {start} ({exc.strerror or exc})") from exc
+            if got != size:
+                pread_exact(self.handle, start, size, self.label)  # raises, naming the offset
+            if sums is not None:
+                for blk in range(first, last + 1):
+                    q = p + (blk - first) * CHECK_BLOCK
+                    if _sum(view[q:q + CHECK_BLOCK]) != sums[blk]:
+                        self._mismatch(blk)
+            at.append(p)
+            p += size
+        return buf, at
+
     def _mismatch(self, b: int) -> None:
         at = self.offset + b * CHECK_BLOCK
         raise CorruptData(f"{self.label}: checksum mismatch in bytes {at}..{at + CHECK_BLOCK} "
@@ -166,6 +199,45 @@ class CheckedTokens:
                 raise CorruptData(f"{exc}; {again}") from exc
             data = self.region.read(start * item, stop * item)
         return np.frombuffer(data, dtype=self.dtype)
+
+    def gather_rows(self, starts: np.ndarray, length: int, out: np.ndarray, rows: np.ndarray) -> None:
+        """``out[rows[i]] = tokens[starts[i]:starts[i] + length]``: the blocks all the rows touch are read
+        together (``CheckedRegion.read_blocks``) and each is checked once, however many rows share it."""
+        item, nbytes = self._item, length * self._item
+        pairs = sorted(zip(np.asarray(starts).tolist(), np.asarray(rows).tolist(), strict=True))
+        if pairs and (pairs[0][0] < 0 or pairs[-1][0] + length > self.size):
+            raise IndexError(f"rows outside [0, {self.size}) tokens")
+        blocks: list[int] = []
+        for start, _ in pairs:
+            for blk in range(max(start * item // CHECK_BLOCK, blocks[-1] + 1 if blocks else 0),
+                             (start * item + nbytes - 1) // CHECK_BLOCK + 1):
+                blocks.append(blk)
+        try:
+            buf, at = self.region.read_blocks(blocks)
+        except CorruptData as exc:
+            if self._recover is None:
+                raise
+            try:
+                self.region = self._recover(self.region)
+            except CorruptData as again:
+                raise CorruptData(f"{exc}; {again}") from exc
+            buf, at = self.region.read_blocks(blocks)
+        # Where each row starts in ``buf``: the runs of adjacent blocks lie back to back in block order.
+        firsts = [blk for i, blk in enumerate(blocks) if i == 0 or blk != blocks[i - 1] + 1]
+        run_first, pos = list(zip(firsts, at, strict=True)), 0
+        same = out.dtype == self.dtype and out.flags.c_contiguous and out.shape[1] == length
+        flat, raw = (memoryview(out).cast("B"), memoryview(buf)) if same else (None, None)
+        tokens = buf[: len(buf) - len(buf) % item].view(self.dtype)
+        for start, row in pairs:
+            byte = start * item
+            while pos + 1 < len(run_first) and run_first[pos + 1][0] * CHECK_BLOCK <= byte:
+                pos += 1
+            first, p = run_first[pos]
+            a = p + byte - first * CHECK_BLOCK
+            if flat is not None:  # a byte copy: no numpy call per row
+                flat[row * nbytes:(row + 1) * nbytes] = raw[a:a + nbytes]
+            else:
+                out[row] = tokens[a // item:a // item + length]
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, slice):

@@ -132,16 +132,19 @@ class DocIndex:
             return blk.a + j * SUB + int(self._run(b, j).searchsorted(values, side=side))
         v = np.asarray(values, dtype=np.int64)
         flat = v.reshape(-1)
-        block = np.clip(np.searchsorted(self._firsts, flat, side=side) - 1, 0, len(self._firsts) - 1)
+        block, runs = self._route(flat, side)
         out = np.empty(flat.shape, dtype=np.intp)
         for b in np.unique(block).tolist():
-            blk = self._block(b)
             sel = np.flatnonzero(block == b)
-            runs = np.maximum(blk.samples.searchsorted(flat[sel], side=side) - 1, 0)
-            for j in np.unique(runs).tolist():
-                here = sel[runs == j]
-                out[here] = blk.a + j * SUB + self._run(b, j).searchsorted(flat[here], side=side)
+            for j in np.unique(runs[sel]).tolist():
+                here = sel[runs[sel] == j]
+                out[here] = self._block(b).a + j * SUB + self._run(b, j).searchsorted(flat[here], side=side)
         return out.reshape(v.shape) if v.ndim else out[0]
+
+    def window(self, values: Any) -> IndexWindow:
+        """The entries lookups of ``values`` (and slices between them) need, read at once: see
+        ``IndexWindow``."""
+        return IndexWindow(self, np.asarray(values, dtype=np.int64).reshape(-1))
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return np.asarray(self._entries(0, self._n), dtype=dtype)
@@ -225,6 +228,32 @@ class DocIndex:
             pieces.append(self._read(b, max(first, a) - a, min(stop, a + per) - a))
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
+    def _route(self, flat: np.ndarray, side: str) -> tuple[np.ndarray, np.ndarray]:
+        """The block and the run (4 KiB of entries) a binary search for each value ends in, from the
+        entries kept in memory (verifies the blocks it routes through)."""
+        if len(self._firsts) == 1:  # a small index (< 1 M documents): no block to choose
+            return np.zeros(flat.shape, dtype=np.int64), \
+                np.maximum(self._block(0).samples.searchsorted(flat, side=side) - 1, 0)
+        block = np.maximum(np.searchsorted(self._firsts, flat, side=side) - 1, 0)
+        runs = np.empty(flat.shape, dtype=np.int64)
+        for b in np.unique(block).tolist():
+            sel = block == b
+            runs[sel] = np.maximum(self._block(b).samples.searchsorted(flat[sel], side=side) - 1, 0)
+        return block, runs
+
+    def _read_runs(self, b: int, runs: list[int]) -> np.ndarray:
+        """Runs ``runs`` (sorted, unique) of block ``b`` back to back, one ``pread`` per adjacent group and
+        each checked once; a failed check is handled like ``_read``'s."""
+        try:
+            buf, _ = self._block(b).region.read_blocks(runs)
+        except CorruptData as exc:
+            self._checked.pop(b, None)
+            if not self.is_cache:
+                self.faults[b] = str(exc)
+                raise
+            buf, _ = self._block(b).region.read_blocks(runs)
+        return buf[: len(buf) - len(buf) % 8].view("<i8")
+
     def _run(self, b: int, j: int) -> np.ndarray:
         """The ``j``-th run of ``SUB`` entries of block ``b`` (one checksum block)."""
         return self._read(b, j * SUB, min((j + 1) * SUB, self.blocks.entries))
@@ -304,6 +333,74 @@ class DocIndex:
                 os.close(fd)
             self._stamp = FileStamp.of(self.path)  # our own write is not a foreign change
         return data
+
+
+class IndexWindow:
+    """The runs (4 KiB of entries, one checksum each) of a ``DocIndex`` that one batch's lookups need, read
+    together when the window is made: one ``pread`` per group of adjacent runs, each run checked once,
+    instead of one read and check per search step and per slice. Searches and slices answer exactly what
+    the index answers; one whose answer the window cannot prove (a run it lacks) goes to the index, checked
+    there. A window is made per batch and dropped with it, so every entry it serves was checked on this read.
+    """
+
+    def __init__(self, index: DocIndex, values: np.ndarray) -> None:
+        self._index = index
+        self._n = len(index)
+        self._per = index.blocks.entries
+        block, runs = index._route(values, "right")
+        # block -> (its runs read, ascending; their first entries; their entries back to back, as many as
+        # the block's region holds)
+        self._runs: dict[int, tuple[list[int], np.ndarray, np.ndarray]] = {}
+        for b in (np.unique(block).tolist() if block.size else []):
+            have = np.unique(runs[block == b]).tolist()
+            self._runs[b] = (have, np.array(have, dtype=np.int64) * SUB + b * self._per,
+                             index._read_runs(b, have))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def searchsorted(self, values: Any, side: Literal["left", "right"] = "left") -> np.ndarray:
+        """``np.searchsorted(index, values, side)`` for a 1-D ``values``."""
+        flat = np.asarray(values, dtype=np.int64)
+        firsts = self._index._firsts
+        out = np.empty(flat.shape, dtype=np.intp)
+        block = np.maximum(np.searchsorted(firsts, flat, side=side) - 1, 0) if len(firsts) > 1 else None
+        for b in np.unique(block).tolist() if block is not None else [0]:
+            sel = np.flatnonzero(block == b) if block is not None else slice(None)
+            have, run_start, entries = self._runs.get(b, ([], np.zeros(1, np.int64), np.zeros(0, np.int64)))
+            # The last entry at or below the value (under ``side``) is at ``slot``; the answer is the entry
+            # after it, proven only when the window holds that next entry too (or the block ends there:
+            # the next block's first entry is above the value, or the search would have gone there).
+            slot = np.searchsorted(entries, flat[sel], side=side) - 1
+            here = np.minimum(np.maximum(slot, 0), max(len(entries) - 2, 0))
+            at = run_start[here // SUB] + here % SUB
+            at_next = run_start[(here + 1) // SUB] + (here + 1) % SUB if len(entries) > 1 else at
+            ok = (slot >= 0) & (slot + 1 < len(entries)) & (at_next == at + 1)
+            if b == 0 and have and have[0] == 0:
+                ok |= slot == -1  # below entry 0: the answer is 0
+            answer = np.where(slot >= 0, at + 1, 0)
+            if ok.all():
+                out[sel] = answer
+                continue
+            idx = np.arange(flat.size)[sel]
+            out[idx[ok]] = answer[ok]
+            out[idx[~ok]] = self._index.searchsorted(flat[idx[~ok]], side=side)
+        return out
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        """Entries ``[start, stop)`` (``step`` 1, both given and in range)."""
+        a, c = key.start, key.stop
+        if c <= a:
+            return np.zeros(0, dtype=np.int64)
+        b = a // self._per
+        have, _, entries = self._runs.get(b, ([], None, None))
+        ja, jc = (a - b * self._per) // SUB, (c - 1 - b * self._per) // SUB
+        if (c - 1) // self._per == b and have:
+            ka, kc = bisect.bisect_left(have, ja), bisect.bisect_left(have, jc)
+            if kc < len(have) and have[ka] == ja and have[kc] == jc and kc - ka == jc - ja:
+                lo = ka * SUB + (a - b * self._per) % SUB
+                return entries[lo:lo + c - a]
+        return self._index[a:c]
 
 
 def index_data_offset(handle: io.FileIO, num_entries: int, label: str) -> int:
