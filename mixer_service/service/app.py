@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import anyio
 import anyio.to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mixer_service.errors import InvalidInput
 from mixer_service.service import problems
 from mixer_service.service.auth import Tokens
 from mixer_service.service.jobs import JobManager
 from mixer_service.service.metrics import Metrics, MetricsMiddleware
-from mixer_service.service.routes import batches, dashboard, health, images, jobs, plan, repetitions, schedule
+from mixer_service.service.routes import (
+    batches,
+    dashboard,
+    forecast,
+    health,
+    images,
+    jobs,
+    plan,
+    repetitions,
+    schedule,
+)
 from mixer_service.service.sources import SourceRegistry
 from mixer_service.store import StateStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,7 +43,8 @@ class ServiceLimits:
 
     max_body_bytes: int = 1 << 20
     max_request_tokens: int = 1 << 24  # rows x seq_len of one batch response (64 MiB of uint32)
-    threads: int = 32  # handlers that block (store I/O, batch assembly) run in this many threads
+    threads: int = 32  # handlers that block (store I/O) run in this many threads
+    batch_threads: int = 4  # batches made at once: more only convoy on the GIL (see routes/batches.py)
     max_in_flight: int = 256  # requests at once before a problem+json 503 (probes exempt)
     high_water_watch_s: float = 2.0  # re-check served jobs against the store this often (0: never)
 
@@ -119,6 +136,24 @@ class InFlightLimit:
             self.in_flight -= 1
 
 
+UNSAFE_ENV = "MIXER_UNSAFE_BENCHMARK_ONLY_DISABLE"
+UNSAFE_SWITCHES = ("head_read", "limits")
+
+
+def unsafe_switches() -> frozenset[str]:
+    """Guarantees a benchmark turned off to put a price on them (``bench/bench_guarantees.py``): a comma
+    list in ``MIXER_UNSAFE_BENCHMARK_ONLY_DISABLE``. No flag exposes this; a server with any off says so
+    in its log at start."""
+    names = frozenset(filter(None, os.environ.get(UNSAFE_ENV, "").split(",")))
+    if names - set(UNSAFE_SWITCHES):
+        raise InvalidInput(f"{UNSAFE_ENV}: unknown {sorted(names - set(UNSAFE_SWITCHES))}; "
+                           f"known: {UNSAFE_SWITCHES}")
+    if names:
+        log.warning("GUARANTEES TURNED OFF FOR A BENCHMARK: never serve a trainer from this process",
+                    extra={"event": "unsafe.benchmark", "off": sorted(names)})
+    return names
+
+
 async def _watch_high_water(app: FastAPI, interval_s: float) -> None:
     """Put back, within ``interval_s``, what a restored store forgot of the steps this process served."""
     while True:
@@ -131,6 +166,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.limits.threads
+        app.state.batch_limiter = anyio.CapacityLimiter(settings.limits.batch_threads)
         watch = None
         if settings.limits.high_water_watch_s > 0:
             watch = asyncio.create_task(_watch_high_water(app, settings.limits.high_water_watch_s))
@@ -145,10 +181,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.tokens = settings.tokens
     app.state.limits = settings.limits
     app.state.metrics = Metrics()
+    app.state.prefetched = {}
+    app.state.unsafe_off = unsafe_switches()
     problems.install(app)
-    for module in (jobs, batches, images, schedule, repetitions, plan, health, dashboard):
+    for module in (jobs, batches, images, schedule, repetitions, plan, forecast, health, dashboard):
         app.include_router(module.router)
-    app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes)
-    app.add_middleware(InFlightLimit, limit=settings.limits.max_in_flight)
+    if "limits" not in app.state.unsafe_off:
+        app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes)
+        app.add_middleware(InFlightLimit, limit=settings.limits.max_in_flight)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

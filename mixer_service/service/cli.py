@@ -38,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help="where decompressed token caches live")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each checks the store "
-                   "on every request, so they never serve a stale view)")
+    p.add_argument("--workers", type=int, default=None, help="uvicorn worker processes (default: one per "
+                   "core this process may run on; each checks the store on every request, so they never "
+                   "serve a stale view; the embedded store is shared by processes). Limits are per worker")
     limits = p.add_argument_group("limits (every request's work is bounded; over a limit: a clear 4xx)")
     limits.add_argument("--max-jobs", type=int, default=1000, help="jobs this store may hold (409 beyond)")
     limits.add_argument("--max-versions", type=int, default=1000,
@@ -49,6 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     limits.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (413 beyond)")
     limits.add_argument("--threads", type=int, default=32,
                         help="threads for handlers that do store I/O or assemble batches")
+    limits.add_argument("--batch-threads", type=int, default=4,
+                        help="batches made at once per process (more only contend for the GIL)")
     limits.add_argument("--max-in-flight", type=int, default=256,
                         help="requests at once (/metrics included) before a problem+json 503 with "
                         "Retry-After (probes exempt)")
@@ -108,7 +111,8 @@ def build_app():
             ),
             tokens=_tokens(),
             limits=ServiceLimits(**{k: limits[k] for k in (
-                "max_body_bytes", "max_request_tokens", "threads", "max_in_flight", "high_water_watch_s")
+                "max_body_bytes", "max_request_tokens", "threads", "batch_threads", "max_in_flight",
+                "high_water_watch_s")
                 if k in limits}),
         )
     )
@@ -143,8 +147,10 @@ def run(args: argparse.Namespace) -> int:
     check_bind(args.host, _tokens(), args.insecure_bind)
     if args.max_connections is None:
         args.max_connections = max(1024, 4 * args.max_in_flight)
-    for name in ("max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads",
-                 "max_in_flight", "max_connections"):
+    if args.workers is None:  # one event loop (and one GIL) per core: a batch is CPU work
+        args.workers = len(os.sched_getaffinity(0))
+    for name in ("workers", "max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads",
+                 "batch_threads", "max_in_flight", "max_connections"):
         if getattr(args, name) < 1:
             raise InvalidInput(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.max_connections <= args.max_in_flight:
@@ -156,8 +162,8 @@ def run(args: argparse.Namespace) -> int:
     if args.high_water_watch_s is not None and args.high_water_watch_s < 0:
         raise InvalidInput(f"--high-water-watch: must be >= 0 seconds, got {args.high_water_watch_s}")
     os.environ["MIXER_LIMITS"] = json.dumps({n: getattr(args, n) for n in (
-        "max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads", "max_in_flight",
-        "max_connections", "high_water_watch_s") if getattr(args, n) is not None})
+        "max_jobs", "max_versions", "max_request_tokens", "max_body_bytes", "threads", "batch_threads",
+        "max_in_flight", "max_connections", "high_water_watch_s") if getattr(args, n) is not None})
     if args.sources_dir is None and not args.sources_url:
         raise InvalidInput("give --sources-dir, --sources-url, or both")
     if args.sources_dir is not None:

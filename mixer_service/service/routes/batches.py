@@ -1,10 +1,14 @@
-"""Batches and provenance. Handlers are plain ``def``: FastAPI runs them in its bounded thread pool, so a
-slow store or a large batch never holds the event loop (health checks and other jobs keep answering)."""
+"""Batches and provenance. No handler holds the event loop: a batch is made in one hop to a few threads of
+its own (``ServiceLimits.batch_threads``: with the GIL, more threads making batches at once only convoy on
+it and on the store's and cache's locks; throughput fell as connections were added); provenance runs in
+FastAPI's bounded pool. A slow store or a large batch never delays health checks or other routes."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+import anyio.to_thread
+import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
 from mixer_service import wire
@@ -14,7 +18,7 @@ from mixer_service.service.problems import responses
 from mixer_service.service.routes.deps import jobs
 from mixer_service.service.routes.models import JobId
 from mixer_service.sources.prefetch import prefetch_ahead
-from mixer_service.values import Rank, Step, World, check_step
+from mixer_service.values import Rank, RankSlice, Step, World, check_step
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["batches"], dependencies=[Depends(require_reader)])
 
@@ -22,28 +26,50 @@ router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["batches"], dependencies=[D
 @router.get("/batches/{step}", response_class=Response,
             responses=responses(404, 413, ok={"content": {wire.MEDIA_TYPE: {}},
                                               "description": "docs/protocol.md"}))
-def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0, world: World = 1,
-              compression: Literal["none", "zstd"] = "none", boundaries: bool = False,
-              manager: JobManager = Depends(jobs)) -> Response:
-    view, ranks = manager.serve(job_id, step, rank, world, request.app.state.limits.max_request_tokens)
-    runtime = view.runtime
+async def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0, world: World = 1,
+                    compression: Literal["none", "zstd"] = "none", boundaries: bool = False,
+                    manager: JobManager = Depends(jobs)) -> Response:
+    state = request.app.state
+    body, tokens = await anyio.to_thread.run_sync(
+        make_batch, manager, state.limits.max_request_tokens, state.prefetched, job_id, step, rank, world,
+        compression, boundaries, "head_read" in state.unsafe_off,
+        limiter=getattr(state, "batch_limiter", None))
+    metrics = state.metrics
+    metrics.batches.labels(job_id).inc()
+    for name, count in tokens:
+        metrics.tokens.labels(job_id, name).inc(count)
+    return Response(body, media_type=wire.MEDIA_TYPE)
+
+
+def make_batch(manager: JobManager, max_tokens: int, prefetched: dict[tuple[str, str], int], job_id: str,
+               step: int, rank: int, world: int, compression: str, boundaries: bool,
+               no_head_read: bool = False) -> tuple[bytes, list[tuple[str, int]]]:
+    """The response body of one batch request (the step marked served first) and the tokens it carries
+    per source. ``prefetched``: (job, incarnation) -> the highest step whose successors were prefetched.
+    ``no_head_read`` (benchmarks only, ``app.unsafe_switches``): the runtime this process holds, unproven."""
+    if no_head_read and (held := manager._jobs.get(job_id)) is not None:
+        check_step(step, held.config.total_steps)
+        runtime, ranks = held, RankSlice.of(rank, world, held.config.global_batch)
+    else:
+        view, ranks = manager.serve(job_id, step, rank, world, max_tokens)
+        runtime = view.runtime
     config = runtime.config
-    batch = runtime.engine.batch(step, ranks.rank, ranks.world)
-    # The schedule makes the future known: load the shards this rank's next steps read before it asks.
-    prefetch_ahead(runtime.engine, step, ranks.rank, ranks.world)
+    engine = runtime.engine
+    batch = engine.batch(step, ranks.rank, ranks.world)
+    # The schedule makes the future known: load the shards the next steps read before they are asked for,
+    # once per step however many ranks ask (the whole step: ranks usually come to every replica).
+    key = (job_id, runtime.incarnation)
+    if prefetched.get(key, -1) < step:
+        prefetched[key] = step
+        prefetch_ahead(engine, step)
     names = config.source_names
     header = {"job": job_id, "incarnation": runtime.incarnation, "step": step, "rank": ranks.rank,
-              "world": ranks.world, "sources": names, "schedule_version": runtime.engine.version_at(step),
-              "log_chain": runtime.log_chain_at(step)}
-    starts = runtime.engine.row_boundaries(step, ranks.rank, ranks.world) if boundaries else None
+              "world": ranks.world, "sources": names, "schedule_version": engine.version_at(step),
+              **runtime.log_pin(step)}
+    starts = engine.row_boundaries(step, ranks.rank, ranks.world) if boundaries else None
     body = wire.encode(batch.tokens, batch.source_ids, header, compression, boundaries=starts)
-    metrics = request.app.state.metrics
-    metrics.batches.labels(job_id).inc()
-    rows = batch.source_ids.tolist()
-    for k, name in enumerate(names):
-        if count := rows.count(k):
-            metrics.tokens.labels(job_id, name).inc(count * config.seq_len)
-    return Response(body, media_type=wire.MEDIA_TYPE)
+    counts = np.bincount(batch.source_ids, minlength=len(names)).tolist()
+    return body, [(name, n * config.seq_len) for name, n in zip(names, counts, strict=True) if n]
 
 
 @router.get("/provenance/{step}", responses=responses(404))
