@@ -96,7 +96,7 @@ class MixerLoader:
             raise
         self._check_incarnation(batch.pop("incarnation", None))
         try:
-            self._pins.check(self._next_step, batch.pop("log_chain", None))
+            self._pins.check(self._next_step, batch.pop("log_chain", None), batch.pop("log_since", None))
         except BaseException:
             self._restart(self._next_step)
             raise
@@ -226,7 +226,8 @@ def _fetch(client: MixerClient, job: str, step: int, rank: int, world: int, comp
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
     return tensors | extra | {"step": step, "sources": list(batch.header["sources"]),
                               "incarnation": batch.header.get("incarnation"),
-                              "log_chain": batch.header.get("log_chain")}
+                              "log_chain": batch.header.get("log_chain"),
+                              "log_since": batch.header.get("log_since")}
 
 
 def document_positions(boundaries: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor, int]:

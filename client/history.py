@@ -22,20 +22,32 @@ class LogPins:
         self._firsts: list[int] = []
         self._ranges: list[tuple[int, int, str]] = []
 
-    def check(self, step: int, chain: str | None) -> None:
-        """Pin ``step`` to ``chain``, or raise ``HistoryRewritten`` if it was received under another one."""
+    def check(self, step: int, chain: str | None, since: int | None = None) -> None:
+        """Pin ``step`` to ``chain``, or raise ``HistoryRewritten`` if it, or any step this run received in
+        ``[since, step)`` (the steps the same schedule version governs), was received under another chain.
+
+        The second half catches a run resumed past the rewritten steps: a change that took effect at step
+        30 of a store restored from a backup makes step 60 say ``since`` 30 under a chain that steps 30..59,
+        received before, do not have."""
         if chain is None:  # a server from before log chains: nothing to compare
             return
+        low = step if since is None else min(since, step)
+        i = bisect.bisect_right(self._firsts, low) - 1
+        for first, last, pinned in self._ranges[max(i, 0):]:
+            if first > step:
+                break
+            if last >= low and pinned != chain:
+                seen = max(first, low)
+                what = (f"step {step} was received before" if seen == step else
+                        f"step {step} is computed under a schedule version that took effect at step {since}, "
+                        f"but step {seen} was received")
+                raise HistoryRewritten(
+                    f"{what} under schedule log {pinned[:12]}…, now under {chain[:12]}…: the service's "
+                    "schedule history was rewritten (a state store restored from a backup?); the batches "
+                    "this run trained on are no longer the job's. Stop and ask the operator "
+                    "(docs/operations.md, history_conflict)", step=seen, expected=pinned, got=chain)
         i = bisect.bisect_right(self._firsts, step) - 1
         if i >= 0 and self._ranges[i][1] >= step:
-            first, last, pinned = self._ranges[i]
-            if pinned != chain:
-                raise HistoryRewritten(
-                    f"step {step} was received before under schedule log {pinned[:12]}…, now under "
-                    f"{chain[:12]}…: the service's schedule history was rewritten (a state store restored "
-                    "from a backup?); the batches this run trained on are no longer the job's. Stop and ask "
-                    "the operator (docs/operations.md, history_conflict)", step=step, expected=pinned,
-                    got=chain)
             return
         self._insert(step, chain, i)
 

@@ -476,3 +476,14 @@ def test_log_pins_keep_one_range_per_history_and_catch_a_rewritten_step() -> Non
     contradicting.check(15, "other")
     with pytest.raises(HistoryRewritten):
         contradicting.load(pins.state())
+
+    # A run resumed past the rewritten steps: step 60 is new, but its version took effect at step 30,
+    # inside steps received under another log.
+    resumed_late = LogPins()
+    for step in range(60):
+        resumed_late.check(step, "v1", 0)
+    resumed_late.check(60, "v1", 0)
+    with pytest.raises(HistoryRewritten, match="took effect at step 30, but step 30 was received") as late:
+        resumed_late.check(61, "v2", 30)
+    assert late.value.step == 30
+    resumed_late.check(70, "v2", 61)  # a version that took effect after every step received: fine

@@ -122,6 +122,10 @@ class MixingEngine:
         i = bisect.bisect_right(self._active_starts, step) - 1
         return self._active_numbers[i]
 
+    def active_since(self, step: int) -> int:
+        """The first step governed by the version that governs ``step``."""
+        return self._active_starts[bisect.bisect_right(self._active_starts, step) - 1]
+
     def check_step(self, step: int) -> None:
         check_step(step, self.config.total_steps)
 

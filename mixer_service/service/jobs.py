@@ -93,12 +93,16 @@ class JobRuntime:
     def etag(self) -> str:
         return etag(self.version, self.incarnation)
 
-    def log_chain_at(self, step: int) -> str:
-        """Chain hash of the log prefix that decides ``step``: through the version governing it.
+    def log_pin(self, step: int) -> dict[str, Any]:
+        """What a batch header says of the log that decides ``step``: ``log_chain``, the chain hash through
+        the version governing it, and ``log_since``, the step that version took effect at.
 
-        Versions appended later take effect after every served step, so for a served step this never
-        changes; a client that gets another value for a step it already has saw history rewritten."""
-        return self.versions[self.engine.version_at(step) - 1].chain
+        Versions appended later take effect after every served step, so for a served step neither ever
+        changes, and every step from ``log_since`` on has the same chain until the next version: a client
+        that sees another chain for a step it has, or for a step in ``[log_since, step)``, saw history
+        rewritten (``client.history``)."""
+        version = self.versions[self.engine.version_at(step) - 1]
+        return {"log_chain": version.chain, "log_since": self.engine.active_since(step)}
 
     def extended(self, new: list[ScheduleVersion], engine: MixingEngine | None = None) -> JobRuntime:
         """This runtime with ``new`` appended; only the new entries are parsed (O(1) in history length)."""
