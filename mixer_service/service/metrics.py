@@ -53,6 +53,10 @@ class Metrics:
         self.store_up = Gauge("mixer_store_up", "1 when the state store answers", registry=r)
         self.trained_step = Gauge("mixer_trained_step", "Step trainers reported", ["job"], registry=r)
         self.high_water = Gauge("mixer_served_high_water", "Highest step served", ["job"], registry=r)
+        self.forecast_steps = Gauge(
+            "mixer_forecast_steps_to_overfit",
+            "Steps from the last eval until the domain held-out loss is forecast to turn up "
+            "(+Inf: not before the end)", ["job", "source"], registry=r)
         self.exposition = Exposition(r)
 
 
