@@ -160,6 +160,11 @@ class MixerClient:
         """Tell the service the last step trained, so repetition metrics follow training (idempotent)."""
         self._request("PUT", job_path(job, "progress"), lambda r: None, json={"trained_step": step})
 
+    def post_eval(self, job: str, step: int, source: str, loss: float, tokens: int = 0) -> None:
+        """Send one held-out loss, so the service's overfitting watch can forecast the domain curve."""
+        self._request("POST", job_path(job, "evals"), lambda r: None,
+                      json={"step": step, "source": source, "loss": loss, "tokens": tokens})
+
     def close(self) -> None:
         """Close connections and wake any thread waiting to retry (it then raises its last error)."""
         self._closed.set()

@@ -182,7 +182,7 @@ def _run(args: argparse.Namespace, client: MixerClient, rank: int) -> int:
                                 domain_repetition(client, args.job, repeated))
         result = train(cfg, batches, evaluator=(lambda m: evaluate(m, val)) if val else None,
                        on_step=_reporter(client, args.job, args.report_interval) if rank == 0 else None,
-                       progress=progress)
+                       progress=progress, on_eval=_eval_poster(client, args.job, config["sources"]))
     if rank != 0:
         return 0
     if result["step"]:
@@ -219,6 +219,25 @@ def _reporter(client: MixerClient, job: str, interval: int) -> Any:
             _report(client, job, data_step)
 
     return on_step
+
+
+def _eval_poster(client: MixerClient, job: str, sources: list[dict[str, Any]]) -> Any:
+    """Post each evaluation to the job's overfitting watch; a failure is logged, never fatal to the run.
+
+    Only splits named after the job's sources are posted (they are what the watch joins with its counts),
+    and nothing before the first trained step."""
+    names = {s["name"] for s in sources}
+
+    def on_eval(data_step: int, tokens: int, results: dict[str, float]) -> None:
+        for source, loss in results.items():
+            if data_step < 0 or source not in names:
+                continue
+            try:
+                client.post_eval(job, data_step, source, loss, tokens)
+            except MixerClientError as exc:
+                log.warning("eval post failed", extra={"job": job, "source": source, "error": str(exc)})
+
+    return on_eval
 
 
 def _report(client: MixerClient, job: str, data_step: int) -> None:

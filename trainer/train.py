@@ -88,6 +88,7 @@ def train(
     evaluator: Callable[[GPT], dict[str, float]] | None = None,
     on_step: Callable[[int], None] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    on_eval: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Train cfg.model on batches for cfg.max_steps (or until the source runs dry); return model + summary.
 
@@ -95,6 +96,8 @@ def train(
     (see trainer.evaluate.evaluate). on_step(data_step) runs on every rank after each optimizer step, with
     batch["step"] of the batch just trained on, so a client can tell the service what was consumed.
     progress(record) gets rank 0's metrics record of every step (see trainer.progress.ProgressLine).
+    on_eval(data_step, tokens, results) gets every evaluation on rank 0, e.g. to post it to the service's
+    overfitting watch (data_step: the last batch trained; -1 before any).
     """
     # -- distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE ---------------------------------
     ddp = "RANK" in os.environ
@@ -138,7 +141,7 @@ def train(
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     losses: list[float] = []
     eval_results: dict[str, float] | None = None
-    eval_step = -1
+    eval_step, data_step = -1, -1
     total_wait = total_time = 0.0
     t_start = time.perf_counter()
 
@@ -201,14 +204,19 @@ def train(
                 progress(record)
         if master and evaluator is not None and cfg.eval_interval and step % cfg.eval_interval == 0:
             eval_results, eval_step = _evaluate(evaluator, raw_model, step, metrics_path), step
+            if on_eval is not None:
+                on_eval(int(batch["step"]), tokens, eval_results)
         if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
             _save_checkpoint(ckpt_path, cfg, raw_model, optimizer, step, tokens, batches, device, ddp)
+        data_step = int(batch["step"])
         if on_step is not None:
-            on_step(int(batch["step"]))
+            on_step(data_step)
 
     # -- the end: final evaluation and checkpoint -------------------------------------------------------
     if master and evaluator is not None and eval_step != step:
         eval_results = _evaluate(evaluator, raw_model, step, metrics_path)
+        if on_eval is not None:
+            on_eval(data_step, tokens, eval_results)
     _save_checkpoint(ckpt_path, cfg, raw_model, optimizer, step, tokens, batches, device, ddp)
     if owns_process_group:
         dist.barrier()  # no rank tears the group down while a peer is still in a collective (gloo aborts)
