@@ -1,4 +1,4 @@
-"""Operator commands over the REST API: ``mixer status | jobs | schedule get|set|history | repetitions``.
+"""Operator commands over the REST API: ``mixer status | jobs | schedule | repetitions | forecast``.
 
 Each command is a thin call through ``client.MixerClient`` (httpx, no torch) plus a readable table;
 ``--json`` prints the server's JSON instead. Failures print one line on stderr and map onto exit codes
@@ -355,6 +355,58 @@ def cmd_repetitions(api: MixerClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_forecast(api: MixerClient, args: argparse.Namespace) -> int:
+    params = {"source": args.source} if args.source else {}
+    if args.max_web_loss_increase is not None:
+        params["max_web_loss_increase"] = args.max_web_loss_increase
+    data = api.get(f"{job_path(args.job)}/forecast", **params)
+    proposal = data.get("proposal")
+    applied = None
+    if args.apply:
+        if not data["warning"] or proposal is None:
+            raise CommandFailed(EXIT_CONFLICT, f"forecast {data['forecast_id']} has no proposal to apply")
+        body = {"schedule": proposal["schedule"], "requested_step": proposal["start_step"],
+                "author": args.author or _default_author(),
+                "reason": f"forecast {data['forecast_id']}: {_proposal_line(data['source'], proposal)}"}
+        # If-Match is the schedule the forecast was computed under: a change since then is refused (412).
+        applied = api.request("PUT", f"{job_path(args.job)}/schedule", json=body,
+                              headers={"If-Match": data["etag"]}).json()
+
+    def text() -> str:
+        low, high = data["interval"]
+        turn = data["turn_up_step"]
+        rows = [["job", f"{data['job']} (schedule v{data['schedule_version']}, "
+                        f"{data['total_steps']:,} steps)"],
+                ["source", f"{data['source']}: {data['points']} evals, last at step {data['last_step']}, "
+                           f"{data['repetitions_now']:.2f} epochs"],
+                ["turn-up", "not before the end" if turn is None else
+                 f"step {turn:,} (5-95% interval {_step(low)} .. {_step(high)}; "
+                 f"{100 * data['share_turning_up']:.0f}% of refits turn up)"],
+                ["warning", "yes" if data["warning"] else "no"], ["forecast", data["forecast_id"]]]
+        if proposal is not None:
+            rows.append(["proposal", _proposal_line(data["source"], proposal)])
+        out = table(["", ""], rows).splitlines()[1:] + [f"note: {n}" for n in data.get("notes", [])]
+        if applied is not None:
+            out.append(f"applied: schedule v{applied['version']} takes effect at step "
+                       f"{applied['effective_step']}")
+        return "\n".join(out)
+
+    emit(args, data if applied is None else data | {"applied": applied}, text)
+    return EXIT_OK
+
+
+def _step(value: int | None) -> str:
+    return "never" if value is None else f"{value:,}"
+
+
+def _proposal_line(source: str, p: dict[str, Any]) -> str:
+    how = "ramp" if p["kind"] == "ramp" else "lower"
+    until = " by the last step" if p["kind"] == "ramp" else ""
+    web = "" if p["predicted_web_change"] is None else f", web {p['predicted_web_change']:+.4f}"
+    return (f"{how} {source} to {p['delta']:g} from step {p['start_step']:,}{until}: predicted final loss "
+            f"{p['predicted_final_loss']:.4f} vs {p['baseline_final_loss']:.4f}{web}")
+
+
 # --- wiring -----------------------------------------------------------------------------------------------
 
 
@@ -449,3 +501,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=100, help="with --at-least: documents to list (default 100)")
     p.add_argument("--offset", type=_non_negative, default=0, help="with --at-least: skip this many")
     p.set_defaults(func=runner(cmd_repetitions, "repetitions"))
+
+    p = subparsers.add_parser("forecast", parents=[common],
+                              help="the overfitting watch: when the domain loss turns up, and what to change")
+    p.add_argument("job")
+    p.add_argument("--source", help="default: the job's first repeated source")
+    p.add_argument("--max-web-loss-increase", type=float, default=None,
+                   help="web loss a proposal may cost at the final step (default: the server's, 0.01)")
+    p.add_argument("--apply", action="store_true",
+                   help="apply the proposal as a schedule change (If-Match: the forecast's schedule)")
+    p.add_argument("--author", default=None, help="with --apply: recorded with the version")
+    p.set_defaults(func=runner(cmd_forecast, "forecast"))
