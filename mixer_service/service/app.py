@@ -20,7 +20,17 @@ from mixer_service.service import problems
 from mixer_service.service.auth import Tokens
 from mixer_service.service.jobs import JobManager
 from mixer_service.service.metrics import Metrics, MetricsMiddleware
-from mixer_service.service.routes import batches, dashboard, health, images, jobs, plan, repetitions, schedule
+from mixer_service.service.routes import (
+    batches,
+    dashboard,
+    forecast,
+    health,
+    images,
+    jobs,
+    plan,
+    repetitions,
+    schedule,
+)
 from mixer_service.service.sources import SourceRegistry
 from mixer_service.store import StateStore
 
@@ -174,7 +184,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.prefetched = {}
     app.state.unsafe_off = unsafe_switches()
     problems.install(app)
-    for module in (jobs, batches, images, schedule, repetitions, plan, health, dashboard):
+    for module in (jobs, batches, images, schedule, repetitions, plan, forecast, health, dashboard):
         app.include_router(module.router)
     if "limits" not in app.state.unsafe_off:
         app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes)
