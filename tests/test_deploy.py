@@ -48,6 +48,7 @@ METRICS = {
     "mixer_served_high_water": {"job"},
     "mixer_faults_total": {"fault"},
     "mixer_shard_cache": {"stat"},
+    "mixer_forecast_steps_to_overfit": {"job", "source"},
 }
 HISTOGRAMS = {"mixer_request_duration_seconds"}
 SERIES_NAMES = {name for name in METRICS if name not in HISTOGRAMS} | {

@@ -140,7 +140,8 @@ def current(request: Request, view: JobView, source: str | None = None,
     body = {"job": runtime.job_id, "schedule_version": runtime.version, "etag": runtime.etag(),
             "total_steps": config.total_steps} | result.to_dict()
     body["observed"] = [[p.step, p.loss, run.repetitions(p.step)] for p in domain]
-    request.app.state.metrics.forecast_steps.labels(runtime.job_id, source).set(result.steps_to_overfit)
+    gauge = result.steps_to_overfit if result.warning else float("inf")  # the alert fires on warnings only
+    request.app.state.metrics.forecast_steps.labels(runtime.job_id, source).set(gauge)
     with _lock:
         cache[key] = (stamp, body)
         cache.move_to_end(key)
