@@ -279,6 +279,39 @@
       transform: `rotate(-90 12 ${T + (H - T - B) / 2})` }, svg, "documents");
   }
 
+  function drawForecast(fc) {
+    const W = 900, H = 240, L = 56, R = 56, T = 12, B = 34;
+    const svg = newChart($("forecast-chart"), W, H, "domain loss: observed vs forecast, repetitions");
+    const turn = fc.turn_up_step === null ? "no turn-up forecast" : `turn-up at step ${fmt(fc.turn_up_step)}`;
+    $("forecast-summary").textContent = fc.curve.length
+      ? `(${fc.source}: ${turn}${fc.warning ? " — WARNING" : ""})` : `(${fc.notes.join("; ")})`;
+    if (!fc.curve.length) return;
+    const losses = fc.curve.flatMap((c) => [c[3], c[4]]).concat(fc.observed.map((o) => o[1]));
+    const lo = Math.min(...losses), hi = Math.max(...losses), eMax = Math.max(...fc.curve.map((c) => c[1]));
+    const x = (s) => L + (W - L - R) * (s / Math.max(1, fc.total_steps - 1));
+    const y = (v) => T + (H - T - B) * (1 - (v - lo) / Math.max(1e-9, hi - lo));
+    const yE = (e) => T + (H - T - B) * (1 - e / Math.max(1e-9, eMax));
+    const line = (pts) => pts.map(([a, b], i) => `${i ? "L" : "M"}${a.toFixed(1)},${b.toFixed(1)}`).join("");
+    const band = fc.curve.map((c) => [x(c[0]), y(c[4])]).concat(fc.curve.slice().reverse().map((c) => [x(c[0]), y(c[3])]));
+    svgEl("path", { d: line(band) + "Z", fill: COLORS[0], opacity: 0.15 }, svg);
+    svgEl("path", { d: line(fc.curve.map((c) => [x(c[0]), y(c[2])])), fill: "none", stroke: COLORS[0] }, svg);
+    svgEl("path", { d: line(fc.curve.map((c) => [x(c[0]), yE(c[1])])), fill: "none", stroke: COLORS[1],
+      "stroke-dasharray": "4 3" }, svg);
+    for (const [step, loss] of fc.observed) {
+      tooltip(svgEl("circle", { class: "eval-point", cx: x(step), cy: y(loss), r: 2.5, fill: COLORS[0] }, svg),
+        `step ${fmt(step)}: ${loss.toFixed(4)}`);
+    }
+    if (fc.turn_up_step !== null) {
+      svgEl("line", { class: "grid-line", x1: x(fc.turn_up_step), x2: x(fc.turn_up_step), y1: T, y2: H - B }, svg);
+    }
+    svgEl("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }, svg);
+    svgEl("text", { x: L - 6, y: T + 8, "text-anchor": "end" }, svg, hi.toFixed(3));
+    svgEl("text", { x: L - 6, y: H - B, "text-anchor": "end" }, svg, lo.toFixed(3));
+    svgEl("text", { x: W - R + 6, y: T + 8 }, svg, `${eMax.toFixed(2)} E`);
+    svgEl("text", { x: W - R + 6, y: H - B }, svg, "0 E");
+    svgEl("text", { x: (L + W - R) / 2, y: H - 3, "text-anchor": "middle" }, svg, "step");
+  }
+
   function drawThroughput(job) {
     const samples = state.samples.get(job.job_id) || [];
     const rates = [];
@@ -459,6 +492,9 @@
           const top = await api(`${base}/repetitions/at-least/${reps.max}${q}&limit=${TOP_DOCS}`);
           renderSourceSelect(job, state.source);
           renderJob(job, log.versions, reps, hist, top);
+          const forecast = job.config.sources.some((s) => s.role === "repeat")
+            ? await api(base + "/forecast", [404, 422]) : null;
+          if (forecast && forecast.curve) drawForecast(forecast);
         } else {
           $("job").hidden = true;
         }
