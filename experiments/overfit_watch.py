@@ -2,8 +2,9 @@
 
 The trainer's held-out domain loss is the paper's law (``OverfittingLaw``, constants below, T in billions
 of tokens) plus Gaussian noise. A run whose δ changes is evaluated at its *average* domain fraction so
-far, δ̄ = domain tokens / tokens: exact for a constant δ, continuous across a change, and a different
-within-run model from the watch's L(E), so the watch is not checked against its own assumption. The
+far, δ̄ = domain tokens / tokens: exact for a constant δ and continuous across a change. The watch's
+forecast (its own L(E) fit) does not know this law; its proposal reads the law the same way (δ̄), given a
+pilot law with deliberate errors, so the proposal is checked for consistency, not against real runs. The
 repetitions come from the job's real ``MixturePlan`` (the engine's exact per-source counts).
 
 For each seed: an overfitting run (δ = 10%, turns up at ~69B of 200B tokens) where the first warning is
