@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from service_helpers import Server
@@ -165,6 +166,8 @@ def test_single_process_with_document_mask_finetune_and_a_config_file(server, tm
     assert (tmp_path / "out" / "finetuned.pt").is_file()
     evals = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals if "eval" in e] == [5, 10]  # the flag beat the file's default
+    posted = httpx.get(f"{server.url}/v1/jobs/{job}/evals").json()["curves"]  # the overfitting watch's input
+    assert {s: [p[0] for p in c] for s, c in posted.items()} == {"abc": [4, 9], "sotu": [4, 9]}
 
 
 def test_eval_steps_that_overlap_training_are_refused_before_anything_runs(server, tmp_path):
