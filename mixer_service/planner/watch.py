@@ -198,18 +198,12 @@ def forecast(run: RunPlan, names: list[str], steps: np.ndarray, loss: np.ndarray
         return Forecast(fid, source, int(len(e)), last, e_now, None, None, None, (None, None), 0.0, 0.0,
                         math.inf, False, None, [f"need {MIN_POINTS} evals of {source!r} after its first "
                                                 "sequences to forecast"])
-    fit = fit_curve(e, y)
-    assert fit is not None  # the grid always holds a solvable point
-    turn_e = fit.turn_e
-    turn_step = _turn_step(run, turn_e, last)
-    refits = _bootstrap(e, y, seed)
-    boot = [_turn_step(run, f.turn_e, last) for f in refits] or [None]
-    reached = [b for b in boot if b is not None]
-    share = len(reached) / len(boot)
+    now = _assess(run, e, y, last, seed)
+    fit, turn_e, turn_step, refits, boot = now.fit, now.turn_e, now.turn_step, now.refits, now.boot
+    share, excess = now.share, now.excess
     interval = (_quantile(boot, 0.05), _quantile(boot, 0.95))
-    e_end = run.repetitions(run.total_steps - 1)
-    excess = float(fit.loss(e_end) - fit.loss(turn_e)) if turn_e is not None and turn_e < e_end else 0.0
-    warning = turn_step is not None and share >= WARN_SHARE and excess >= max(MIN_EXCESS, 2 * fit.rmse)
+    # A warning must hold on two consecutive evals: the fit without the newest point warns too.
+    warning = now.warning and len(e) > MIN_POINTS and _assess(run, e[:-1], y[:-1], int(s[-2]), seed).warning
     to_overfit = math.inf if turn_step is None else float(turn_step - last)
     notes = [] if fit.G > 0 else ["no repetition term in the fit: the curve shows no sign of overfitting"]
     proposal = None
@@ -223,6 +217,33 @@ def forecast(run: RunPlan, names: list[str], steps: np.ndarray, loss: np.ndarray
         proposal = _propose(run, names, calibrated, web_fit, max_web_loss_increase)
     return Forecast(fid, source, int(len(e)), last, e_now, fit, turn_e, turn_step, interval, share,
                     excess, to_overfit, warning, proposal, notes, _curve(run, fit, refits))
+
+
+@dataclass(frozen=True)
+class _Assessment:
+    fit: CurveFit
+    turn_e: float | None
+    turn_step: int | None
+    refits: list[CurveFit]
+    boot: list[int | None]
+    share: float
+    excess: float
+    warning: bool
+
+
+def _assess(run: RunPlan, e: np.ndarray, y: np.ndarray, last: int, seed: int) -> _Assessment:
+    """The fit, its turn-up, the bootstrap, and whether those alone make a warning."""
+    fit = fit_curve(e, y)
+    assert fit is not None  # the grid always holds a solvable point
+    turn_e = fit.turn_e
+    turn_step = _turn_step(run, turn_e, last)
+    refits = _bootstrap(e, y, seed)
+    boot = [_turn_step(run, f.turn_e, last) for f in refits] or [None]
+    share = sum(b is not None for b in boot) / len(boot)
+    e_end = run.repetitions(run.total_steps - 1)
+    excess = float(fit.loss(e_end) - fit.loss(turn_e)) if turn_e is not None and turn_e < e_end else 0.0
+    warning = turn_step is not None and share >= WARN_SHARE and excess >= max(MIN_EXCESS, 2 * fit.rmse)
+    return _Assessment(fit, turn_e, turn_step, refits, boot, share, excess, warning)
 
 
 def _turn_step(run: RunPlan, turn_e: float | None, last: int) -> int | None:
