@@ -304,7 +304,7 @@ def test_a_restored_store_gets_the_served_high_water_back_before_any_change(heal
     """Item 1, prevention: A serves nothing after the restore, yet its high-water watch puts the steps it
     served back into the store within seconds, so a later change through B lands after them."""
     job, served, _ = _served_then_restored(healthy, tmp_path)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30  # the watch runs every 10 s by default
     with healthy.redis.client() as r:
         while int(r.get(f"mixer:{{{job}}}:hw") or -1) < 59:
             assert time.monotonic() < deadline, "the watch did not put the high water back"

@@ -46,7 +46,7 @@ class ServiceLimits:
     threads: int = 32  # handlers that block (store I/O) run in this many threads
     batch_threads: int = 4  # batches made at once: more only convoy on the GIL (see routes/batches.py)
     max_in_flight: int = 256  # requests at once before a problem+json 503 (probes exempt)
-    high_water_watch_s: float = 2.0  # re-check served jobs against the store this often (0: never)
+    high_water_watch_s: float = 10.0  # re-check served jobs against the store this often (0: never)
 
 
 @dataclass

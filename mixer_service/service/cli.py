@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         dest="high_water_watch_s",
                         help="re-check the jobs this replica served against the store this often, so a "
                         "store restored from a backup gets their high water back without a request "
-                        "(default 2; 0: only on requests)")
+                        "(default 10; 0: only on requests)")
     limits.add_argument("--timeout-keep-alive", type=float, default=30.0,
                         help="seconds an idle keep-alive connection is kept open")
     p.add_argument(

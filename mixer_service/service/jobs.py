@@ -137,6 +137,12 @@ class _Seen:
         return max(((hw, v) for v, hw in self.served_under.items() if v < version), default=(-1, 0))
 
 
+def safe_high_water(engine: MixingEngine, effective: int) -> int:
+    """The highest served step that a version taking effect at ``effective`` leaves unchanged: below it, and
+    lower with 3+ sources, whose served steps depend on a few upcoming weights (the commit's own bound)."""
+    return min(engine.last_safe_high_water(effective), effective - 1)
+
+
 def etag(version: int, incarnation: str) -> str:
     """Strong ETag of a schedule version: the incarnation makes a recreated job's v1 another entity."""
     return f'"v{version}.{incarnation}"'
@@ -261,8 +267,7 @@ class JobManager:
                 )
             if effective not in engines:
                 engines[effective] = runtime.engine.with_log(runtime.log + [(effective, schedule)])
-            bound = runtime.engine.last_safe_high_water(effective)
-            return ChangePlan(effective, min(bound, effective - 1))
+            return ChangePlan(effective, safe_high_water(runtime.engine, effective))
 
         new = self.store.change_schedule(
             job_id, runtime.incarnation, runtime.current, schedule.to_json(names), author, reason, plan
@@ -354,26 +359,37 @@ class JobManager:
         """No new version may take effect at a step this process saw served under the log without it."""
         if seen is None:
             return
+        before = cached
         for version in new:
             served, under = seen.served_before(version.version)
-            if version.effective_step <= served:
+            if served > safe_high_water(before.engine, version.effective_step):
                 if head.served_high_water < seen.high_water:  # the store forgot them: put the record back
                     self.store.restore(job_id, cached.incarnation, cached.chain, [], seen.high_water)
                 raise self._fault(job_id, "history_conflict", f"schedule version {version.version} takes "
                                   f"effect at step {version.effective_step}, but this replica served steps "
                                   f"through {served} under version {under} (was the store restored from a "
                                   "backup?); serving them again under the new log would rewrite history")
+            before = before.extended([version])
 
     def _check_served_in_store(self, job_id: str, runtime: JobRuntime, head: JobHead) -> None:
         """Versions after the one the high water last rose under must take effect after the high water.
 
-        Walks back from the newest version to the served chain: usually zero or one step."""
+        Walks back from the newest version to the served chain: usually zero or one step (a version is
+        after it only between its commit and the next step served)."""
         if not head.served_chain:
-            return  # a job from before the served chain was recorded
-        for version in reversed(runtime.versions[: head.version]):
+            if runtime.legacy:
+                return  # a job from before the served chain was recorded
+            raise self._fault(job_id, "history_conflict", "the store has no record of the log its served "
+                              "steps were served under (its served chain is missing)")
+        for i in range(head.version - 1, -1, -1):
+            version = runtime.versions[i]
             if version.chain == head.served_chain:
                 return
-            if version.effective_step <= head.served_high_water:
+            try:
+                bound = safe_high_water(runtime.engine.with_log(runtime.log[:i]), version.effective_step)
+            except InvalidInput:  # a prefix later versions made servable: the plain rule still holds
+                bound = version.effective_step - 1
+            if head.served_high_water > bound:
                 raise self._fault(job_id, "history_conflict", f"schedule version {version.version} takes "
                                   f"effect at step {version.effective_step}, at or before the served high "
                                   f"water {head.served_high_water}, but those steps were served under an "

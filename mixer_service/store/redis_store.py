@@ -129,7 +129,7 @@ return {0, head()}
 _MARK_SERVED = _HEAD + """
 local found = head()
 local served = hw()
-if found[1] == ARGV[1] and served ~= nil and tonumber(ARGV[2]) > served then
+if found[1] == ARGV[1] and found[3] and served ~= nil and tonumber(ARGV[2]) > served then
   redis.call('SET', KEYS[4], ARGV[2])
   redis.call('SET', KEYS[6], found[3])
 end

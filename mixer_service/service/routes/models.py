@@ -37,6 +37,9 @@ class SourceModel(_Strict):
     role: Literal[ROLES]  # type: ignore[valid-type]
     fingerprint: str | None = Field(default=None, max_length=128,
                                     description="content fingerprint to pin (409 if the server's differs)")
+    root: str | None = Field(default=None, max_length=128,
+                             description="Merkle root of the source's meta.json to pin (409 if the server's "
+                             "differs); what GET /v1/jobs/{id} returns can be posted again")
 
 
 class OrderModel(_Strict):
