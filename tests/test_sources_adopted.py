@@ -169,6 +169,12 @@ def test_served_batches_equal_the_prepared_source(corpus, tmp_path: Path) -> Non
     docs, prepared, tok = corpus
     write_megatron(tmp_path / "adopted" / "sotu" / "doc", docs, tok.eos_id)
     manifest(tmp_path / "adopted" / "sotu", "megatron", ["doc"], tok)
+    assert_served_like_prepared(prepared, tmp_path)
+
+
+def assert_served_like_prepared(prepared: PreparedSource, tmp_path: Path) -> None:
+    """``tmp_path/adopted/sotu`` (already written) and a copy of ``prepared`` under the same name, each served
+    by a real server: the first 5 batches of one job are byte-identical."""
     shutil.copytree(prepared.meta.path, tmp_path / "prepared" / "sotu",
                     ignore=shutil.ignore_patterns(".cache"))
     job = {"job_id": "j", "author": "t", "reason": "t",

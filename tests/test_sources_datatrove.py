@@ -9,16 +9,14 @@ import itertools
 import shutil
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import test_sources_adopted
 import test_sources_s3
-from service_helpers import RAW, Server
-from test_sources_adopted import assert_same, manifest
+from service_helpers import RAW
+from test_sources_adopted import assert_same, assert_served_like_prepared, manifest
 from test_sources_s3 import BUCKET, upload
 
-from mixer_service import wire
 from mixer_service.errors import CorruptData, InvalidInput
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.writer import prepare_source
@@ -231,23 +229,7 @@ def test_served_batches_equal_the_prepared_source(corpus, datatrove_dir, tmp_pat
     same name: every batch is byte-identical."""
     _, prepared, tok = corpus
     copy_adoptable(datatrove_dir, tmp_path / "adopted" / "sotu", tok)
-    shutil.copytree(prepared.meta.path, tmp_path / "prepared" / "sotu",
-                    ignore=shutil.ignore_patterns(".cache"))
-    job = {"job_id": "j", "author": "t", "reason": "t",
-           "config": {"sources": [{"name": "sotu", "role": "repeat"}], "seq_len": 128, "global_batch": 4,
-                      "seed": 3, "total_steps": 100},
-           "schedule": {"phases": [{"start_step": 0, "weights": {"sotu": 1}}]}}
-    bodies = []
-    for name in ("prepared", "adopted"):
-        with Server(tmp_path / name, tmp_path / f"state-{name}") as srv:
-            assert httpx.post(f"{srv.url}/v1/jobs", json=job).status_code == 201
-            steps = []
-            for step in range(5):
-                r = httpx.get(f"{srv.url}/v1/jobs/j/batches/{step}")
-                assert r.status_code == 200, r.text
-                steps.append(wire.decode(r.content).tokens.tobytes())
-            bodies.append(steps)
-    assert bodies[0] == bodies[1]
+    assert_served_like_prepared(prepared, tmp_path)
 
 
 def test_the_server_finds_adopted_prefixes_under_a_sources_url(s3, corpus, datatrove_dir, tmp_path) -> None:

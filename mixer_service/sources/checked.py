@@ -188,8 +188,13 @@ class CheckedTokens:
         if stop <= start:
             return np.zeros(0, dtype=self.dtype)
         item = self._item
+        data = self._recovering(lambda region: region.read(start * item, stop * item))
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def _recovering(self, read: Callable[[CheckedRegion], Any]) -> Any:
+        """``read(region)``; when it fails its check, once more on the region ``recover`` makes anew."""
         try:
-            data = self.region.read(start * item, stop * item)
+            return read(self.region)
         except CorruptData as exc:
             if self._recover is None:
                 raise
@@ -197,8 +202,7 @@ class CheckedTokens:
                 self.region = self._recover(self.region)
             except CorruptData as again:
                 raise CorruptData(f"{exc}; {again}") from exc
-            data = self.region.read(start * item, stop * item)
-        return np.frombuffer(data, dtype=self.dtype)
+            return read(self.region)
 
     def gather_rows(self, starts: np.ndarray, length: int, out: np.ndarray, rows: np.ndarray) -> None:
         """``out[rows[i]] = tokens[starts[i]:starts[i] + length]``: the blocks all the rows touch are read
@@ -212,16 +216,7 @@ class CheckedTokens:
             for blk in range(max(start * item // CHECK_BLOCK, blocks[-1] + 1 if blocks else 0),
                              (start * item + nbytes - 1) // CHECK_BLOCK + 1):
                 blocks.append(blk)
-        try:
-            buf, at = self.region.read_blocks(blocks)
-        except CorruptData as exc:
-            if self._recover is None:
-                raise
-            try:
-                self.region = self._recover(self.region)
-            except CorruptData as again:
-                raise CorruptData(f"{exc}; {again}") from exc
-            buf, at = self.region.read_blocks(blocks)
+        buf, at = self._recovering(lambda region: region.read_blocks(blocks))
         # Where each row starts in ``buf``: the runs of adjacent blocks lie back to back in block order.
         firsts = [blk for i, blk in enumerate(blocks) if i == 0 or blk != blocks[i - 1] + 1]
         run_first, pos = list(zip(firsts, at, strict=True)), 0
