@@ -224,7 +224,8 @@ def tokenize_part(
         out = PartChunk(part, chunk, last, cctx.compress(packed.tobytes()),
                         np.concatenate(lengths) if lengths else np.empty(0, dtype=np.int64),
                         np.concatenate(chars) if chars else np.empty(0, dtype=np.int64))
-        tokens.clear(), lengths.clear(), chars.clear()
+        for pending in (tokens, lengths, chars):
+            pending.clear()
         return out
 
     for raw_batch in _batches(documents, batch_chars, batch_docs):
