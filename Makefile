@@ -14,7 +14,7 @@ lint:
 	$(PY) -m mypy mixer_service client trainer --ignore-missing-imports
 
 demo:
-	$(PY) -m trainer.demo
+	$(PY) -m mixer_demo
 
 bench:
 	$(PY) bench/bench_engine.py --loader-workers 2

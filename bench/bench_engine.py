@@ -42,7 +42,9 @@ ENGINE_TARGET = 20.0
 
 
 def make_engine(sources: dict, seq_len: int = L, global_batch: int = B, total_steps: int = 100_000):
-    from mixer_service.engine import JobConfig, MixingEngine, Schedule
+    from mixer_contract.job import JobConfig
+    from mixer_contract.schedule import Schedule
+    from mixer_service.engine import MixingEngine
 
     config = JobConfig.parse(job_config(seq_len, global_batch, total_steps, allow_wrap=True))
     sched = Schedule.parse(schedule(DOMAIN_WEIGHT), config.source_names)
@@ -129,8 +131,10 @@ def _collate(samples: list[dict]):
 
 def index_load_times(sources: dict, repeat: int = 7) -> dict:
     """Open (cache present) + create a one-source job over the largest corpus; also a cold open."""
-    from mixer_service.engine import JobConfig, MixingEngine, Schedule
-    from mixer_service.prepare import PreparedSource
+    from mixer_contract.job import JobConfig
+    from mixer_contract.schedule import Schedule
+    from mixer_service.engine import MixingEngine
+    from mixer_service.sources.prepared import PreparedSource
 
     name = max(sources, key=lambda n: sources[n].meta.num_tokens)
     path = sources[name].meta.path
@@ -166,7 +170,9 @@ def many_source_engine(source, num_sources: int, total_steps: int = 100_000):
     """A K-source job, weights 1..K ramping to uniform (two schedule pieces). Each source is the whole
     corpus under its own name (so its own epoch order): K slices of a 2 M-token corpus would be so small
     that every source started a new epoch every step, which no real job does."""
-    from mixer_service.engine import JobConfig, MixingEngine, Schedule
+    from mixer_contract.job import JobConfig
+    from mixer_contract.schedule import Schedule
+    from mixer_service.engine import MixingEngine
 
     names = [f"s{i}" for i in range(num_sources)]
     sources = {n: source for n in names}

@@ -47,7 +47,7 @@ def our_epoch(source: _ShapeOnly, window: int | None, rows: int, steps: int = 10
               rounds: int = 5) -> tuple[np.ndarray, float, float]:
     """Chunk ids of epoch 0 in serving order; ms for a cold first step; ms per step over ``steps``
     consecutive steps from mid-epoch (per-window state amortised as in serving), best of ``rounds``."""
-    from mixer_service.engine.epoch_order import OrderSpec
+    from mixer_contract.job import OrderSpec
     from mixer_service.engine.layout import SourceLayout
 
     order = OrderSpec("window", window) if window else OrderSpec()

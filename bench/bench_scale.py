@@ -120,12 +120,14 @@ def s3_server(work: Path):
 
 
 def job(window: bool) -> dict:
+    from mixer_contract.schedule import Schedule
+
     config = {"sources": [{"name": "web", "role": "repeat"}], "seq_len": SEQ_LEN, "global_batch": BATCH,
               "seed": 7, "total_steps": 10**6}
     if window:
         config["order"] = {"kind": "window", "window_shards": WINDOW_SHARDS}
     return {"job_id": "bench", "config": config, "author": "bench", "reason": "bench",
-            "schedule": {"phases": [{"start_step": 0, "weights": {"web": 1}}]}}
+            "schedule": Schedule.constant({"web": 1})}
 
 
 def serve_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | None, window: bool) -> dict:
@@ -169,7 +171,9 @@ def serve_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | N
 
 
 def inproc_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | None, window: bool) -> dict:
-    from mixer_service.engine import JobConfig, MixingEngine, Schedule
+    from mixer_contract.job import JobConfig
+    from mixer_contract.schedule import Schedule
+    from mixer_service.engine import MixingEngine
     from mixer_service.sources import PreparedSource, ShardCache
     from mixer_service.sources.origins import S3Origin, s3_client
     from mixer_service.sources.prefetch import prefetch_ahead

@@ -34,7 +34,7 @@ from bench_engine import DOMAIN_WEIGHT, B, L, make_engine, peer_tokens_per_s
 from common import fmt_rate, job_config, log, open_sources, prepared_sources, print_table, schedule
 
 from client import MixerClient
-from mixer_service import wire
+from mixer_contract import wire
 from mixer_service.service.process import ServerProcess
 
 PEER_TARGET, P99_TARGET_MS = 5.0, 50.0

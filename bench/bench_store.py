@@ -25,9 +25,10 @@ from pathlib import Path
 import redis
 from common import DOMAIN, ROLES, WEB, log, prepared_sources
 
+from mixer_contract.schedule import Schedule
 from mixer_service.service.jobs import JobManager, etag
 from mixer_service.service.process import start_redis
-from mixer_service.service.sources import SourceRegistry
+from mixer_service.service.source_registry import SourceRegistry
 from mixer_service.store import StateStore
 from mixer_service.store.base import StoreLimits
 from mixer_service.store.embedded import EmbeddedStore
@@ -38,7 +39,7 @@ CONFIG = {"sources": [{"name": n, "role": ROLES[n]} for n in (DOMAIN, WEB)], "se
 
 
 def schedule(domain: str) -> dict:
-    return {"phases": [{"start_step": 0, "weights": {DOMAIN: domain, WEB: str(1 - Decimal(domain))}}]}
+    return Schedule.constant({DOMAIN: domain, WEB: str(1 - Decimal(domain))})
 
 
 def per_call_us(fn: Callable[[], object], repeat: int) -> float:

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mixer_service.engine import JobConfig, MixingEngine, Schedule
+from mixer_contract.job import JobConfig
+from mixer_contract.schedule import Schedule
+from mixer_service.engine import MixingEngine
 from mixer_service.prepare.tokenizer import ByteTokenizer
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.sources import PreparedSource

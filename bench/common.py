@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mixer_contract.schedule import Schedule
+
 ROOT = Path(__file__).resolve().parent.parent
 RAW = ROOT / "data" / "raw"
 TOK_DIR = ROOT / "data" / "tokenizer"
@@ -76,7 +78,7 @@ def prepared_sources() -> Path:
 
 def open_sources() -> dict:
     """``{name: PreparedSource}`` for both bench sources (preparing them first if needed)."""
-    from mixer_service.prepare import PreparedSource
+    from mixer_service.sources.prepared import PreparedSource
 
     root = prepared_sources()
     return {n: PreparedSource.open(root / n) for n in CORPORA}
@@ -136,7 +138,7 @@ def job_config(seq_len: int, global_batch: int, total_steps: int, allow_wrap: bo
 
 def schedule(domain_weight: float) -> dict:
     weights = {DOMAIN: domain_weight, WEB: round(1 - domain_weight, 12)}
-    return {"phases": [{"start_step": 0, "weights": weights}]}
+    return Schedule.constant(weights)
 
 
 def fmt_rate(x: float) -> str:

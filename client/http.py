@@ -22,7 +22,7 @@ from urllib.parse import quote
 import httpx
 
 from client.errors import ChecksumError, ClientRequestError, HTTPStatusError, RequestError, ServerError
-from mixer_service import wire
+from mixer_contract import wire
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from mixer_contract.schedule import Schedule
 from mixer_service.engine.mixture import MixturePlan
-from mixer_service.engine.schedule import Schedule, schedule_pieces
+from mixer_service.engine.schedule import schedule_pieces
 from mixer_service.planner.overfitting_law import OverfittingLaw
 from mixer_service.planner.watch import Forecast, RunPlan, forecast
 

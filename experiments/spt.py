@@ -48,11 +48,7 @@ import numpy as np
 import torch
 
 from client import MixerClient, MixerLoader
-from mixer_service.prepare.tokenizer import TextTokenizer, load_tokenizer
-from trainer.evaluate import evaluate
-from trainer.finetune import FinetuneConfig, epoch_batches, finetune
-from trainer.model import GPT, PRESETS, GPTConfig
-from trainer.recipe import (
+from mixer_demo.recipe import (
     RAW,
     ROOT,
     create_job,
@@ -63,6 +59,10 @@ from trainer.recipe import (
     to_sequences,
     web_docs,
 )
+from mixer_service.prepare.tokenizer import TextTokenizer, load_tokenizer
+from trainer.evaluate import evaluate
+from trainer.finetune import FinetuneConfig, epoch_batches, finetune
+from trainer.model import GPT, PRESETS, GPTConfig
 from trainer.train import TrainConfig, train
 
 # Peak pretraining learning rate per preset (cosine decay to a tenth of it).

@@ -32,12 +32,12 @@ from torch import nn  # noqa: E402
 
 from mixer_service.planner.codec import measure_codec_curve  # noqa: E402
 from mixer_service.planner.fashion_mnist import load_fashion_mnist  # noqa: E402
-from mixer_service.planner.images import EncodedSizes  # noqa: E402
+from mixer_service.planner.image_budget import EncodedSizes
 from mixer_service.planner.plots import draw_storage_fit  # noqa: E402
 from mixer_service.planner.randomized import assign_randomized  # noqa: E402
 from mixer_service.planner.storage_law import allocate, fit_storage_law  # noqa: E402
 from mixer_service.sources.image_codec import LOSSLESS  # noqa: E402
-from mixer_service.sources.images import INDEX_DTYPE, ImageSource, prepare_image_source  # noqa: E402
+from mixer_service.sources.image_source import INDEX_DTYPE, ImageSource, prepare_image_source
 
 ROOT = Path(__file__).resolve().parents[1]
 N_GRID = (1000, 2000, 4000, 8000, 16000)

@@ -1,4 +1,8 @@
-"""The ``mixer`` command: one sub-command per task, each registered by the module that implements it."""
+"""The ``mixer`` command: one sub-command per task, each registered by the module that implements it.
+
+This module is the top of the layout: it is the one place that imports both the service side (prepare,
+serve, plan) and the client side (the operator commands and export), so neither side imports the other.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,12 @@ import argparse
 import os
 import sys
 
-from mixer_service import export, ops_cli
-from mixer_service.errors import MixerError
+from client import export, operator_cli
+from mixer_contract.errors import MixerError
 from mixer_service.logs import configure
-from mixer_service.planner import cli as planner_cli
-from mixer_service.prepare import cli as prepare_cli
-from mixer_service.service import cli as serve_cli
+from mixer_service.planner import plan_command
+from mixer_service.prepare import prepare_command
+from mixer_service.service import serve_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mixer", description="Streaming data mixing for specialized pretraining"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (prepare_cli, serve_cli, planner_cli, ops_cli, export):
+    for module in (prepare_command, serve_command, plan_command, operator_cli, export):
         module.register(sub)
     return parser
 

@@ -30,7 +30,7 @@ import redis
 from conftest import RedisServer, start_redis_server
 from service_helpers import JOB, SCHEDULE, Server
 
-from mixer_service import wire
+from mixer_contract import wire
 from mixer_service.service.process import CLUSTER_NODE
 from mixer_service.store.redis_store import connect
 

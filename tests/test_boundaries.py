@@ -12,10 +12,12 @@ from service_helpers import JOB, Server, prepare_real_sources
 
 from client import MixerClient, MixerLoader
 from client.dataset import document_positions
-from mixer_service import wire
+from mixer_contract import wire
+from mixer_contract.job import JobConfig
+from mixer_contract.schedule import Schedule
 from mixer_service.cli import main
-from mixer_service.engine import JobConfig, MixingEngine, Schedule
-from mixer_service.prepare.source import PreparedSource
+from mixer_service.engine import MixingEngine
+from mixer_service.sources.prepared import PreparedSource
 
 # short rows over a domain-heavy mixture: many documents end inside a row
 CONFIG = JOB | {"seq_len": 512, "total_steps": 50, "allow_wrap": True}

@@ -36,9 +36,11 @@ from client import (
     ServerError,
 )
 from client.dataset import THREAD_PREFIX, data_parallel_position
-from mixer_service import wire
-from mixer_service.engine import JobConfig, MixingEngine, Schedule
-from mixer_service.prepare.source import PreparedSource
+from mixer_contract import wire
+from mixer_contract.job import JobConfig
+from mixer_contract.schedule import Schedule
+from mixer_service.engine import MixingEngine
+from mixer_service.sources.prepared import PreparedSource
 
 OPERATOR, READER = "op-secret", "rd-secret"
 TOKENS = {"MIXER_OPERATOR_TOKEN": OPERATOR, "MIXER_READER_TOKEN": READER}

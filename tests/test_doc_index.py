@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from service_helpers import reblock
 
-from mixer_service.engine import JobConfig, MixingEngine, Schedule
-from mixer_service.errors import CorruptData
+from mixer_contract.errors import CorruptData
+from mixer_contract.job import JobConfig
+from mixer_contract.schedule import Schedule
+from mixer_service.engine import MixingEngine
 from mixer_service.prepare.meta import META_FILE, OFFSETS_FILE, MetaFile
 from mixer_service.prepare.tokenizer import ByteTokenizer
 from mixer_service.prepare.writer import prepare_source

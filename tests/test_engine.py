@@ -1,4 +1,4 @@
-"""Property tests of every engine contract in docs/architecture.md (design.md "Contracts")."""
+"""Property tests of every engine contract in docs/architecture.md (docs/design.md "Contracts")."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from engine_fixtures import ArraySource, cut_log, jobs
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mixer_service.engine import JobConfig, MixingEngine, Schedule
-from mixer_service.errors import InvalidInput, NotFound
+from mixer_contract.errors import InvalidInput, NotFound
+from mixer_contract.job import JobConfig
+from mixer_contract.schedule import Schedule
+from mixer_service.engine import MixingEngine
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -8,10 +8,12 @@ from engine_fixtures import ArraySource, jobs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixer_service.engine import JobConfig, MixingEngine, Schedule
-from mixer_service.engine.epoch_order import DEFAULT_WINDOW_SHARDS, GlobalOrder, OrderSpec, WindowOrder
+from mixer_contract.errors import InvalidInput
+from mixer_contract.job import DEFAULT_WINDOW_SHARDS, JobConfig, OrderSpec
+from mixer_contract.schedule import Schedule
+from mixer_service.engine import MixingEngine
+from mixer_service.engine.epoch_order import GlobalOrder, WindowOrder
 from mixer_service.engine.layout import SourceLayout
-from mixer_service.errors import InvalidInput
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.storage import INDEX_BYTES, largest_n
-from mixer_service.planner.images import EncodedSizes
-from mixer_service.sources.images import prepare_image_source
+from mixer_service.planner.image_budget import EncodedSizes
+from mixer_service.sources.image_source import prepare_image_source
 
 
 def test_largest_n_fits_the_budget_with_the_index_counted(tmp_path):

@@ -7,11 +7,11 @@ import pytest
 from service_helpers import Server, prepare_real_sources
 
 from client import MixerClient
-from client.images import to_tensors
+from client.image_batches import to_tensors
+from mixer_contract.errors import InvalidInput
 from mixer_service.engine.samples import sample_indices
-from mixer_service.errors import InvalidInput
 from mixer_service.planner.fashion_mnist import load_fashion_mnist
-from mixer_service.sources.images import ImageSource, prepare_image_source
+from mixer_service.sources.image_source import ImageSource, prepare_image_source
 
 N = 500
 

@@ -20,8 +20,8 @@ import pytest
 from service_helpers import Server, reblock
 from test_sources_adopted import manifest, write_megatron
 
-from mixer_service.engine import JobConfig
-from mixer_service.errors import CorruptData
+from mixer_contract.errors import CorruptData
+from mixer_contract.job import JobConfig
 from mixer_service.prepare.meta import INDEX_BLOCK_ENTRIES, META_FILE, OFFSETS_FILE, MetaFile
 from mixer_service.prepare.tokenizer import ByteTokenizer
 from mixer_service.prepare.writer import prepare_source

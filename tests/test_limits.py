@@ -21,14 +21,14 @@ from fastapi.testclient import TestClient
 from service_helpers import JOB, SCHEDULE, Server, etag_of
 from test_service import new_job
 
-from mixer_service.engine.schedule import MAX_PHASES
-from mixer_service.errors import SourceUnavailable
+from mixer_contract.errors import SourceUnavailable
+from mixer_contract.schedule import MAX_PHASES
+from mixer_contract.values import WEIGHT_DIGITS
 from mixer_service.service.app import Settings, create_app
 from mixer_service.service.auth import Tokens
-from mixer_service.service.sources import SourceRegistry
+from mixer_service.service.source_registry import SourceRegistry
 from mixer_service.sources.origins import S3Origin, s3_client
 from mixer_service.store import open_store
-from mixer_service.values import WEIGHT_DIGITS
 
 
 def problem(response: httpx.Response, status: int) -> dict:

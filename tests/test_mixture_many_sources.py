@@ -1,4 +1,5 @@
-"""The engine contracts for jobs of 1 to 64 sources, with schedule changes mid-run (design.md "Contracts")."""
+"""The engine contracts for jobs of 1 to 64 sources, with schedule changes mid-run
+(docs/design.md "Contracts")."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from engine_fixtures import ArraySource, cut_log, jobs, schedules
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mixer_service.engine import JobConfig, MixingEngine, Schedule
-from mixer_service.engine.mixture import MAX_SOURCES, UNBOUNDED_HORIZON, error_bound
+from mixer_contract.job import MAX_SOURCES, JobConfig
+from mixer_contract.schedule import Schedule
+from mixer_service.engine import MixingEngine
+from mixer_service.engine.mixture import UNBOUNDED_HORIZON, error_bound
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MANY = {"max_steps": 30, "max_sources": 64}

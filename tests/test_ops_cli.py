@@ -14,8 +14,8 @@ import httpx
 import pytest
 from service_helpers import JOB, SCHEDULE, Server, prepare_real_sources
 
+from client.operator_cli import exit_code_for, parse_weights, table
 from mixer_service.cli import main
-from mixer_service.ops_cli import exit_code_for, parse_weights, table
 
 OPERATOR_TOKEN, READER_TOKEN = "op-secret", "rd-secret"
 TOKENS = {"MIXER_OPERATOR_TOKEN": OPERATOR_TOKEN, "MIXER_READER_TOKEN": READER_TOKEN}

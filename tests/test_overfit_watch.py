@@ -14,8 +14,8 @@ from test_store_contract import CONFIG, SCHEDULE, location  # noqa: F401 - the s
 
 from client import MixerClient
 from experiments.overfit_watch import LAW, Job, run_once
+from mixer_contract.errors import InvalidInput
 from mixer_service.cli import main
-from mixer_service.errors import InvalidInput
 from mixer_service.store import evals as evals_module
 from mixer_service.store.evals import EvalPoint, open_evals
 

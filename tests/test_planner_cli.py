@@ -9,7 +9,7 @@ import pytest
 from test_planner_images import have_fashion_mnist
 from test_planner_overfitting_law import TRUE, make_runs, true_argmin
 
-from mixer_service.planner.cli import register
+from mixer_service.planner.plan_command import register
 from mixer_service.planner.storage_law import StorageLaw
 
 

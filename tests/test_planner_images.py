@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 
-from mixer_service.errors import CorruptData, InvalidInput, NotFound
+from mixer_contract.errors import CorruptData, InvalidInput, NotFound
+from mixer_contract.image_samples import decode
 from mixer_service.planner.codec import CodecCurve, measure_codec_curve
 from mixer_service.planner.fashion_mnist import find_fashion_mnist, load_fashion_mnist
-from mixer_service.planner.images import EncodedSizes
-from mixer_service.sources.image_codec import LOSSLESS, decode, encode, split_header
-from mixer_service.sources.images import ImageSource, prepare_image_source
+from mixer_service.planner.image_budget import EncodedSizes
+from mixer_service.sources.image_codec import LOSSLESS, encode, split_header
+from mixer_service.sources.image_source import ImageSource, prepare_image_source
 
 
 def images(n: int = 40, seed: int = 0) -> np.ndarray:

@@ -7,7 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 from mixer_service.planner.overfitting_law import OverfittingLaw, fit_overfitting_law, holdout_check
 from mixer_service.planner.recommend import (
     FinetuneGain,

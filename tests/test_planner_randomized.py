@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixer_service.errors import InvalidInput
-from mixer_service.planner.images import EncodedSizes
+from mixer_contract.errors import InvalidInput
+from mixer_service.planner.image_budget import EncodedSizes
 from mixer_service.planner.randomized import assign_randomized, levels_at, spread_positions
 from mixer_service.sources.image_codec import LOSSLESS
 

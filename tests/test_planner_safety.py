@@ -12,7 +12,7 @@ import pytest
 from test_planner_cli import run
 from test_planner_overfitting_law import PAPER, make_runs, paper_runs
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 from mixer_service.planner import spt_plan
 from mixer_service.planner.budget import Deadline, FitCancelled, FitTimeout
 from mixer_service.planner.overfitting_law import _project, fit_overfitting_law

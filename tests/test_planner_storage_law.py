@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 from mixer_service.planner.storage_law import StorageLaw, allocate, fit_storage_law, load_points
 
 # Published Food101 / ResNet-50 fit (authors' code); Err* is not needed for the optimum.

@@ -21,14 +21,14 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixer_service.errors import Conflict, CorruptData, InvalidInput, NotFound
+from mixer_contract.errors import Conflict, CorruptData, InvalidInput, NotFound
 from mixer_service.prepare import cli
 from mixer_service.prepare.meta import token_dtype
 from mixer_service.prepare.readers import iter_documents
-from mixer_service.prepare.source import PreparedSource
 from mixer_service.prepare.tokenizer import ByteTokenizer, load_tokenizer
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.sources.doc_index import DocIndex
+from mixer_service.sources.prepared import PreparedSource
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "data" / "tokenizer"

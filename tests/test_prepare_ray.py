@@ -24,7 +24,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 from mixer_service.prepare.parts import merge_parts, tokenize_part
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer

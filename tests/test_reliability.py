@@ -18,8 +18,8 @@ import redis
 from service_helpers import JOB, RAW, SCHEDULE, Server, etag_of, prepare_real_sources
 from test_service import fetch, new_job
 
-from mixer_service import wire
-from mixer_service.errors import StoreBehind
+from mixer_contract import wire
+from mixer_contract.errors import StoreBehind
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import load_tokenizer
 from mixer_service.prepare.writer import prepare_source

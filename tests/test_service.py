@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from service_helpers import JOB, SCHEDULE, Server, etag_of
 
-from mixer_service import wire
-from mixer_service.engine import JobConfig, MixingEngine, Schedule
-from mixer_service.prepare.source import PreparedSource
+from mixer_contract import wire
+from mixer_contract.job import JobConfig
+from mixer_contract.schedule import Schedule
+from mixer_service.engine import MixingEngine
+from mixer_service.sources.prepared import PreparedSource
 
 OPERATOR = {"Authorization": "Bearer op-secret"}
 READER = {"Authorization": "Bearer rd-secret"}

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from service_helpers import RAW, Server
 
-from mixer_service import wire
-from mixer_service.errors import CorruptData, InvalidInput
+from mixer_contract import wire
+from mixer_contract.errors import CorruptData, InvalidInput
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import load_tokenizer
 from mixer_service.prepare.writer import prepare_source

@@ -17,7 +17,7 @@ from service_helpers import RAW
 from test_sources_adopted import assert_same, assert_served_like_prepared, manifest
 from test_sources_s3 import BUCKET, upload
 
-from mixer_service.errors import CorruptData, InvalidInput
+from mixer_contract.errors import CorruptData, InvalidInput
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.sources import PreparedSource, ShardCache, datatrove_ds
@@ -235,7 +235,7 @@ def test_served_batches_equal_the_prepared_source(corpus, datatrove_dir, tmp_pat
 def test_the_server_finds_adopted_prefixes_under_a_sources_url(s3, corpus, datatrove_dir, tmp_path) -> None:
     """``--sources-url s3://bucket/prefix`` opens adopted prefixes (a manifest, no meta.json) beside prepared
     ones; before, it listed only prepared ones and started with 0 sources."""
-    from mixer_service.service.sources import SourceRegistry
+    from mixer_service.service.source_registry import SourceRegistry
 
     _, prepared, tok = corpus
     upload(s3, copy_adoptable(datatrove_dir, tmp_path / "d", tok), "fleet/sotu")

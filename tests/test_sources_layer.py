@@ -26,8 +26,8 @@ def test_registry_contract_names_missing_broken_and_changed_sources(sources_dir,
 
     import pytest
 
-    from mixer_service.errors import NotFound, SourceUnavailable
-    from mixer_service.service.sources import SourceRegistry
+    from mixer_contract.errors import NotFound, SourceUnavailable
+    from mixer_service.service.source_registry import SourceRegistry
 
     root = tmp_path / "sources"
     shutil.copytree(sources_dir, root, ignore=shutil.ignore_patterns(".cache"))

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from service_helpers import JOB, SCHEDULE, Server, reblock
 
-from mixer_service import wire
-from mixer_service.engine import JobConfig, MixingEngine, Schedule
-from mixer_service.errors import CorruptData, SourceUnavailable
+from mixer_contract import wire
+from mixer_contract.errors import CorruptData, SourceUnavailable
+from mixer_contract.job import JobConfig
+from mixer_contract.schedule import Schedule
+from mixer_service.engine import MixingEngine
 from mixer_service.prepare.tokenizer import ByteTokenizer
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.service.process import free_port
@@ -177,7 +179,7 @@ def test_the_document_index_is_read_in_verified_blocks_by_ranged_gets(s3, many_s
 
 def test_a_location_with_no_source_is_not_ready_and_says_why(s3, tmp_path) -> None:
     """An S3 prefix (or a directory) that holds nothing servable used to start "ready" with 0 sources."""
-    from mixer_service.service.sources import SourceRegistry
+    from mixer_service.service.source_registry import SourceRegistry
 
     (tmp_path / "empty").mkdir()
     remote = SourceRegistry.load(tmp_path / "empty", tmp_path / "cache", s3_endpoint=s3,

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 from service_helpers import JOB, SCHEDULE, Server
 
-from mixer_service import wire
-from mixer_service.engine import JobConfig, MixingEngine, Schedule
-from mixer_service.errors import MixerError
+from mixer_contract import wire
+from mixer_contract.errors import MixerError
+from mixer_contract.job import JobConfig
+from mixer_contract.schedule import Schedule
+from mixer_service.engine import MixingEngine
 from mixer_service.prepare.tokenizer import ByteTokenizer
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.sources import PreparedSource

@@ -27,7 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixer_service.errors import (
+from mixer_contract.canonical import canonical_json, config_digest
+from mixer_contract.errors import (
     Conflict,
     CorruptData,
     InvalidInput,
@@ -37,15 +38,7 @@ from mixer_service.errors import (
     StoreUnavailable,
 )
 from mixer_service.store import ScheduleVersion, StateStore, open_store
-from mixer_service.store.base import (
-    MAX_COMMIT_ATTEMPTS,
-    ChangePlan,
-    JobHead,
-    StoreLimits,
-    canonical_json,
-    config_digest,
-    verify_chain,
-)
+from mixer_service.store.base import MAX_COMMIT_ATTEMPTS, ChangePlan, JobHead, StoreLimits, verify_chain
 from mixer_service.store.redis_store import RedisStore, connect, redact_url
 
 CONFIG = {"seq_len": 8, "global_batch": 4, "sources": ["web", "domain"]}

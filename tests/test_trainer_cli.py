@@ -26,7 +26,7 @@ import torch
 from service_helpers import Server
 
 from client import MixerClient
-from trainer.cli import build_parser, main, parse_args
+from trainer.train_command import build_parser, main, parse_args
 
 pytestmark = pytest.mark.slow
 SEQ_LEN, GLOBAL_BATCH, TOTAL_STEPS, MAX_STEPS = 33, 8, 64, 60

@@ -14,13 +14,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from mixer_service.engine.config import JobConfig
+from mixer_contract.errors import InvalidInput, NotFound
+from mixer_contract.job import JobConfig
+from mixer_contract.schedule import Schedule
+from mixer_contract.values import RankSlice, check_step
 from mixer_service.engine.layout import SourceLayout, Span, TokenSource
 from mixer_service.engine.mixture import MixturePlan
 from mixer_service.engine.permutation import Permutation, derive_key
-from mixer_service.engine.schedule import Schedule, active_versions, schedule_pieces
-from mixer_service.errors import InvalidInput, NotFound
-from mixer_service.values import RankSlice, check_step
+from mixer_service.engine.schedule import active_versions, schedule_pieces
 
 log = logging.getLogger(__name__)
 

@@ -18,16 +18,12 @@ chunks each shard starts), then O(log num_shards) per position; memory O(num_sha
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from mixer_service.engine.permutation import Permutation, derive_key
-from mixer_service.errors import InvalidInput
 
-DEFAULT_WINDOW_SHARDS = 16  # see docs/epoch_order.md for the measurement behind it
-MAX_WINDOW_SHARDS = 1 << 20
 _EPOCHS_KEPT = 64  # per-epoch state kept per source: batches straddle at most a couple of epochs
 # A window's permutation is used for ~1,000 consecutive steps, so it is tabulated (4 bytes per chunk of the
 # window: 2 MiB for 16 shards of 2^26 tokens at L=2048; larger windows fall back to per-position Feistel
@@ -131,33 +127,3 @@ class WindowOrder:
         shard = state.shard_at[slot]
         rank = state.first_chunk[shard] + (shuffled - before[slot])  # index in canonical chunk order
         return (rank + self._wrap(self._rotation(epoch))) % self._num_chunks
-
-
-@dataclass(frozen=True)
-class OrderSpec:
-    """A job's ``order`` option: ``{"kind": "global"}`` (the default) or ``{"kind": "window",
-    "window_shards": W}``."""
-
-    kind: str = "global"
-    window_shards: int = 0  # only for "window"
-
-    @classmethod
-    def parse(cls, data: Any) -> OrderSpec:
-        if data is None:
-            return cls()
-        if not isinstance(data, dict) or data.get("kind") not in ("global", "window"):
-            raise InvalidInput(f"order.kind: must be 'global' or 'window', got {str(data)[:80]}")
-        allowed = {"kind", "window_shards"} if data["kind"] == "window" else {"kind"}
-        if set(data) - allowed:
-            raise InvalidInput(f"order: unknown field(s) {sorted(set(data) - allowed)}")
-        if data["kind"] == "global":
-            return cls()
-        w = data.get("window_shards", DEFAULT_WINDOW_SHARDS)
-        if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_WINDOW_SHARDS:
-            raise InvalidInput(f"order.window_shards: must be an integer in [1, {MAX_WINDOW_SHARDS}], "
-                               f"got {w!r}")
-        return cls("window", w)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "window_shards": self.window_shards} if self.kind == "window" else {
-            "kind": self.kind}

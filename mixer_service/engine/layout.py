@@ -19,9 +19,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mixer_service.engine.epoch_order import EpochOrder, GlobalOrder, OrderSpec, WindowOrder
+from mixer_contract.errors import InvalidInput, NotFound
+from mixer_contract.job import OrderSpec
+from mixer_service.engine.epoch_order import EpochOrder, GlobalOrder, WindowOrder
 from mixer_service.engine.permutation import derive_key
-from mixer_service.errors import InvalidInput, NotFound
 
 
 class TokenSource(Protocol):

@@ -48,10 +48,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
+from mixer_contract.errors import InvalidInput
+from mixer_contract.job import MAX_SOURCES
 from mixer_service.engine.schedule import Piece
-from mixer_service.errors import InvalidInput
 
-MAX_SOURCES = 256
 UNBOUNDED_HORIZON = 2**62  # "depends on weights not chosen yet": no change may take effect
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mixer_contract.errors import InvalidInput
 from mixer_service.engine.permutation import Permutation, derive_key
-from mixer_service.errors import InvalidInput
 
 
 def sample_indices(num_samples: int, name: str, seed: int, step: int, batch_size: int,

@@ -2,7 +2,7 @@
 
 Pure functions over measurements; the service and the CLI call them. The names below are loaded on first
 use (PEP 562) because they need the optional "planner" extra (scipy, Pillow); importing the package, e.g.
-for ``planner.cli.register``, must work without it. ``plots`` (matplotlib) is imported explicitly.
+for ``planner.plan_command.register``, must work without it. ``plots`` (matplotlib) is imported explicitly.
 """
 
 from importlib import import_module

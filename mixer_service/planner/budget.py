@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from mixer_service.errors import TooLarge
+from mixer_contract.errors import TooLarge
 
 
 class FitTimeout(TooLarge):

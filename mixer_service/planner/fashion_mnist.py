@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixer_service.errors import CorruptData, InvalidInput
+from mixer_contract.errors import CorruptData, InvalidInput
 
 INSTALLED_DIR = Path("/usr/share/datasets/fashion-mnist")
 UNPACKED_DIR = Path(__file__).resolve().parents[2] / "data/raw/fashion-mnist/usr/share/datasets/fashion-mnist"

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 
 
 @dataclass(frozen=True)

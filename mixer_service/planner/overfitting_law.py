@@ -27,7 +27,7 @@ import numpy as np
 from scipy.optimize import least_squares, nnls
 from tqdm import tqdm
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 from mixer_service.planner import budget
 from mixer_service.planner.fit_stats import (
     FitQuality,

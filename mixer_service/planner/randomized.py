@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 from mixer_service.sources.image_codec import LOSSLESS, MAX_QUALITY, MIN_QUALITY
 
 MAX_ITERATIONS = 200

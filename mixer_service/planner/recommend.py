@@ -14,7 +14,8 @@ from decimal import Decimal
 import numpy as np
 from scipy.optimize import least_squares, minimize_scalar
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
+from mixer_contract.schedule import Schedule
 from mixer_service.planner.fit_stats import require_finite
 from mixer_service.planner.multiplier import ComputeMultiplier, compute_multiplier
 from mixer_service.planner.overfitting_law import OverfittingLaw, SptFit, interval95, prediction_warnings
@@ -338,4 +339,4 @@ def schedule_for_delta(delta: float, domain_source: str, web_source: str, start_
     # Six decimals, as exact decimal strings, so the two weights sum to exactly 1 for the engine.
     domain = Decimal(f"{delta:.6f}")
     weights = {domain_source: str(domain), web_source: str(1 - domain)}
-    return {"phases": [{"start_step": int(start_step), "weights": weights}]}
+    return Schedule.constant(weights, int(start_step))

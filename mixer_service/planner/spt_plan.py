@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 from mixer_service.planner import budget
 from mixer_service.planner.fit_stats import strict_json
 from mixer_service.planner.next_pilot import PilotSuggestion, suggest_pilots

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 
 TOKENS_KEYS = ("tokens", "T", "tokens_seen", "train_tokens", "consumed_tokens")
 DELTA_KEYS = ("delta", "δ", "domain_fraction", "domain_weight")

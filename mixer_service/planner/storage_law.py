@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import curve_fit
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 from mixer_service.planner.fit_stats import (
     FitQuality,
     ParamEstimate,

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mixer_service.errors import CorruptData
+from mixer_contract.errors import CorruptData
 
 FORMAT_NAME = "mixer-prepared-source"
 FORMAT_VERSION = 1

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import zstandard
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 from mixer_service.prepare.meta import SourceMeta, token_dtype
 from mixer_service.prepare.readers import (
     FORMATS,

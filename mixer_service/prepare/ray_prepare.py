@@ -24,7 +24,7 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from mixer_service.errors import CorruptData, InvalidInput, MixerError
+from mixer_contract.errors import CorruptData, InvalidInput, MixerError
 from mixer_service.prepare.meta import SourceMeta
 from mixer_service.prepare.parts import (
     CHUNK_TOKENS,

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 import zstandard
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 

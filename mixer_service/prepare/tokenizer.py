@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import numpy as np
 import zstandard
 from tqdm import tqdm
 
-from mixer_service.errors import Conflict, InvalidInput
+from mixer_contract.errors import Conflict, InvalidInput
 from mixer_service.prepare.meta import (
     META_FILE,
     OFFSETS_FILE,

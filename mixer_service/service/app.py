@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 from mixer_service.service import problems
 from mixer_service.service.auth import Tokens
 from mixer_service.service.jobs import JobManager
@@ -25,28 +25,17 @@ from mixer_service.service.routes import (
     dashboard,
     forecast,
     health,
-    images,
+    image_batches,
     jobs,
     plan,
     repetitions,
     schedule,
 )
-from mixer_service.service.sources import SourceRegistry
+from mixer_service.service.settings import PlanLimits, ServiceLimits
+from mixer_service.service.source_registry import SourceRegistry
 from mixer_service.store import StateStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    """Per-request bounds of the HTTP layer (the store's own caps live in ``StoreLimits``)."""
-
-    max_body_bytes: int = 1 << 20
-    max_request_tokens: int = 1 << 24  # rows x seq_len of one batch response (64 MiB of uint32)
-    threads: int = 32  # handlers that block (store I/O) run in this many threads
-    batch_threads: int = 4  # batches made at once: more only convoy on the GIL (see routes/batches.py)
-    max_in_flight: int = 256  # requests at once before a problem+json 503 (probes exempt)
-    high_water_watch_s: float = 10.0  # re-check served jobs against the store this often (0: never)
 
 
 @dataclass
@@ -55,6 +44,7 @@ class Settings:
     sources: SourceRegistry
     tokens: Tokens
     limits: ServiceLimits = field(default_factory=ServiceLimits)
+    plan: PlanLimits = field(default_factory=PlanLimits)
 
 
 class BodyLimit:
@@ -180,11 +170,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.jobs = JobManager(settings.store, settings.sources)
     app.state.tokens = settings.tokens
     app.state.limits = settings.limits
+    app.state.plan_limits = settings.plan
     app.state.metrics = Metrics()
     app.state.prefetched = {}
     app.state.unsafe_off = unsafe_switches()
     problems.install(app)
-    for module in (jobs, batches, images, schedule, repetitions, plan, forecast, health, dashboard):
+    for module in (jobs, batches, image_batches, schedule, repetitions, plan, forecast, health, dashboard):
         app.include_router(module.router)
     if "limits" not in app.state.unsafe_off:
         app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes)

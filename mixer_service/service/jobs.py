@@ -36,9 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mixer_service.engine import JobConfig, MixingEngine, Schedule, ScheduleLog
-from mixer_service.engine.mixture import UNBOUNDED_HORIZON
-from mixer_service.errors import (
+from mixer_contract.canonical import canonical_json, config_digest
+from mixer_contract.errors import (
     Conflict,
     CorruptData,
     InvalidInput,
@@ -50,12 +49,16 @@ from mixer_service.errors import (
     StoreUnavailable,
     TooLarge,
 )
-from mixer_service.service.sources import SourceRegistry
+from mixer_contract.job import JobConfig
+from mixer_contract.schedule import Schedule
+from mixer_contract.values import STEP, RankSlice, check_step, check_trained_step
+from mixer_service.engine import MixingEngine, ScheduleLog
+from mixer_service.engine.mixture import UNBOUNDED_HORIZON
+from mixer_service.service.source_registry import SourceRegistry
 from mixer_service.store import ScheduleVersion, StateStore
-from mixer_service.store.base import ChangePlan, JobHead, canonical_json, config_digest, verify_chain
-from mixer_service.values import STEP, RankSlice, check_step, check_trained_step
+from mixer_service.store.base import ChangePlan, JobHead, verify_chain
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 WATCH_RECENT_S = 3600.0  # jobs served this recently are re-checked by the high-water watch
 
@@ -74,7 +77,7 @@ class JobRuntime:
     config: JobConfig
     incarnation: str
     versions: tuple[ScheduleVersion, ...]
-    log: ScheduleLog
+    schedule_log: ScheduleLog
     engine: MixingEngine
     legacy: bool = False  # created before version 1 committed to the config: config edits go unnoticed
 
@@ -107,9 +110,9 @@ class JobRuntime:
     def extended(self, new: list[ScheduleVersion], engine: MixingEngine | None = None) -> JobRuntime:
         """This runtime with ``new`` appended; only the new entries are parsed (O(1) in history length)."""
         names = self.config.source_names
-        log_ = self.log + [(v.effective_step, Schedule.parse(v.schedule, names)) for v in new]
-        return JobRuntime(self.job_id, self.config, self.incarnation, self.versions + tuple(new), log_,
-                          engine or self.engine.with_log(log_), self.legacy)
+        longer = self.schedule_log + [(v.effective_step, Schedule.parse(v.schedule, names)) for v in new]
+        return JobRuntime(self.job_id, self.config, self.incarnation, self.versions + tuple(new), longer,
+                          engine or self.engine.with_log(longer), self.legacy)
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,7 @@ class JobManager:
                     f"at or after total_steps={runtime.config.total_steps}"
                 )
             if effective not in engines:
-                engines[effective] = runtime.engine.with_log(runtime.log + [(effective, schedule)])
+                engines[effective] = runtime.engine.with_log(runtime.schedule_log + [(effective, schedule)])
             return ChangePlan(effective, safe_high_water(runtime.engine, effective))
 
         new = self.store.change_schedule(
@@ -294,7 +297,7 @@ class JobManager:
             except StoreBehind as exc:
                 found.append(exc.fault)
             except MixerError as exc:  # store down, job gone or damaged: the next request says so
-                log.debug("high-water watch skipped a job", extra={"job_id": job_id, "error": str(exc)})
+                logger.debug("high-water watch skipped a job", extra={"job_id": job_id, "error": str(exc)})
         return found
 
     def report_progress(self, job_id: str, trained_step: Any) -> None:
@@ -305,7 +308,7 @@ class JobManager:
     # -- the checks --------------------------------------------------------------------------------
 
     def _fault(self, job_id: str, fault: str, detail: str) -> StoreBehind:
-        log.error("state store is behind this replica", extra={"job_id": job_id, "fault": fault,
+        logger.error("state store is behind this replica", extra={"job_id": job_id, "fault": fault,
                                                                 "detail": detail})
         self._on_fault(fault)
         return StoreBehind(fault, f"job {job_id!r}: {detail}; not serving from a log that cannot be "
@@ -386,7 +389,8 @@ class JobManager:
             if version.chain == head.served_chain:
                 return
             try:
-                bound = safe_high_water(runtime.engine.with_log(runtime.log[:i]), version.effective_step)
+                prefix = runtime.engine.with_log(runtime.schedule_log[:i])
+                bound = safe_high_water(prefix, version.effective_step)
             except InvalidInput:  # a prefix later versions made servable: the plain rule still holds
                 bound = version.effective_step - 1
             if head.served_high_water > bound:
@@ -430,20 +434,21 @@ class JobManager:
             raise self._fault(job_id, "chain_broken", "the job config in the store is not the one schedule "
                               "version 1 committed to (edited in place?)")
         if not committed:
-            log.warning("job log does not commit to its config", extra={"job_id": job_id})
+            logger.warning("job log does not commit to its config", extra={"job_id": job_id})
         try:
             config = JobConfig.parse(config_doc)
         except InvalidInput as exc:
             raise CorruptData(f"job {job_id!r}: the stored config is invalid: {exc}") from exc
         config = self._attach_sources(job_id, config)
-        log_ = [(v.effective_step, Schedule.parse(v.schedule, config.source_names)) for v in versions]
-        return JobRuntime(job_id, config, head.incarnation, tuple(versions), log_,
-                          self._new_engine(config, log_), legacy=not committed)
+        schedule_log = [(v.effective_step, Schedule.parse(v.schedule, config.source_names)) for v in versions]
+        return JobRuntime(job_id, config, head.incarnation, tuple(versions), schedule_log,
+                          self._new_engine(config, schedule_log), legacy=not committed)
 
     # -- sources -----------------------------------------------------------------------------------
 
-    def _new_engine(self, config: JobConfig, log_: ScheduleLog) -> MixingEngine:
-        return MixingEngine.create(config, {s.name: self.sources.get(s.name) for s in config.sources}, log_)
+    def _new_engine(self, config: JobConfig, schedule_log: ScheduleLog) -> MixingEngine:
+        sources = {s.name: self.sources.get(s.name) for s in config.sources}
+        return MixingEngine.create(config, sources, schedule_log)
 
     def _pin_sources(self, config: JobConfig) -> JobConfig:
         """Pin each source's fingerprint and root (the hashes its bytes are checked against); a mismatch

@@ -1,4 +1,8 @@
-"""Domain errors -> RFC 9457 problem+json responses; one table, one handler, and their OpenAPI description."""
+"""Domain errors -> RFC 9457 problem+json responses: the handlers and their OpenAPI description.
+
+The table (which error is which status, title and ``fault``) is the contract's (``mixer_contract.errors``),
+so clients read the same one.
+"""
 
 from __future__ import annotations
 
@@ -8,73 +12,22 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from mixer_service.errors import (
-    Conflict,
-    CorruptData,
-    InvalidInput,
-    MixerError,
-    NotFound,
-    SourceUnavailable,
-    StaleVersion,
-    StoreBehind,
-    StoreUnavailable,
-    TooLarge,
-)
+from mixer_contract.errors import TITLES, MixerError, fault_of, status_of
+from mixer_service.service.routes.models import Problem
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
 RETRY_AFTER_S = 2
-
-_STATUS: list[tuple[type[MixerError], int, str]] = [
-    (TooLarge, 413, "Content too large"),
-    (InvalidInput, 422, "Invalid input"),
-    (NotFound, 404, "Not found"),
-    (Conflict, 409, "Conflict"),
-    (StaleVersion, 412, "Precondition failed"),
-    (StoreUnavailable, 503, "State store unavailable"),
-    (StoreBehind, 503, "State store is behind this replica"),
-    (SourceUnavailable, 503, "Source unavailable"),
-    (CorruptData, 503, "Corrupt data"),
-]
-
-
-# The extension member ``fault`` names why a 503 was answered, for clients, logs and the metric.
-_FAULTS: list[tuple[type[MixerError], str]] = [
-    (SourceUnavailable, "source_unavailable"),
-    (StoreUnavailable, "store_unavailable"),
-    (CorruptData, "corrupt_data"),
-]
-
-_TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
-           405: "Method not allowed",
-           409: "Conflict", 412: "Precondition failed", 413: "Content too large", 422: "Invalid input",
-           428: "Precondition required", 500: "Internal error", 503: "Service unavailable"}
-
-
-class Problem(BaseModel):
-    """RFC 9457 problem details, as every error of this API is reported."""
-
-    type: str = Field(default="about:blank")
-    title: str
-    status: int
-    detail: str
-    instance: str
-    fault: str | None = Field(default=None, description="503 only: why the service is unavailable "
-                              "(store_unavailable, overloaded, source_unavailable, corrupt_data, "
-                              "job_missing, incarnation_changed, version_rollback, high_water_rollback, "
-                              "chain_broken)")
-
 
 def responses(*statuses: int, ok: dict[str, Any] | None = None) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for the problem statuses a route can answer (401, 422 and 503 apply
     everywhere), plus ``ok`` as the 200 response when the route's success is not JSON."""
     documented: dict[int | str, dict[str, Any]] = {200: ok} if ok else {}
     return documented | {
-        status: {"model": Problem, "description": _TITLES[status],
+        status: {"model": Problem, "description": TITLES[status],
                  "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
         for status in sorted(set(statuses) | {401, 422, 503})
     }
@@ -97,26 +50,17 @@ def problem(status: int, title: str, detail: str, instance: str, headers: dict[s
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
-def fault_of(exc: MixerError) -> str | None:
-    if isinstance(exc, StoreBehind):
-        return exc.fault
-    return next((name for cls, name in _FAULTS if isinstance(exc, cls)), None)
-
-
 def install(app: FastAPI) -> None:
     @app.exception_handler(MixerError)
     async def _mixer(request: Request, exc: MixerError):
-        for cls, status, title in _STATUS:
-            if isinstance(exc, cls):
-                headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-                fault = fault_of(exc)
-                if fault is not None:
-                    request.app.state.metrics.faults.labels(fault).inc()
-                if status >= 500:
-                    log.error("request failed", extra={"path": request.url.path, "error": str(exc),
-                                                       "fault": fault})
-                return problem(status, title, str(exc), request.url.path, headers, fault)
-        return problem(500, "Internal error", str(exc), request.url.path)
+        status, title = status_of(exc)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        fault = fault_of(exc)
+        if fault is not None:
+            request.app.state.metrics.faults.labels(fault).inc()
+        if status >= 500:
+            log.error("request failed", extra={"path": request.url.path, "error": str(exc), "fault": fault})
+        return problem(status, title, str(exc), request.url.path, headers, fault)
 
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError):
@@ -142,7 +86,7 @@ def install(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(_allowed_methods(request))
-        return problem(exc.status_code, _TITLES.get(exc.status_code, str(exc.detail)), str(exc.detail),
+        return problem(exc.status_code, TITLES.get(exc.status_code, str(exc.detail)), str(exc.detail),
                        request.url.path, headers)
 
 

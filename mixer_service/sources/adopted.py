@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from mixer_service.errors import CorruptData, InvalidInput, SourceUnavailable
+from mixer_contract.errors import CorruptData, InvalidInput, SourceUnavailable
 from mixer_service.prepare.meta import (
     DTYPES,
     IndexBlocks,
@@ -60,7 +60,7 @@ from mixer_service.sources.cache import Shard, ShardCache
 from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, open_handle, pread_exact
 from mixer_service.sources.doc_index import DocIndex
 from mixer_service.sources.origins import LocalOrigin, Origin
-from mixer_service.sources.prepared import ShardedSource, _write_atomic, as_verify_mode, open_index
+from mixer_service.sources.prepared import ShardedSource, as_verify_mode, open_index, write_atomic
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
 
 log = logging.getLogger(__name__)
@@ -425,7 +425,7 @@ def adopt(where: Path | Origin, state: Path, *, force: bool = False) -> dict:
     offsets_hash.update(doc_offsets.tobytes())
     buffer = _npy_bytes(doc_offsets)
     state.mkdir(parents=True, exist_ok=True)
-    _write_atomic(state / OFFSETS, buffer)
+    write_atomic(state / OFFSETS, buffer)
     record = {
         "format": RECORD_FORMAT, "version": RECORD_VERSION, "manifest_sha256": manifest_sha,
         "inputs": [probe(directory, name) if directory else datatrove_ds.probe(origin, name)
@@ -436,7 +436,7 @@ def adopt(where: Path | Origin, state: Path, *, force: bool = False) -> dict:
         "num_docs": int(doc_offsets.size - 1), "num_tokens": int(base), "block_tokens": BLOCK_TOKENS,
         "parts": parts, "doc_index_blocks": IndexBlocks.of_file(state / OFFSETS).to_json(),
     }
-    _write_atomic(record_path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(record_path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     log.info("adopted %s: %d docs, %d tokens in %.1fs", origin.describe(""), record["num_docs"], base,
              time.perf_counter() - started, extra={"event": "adopt.done", "source": m.name,
                                                     "fingerprint": record["fingerprint"]})
@@ -608,7 +608,7 @@ class AdoptedSource(ShardedSource):
         record = adopt(origin, state)
         if record["manifest_sha256"] != hashlib.sha256(data).hexdigest():
             raise SourceUnavailable(f"{origin.describe(MANIFEST)}: changed while being adopted; open again")
-        _write_atomic(state / MANIFEST, data)  # watched like a local manifest
+        write_atomic(state / MANIFEST, data)  # watched like a local manifest
         dtype = np.dtype(m.dtype).newbyteorder("<")
         ranges, block = datatrove_ds.BlockOrigin(origin), record["block_tokens"]
         shards = []

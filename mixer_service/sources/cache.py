@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from mixer_service.errors import CorruptData, InvalidInput, MixerError
+from mixer_contract.errors import CorruptData, InvalidInput, MixerError
 from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, find_token_above, open_handle
 from mixer_service.sources.origins import Origin
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode

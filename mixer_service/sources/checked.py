@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from mixer_service.errors import CorruptData
+from mixer_contract.errors import CorruptData
 
 CHECK_BLOCK = 4096  # bytes a checksum covers: a 2048-token uint16 row touches at most 2 blocks
 _sum = xxhash.xxh3_64_intdigest

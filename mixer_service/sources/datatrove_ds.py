@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from mixer_service.errors import CorruptData, InvalidInput, MixerError, SourceUnavailable
+from mixer_contract.errors import CorruptData, InvalidInput, MixerError, SourceUnavailable
 from mixer_service.sources.origins import LocalOrigin, Origin, S3Origin
 from mixer_service.sources.verify import FileStamp
 

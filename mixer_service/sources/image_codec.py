@@ -13,7 +13,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from mixer_service.errors import CorruptData, InvalidInput
+from mixer_contract.errors import InvalidInput
 
 LOSSLESS = 101  # quality code for lossless storage (PNG); sorts above every JPEG quality
 MIN_QUALITY, MAX_QUALITY = 1, 100
@@ -42,15 +42,6 @@ def encode(image: np.ndarray, quality: int) -> bytes:
     else:
         Image.fromarray(image).save(buf, format="JPEG", quality=int(quality))
     return buf.getvalue()
-
-
-def decode(data: bytes) -> np.ndarray:
-    """Decode JPEG or PNG bytes to a uint8 array (HxW for grayscale)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("L") if img.mode not in ("L", "RGB") else img, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise CorruptData(f"image bytes do not decode: {e}") from None
 
 
 def split_header(data: bytes) -> tuple[bytes, bytes]:

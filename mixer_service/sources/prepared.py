@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixer_service.errors import CorruptData, MixerError, NotFound
+from mixer_contract.errors import CorruptData, MixerError, NotFound
 from mixer_service.prepare.meta import (
     META_FILE,
     OFFSETS_FILE,
@@ -196,10 +196,10 @@ class PreparedSource(ShardedSource):
         index copied whole."""
         index_dir = Path(index_dir)
         index_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(index_dir / META_FILE, origin.read(META_FILE))
+        write_atomic(index_dir / META_FILE, origin.read(META_FILE))
         info = MetaFile.load(index_dir)
         if info.doc_index is None:
-            _write_atomic(index_dir / OFFSETS_FILE, origin.read(OFFSETS_FILE))
+            write_atomic(index_dir / OFFSETS_FILE, origin.read(OFFSETS_FILE))
         else:
             header = npy_header(info.source.num_docs + 1)
             if len(header) != info.doc_index.data_offset:  # written by another numpy: ask for its own
@@ -282,7 +282,8 @@ def _sha256_file(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never a torn write (a crash leaves no temp file behind)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 from mixer_service.store.base import ScheduleVersion, StateStore, StoreLimits
 from mixer_service.store.embedded import EmbeddedStore
 

@@ -34,12 +34,13 @@ from dataclasses import asdict, dataclass, replace
 from types import TracebackType
 from typing import Any
 
-from mixer_service.errors import Conflict, CorruptData, InvalidInput, StaleVersion
-from mixer_service.values import VERSION
+from mixer_contract.canonical import canonical_json, config_digest
+from mixer_contract.errors import Conflict, CorruptData, InvalidInput, StaleVersion
+from mixer_contract.job import JOB_ID_PATTERN
+from mixer_contract.values import VERSION
 
 logger = logging.getLogger(__name__)
 
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 INCARNATION_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 CHAIN_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
@@ -110,11 +111,6 @@ def verify_chain(previous_chain: str, versions: Sequence[ScheduleVersion]) -> bo
     return True
 
 
-def config_digest(config_json: str) -> str:
-    """What version 1 commits to: the sha256 of the job config's canonical JSON."""
-    return hashlib.sha256(config_json.encode()).hexdigest()
-
-
 @dataclass(frozen=True)
 class JobHead:
     """Everything a request must know to prove its view of a job current, read in one atomic step."""
@@ -169,11 +165,6 @@ def new_incarnation() -> str:
 
 def job_limit_error(limits: StoreLimits) -> Conflict:
     return Conflict(f"this server holds its limit of {limits.max_jobs} jobs; raise --max-jobs or remove jobs")
-
-
-def canonical_json(value: Any) -> str:
-    """Sorted keys, no whitespace: equal values give equal bytes (and equal chain hashes) everywhere."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def to_json(value: dict[str, Any], what: str) -> str:

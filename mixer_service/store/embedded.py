@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mixer_service.errors import CorruptData, NotFound, StoreUnavailable
+from mixer_contract.errors import CorruptData, NotFound, StoreUnavailable
+from mixer_contract.values import STEP, TRAINED_STEP
 from mixer_service.store.base import (
     JobHead,
     ScheduleVersion,
@@ -33,7 +34,6 @@ from mixer_service.store.base import (
     new_incarnation,
     to_json,
 )
-from mixer_service.values import STEP, TRAINED_STEP
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixer_service.errors import CorruptData, InvalidInput, StoreUnavailable
+from mixer_contract.errors import CorruptData, InvalidInput, StoreUnavailable
+from mixer_contract.values import COUNT, STEP
 from mixer_service.store.base import StateStore, check_job_id
 from mixer_service.store.embedded import BUSY_TIMEOUT_S, EmbeddedStore
-from mixer_service.values import COUNT, STEP
 
 MAX_POINTS = 4096  # per job and source: a curve every 10 steps of a 40k-step run
 MAX_LOSS = 1e4  # a held-out loss in nats per token; anything larger is a broken evaluator

@@ -37,7 +37,8 @@ from redis.backoff import EqualJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from mixer_service.errors import CorruptData, NotFound, StoreUnavailable
+from mixer_contract.errors import CorruptData, NotFound, StoreUnavailable
+from mixer_contract.values import STEP, TRAINED_STEP
 from mixer_service.store.base import (
     JobHead,
     ScheduleVersion,
@@ -49,7 +50,6 @@ from mixer_service.store.base import (
     job_limit_error,
     to_json,
 )
-from mixer_service.values import STEP, TRAINED_STEP
 
 logger = logging.getLogger(__name__)
 

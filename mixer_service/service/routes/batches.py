@@ -11,14 +11,14 @@ import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
-from mixer_service import wire
+from mixer_contract import wire
+from mixer_contract.values import RankSlice, check_step
 from mixer_service.service.auth import require_reader
 from mixer_service.service.jobs import JobManager
 from mixer_service.service.problems import responses
 from mixer_service.service.routes.deps import jobs
-from mixer_service.service.routes.models import JobId
+from mixer_service.service.routes.models import JobId, Rank, Step, World
 from mixer_service.sources.prefetch import prefetch_ahead
-from mixer_service.values import Rank, RankSlice, Step, World, check_step
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["batches"], dependencies=[Depends(require_reader)])
 

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse
 
-from mixer_service.errors import NotFound
+from mixer_contract.errors import NotFound
 from mixer_service.service.auth import require_reader
 
 router = APIRouter(tags=["dashboard"])

@@ -15,35 +15,19 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
 
-from mixer_service.errors import InvalidInput, MixerError
+from mixer_contract.errors import InvalidInput, MixerError
+from mixer_contract.values import check_step
 from mixer_service.service.auth import require_operator, require_reader
 from mixer_service.service.jobs import JobManager, JobView
 from mixer_service.service.problems import responses
 from mixer_service.service.routes.deps import jobs
-from mixer_service.service.routes.models import JobId
-from mixer_service.store.evals import MAX_LOSS, EvalPoint, EvalStore, open_evals
-from mixer_service.values import COUNT, Step, check_step
+from mixer_service.service.routes.models import Eval, JobId, LawBody
+from mixer_service.store.evals import EvalPoint, EvalStore, open_evals
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["forecast"])
 CACHED_JOBS = 1024
 _lock = threading.Lock()
-
-
-class Eval(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    step: Step = Field(description="last data step trained when the model was evaluated")
-    source: str = Field(min_length=1, max_length=200, description="the job source the held-out rows are from")
-    loss: float = Field(ge=0, le=MAX_LOSS, allow_inf_nan=False, description="mean loss per token (nats)")
-    tokens: COUNT.field() = Field(default=0, description="tokens trained through step")  # type: ignore[valid-type]
-
-
-class LawBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    law: dict[str, float] = Field(description="the `law` object of `mixer plan spt --json`")
 
 
 def evals_of(request: Request) -> EvalStore:

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mixer_service.errors import MixerError, StoreUnavailable
+from mixer_contract.errors import MixerError, StoreUnavailable
 from mixer_service.service.metrics import QUANTILES
 
 router = APIRouter(tags=["health"])

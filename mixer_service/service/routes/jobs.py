@@ -3,33 +3,18 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
 
 from mixer_service.service.auth import require_operator, require_reader
 from mixer_service.service.jobs import JobManager
 from mixer_service.service.problems import responses
 from mixer_service.service.routes.deps import jobs
-from mixer_service.service.routes.models import JobConfigModel, JobId, ScheduleModel
-from mixer_service.store.base import JOB_ID_PATTERN
-from mixer_service.values import TrainedStep
+from mixer_service.service.routes.models import (
+    CreateJob,
+    JobId,
+    Progress,
+)
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
-
-
-class CreateJob(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    job_id: str = Field(pattern=JOB_ID_PATTERN.pattern)
-    config: JobConfigModel
-    schedule: ScheduleModel
-    author: str = Field(default="", max_length=200)
-    reason: str = Field(default="", max_length=2000)
-
-
-class Progress(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    trained_step: TrainedStep = Field(description="last step trained, in [-1, total_steps); -1: nothing")
 
 
 @router.post("/jobs", status_code=201, dependencies=[Depends(require_operator)],

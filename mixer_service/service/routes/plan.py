@@ -11,54 +11,30 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from mixer_service.errors import InvalidInput, TooLarge
+from mixer_contract.errors import InvalidInput, TooLarge
 from mixer_service.service.auth import require_reader
 from mixer_service.service.problems import responses
+from mixer_service.service.routes.models import SptRequest, StorageRequest
+from mixer_service.service.settings import PlanLimits
 
 if TYPE_CHECKING:
     from mixer_service.planner.budget import Deadline
 
 router = APIRouter(prefix="/v1/plan", tags=["planner"], dependencies=[Depends(require_reader)])
 
-HARD_MAX_ITEMS = 100_000  # schema bound; the configured PlanLimits are far below it
+
 DISCONNECT_POLL_S = 0.25  # how often a running fit's client is checked
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PlanLimits:
-    """Per-request bounds of the planner; set with MIXER_PLAN_MAX_RUNS / _MAX_POINTS / _MAX_BOOTSTRAP /
-    _MAX_SECONDS (the wall-clock budget of one fit: its bootstrap stops there, a point fit past it is 413)."""
-
-    max_runs: int = 1000
-    max_points: int = 1000
-    max_bootstrap: int = 200
-    max_seconds: int = 120
-
-    @classmethod
-    def from_env(cls) -> PlanLimits:
-        values = {}
-        for name in ("max_runs", "max_points", "max_bootstrap", "max_seconds"):
-            raw = os.environ.get(f"MIXER_PLAN_{name.upper()}")
-            if raw is not None:
-                if not raw.isdigit() or int(raw) < 1:
-                    raise InvalidInput(f"MIXER_PLAN_{name.upper()} must be an integer >= 1, got {raw!r}")
-                values[name] = int(raw)
-        return cls(**values)
-
-
-LIMITS = PlanLimits.from_env()
 
 
 def _check(what: str, count: int, limit: int, env: str) -> None:
@@ -66,69 +42,15 @@ def _check(what: str, count: int, limit: int, env: str) -> None:
         raise TooLarge(f"{what}: {count} asked, this server allows at most {limit} per request ({env})")
 
 
-class SptRun(BaseModel):
-    tokens: float = Field(gt=0, description="pretraining tokens T at the measurement")
-    delta: float = Field(ge=0, le=1, description="domain fraction δ (a fraction: 0.05 = 5%)")
-    domain_loss: float = Field(gt=0, description="held-out domain loss")
-    domain_train_loss: float | None = Field(default=None, gt=0, description="domain training-set loss")
-
-
-class FinetunePoint(BaseModel):
-    tokens: float = Field(gt=0)
-    gain: float = Field(description="domain loss before finetuning − after")
-    delta: float | None = Field(default=None, ge=0, le=1, description="δ of the run (all or none)")
-
-
-class SptRequest(BaseModel):
-    runs: list[SptRun] = Field(min_length=1, max_length=HARD_MAX_ITEMS)
-    target_tokens: float | list[float] = Field(description="token budget T, or several: δ*(T) from one fit")
-    domain_tokens: float = Field(gt=0, description="|D|: domain set size in tokens")
-    delta_range: tuple[float, float] | None = Field(default=None, description="δ search range [low, high]")
-    bootstrap: int = Field(default=50, ge=0)
-    seed: int = 0
-    tokens_unit: float = Field(default=1e9, gt=0, description="unit of T of the reported constants; the "
-                               "fit and its answers do not depend on it")
-    max_seconds: float | None = Field(default=None, gt=0, description="wall-clock budget, at most the "
-                                      "server's (MIXER_PLAN_MAX_SECONDS)")
-    holdout_delta: float | None = Field(default=None, ge=0, le=1, description="§5.3 holdout check at this δ")
-    predict_deltas: list[float] = Field(default_factory=list, max_length=100)
-    finetune: list[FinetunePoint] | None = Field(
-        default=None, max_length=HARD_MAX_ITEMS, description="Eq. 7 gains; with δ the post-finetune δ*"
-    )
-    domain_source: str | None = Field(default=None, description="with web_source: also return a schedule")
-    web_source: str | None = None
-
-    @model_validator(mode="after")
-    def _both_sources_or_none(self) -> SptRequest:
-        if (self.domain_source is None) != (self.web_source is None):
-            raise ValueError("give both domain_source and web_source, or neither")
-        if isinstance(self.target_tokens, list) and not 1 <= len(self.target_tokens) <= 100:
-            raise ValueError("give 1 to 100 target token budgets")
-        return self
-
-
-class StoragePoint(BaseModel):
-    n: float = Field(gt=0)
-    bytes_per_sample: float = Field(gt=0)
-    error: float
-
-
-class StorageRequest(BaseModel):
-    points: list[StoragePoint] = Field(min_length=1, max_length=HARD_MAX_ITEMS)
-    budgets: list[float] = Field(min_length=1, max_length=100)
-    variant: Literal["additive", "additive_no_floor", "multiplicative"] = "additive"
-    bootstrap: int = Field(default=50, ge=0)
-    seed: int = 0
-
-
 @router.post("/spt", responses=responses(400, 413, 422))
 async def plan_spt(body: SptRequest, request: Request) -> Any:
-    _check("runs", len(body.runs), LIMITS.max_runs, "MIXER_PLAN_MAX_RUNS")
-    _check("finetune points", len(body.finetune or []), LIMITS.max_runs, "MIXER_PLAN_MAX_RUNS")
-    _check("bootstrap refits", body.bootstrap, LIMITS.max_bootstrap, "MIXER_PLAN_MAX_BOOTSTRAP")
+    limits: PlanLimits = request.app.state.plan_limits
+    _check("runs", len(body.runs), limits.max_runs, "MIXER_PLAN_MAX_RUNS")
+    _check("finetune points", len(body.finetune or []), limits.max_runs, "MIXER_PLAN_MAX_RUNS")
+    _check("bootstrap refits", body.bootstrap, limits.max_bootstrap, "MIXER_PLAN_MAX_BOOTSTRAP")
     from mixer_service.planner.budget import Deadline  # the planner loads only when asked (scipy is heavy)
 
-    seconds = min(body.max_seconds or LIMITS.max_seconds, LIMITS.max_seconds)
+    seconds = min(body.max_seconds or limits.max_seconds, limits.max_seconds)
     deadline = Deadline(seconds, what="this request's planner budget (max_seconds, MIXER_PLAN_MAX_SECONDS)")
     return await _while_client_waits(request, deadline, functools.partial(_plan_spt, body, deadline))
 
@@ -179,12 +101,13 @@ async def _while_client_waits(request: Request, deadline: Deadline, work: Callab
 
 
 @router.post("/storage", responses=responses(400, 413, 422))
-def plan_storage(body: StorageRequest) -> dict[str, Any]:
+def plan_storage(body: StorageRequest, request: Request) -> dict[str, Any]:
+    limits: PlanLimits = request.app.state.plan_limits
     from mixer_service.planner.fit_stats import strict_json
     from mixer_service.planner.storage_law import allocate, fit_storage_law
 
-    _check("points", len(body.points), LIMITS.max_points, "MIXER_PLAN_MAX_POINTS")
-    _check("bootstrap refits", body.bootstrap, LIMITS.max_bootstrap, "MIXER_PLAN_MAX_BOOTSTRAP")
+    _check("points", len(body.points), limits.max_points, "MIXER_PLAN_MAX_POINTS")
+    _check("bootstrap refits", body.bootstrap, limits.max_bootstrap, "MIXER_PLAN_MAX_BOOTSTRAP")
     n, size, err = (
         np.array([getattr(p, f) for p in body.points]) for f in ("n", "bytes_per_sample", "error")
     )

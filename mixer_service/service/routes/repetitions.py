@@ -6,12 +6,12 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Depends, Query
 
+from mixer_contract.values import COUNT, TRAINED_STEP, check_step
 from mixer_service.service.auth import require_reader
 from mixer_service.service.jobs import JobManager, JobRuntime
 from mixer_service.service.problems import responses
 from mixer_service.service.routes.deps import jobs
-from mixer_service.service.routes.models import JobId
-from mixer_service.values import COUNT, TRAINED_STEP, check_step
+from mixer_service.service.routes.models import JobId, bounded
 
 router = APIRouter(
     prefix="/v1/jobs/{job_id}/repetitions", tags=["repetitions"], dependencies=[Depends(require_reader)],
@@ -41,7 +41,7 @@ class Counted:
 def counted(
     job_id: JobId,
     source: str | None = None,
-    step: TRAINED_STEP.field() | None = Query(default=None, description=STEP_HELP),  # type: ignore[valid-type]
+    step: bounded(TRAINED_STEP) | None = Query(default=None, description=STEP_HELP),  # type: ignore[valid-type]
     manager: JobManager = Depends(jobs),
 ) -> Counted:
     view = manager.view(job_id)
@@ -81,15 +81,15 @@ def histogram(q: Counted = Depends(counted)) -> dict[str, Any]:
 
 
 @router.get("/documents/{doc}")
-def document_count(doc: COUNT.field(), q: Counted = Depends(counted)) -> dict[str, Any]:  # type: ignore[valid-type]
+def document_count(doc: bounded(COUNT), q: Counted = Depends(counted)) -> dict[str, Any]:  # type: ignore[valid-type]
     return q.head() | {"doc": doc, "count": q.runtime.engine.repetition_count(q.source, doc, q.step)}
 
 
 @router.get("/at-least/{k}")
 def documents_at_least(
-    k: COUNT.field(),  # type: ignore[valid-type]
+    k: bounded(COUNT),  # type: ignore[valid-type]
     limit: int = Query(default=100, ge=1, le=10_000),
-    offset: COUNT.field() = Query(default=0),  # type: ignore[valid-type]
+    offset: bounded(COUNT) = Query(default=0),  # type: ignore[valid-type]
     q: Counted = Depends(counted),
 ) -> dict[str, Any]:
     docs = np.flatnonzero(q.counts() >= k)

@@ -4,29 +4,17 @@ import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Response
-from pydantic import BaseModel, ConfigDict, Field
 
 from mixer_service.service.auth import require_operator, require_reader
 from mixer_service.service.jobs import JobManager
 from mixer_service.service.problems import ProblemError, responses
 from mixer_service.service.routes.deps import jobs
-from mixer_service.service.routes.models import JobId, ScheduleModel
-from mixer_service.values import Step
+from mixer_service.service.routes.models import JobId, ScheduleChange
 
 router = APIRouter(prefix="/v1/jobs/{job_id}/schedule", tags=["schedule"])
 
 # A strong ETag as ``etag()`` writes it; weak ones (W/) are refused by RFC 9110 for If-Match on PUT.
 _ETAG = re.compile(r'^"v[0-9]{1,16}\.[0-9a-f]{32}"$')
-
-
-class ScheduleChange(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    schedule: ScheduleModel
-    requested_step: Step = Field(default=0, description="takes effect at max(this, first step not yet "
-                                 "served or committed)")
-    author: str = Field(min_length=1, max_length=200)
-    reason: str = Field(min_length=1, max_length=2000)
 
 
 def _parse_if_match(value: str | None) -> str:

@@ -31,8 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 from client import MixerClient
-from mixer_service import wire
-from mixer_service.ops_cli import EXIT_OK, EXIT_USAGE, CommandFailed, common_options, emit, runner
+from client.operator_cli import EXIT_OK, EXIT_USAGE, CommandFailed, common_options, emit, runner
+from mixer_contract import wire
 
 _IN_FLIGHT = 4  # steps fetched concurrently: hides request latency behind writing
 

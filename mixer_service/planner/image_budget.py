@@ -1,13 +1,13 @@
 """Exact stored bytes of candidate image sources: what the storage planner optimises over.
 
-The image source format itself (writing, reading, serving) lives in ``mixer_service.sources.images``.
+The image source format itself (writing, reading, serving) lives in ``mixer_service.sources.image_source``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 from mixer_service.sources.image_codec import LOSSLESS, encode, split_header
 
 

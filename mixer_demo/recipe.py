@@ -1,6 +1,6 @@
 """Reusable pieces of an end-to-end run: corpora -> prepared sources -> `mixer serve` -> a mixture job.
 
-Shared by the demo (`trainer.demo`) and the SPT experiment (`experiments.spt`). The corpora are the
+Shared by the demo (`python -m mixer_demo`) and the SPT experiment (`experiments.spt`). The corpora are the
 ones `scripts/fetch_corpora.sh` puts in data/raw/: ABC folk tunes (the domain) and State of the Union
 addresses (web). Everything here is deterministic: the same documents always give the same splits,
 sources and jobs.
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from client import MixerClient
+from mixer_contract.schedule import Schedule
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import TextTokenizer
 from mixer_service.prepare.writer import prepare_source
@@ -79,7 +80,7 @@ def job_body(job_id: str, weights: dict[str, float], roles: dict[str, str], seq_
     if allow_wrap:
         config["allow_wrap"] = True
     return {"job_id": job_id, "author": author, "reason": reason, "config": config,
-            "schedule": {"phases": [{"start_step": 0, "weights": weights}]}}
+            "schedule": Schedule.constant(weights)}
 
 
 def create_job(url: str, body: dict[str, Any]) -> dict[str, Any]:

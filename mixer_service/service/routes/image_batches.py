@@ -4,11 +4,12 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from mixer_service import wire
+from mixer_contract import wire
+from mixer_contract.values import SEED
 from mixer_service.engine.samples import sample_indices
 from mixer_service.service.auth import require_reader
 from mixer_service.service.problems import responses
-from mixer_service.values import SEED, Rank, Step, World
+from mixer_service.service.routes.models import Rank, Step, World, bounded
 
 router = APIRouter(prefix="/v1/images", tags=["images"], dependencies=[Depends(require_reader)])
 
@@ -17,7 +18,7 @@ router = APIRouter(prefix="/v1/images", tags=["images"], dependencies=[Depends(r
             responses=responses(404, ok={"content": {wire.MEDIA_TYPE: {}},
                                          "description": "docs/protocol.md (samples)"}))
 def get_image_batch(request: Request, source: str, step: Step, batch_size: int = Query(ge=1, le=65536),
-                    seed: SEED.field() = 0, rank: Rank = 0, world: World = 1,  # type: ignore[valid-type]
+                    seed: bounded(SEED) = 0, rank: Rank = 0, world: World = 1,  # type: ignore[valid-type]
                     compression: Literal["none", "zstd"] = "none") -> Response:
     """Encoded images (JPEG/PNG as stored: the storage budget is what the trainer decodes) and labels."""
     images = request.app.state.jobs.sources.image(source)

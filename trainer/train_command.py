@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from client import MixerClient, MixerClientError, MixerLoader
-from mixer_service.export import parse_steps
+from client.export import parse_steps
 from trainer.evaluate import evaluate
 from trainer.finetune import FinetuneConfig, epoch_batches, finetune
 from trainer.model import PRESETS, GPTConfig

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mixer_service.errors import InvalidInput, MixerError
+from mixer_contract.errors import InvalidInput, MixerError
 from mixer_service.prepare.meta import SourceMeta
 from mixer_service.prepare.readers import FORMATS, iter_documents
 from mixer_service.prepare.tokenizer import TextTokenizer, load_tokenizer

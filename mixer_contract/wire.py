@@ -17,13 +17,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zstandard
 
 MAGIC = b"MXB1"
 MEDIA_TYPE = "application/x-mixer-batch"
 COMPRESSIONS = ("none", "zstd")
 _LEN = struct.Struct("<I")
 _ZSTD_LEVEL = 1  # level 1 keeps compression far cheaper than the network it saves
+
+
+def _zstd() -> Any:
+    """zstandard, imported with the first zstd payload: the contract itself needs only numpy."""
+    import zstandard
+
+    return zstandard
 
 
 class WireError(ValueError):
@@ -41,7 +47,7 @@ class WireBatch:
 def _frame(header: dict[str, Any], raw: bytes, compression: str) -> bytes:
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-    payload = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw) if compression == "zstd" else raw
+    payload = _zstd().ZstdCompressor(level=_ZSTD_LEVEL).compress(raw) if compression == "zstd" else raw
     full = header | {
         "format": 1,
         "compression": compression,
@@ -66,8 +72,8 @@ def _unframe(data: bytes) -> tuple[dict[str, Any], bytes]:
         raise WireError(f"payload is {len(payload)} bytes, header says {header.get('payload_bytes')}")
     if header["compression"] == "zstd":
         try:
-            payload = zstandard.ZstdDecompressor().decompress(payload)
-        except zstandard.ZstdError as exc:
+            payload = _zstd().ZstdDecompressor().decompress(payload)
+        except _zstd().ZstdError as exc:
             raise WireError(f"zstd payload does not decompress: {exc}") from exc
     if zlib.crc32(payload) != header["crc32"]:
         raise WireError("batch checksum mismatch")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mixer_service.errors import InvalidInput, MixerError
+from mixer_contract.errors import InvalidInput, MixerError
 from mixer_service.planner.fit_stats import FitQuality, ParamEstimate, strict_json
 
 if TYPE_CHECKING:
@@ -322,9 +322,9 @@ def _print_storage(fit: StorageFit, allocations: list[Allocation], qualities: li
 
 def run_images(args: argparse.Namespace) -> int:
     from mixer_service.planner.fashion_mnist import load_fashion_mnist
-    from mixer_service.planner.images import EncodedSizes
+    from mixer_service.planner.image_budget import EncodedSizes
     from mixer_service.planner.randomized import assign_randomized
-    from mixer_service.sources.images import prepare_image_source
+    from mixer_service.sources.image_source import prepare_image_source
 
     images, labels = load_fashion_mnist(args.split, args.data_dir)
     if args.num_samples is not None:

@@ -17,12 +17,7 @@ from pathlib import Path
 import torch
 
 from client import MixerClient, MixerLoader
-from mixer_service.prepare.tokenizer import load_tokenizer
-from trainer.evaluate import evaluate
-from trainer.finetune import FinetuneConfig, epoch_batches, finetune
-from trainer.model import GPTConfig
-from trainer.progress import ProgressLine, domain_repetition
-from trainer.recipe import (
+from mixer_demo.recipe import (
     ROOT,
     create_job,
     domain_docs,
@@ -32,6 +27,11 @@ from trainer.recipe import (
     to_sequences,
     web_docs,
 )
+from mixer_service.prepare.tokenizer import load_tokenizer
+from trainer.evaluate import evaluate
+from trainer.finetune import FinetuneConfig, epoch_batches, finetune
+from trainer.model import GPTConfig
+from trainer.progress import ProgressLine, domain_repetition
 from trainer.train import TrainConfig, train
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mixer_service.sources.image_codec import decode
-from mixer_service.wire import WireSamples
+from mixer_contract.image_samples import decode
+from mixer_contract.wire import WireSamples
 
 
 def to_tensors(batch: WireSamples) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,8 @@
-"""Job configuration: which sources are mixed, in what role, with what shapes and seed."""
+"""The job document: which sources are mixed, in what role, with what shapes, seed and epoch order.
+
+``JobConfig.parse`` is the one validation of a job (the HTTP layer's schema is generated from the same
+bounds), and ``to_json`` the one canonical form: the bytes version 1 of the schedule chain commits to.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,45 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mixer_service.engine.epoch_order import OrderSpec
-from mixer_service.engine.mixture import MAX_SOURCES
-from mixer_service.errors import InvalidInput
-from mixer_service.values import GLOBAL_BATCH, SEED, SEQ_LEN, TOTAL_STEPS
+from mixer_contract.errors import InvalidInput
+from mixer_contract.values import GLOBAL_BATCH, SEED, SEQ_LEN, TOTAL_STEPS
 
 ROLES = ("repeat", "once")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a source's name
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_SOURCES = 256  # the exact-mixture bound grows as ceil(log2 K)/2 rows; 256 keeps it at 4
+DEFAULT_WINDOW_SHARDS = 16  # see docs/epoch_order.md for the measurement behind it
+MAX_WINDOW_SHARDS = 1 << 20
+
+
+@dataclass(frozen=True)
+class OrderSpec:
+    """A job's ``order`` option: ``{"kind": "global"}`` (the default) or ``{"kind": "window",
+    "window_shards": W}``."""
+
+    kind: str = "global"
+    window_shards: int = 0  # only for "window"
+
+    @classmethod
+    def parse(cls, data: Any) -> OrderSpec:
+        if data is None:
+            return cls()
+        if not isinstance(data, dict) or data.get("kind") not in ("global", "window"):
+            raise InvalidInput(f"order.kind: must be 'global' or 'window', got {str(data)[:80]}")
+        allowed = {"kind", "window_shards"} if data["kind"] == "window" else {"kind"}
+        if set(data) - allowed:
+            raise InvalidInput(f"order: unknown field(s) {sorted(set(data) - allowed)}")
+        if data["kind"] == "global":
+            return cls()
+        w = data.get("window_shards", DEFAULT_WINDOW_SHARDS)
+        if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_WINDOW_SHARDS:
+            raise InvalidInput(f"order.window_shards: must be an integer in [1, {MAX_WINDOW_SHARDS}], "
+                               f"got {w!r}")
+        return cls("window", w)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "window_shards": self.window_shards} if self.kind == "window" else {
+            "kind": self.kind}
 
 
 @dataclass(frozen=True)
@@ -55,8 +91,8 @@ class JobConfig:
             if not isinstance(raw, dict):
                 raise InvalidInput(f"{where}: must be an object with name and role")
             name, role, fp, root = raw.get("name"), raw.get("role"), raw.get("fingerprint"), raw.get("root")
-            if not isinstance(name, str) or not _NAME.match(name):
-                raise InvalidInput(f"{where}.name: must match {_NAME.pattern}, got {name!r}")
+            if not isinstance(name, str) or not NAME_PATTERN.match(name):
+                raise InvalidInput(f"{where}.name: must match {NAME_PATTERN.pattern}, got {name!r}")
             if role not in ROLES:
                 raise InvalidInput(f"{where}.role: must be one of {list(ROLES)}, got {role!r}")
             if fp is not None and not isinstance(fp, str):

@@ -1,7 +1,8 @@
 """Bounded value types: one definition per concept, used by the routes, the engine and both stores.
 
 Every integer that arrives from a request (step, trained step, rank/world, version, limits) is checked here
-and nowhere else, so the OpenAPI schema, the engine and the stores cannot disagree about what is valid.
+and nowhere else; the HTTP layer's schema is generated from the same bounds, so the OpenAPI schema, the
+engine and the stores cannot disagree about what is valid.
 Integers stay below 2**53 so every JSON client (JavaScript included) reads them exactly and SQLite's 64-bit
 columns never overflow; booleans are never integers.
 """
@@ -10,18 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import Field
-
-from mixer_service.errors import InvalidInput
+from mixer_contract.errors import InvalidInput
 
 MAX_INT = 2**53 - 1
 
 
 @dataclass(frozen=True)
 class IntRange:
-    """An integer concept with inclusive bounds: ``check`` for library code, ``field`` for pydantic models."""
+    """An integer concept with inclusive bounds: ``check`` here, the same bounds in the HTTP schema."""
 
     name: str
     low: int
@@ -44,10 +43,6 @@ class IntRange:
                                f"got {value!r}")
         return value
 
-    def field(self, **kwargs: Any) -> Any:
-        """The same bounds as a pydantic ``Annotated`` type (strictness comes from the model config)."""
-        return Annotated[int, Field(ge=self.low, le=self.high, description=self.doc, **kwargs)]
-
 
 STEP = IntRange("step", 0, doc="a global step, 0-based")
 TRAINED_STEP = IntRange("trained_step", -1, doc="last step the trainer finished; -1: nothing trained yet")
@@ -60,12 +55,6 @@ SEQ_LEN = IntRange("seq_len", 2, 2**20, doc="tokens per sequence")
 GLOBAL_BATCH = IntRange("global_batch", 1, 2**20, doc="sequences per global batch")
 SEED = IntRange("seed", 0, doc="seed of every permutation of the job")
 TOTAL_STEPS = IntRange("total_steps", 1, doc="steps the job will be trained for")
-
-Step = STEP.field()
-TrainedStep = TRAINED_STEP.field()
-Rank = RANK.field()
-World = WORLD.field()
-
 
 def check_step(step: Any, total_steps: int, field: str = "step") -> int:
     """A step of a job with ``total_steps`` steps."""

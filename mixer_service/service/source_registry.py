@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from mixer_service.errors import InvalidInput, MixerError, NotFound, SourceUnavailable
+from mixer_contract.errors import InvalidInput, MixerError, NotFound, SourceUnavailable
 from mixer_service.prepare.meta import META_FILE
 from mixer_service.sources.adopted import MANIFEST, AdoptedSource, is_adopted
 from mixer_service.sources.cache import ShardCache
@@ -147,7 +147,7 @@ def _open_local(directory: Path, cache: ShardCache, mode: VerifyMode):
     if is_adopted(directory):
         return "tokens", AdoptedSource.open(directory, cache, verify=mode)
     if _format(directory) == "mixer-image-source":
-        from mixer_service.sources.images import ImageSource  # Pillow only where images are served
+        from mixer_service.sources.image_source import ImageSource
 
         return "images", ImageSource.open(directory)
     return "tokens", PreparedSource.open(directory, cache=cache, verify=mode)

@@ -34,6 +34,7 @@ from typing import Any
 
 from client import HTTPStatusError, MixerClient, MixerClientError, RequestError, job_path
 from client.http import problem_line
+from mixer_contract.schedule import Schedule
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_OK, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE = 0, 2, 3, 4, 5
@@ -272,7 +273,7 @@ def _change_body(args: argparse.Namespace) -> dict[str, Any]:
             raise CommandFailed(EXIT_USAGE, f"--file {args.file}: expected {{\"phases\": [...]}} or "
                                 "{\"schedule\": {...}, ...}")
     else:
-        body = {"schedule": {"phases": [{"start_step": 0, "weights": parse_weights(args.weights)}]}}
+        body = {"schedule": Schedule.constant(parse_weights(args.weights))}
     if args.requested_step is not None:
         body["requested_step"] = args.requested_step
     body.setdefault("requested_step", 0)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mixer_service.errors import CorruptData, InvalidInput, NotFound
-from mixer_service.sources.image_codec import check_quality, decode, encode, split_header
+from mixer_contract.errors import CorruptData, InvalidInput, NotFound
+from mixer_contract.image_samples import decode
+from mixer_service.sources.image_codec import check_quality, encode, split_header
 
 __all__ = ["ImageSource", "ImageSourceMeta", "decode", "prepare_image_source"]
 

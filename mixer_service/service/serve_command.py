@@ -1,0 +1,178 @@
+"""``mixer serve``: flags -> one ``ServeSettings`` value -> uvicorn; each worker builds its app from it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from mixer_service.service.auth import Tokens, check_bind
+from mixer_service.service.settings import (
+    SETTINGS_ENV,
+    VERIFY_MODES,
+    PlanLimits,
+    ServeSettings,
+    ServiceLimits,
+    plan_limits_from_env,
+)
+from mixer_service.store.base import StoreLimits
+
+_SERVE = ServeSettings.__dataclass_fields__
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve batches over HTTP (FastAPI + uvicorn)")
+    p.add_argument("--sources-dir", type=Path, default=None, help="directory of prepared sources")
+    p.add_argument("--sources-url", action="append", default=[], metavar="S3_URL", dest="sources_urls",
+                   help="s3://bucket/prefix of prepared sources (repeatable); shards are fetched on demand")
+    p.add_argument("--s3-endpoint", default=os.environ.get("MIXER_S3_ENDPOINT") or None,
+                   help="S3-compatible endpoint URL (MinIO, GCS interop, ...); default AWS")
+    p.add_argument("--verify", choices=VERIFY_MODES, default=_SERVE["verify"].default,
+                   help="fast: each shard and document-index block is hashed before its first use; full: "
+                   "every one before ready; off: trust files of the right size (benchmarks only)")
+    p.add_argument("--cache-limit", type=_byte_count, default=None,
+                   help="bytes of decompressed shards kept locally, e.g. 20G (least recently used evicted)")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=_SERVE["state_dir"].default,
+        help="embedded state store directory (ignored with --redis-url)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("MIXER_REDIS_URL") or None,
+        help="keep state in Redis so several replicas can serve one job",
+    )
+    p.add_argument("--cache-dir", type=Path, default=None, help="where decompressed token caches live")
+    p.add_argument("--host", default=_SERVE["host"].default)
+    p.add_argument("--port", type=int, default=_SERVE["port"].default)
+    p.add_argument("--workers", type=int, default=_SERVE["workers"].default,
+                   help="uvicorn worker processes (default 0: one per core this process may run on; "
+                   "each checks the store on every request, so they never serve a stale view; the embedded "
+                   "store is shared by processes). Limits are per worker")
+    limits = p.add_argument_group("limits (every request's work is bounded; over a limit: a clear 4xx)")
+    limits.add_argument("--max-jobs", type=int, default=StoreLimits.max_jobs,
+                        help="jobs this store may hold (409 beyond)")
+    limits.add_argument("--max-versions", type=int, default=StoreLimits.max_versions,
+                        help="schedule versions per job (409 beyond)")
+    limits.add_argument("--max-request-tokens", type=int,
+                        default=ServiceLimits.max_request_tokens,
+                        help="rows x seq_len of one batch response (413 beyond: use a larger world)")
+    limits.add_argument("--max-body-bytes", type=int,
+                        default=ServiceLimits.max_body_bytes, help="request body size (413 beyond)")
+    limits.add_argument("--threads", type=int, default=ServiceLimits.threads,
+                        help="threads for handlers that do store I/O or assemble batches")
+    limits.add_argument("--batch-threads", type=int,
+                        default=ServiceLimits.batch_threads,
+                        help="batches made at once per process (more only contend for the GIL)")
+    limits.add_argument("--max-in-flight", type=int,
+                        default=ServiceLimits.max_in_flight,
+                        help="requests at once (/metrics included) before a problem+json 503 with "
+                        "Retry-After (probes exempt)")
+    limits.add_argument("--max-connections", type=int,
+                        default=ServiceLimits.max_connections,
+                        help="open connections; past it a new one closes the longest-idle one (keep-alive "
+                        "connections reconnect). Above --max-in-flight (default 0: 4x it, at least 1024); "
+                        "uvicorn's own cap is 2x this")
+    limits.add_argument("--plan-max-runs", type=int, default=None,  # None: MIXER_PLAN_MAX_RUNS or PlanLimits
+                        help="pilot runs (and finetune points) per /v1/plan/spt request (413 beyond; "
+                        f"default {PlanLimits.max_runs}, or MIXER_PLAN_MAX_RUNS)")
+    limits.add_argument("--plan-max-points", type=int, default=None,
+                        help="grid points per /v1/plan/storage request (default 1000, or "
+                        "MIXER_PLAN_MAX_POINTS)")
+    limits.add_argument("--plan-max-bootstrap", type=int, default=None,
+                        help="bootstrap refits per plan request (default 200, or MIXER_PLAN_MAX_BOOTSTRAP)")
+    limits.add_argument("--high-water-watch", type=float, default=ServiceLimits.high_water_watch_s,
+                        metavar="SECONDS",
+                        dest="high_water_watch_s",
+                        help="re-check the jobs this replica served against the store this often, so a "
+                        "store restored from a backup gets their high water back without a request "
+                        "(0: only on requests)")
+    limits.add_argument("--timeout-keep-alive", type=float,
+                        default=ServiceLimits.timeout_keep_alive,
+                        help="seconds an idle keep-alive connection is kept open")
+    p.add_argument(
+        "--insecure-bind",
+        action="store_true",
+        help="allow a non-loopback bind without tokens (not for shared networks)",
+    )
+    p.set_defaults(func=run)
+
+
+def build_app():
+    """Uvicorn factory: the app of the ``ServeSettings`` that ``run`` passed in ``SETTINGS_ENV``."""
+    from mixer_service.service.app import Settings, create_app
+    from mixer_service.service.connections import CappedConnections
+    from mixer_service.service.source_registry import SourceRegistry
+    from mixer_service.store import open_store
+
+    settings = ServeSettings.from_json(os.environ[SETTINGS_ENV])
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    CappedConnections.max_connections = settings.limits.connections
+    return create_app(
+        Settings(
+            store=open_store(settings.redis_url, settings.state_dir / "state.sqlite", settings.store),
+            sources=SourceRegistry.load(
+                settings.sources_dir, settings.cache_dir, verify=settings.verify,
+                cache_limit=settings.cache_limit, remote_urls=list(settings.sources_urls),
+                s3_endpoint=settings.s3_endpoint,
+            ),
+            tokens=_tokens(),
+            limits=settings.limits,
+            plan=settings.plan,
+        )
+    )
+
+
+def _byte_count(text: str) -> int:
+    """``20G``, ``512M``, ``1.5T`` or a plain number of bytes (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    scale = units.get(text[-1:].upper(), 1)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (e.g. 20G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _tokens() -> Tokens:
+    return Tokens(
+        os.environ.get("MIXER_OPERATOR_TOKEN") or None, os.environ.get("MIXER_READER_TOKEN") or None
+    )
+
+
+def settings_of(args: argparse.Namespace) -> ServeSettings:
+    """The one settings value of parsed flags (``MIXER_PLAN_MAX_*`` fill the plan limits not given)."""
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command") and v is not None}
+    values = plan_limits_from_env(os.environ) | given
+    values["sources_urls"] = tuple(values["sources_urls"])
+    return ServeSettings.from_values(values)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = settings_of(args)
+    check_bind(settings.host, _tokens(), settings.insecure_bind)
+    os.environ[SETTINGS_ENV] = settings.to_json()
+    logging.getLogger(__name__).info("serving", extra={
+        "host": settings.host, "port": settings.port, "store": "redis" if settings.redis_url else "embedded"})
+    uvicorn.run(
+        "mixer_service.service.serve_command:build_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.worker_count,
+        log_level="info",
+        access_log=False,
+        # Ours refuse first, with problem+json: --max-in-flight requests, --max-connections connections
+        # (CappedConnections closes idle ones), so uvicorn's bare text/plain 503 is a backstop only.
+        http="mixer_service.service.connections:CappedConnections",
+        limit_concurrency=2 * settings.limits.connections,
+        timeout_keep_alive=settings.limits.timeout_keep_alive,
+        h11_max_incomplete_event_size=64 * 1024,  # request line + headers
+    )
+    return 0

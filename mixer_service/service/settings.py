@@ -1,0 +1,142 @@
+"""``mixer serve``'s settings: one typed value, built once from flags and the environment, passed down.
+
+Every setting has its default here and nowhere else: the flags of ``mixer serve`` take theirs from these
+dataclasses. Uvicorn's worker processes are spawned by uvicorn and built by a factory without arguments, so
+the one value travels to them as JSON in a single variable (``SETTINGS_ENV``), not as one variable per flag.
+Secrets (the API tokens) stay in their own variables and never enter this value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mixer_contract.errors import InvalidInput
+from mixer_service.store.base import StoreLimits
+
+SETTINGS_ENV = "MIXER_SERVE_SETTINGS"
+VERIFY_MODES = ("off", "fast", "full")
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Per-request bounds of the HTTP layer (the store's own caps live in ``StoreLimits``)."""
+
+    max_body_bytes: int = 1 << 20
+    max_request_tokens: int = 1 << 24  # rows x seq_len of one batch response (64 MiB of uint32)
+    threads: int = 32  # handlers that block (store I/O) run in this many threads
+    batch_threads: int = 4  # batches made at once: more only convoy on the GIL (see routes/batches.py)
+    max_in_flight: int = 256  # requests at once before a problem+json 503 (probes exempt)
+    high_water_watch_s: float = 10.0  # re-check served jobs against the store this often (0: never)
+    max_connections: int = 0  # open connections; 0: 4x max_in_flight, at least 1024
+    timeout_keep_alive: float = 30.0  # seconds an idle keep-alive connection stays open
+
+    @property
+    def connections(self) -> int:
+        return self.max_connections or max(1024, 4 * self.max_in_flight)
+
+
+@dataclass(frozen=True)
+class PlanLimits:
+    """Per-request bounds of the planner endpoints (413 naming the limit beyond them); ``max_seconds`` is the
+    wall-clock budget of one fit: its bootstrap stops there, a point fit past it is 413."""
+
+    max_runs: int = 1000
+    max_points: int = 1000
+    max_bootstrap: int = 200
+    max_seconds: int = 120
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    sources_dir: Path | None = None
+    sources_urls: tuple[str, ...] = ()
+    s3_endpoint: str | None = None
+    verify: str = "fast"
+    cache_limit: int | None = None  # bytes of decompressed shards kept locally; None: unbounded
+    cache_dir: Path | None = None
+    state_dir: Path = Path("mixer-state")
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 0  # 0: one per core this process may run on
+    insecure_bind: bool = False
+    store: StoreLimits = field(default_factory=StoreLimits)
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    plan: PlanLimits = field(default_factory=PlanLimits)
+
+    def __post_init__(self) -> None:
+        """Refuse a setting no server can run with, naming its flag, before anything starts."""
+        if self.sources_dir is None and not self.sources_urls:
+            raise InvalidInput("give --sources-dir, --sources-url, or both")
+        if self.verify not in VERIFY_MODES:
+            raise InvalidInput(f"--verify: must be one of {list(VERIFY_MODES)}, got {self.verify!r}")
+        at_least_one = {"workers": self.workers or 1, **asdict(self.store),
+                        **{k: v for k, v in asdict(self.limits).items()
+                           if k not in ("high_water_watch_s", "max_connections", "timeout_keep_alive")}}
+        for name, value in at_least_one.items():
+            if value < 1:
+                raise InvalidInput(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+        if self.limits.connections <= self.limits.max_in_flight:
+            raise InvalidInput(f"--max-connections ({self.limits.connections}) must be above --max-in-flight "
+                               f"({self.limits.max_in_flight}): requests past that are refused with "
+                               "problem+json")
+        if self.limits.high_water_watch_s < 0:
+            raise InvalidInput("--high-water-watch: must be >= 0 seconds, got "
+                               f"{self.limits.high_water_watch_s}")
+        for name, value in asdict(self.plan).items():
+            if value < 1:
+                raise InvalidInput(f"--plan-{name.replace('_', '-')[4:]}: must be >= 1, got {value}")
+
+    @property
+    def worker_count(self) -> int:
+        """One event loop (and one GIL) per core unless set: a batch is CPU work."""
+        return self.workers or len(os.sched_getaffinity(0))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeSettings:
+        raw = json.loads(text)
+        paths = {k: Path(raw[k]) if raw[k] is not None else None
+                 for k in ("sources_dir", "cache_dir", "state_dir")}
+        return cls(**(raw | paths | {"sources_urls": tuple(raw["sources_urls"]),
+                                     "store": StoreLimits(**raw["store"]),
+                                     "limits": ServiceLimits(**raw["limits"]),
+                                     "plan": PlanLimits(**raw["plan"])}))
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> ServeSettings:
+        """From flat ``name -> value`` (parsed flags): each name is a field of this class or of one of its
+        limit groups; a ``None`` value keeps the default."""
+        groups: dict[str, dict[str, Any]] = {"store": {}, "limits": {}, "plan": {}}
+        owner = {f.name: group for group, kind in (("store", StoreLimits), ("limits", ServiceLimits),
+                                                   ("plan", PlanLimits)) for f in fields(kind)}
+        top: dict[str, Any] = {}
+        for name, value in values.items():
+            if value is None:
+                continue
+            key = name.removeprefix("plan_") if name.startswith("plan_") else name
+            if key in owner and (name.startswith("plan_") == (owner[key] == "plan")):
+                groups[owner[key]][key] = value
+            else:
+                top[name] = value
+        return cls(**top, store=StoreLimits(**groups["store"]), limits=ServiceLimits(**groups["limits"]),
+                   plan=PlanLimits(**groups["plan"]))
+
+
+def plan_limits_from_env(environ: Mapping[str, str]) -> dict[str, int]:
+    """``MIXER_PLAN_MAX_*`` as flag defaults (a bad value is refused naming the variable)."""
+    values = {}
+    for name in (f.name for f in fields(PlanLimits)):
+        raw = environ.get(f"MIXER_PLAN_{name.upper()}")
+        if raw is not None:
+            if not raw.isdigit() or int(raw) < 1:
+                raise InvalidInput(f"MIXER_PLAN_{name.upper()} must be an integer >= 1, got {raw!r}")
+            values[f"plan_{name}"] = int(raw)
+    return values
