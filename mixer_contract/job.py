@@ -23,8 +23,9 @@ MAX_WINDOW_SHARDS = 1 << 20
 
 @dataclass(frozen=True)
 class OrderSpec:
-    """A job's ``order`` option: ``{"kind": "global"}`` (the default) or ``{"kind": "window",
-    "window_shards": W}``."""
+    """A job's ``order`` option: ``{"kind": "window", "window_shards": W}`` (what new jobs get) or
+    ``{"kind": "global"}`` (what a stored config without the key means: every job before the default
+    changed)."""
 
     kind: str = "global"
     window_shards: int = 0  # only for "window"
@@ -114,6 +115,16 @@ class JobConfig:
         if not isinstance(allow_wrap, bool):
             raise InvalidInput("allow_wrap: must be true or false")
         return cls(tuple(sources), allow_wrap=allow_wrap, order=OrderSpec.parse(data.get("order")), **ints)
+
+    @classmethod
+    def parse_new(cls, data: Any) -> JobConfig:
+        """A job being created: without an ``order`` it gets the window order (a bounded shard cache then
+        reads each shard once per epoch, docs/epoch_order.md), written into its stored config so the
+        document says which order decides its bytes. A config stored before, without the key, keeps the
+        global order it was served under: ``parse`` never changes a stored job's bytes."""
+        if isinstance(data, dict) and "order" not in data:
+            data = data | {"order": {"kind": "window", "window_shards": DEFAULT_WINDOW_SHARDS}}
+        return cls.parse(data)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

@@ -231,7 +231,7 @@ class JobManager:
     # -- writing -----------------------------------------------------------------------------------
 
     def create(self, job_id: str, config_doc: Any, schedule_doc: Any, author: str, reason: str) -> JobView:
-        config = self._pin_sources(JobConfig.parse(config_doc))
+        config = self._pin_sources(JobConfig.parse_new(config_doc))
         schedule = Schedule.parse(schedule_doc, config.source_names)
         engine = self._new_engine(config, [(0, schedule)])  # validates before anything is written
         first, incarnation = self.store.create_job(

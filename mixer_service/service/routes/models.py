@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mixer_contract.job import JOB_ID_PATTERN, MAX_SOURCES, MAX_WINDOW_SHARDS, NAME_PATTERN, ROLES
+from mixer_contract.job import (
+    DEFAULT_WINDOW_SHARDS,
+    JOB_ID_PATTERN,
+    MAX_SOURCES,
+    MAX_WINDOW_SHARDS,
+    NAME_PATTERN,
+    ROLES,
+)
 from mixer_contract.schedule import MAX_PHASES, WEIGHT_PATTERN
 from mixer_contract.values import (
     COUNT,
@@ -79,7 +86,8 @@ class JobConfigModel(_Strict):
     seed: bounded(SEED) = 0  # type: ignore[valid-type]
     total_steps: bounded(TOTAL_STEPS)  # type: ignore[valid-type]
     allow_wrap: bool = Field(default=False, description="let a once-source start a second pass")
-    order: OrderModel | None = None
+    order: OrderModel | None = Field(default=None, description="epoch order; a new job without it gets "
+                                     f"window order with W={DEFAULT_WINDOW_SHARDS}, written into its config")
 
 
 class PhaseModel(_Strict):
