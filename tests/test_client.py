@@ -77,7 +77,7 @@ def new_job(url: str, token: str | None = OPERATOR) -> str:
 
 
 def local_engine(sources_dir) -> MixingEngine:
-    config = JobConfig.parse(JOB)
+    config = JobConfig.parse_new(JOB)  # as the server stores a new job
     srcs = {n: PreparedSource.open(sources_dir / n) for n in ("abc", "sotu")}
     return MixingEngine.create(config, srcs, [(0, Schedule.parse(SCHEDULE, config.source_names))])
 

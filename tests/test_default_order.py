@@ -52,7 +52,8 @@ def test_a_new_job_without_an_order_gets_the_window_order_in_its_stored_config(s
     assert_same(batches, window, STEPS)
     # and the order matters: the global order would have served other rows
     global_ = engine_for(sources_dir, JobConfig.parse(JOB | {"order": {"kind": "global"}}))
-    assert any(not np.array_equal(b.tokens, global_.batch(s).tokens) for b, s in zip(batches, STEPS))
+    assert any(not np.array_equal(b.tokens, global_.batch(s).tokens)
+               for b, s in zip(batches, STEPS, strict=True))
 
 
 def test_a_job_stored_before_the_default_changed_keeps_its_global_order_and_bytes(sources_dir, tmp_path,

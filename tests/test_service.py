@@ -54,7 +54,7 @@ def fetch(url, job, step, headers=None, **params) -> wire.WireBatch:
 
 
 def local_engine(sources_dir, **overrides) -> MixingEngine:
-    config = JobConfig.parse(JOB | overrides)
+    config = JobConfig.parse_new(JOB | overrides)  # as the server stores a new job
     srcs = {n: PreparedSource.open(sources_dir / n) for n in ("abc", "sotu")}
     return MixingEngine.create(config, srcs, [(0, Schedule.parse(SCHEDULE, config.source_names))])
 

@@ -120,7 +120,7 @@ def test_unreachable_store_retries_then_names_the_shard(s3, many_shards, tmp_pat
 def test_mixer_serve_from_s3_with_a_cache_limit(s3, sources_dir, tmp_path) -> None:
     for name in ("abc", "sotu"):
         upload(s3, sources_dir / name, f"job/{name}")
-    config = JobConfig.parse(JOB)
+    config = JobConfig.parse_new(JOB)  # as the server stores a new job
     local = {n: PreparedSource.open(sources_dir / n, cache_dir=tmp_path / "expect") for n in ("abc", "sotu")}
     engine = MixingEngine.create(config, local, [(0, Schedule.parse(SCHEDULE, config.source_names))])
     sizes = [s.meta.num_tokens * 2 for s in local.values()]  # one shard each

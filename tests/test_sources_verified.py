@@ -39,7 +39,7 @@ def root(sources_dir: Path, tmp_path: Path) -> Path:
 
 def expected(root: Path, cache: Path) -> list[bytes]:
     """Token bytes of STEPS from the intact files, computed in this process before anything is corrupted."""
-    config = JobConfig.parse(JOB)
+    config = JobConfig.parse_new(JOB)  # as the server stores a new job
     srcs = {n: PreparedSource.open(root / n, cache_dir=cache) for n in config.source_names}
     engine = MixingEngine.create(config, srcs, [(0, Schedule.parse(SCHEDULE, config.source_names))])
     return [engine.batch(step).tokens.tobytes() for step in STEPS]
