@@ -25,9 +25,9 @@ from common import BENCH_DATA, S3_BUCKET, moto_s3, print_table
 from mixer_contract.job import JobConfig
 from mixer_contract.schedule import Schedule
 from mixer_service.engine import MixingEngine
-from mixer_service.prepare.meta import IndexBlocks, SourceMeta
 from mixer_service.sources.doc_index import DocIndex, npy_header, sparse_index_file
 from mixer_service.sources.prepared import open_index
+from mixer_service.sources.source_format import IndexBlocks, SourceMeta
 from mixer_service.sources.verify import VerifyMode
 
 L, ROWS = 2048, 512

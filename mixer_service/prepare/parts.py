@@ -18,7 +18,6 @@ import numpy as np
 import zstandard
 
 from mixer_contract.errors import InvalidInput
-from mixer_service.prepare.meta import SourceMeta, token_dtype
 from mixer_service.prepare.readers import (
     FORMATS,
     MDS_INDEX,
@@ -36,6 +35,7 @@ from mixer_service.prepare.writer import (
     _pack,
     write_packed,
 )
+from mixer_service.sources.source_format import SourceMeta, token_dtype
 
 PART_BYTES = 64 << 20  # input bytes a part: ~30 s of one core's BPE, small against task overhead
 CHUNK_TOKENS = 1 << 24  # a part's tokens leave its worker in chunks of this size: bounded worker memory

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from mixer_contract.errors import InvalidInput, MixerError
-from mixer_service.prepare.meta import SourceMeta
 from mixer_service.prepare.readers import FORMATS, iter_documents
 from mixer_service.prepare.tokenizer import TextTokenizer, load_tokenizer
 from mixer_service.prepare.writer import DEFAULT_SHARD_TOKENS, prepare_source
+from mixer_service.sources.source_format import SourceMeta
 
 
 def register(subparsers: Any) -> None:

@@ -25,7 +25,6 @@ import ray
 from tqdm import tqdm
 
 from mixer_contract.errors import CorruptData, InvalidInput, MixerError
-from mixer_service.prepare.meta import SourceMeta
 from mixer_service.prepare.parts import (
     CHUNK_TOKENS,
     PART_BYTES,
@@ -50,6 +49,7 @@ from mixer_service.prepare.writer import (
     STAGING_DIR,
     check_arguments,
 )
+from mixer_service.sources.source_format import SourceMeta
 
 logger = logging.getLogger(__name__)
 

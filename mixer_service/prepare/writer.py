@@ -24,7 +24,8 @@ import zstandard
 from tqdm import tqdm
 
 from mixer_contract.errors import Conflict, InvalidInput
-from mixer_service.prepare.meta import (
+from mixer_service.prepare.tokenizer import TextTokenizer
+from mixer_service.sources.source_format import (
     META_FILE,
     OFFSETS_FILE,
     IndexBlocks,
@@ -35,7 +36,6 @@ from mixer_service.prepare.meta import (
     shard_file_name,
     token_dtype,
 )
-from mixer_service.prepare.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 

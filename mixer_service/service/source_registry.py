@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mixer_contract.errors import InvalidInput, MixerError, NotFound, SourceUnavailable
-from mixer_service.prepare.meta import META_FILE
 from mixer_service.sources.adopted import MANIFEST, AdoptedSource, is_adopted
 from mixer_service.sources.cache import ShardCache
 from mixer_service.sources.prepared import CACHE_SUBDIR, PreparedSource, ShardedSource
+from mixer_service.sources.source_format import META_FILE
 from mixer_service.sources.verify import DEFAULT_VERIFY, VerifyMode
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,13 @@ import numpy as np
 import zstandard
 
 from mixer_contract.errors import CorruptData, InvalidInput, SourceUnavailable
-from mixer_service.prepare.meta import (
+from mixer_service.sources import datatrove_ds
+from mixer_service.sources.cache import Shard, ShardCache
+from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, open_handle, pread_exact
+from mixer_service.sources.doc_index import DocIndex
+from mixer_service.sources.origins import LocalOrigin, Origin
+from mixer_service.sources.prepared import ShardedSource, as_verify_mode, open_index, write_atomic
+from mixer_service.sources.source_format import (
     DTYPES,
     IndexBlocks,
     SourceMeta,
@@ -55,12 +61,6 @@ from mixer_service.prepare.meta import (
     index_leaves,
     merkle_root,
 )
-from mixer_service.sources import datatrove_ds
-from mixer_service.sources.cache import Shard, ShardCache
-from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, open_handle, pread_exact
-from mixer_service.sources.doc_index import DocIndex
-from mixer_service.sources.origins import LocalOrigin, Origin
-from mixer_service.sources.prepared import ShardedSource, as_verify_mode, open_index, write_atomic
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from mixer_contract.errors import CorruptData, MixerError, NotFound
-from mixer_service.prepare.meta import (
+from mixer_service.sources.cache import Shard, ShardCache
+from mixer_service.sources.doc_index import DocIndex, Fetch, load_index, npy_header, sparse_index_file
+from mixer_service.sources.origins import LocalOrigin, Origin
+from mixer_service.sources.source_format import (
     META_FILE,
     OFFSETS_FILE,
     IndexBlocks,
@@ -30,9 +33,6 @@ from mixer_service.prepare.meta import (
     SourceMeta,
     content_fingerprint,
 )
-from mixer_service.sources.cache import Shard, ShardCache
-from mixer_service.sources.doc_index import DocIndex, Fetch, load_index, npy_header, sparse_index_file
-from mixer_service.sources.origins import LocalOrigin, Origin
 from mixer_service.sources.tokens import ShardedTokens
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
 
