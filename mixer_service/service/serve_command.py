@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         # (CappedConnections closes idle ones), so uvicorn's bare text/plain 503 is a backstop only.
         http="mixer_service.service.connections:CappedConnections",
         limit_concurrency=2 * settings.limits.connections,
-        timeout_keep_alive=settings.limits.timeout_keep_alive,
+        timeout_keep_alive=settings.limits.timeout_keep_alive,  # type: ignore[arg-type]  # a float timer
         h11_max_incomplete_event_size=64 * 1024,  # request line + headers
     )
     return 0

@@ -115,14 +115,16 @@ class CreateJob(BaseModel):
 class Progress(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    trained_step: TrainedStep = Field(description="last step trained, in [-1, total_steps); -1: nothing")
+    trained_step: TrainedStep = Field(  # type: ignore[valid-type]
+        description="last step trained, in [-1, total_steps); -1: nothing")
 
 
 class ScheduleChange(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     schedule: ScheduleModel
-    requested_step: Step = Field(default=0, description="takes effect at max(this, first step not yet "
+    requested_step: Step = Field(default=0,  # type: ignore[valid-type]
+                                 description="takes effect at max(this, first step not yet "
                                  "served or committed)")
     author: str = Field(min_length=1, max_length=200)
     reason: str = Field(min_length=1, max_length=2000)
@@ -193,7 +195,7 @@ class StorageRequest(BaseModel):
 class Eval(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    step: Step = Field(description="last data step trained when the model was evaluated")
+    step: Step = Field(description="last data step trained when the model was evaluated")  # type: ignore[valid-type]
     source: str = Field(min_length=1, max_length=200, description="the job source the held-out rows are from")
     loss: float = Field(ge=0, le=MAX_LOSS, allow_inf_nan=False, description="mean loss per token (nats)")
     tokens: Count = Field(default=0, description="tokens trained through step")  # type: ignore[valid-type]
