@@ -6,23 +6,14 @@ port, without persistence, and is stopped when its fixture ends.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from service_helpers import prepare_real_sources
+from service_helpers import RedisServer, Server, prepare_real_sources, start_redis_server
+from store_fixtures import URL_FIXTURES, Location
 
-from mixer_service.service.process import NO_PERSISTENCE, free_port, start_redis, start_redis_cluster
-from mixer_service.service.process import RedisProcess as RedisServer
-
-
-def start_redis_server(directory: Path, port: int | None = None,
-                       persistence: tuple[str, ...] = NO_PERSISTENCE) -> RedisServer:
-    """``start_redis`` for tests: a missing or failing redis-server fails the test with its log."""
-    try:
-        return start_redis(directory, port, persistence)
-    except RuntimeError as exc:
-        pytest.fail(str(exc), pytrace=False)
+from mixer_service.service.process import free_port, start_redis_cluster
 
 
 @pytest.fixture(name="free_port")
@@ -85,3 +76,42 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 def sources_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real corpora (ABC tunes + State of the Union) prepared once for every test that serves them."""
     return prepare_real_sources(tmp_path_factory.mktemp("sources"))
+
+
+@pytest.fixture(params=list(URL_FIXTURES))
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
+    """A fresh store's location, once per kind of store (the store contract runs against each)."""
+    fixture = URL_FIXTURES[request.param]
+    url = request.getfixturevalue(fixture) if fixture else None
+    return Location(url, tmp_path / "state.sqlite3")
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    """``start_server(sources, **options)``: a ``mixer serve`` with a state directory of its own, ready;
+    every server a module started is stopped when the module ends."""
+    started: list[Server] = []
+
+    def start(sources: Path, **options) -> Server:
+        srv = Server(sources, tmp_path_factory.mktemp("state"), **options).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server_sources(sources_dir: Path) -> Path:
+    """What a module's ``server`` serves: the session's sources, unless the module overrides this fixture."""
+    return sources_dir
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, start_server: Callable[..., Server],
+           server_sources: Path) -> Server:
+    """One embedded-store server shared by a module's tests; a module marked
+    ``pytest.mark.server_env(TOKENS)`` starts it with those ``MIXER_*`` variables (roles on)."""
+    marker = request.node.get_closest_marker("server_env")
+    return start_server(server_sources, env=marker.args[0] if marker else None)

@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import redis
-from conftest import RedisServer, start_redis_server
-from service_helpers import JOB, SCHEDULE, Server
+from service_helpers import JOB, SCHEDULE, RedisServer, Server, start_redis_server
+from service_helpers import new_job as create_job
 
 from mixer_contract import wire
 from mixer_service.service.process import CLUSTER_NODE
@@ -521,11 +521,8 @@ def batch_difference(got: bytes, want: bytes) -> int:
 
 
 def new_job(url: str, config: dict | None = None) -> str:
-    job = f"faults-{uuid.uuid4().hex[:8]}"
-    body = {"job_id": job, "config": config or JOB, "schedule": SCHEDULE, "author": "faults", "reason": "t"}
-    r = httpx.post(f"{url}/v1/jobs", json=body, timeout=REQUEST_TIMEOUT_S)
-    assert r.status_code == 201, r.text
-    return job
+    """A job for a fault run (ids ``faults-*``), created within the harness's request timeout."""
+    return create_job(url, config=config or JOB, prefix="faults", author="faults", timeout=REQUEST_TIMEOUT_S)
 
 
 def token_caches(sources_root: Path) -> list[Path]:

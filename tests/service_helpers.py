@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import uuid
 from pathlib import Path
 
-from mixer_service.prepare.meta import META_FILE, OFFSETS_FILE, IndexBlocks, MetaFile
+import httpx
+
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import load_tokenizer
 from mixer_service.prepare.writer import prepare_source
-from mixer_service.service.process import ServerProcess
+from mixer_service.service.process import NO_PERSISTENCE, ServerProcess, start_redis
+from mixer_service.service.process import RedisProcess as RedisServer
+from mixer_service.sources.source_format import META_FILE, OFFSETS_FILE, IndexBlocks, MetaFile
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "data" / "raw"
@@ -40,11 +44,28 @@ JOB = {
 }
 SCHEDULE = {"phases": [{"start_step": 0, "weights": {"abc": 0.05, "sotu": 0.95}}]}
 
+# Roles on: a server started with env=TOKENS wants OPERATOR to write and READER (or OPERATOR) to read.
+OPERATOR_TOKEN, READER_TOKEN = "op-secret", "rd-secret"
+TOKENS = {"MIXER_OPERATOR_TOKEN": OPERATOR_TOKEN, "MIXER_READER_TOKEN": READER_TOKEN}
+OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+READER = {"Authorization": f"Bearer {READER_TOKEN}"}
+
+
+def new_job(url: str, schedule: dict = SCHEDULE, *, config: dict = JOB, token: str | None = None,
+            prefix: str = "job", author: str = "test", reason: str = "t", timeout: float = 5.0,
+            **overrides) -> str:
+    """Create a job with a fresh id (``config`` with ``overrides``) and return the id; 201 is asserted."""
+    job_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    body = {"job_id": job_id, "config": config | overrides, "schedule": schedule, "author": author,
+            "reason": reason}
+    r = httpx.post(f"{url}/v1/jobs", json=body, headers=headers, timeout=timeout)
+    assert r.status_code == 201, r.text
+    return job_id
+
 
 def etag_of(url: str, job: str, headers: dict[str, str] | None = None) -> str:
     """The schedule's current ETag, as an operator reads it before a change (If-Match)."""
-    import httpx
-
     return httpx.get(f"{url}/v1/jobs/{job}/schedule", headers=headers).headers["etag"]
 
 
@@ -56,3 +77,14 @@ def reblock(directory: Path, entries: int) -> None:
     info = MetaFile.load(directory)
     blocks = IndexBlocks.of_file(directory / OFFSETS_FILE, entries)
     (directory / META_FILE).write_text(dataclasses.replace(info, doc_index=blocks).to_json())
+
+
+def start_redis_server(directory: Path, port: int | None = None,
+                       persistence: tuple[str, ...] = NO_PERSISTENCE) -> RedisServer:
+    """``start_redis`` for tests: a missing or failing redis-server fails the test with its log."""
+    import pytest
+
+    try:
+        return start_redis(directory, port, persistence)
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)

@@ -23,7 +23,7 @@ from mixer_service.prepare.writer import prepare_source
 from mixer_service.sources import PreparedSource, ShardCache
 from mixer_service.sources.adopted import MANIFEST, OFFSETS, PROBE_BYTES, RECORD, AdoptedSource, state_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "data" / "tokenizer"
 
 

@@ -12,21 +12,24 @@ import sys
 
 import httpx
 import pytest
-from service_helpers import JOB, SCHEDULE, Server, prepare_real_sources
+from service_helpers import (
+    JOB,
+    OPERATOR,
+    OPERATOR_TOKEN,
+    READER,
+    READER_TOKEN,
+    SCHEDULE,
+    TOKENS,
+    Server,
+    prepare_real_sources,
+)
 
 from client.operator_cli import exit_code_for, parse_weights, table
 from mixer_service.cli import main
+from mixer_service.service.process import free_port
 
-OPERATOR_TOKEN, READER_TOKEN = "op-secret", "rd-secret"
-TOKENS = {"MIXER_OPERATOR_TOKEN": OPERATOR_TOKEN, "MIXER_READER_TOKEN": READER_TOKEN}
+pytestmark = pytest.mark.server_env(TOKENS)
 SERVED, TRAINED = 20, 15
-
-
-@pytest.fixture(scope="module")
-def server(sources_dir, tmp_path_factory):
-    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), env=TOKENS).start()
-    yield srv
-    srv.stop()
 
 
 _jobs = iter(range(1000))
@@ -36,7 +39,7 @@ _jobs = iter(range(1000))
 def job(server):
     """A fresh job with steps 0..19 served and step 15 trained."""
     job_id = f"cli-{next(_jobs)}"
-    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    headers = OPERATOR
     with httpx.Client(base_url=server.url, headers=headers) as http:
         body = {"job_id": job_id, "config": JOB, "schedule": SCHEDULE, "author": "alice",
                 "reason": "initial"}
@@ -66,7 +69,7 @@ def mixer(server, monkeypatch, capsys):
 
 
 def api(server, path):
-    return httpx.get(server.url + path, headers={"Authorization": f"Bearer {READER_TOKEN}"}).json()
+    return httpx.get(server.url + path, headers=READER).json()
 
 
 def test_status_reports_health_readiness_and_jobs(mixer, job):
@@ -203,15 +206,11 @@ def test_tokens_come_from_the_environment(mixer, job, monkeypatch):
 
 
 def test_unreachable_server_exits_5(mixer):
-    from conftest import free_port
-
     code, out, err = mixer("status", "--url", f"http://127.0.0.1:{free_port()}")
     assert code == 5 and "cannot reach" in err and out == ""
 
 
 def test_store_down_exits_5(tmp_path, redis_server, monkeypatch, capsys):
-    from conftest import free_port
-
     sources = prepare_real_sources(tmp_path / "sources", domain_docs=50, web_docs=5)
     srv = Server(sources, tmp_path / "state", free_port(), redis_url=redis_server.url).start()
     try:

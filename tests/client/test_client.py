@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -21,8 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
-from service_helpers import JOB, SCHEDULE, Server
+from service_helpers import JOB, OPERATOR_TOKEN, READER, READER_TOKEN, SCHEDULE, TOKENS, Server, new_job
 from torch.utils.data import DataLoader
 
 from client import (
@@ -40,20 +38,12 @@ from mixer_contract import wire
 from mixer_contract.job import JobConfig
 from mixer_contract.schedule import Schedule
 from mixer_service.engine import MixingEngine
+from mixer_service.service.process import free_port
 from mixer_service.sources.prepared import PreparedSource
 
-OPERATOR, READER = "op-secret", "rd-secret"
-TOKENS = {"MIXER_OPERATOR_TOKEN": OPERATOR, "MIXER_READER_TOKEN": READER}
+pytestmark = pytest.mark.server_env(TOKENS)
 FAST_RETRIES = {"backoff_base": 0.01, "backoff_max": 0.1}
 BATCH_ROUTE = 'route="/v1/jobs/{job_id}/batches/{step}"'
-
-
-@pytest.fixture(scope="module")
-def server(sources_dir, tmp_path_factory) -> Iterator[Server]:
-    """One embedded-store server with tokens on, shared by the tests that do not kill servers."""
-    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), free_port(), env=TOKENS).start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -65,15 +55,6 @@ def no_leaked_threads() -> Iterator[None]:
 
 def prefetch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
-
-
-def new_job(url: str, token: str | None = OPERATOR) -> str:
-    job_id = f"job-{uuid.uuid4().hex[:8]}"
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    body = {"job_id": job_id, "config": JOB, "schedule": SCHEDULE, "author": "test", "reason": "client"}
-    r = httpx.post(f"{url}/v1/jobs", json=body, headers=headers)
-    assert r.status_code == 201, r.text
-    return job_id
 
 
 def local_engine(sources_dir) -> MixingEngine:
@@ -116,15 +97,15 @@ def batches_served(url: str, job: str) -> float:
 
 
 def test_resume_from_state_dict_yields_identical_batches(server):
-    job = new_job(server.url)
-    with MixerLoader(server.url, job, end_step=10, token=READER) as loader:
+    job = new_job(server.url, token=OPERATOR_TOKEN)
+    with MixerLoader(server.url, job, end_step=10, token=READER_TOKEN) as loader:
         first = []
         for batch in loader:
             first.append(batch)
             if batch["step"] == 4:
                 state = loader.state_dict()
     assert [b["step"] for b in first] == list(range(10))
-    described = httpx.get(f"{server.url}/v1/jobs/{job}", headers={"Authorization": f"Bearer {READER}"})
+    described = httpx.get(f"{server.url}/v1/jobs/{job}", headers=READER)
     incarnation = described.json()["incarnation"]
     assert {k: state[k] for k in ("next_step", "job", "incarnation")} == \
         {"next_step": 5, "job": job, "incarnation": incarnation}
@@ -135,7 +116,7 @@ def test_resume_from_state_dict_yields_identical_batches(server):
     buf.seek(0)
     state = torch.load(buf, weights_only=True)["data"][0]
 
-    with MixerLoader(server.url, job, end_step=10, token=READER) as resumed:
+    with MixerLoader(server.url, job, end_step=10, token=READER_TOKEN) as resumed:
         assert [next(resumed)["step"] for _ in range(2)] == [0, 1]  # steps up to 5 now prefetched in flight
         resumed.load_state_dict(state)
         assert_same_batches(list(resumed), first[5:])
@@ -145,30 +126,31 @@ def test_resume_from_state_dict_yields_identical_batches(server):
 
 @pytest.mark.parametrize("compression", ["zstd", "none"])
 def test_batches_equal_the_in_process_engine(server, sources_dir, compression):
-    job = new_job(server.url)
-    with MixerLoader(server.url, job, token=READER, compression=compression) as loader:  # end: total_steps
+    job = new_job(server.url, token=OPERATOR_TOKEN)
+    # end: total_steps
+    with MixerLoader(server.url, job, token=READER_TOKEN, compression=compression) as loader:
         batches = list(itertools.islice(loader, 10))
         assert loader.end_step == JOB["total_steps"]
     assert_engine_batches(batches, local_engine(sources_dir), range(10))
 
 
 def test_torch_dataloader_over_the_dataset_wrapper(server, sources_dir):
-    job = new_job(server.url)
-    dataset = MixerDataset(server.url, job, start_step=3, end_step=6, token=READER)
+    job = new_job(server.url, token=OPERATOR_TOKEN)
+    dataset = MixerDataset(server.url, job, start_step=3, end_step=6, token=READER_TOKEN)
     assert_engine_batches(list(DataLoader(dataset, batch_size=None)), local_engine(sources_dir), range(3, 6))
 
 
 def test_progress_reports_reach_the_service(server):
-    job = new_job(server.url)
-    with MixerClient(server.url, token=READER) as client:
+    job = new_job(server.url, token=OPERATOR_TOKEN)
+    with MixerClient(server.url, token=READER_TOKEN) as client:
         client.report_progress(job, 7)
         assert client.job(job)["trained_step"] == 7
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_pin_memory_pins_every_tensor(server):
-    job = new_job(server.url)
-    with MixerLoader(server.url, job, end_step=2, pin_memory=True, token=READER) as loader:
+    job = new_job(server.url, token=OPERATOR_TOKEN)
+    with MixerLoader(server.url, job, end_step=2, pin_memory=True, token=READER_TOKEN) as loader:
         for batch in loader:
             assert all(batch[k].is_pinned() for k in ("input_ids", "labels", "source_ids"))
 
@@ -184,7 +166,7 @@ def replicas(sources_dir, tmp_path, clean_redis_url) -> Iterator[list[Server]]:
 
 def test_failover_to_the_other_replica_when_one_is_killed(replicas, sources_dir):
     a, b = replicas
-    job = new_job(a.url, token=None)
+    job = new_job(a.url)
     client = MixerClient([a.url, b.url], **FAST_RETRIES)
     batches = []
     with client, MixerLoader(client, job, end_step=14, prefetch=4) as loader:
@@ -200,7 +182,7 @@ def test_retries_carry_the_loader_through_a_server_restart(sources_dir, tmp_path
     srv = Server(sources_dir, tmp_path, free_port()).start()
     restarted = threading.Thread(target=srv.start)
     try:
-        job = new_job(srv.url, token=None)
+        job = new_job(srv.url)
         client = MixerClient(srv.url, max_retries=300, backoff_base=0.02, backoff_max=0.1)  # ~15 s window
         batches = []
         with client, MixerLoader(client, job, end_step=10, prefetch=2) as loader:
@@ -220,11 +202,11 @@ def test_retries_carry_the_loader_through_a_server_restart(sources_dir, tmp_path
 
 @pytest.mark.parametrize("token, job, step, status", [
     ("wrong-token", None, 0, 401),
-    (READER, "no-such-job", 0, 404),
-    (READER, None, JOB["total_steps"], 422),
+    (READER_TOKEN, "no-such-job", 0, 404),
+    (READER_TOKEN, None, JOB["total_steps"], 422),
 ])
 def test_client_errors_fail_fast_with_a_single_request(server, token, job, step, status):
-    job = job or new_job(server.url)
+    job = job or new_job(server.url, token=OPERATOR_TOKEN)
     before = served_count(server.url, status)
     client = MixerClient(server.url, token=token, max_retries=5, backoff_base=60, backoff_max=60)
     with client, MixerLoader(client, job, start_step=step, end_step=step + 1) as loader:
@@ -275,8 +257,8 @@ def scripted() -> Iterator[ThreadingHTTPServer]:
 
 
 def test_corrupt_misaddressed_and_unavailable_answers_are_retried(server, scripted):
-    job = new_job(server.url)
-    reader = {"Authorization": f"Bearer {READER}"}
+    job = new_job(server.url, token=OPERATOR_TOKEN)
+    reader = READER
     good, other_step = (httpx.get(f"{server.url}/v1/jobs/{job}/batches/{s}", headers=reader).content
                         for s in (0, 1))
     corrupt = good[:-1] + bytes([good[-1] ^ 0xFF])
@@ -305,7 +287,8 @@ def _ddp_rank(rank: int, world: int, port: int, url: str, job: str, out_dir: str
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        with MixerLoader(url, job, end_step=3, token=READER) as loader:  # rank/world from the process group
+        # rank/world from the process group
+        with MixerLoader(url, job, end_step=3, token=READER_TOKEN) as loader:
             assert (loader.rank, loader.world) == (rank, world)
             torch.save([{k: b[k] for k in ("input_ids", "labels", "source_ids", "step")} for b in loader],
                        f"{out_dir}/rank{rank}.pt")
@@ -314,10 +297,10 @@ def _ddp_rank(rank: int, world: int, port: int, url: str, job: str, out_dir: str
 
 
 def test_ddp_ranks_pull_slices_that_tile_the_global_batch(server, tmp_path):
-    job = new_job(server.url)
+    job = new_job(server.url, token=OPERATOR_TOKEN)
     mp.spawn(_ddp_rank, args=(2, free_port(), server.url, job, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    with MixerLoader(server.url, job, end_step=3, world=1, token=READER) as loader:
+    with MixerLoader(server.url, job, end_step=3, world=1, token=READER_TOKEN) as loader:
         whole = list(loader)
     for step, batch in enumerate(whole):
         parts = [r[step] for r in ranks]
@@ -327,8 +310,8 @@ def test_ddp_ranks_pull_slices_that_tile_the_global_batch(server, tmp_path):
 
 
 def test_close_and_garbage_collection_stop_the_prefetch_threads(server):
-    job = new_job(server.url)
-    loader = MixerLoader(server.url, job, end_step=100, prefetch=4, token=READER)
+    job = new_job(server.url, token=OPERATOR_TOKEN)
+    loader = MixerLoader(server.url, job, end_step=100, prefetch=4, token=READER_TOKEN)
     next(loader)
     assert prefetch_threads()
     loader.close()
@@ -337,7 +320,7 @@ def test_close_and_garbage_collection_stop_the_prefetch_threads(server):
     with pytest.raises(RuntimeError, match="closed"):
         next(loader)
 
-    loader = MixerLoader(server.url, job, end_step=100, prefetch=4, token=READER)
+    loader = MixerLoader(server.url, job, end_step=100, prefetch=4, token=READER_TOKEN)
     next(loader)
     assert prefetch_threads()
     del loader
@@ -411,14 +394,14 @@ def test_contradicting_rank_or_world_is_refused(monkeypatch, tmp_path):
 
 def test_a_loader_under_torchrun_env_reads_only_its_rows(server, monkeypatch):
     """The trap the issue describes: loader built before the process group gets its slice from the env."""
-    job = new_job(server.url)
+    job = new_job(server.url, token=OPERATOR_TOKEN)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with MixerLoader(server.url, job, end_step=2, token=READER) as loader:
+    with MixerLoader(server.url, job, end_step=2, token=READER_TOKEN) as loader:
         mine = list(loader)
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
-    with MixerLoader(server.url, job, end_step=2, token=READER) as loader:
+    with MixerLoader(server.url, job, end_step=2, token=READER_TOKEN) as loader:
         whole = list(loader)
     half = JOB["global_batch"] // 2
     for step in range(2):

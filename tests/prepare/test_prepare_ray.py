@@ -34,7 +34,7 @@ from mixer_service.service.process import free_port
 ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed")
 from mixer_service.prepare.ray_prepare import prepare_source_ray  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = ROOT / "data" / "tokenizer"
 ABC_SPLIT = r"^X:"
 BUCKET = "corpora"

@@ -198,7 +198,7 @@ def test_deploy_runs_redis_with_the_persistence_this_suite_proves():
     """The promise above is measured with AOF fsynced before every reply; compose and Kubernetes keep it."""
     import yaml
 
-    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
     compose = yaml.safe_load((deploy / "docker-compose.yml").read_text())["services"]["redis"]["command"]
     k8s = next(doc for doc in yaml.safe_load_all((deploy / "k8s" / "redis.yaml").read_text())
                if doc["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from service_helpers import Server, prepare_real_sources
+from service_helpers import prepare_real_sources
 
 from client import MixerClient
 from client.image_batches import to_tensors
@@ -17,20 +17,17 @@ N = 500
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from conftest import free_port
-
+def server_sources(tmp_path_factory):
+    """Small token sources and the first N Fashion-MNIST test images as the image source "fmnist"."""
     root = prepare_real_sources(tmp_path_factory.mktemp("sources"), domain_docs=200, web_docs=5)
     images, labels = load_fashion_mnist("test")
     prepare_image_source(images[:N], labels[:N], root / "fmnist", qualities=50)
-    srv = Server(root, tmp_path_factory.mktemp("state"), free_port()).start()
-    yield srv, ImageSource.open(root / "fmnist")
-    srv.stop()
+    return root
 
 
-def test_image_batches_decode_to_the_stored_samples(server):
-    srv, local = server
-    with MixerClient(srv.url) as client:
+def test_image_batches_decode_to_the_stored_samples(server, server_sources):
+    local = ImageSource.open(server_sources / "fmnist")
+    with MixerClient(server.url) as client:
         batch = client.image_batch("fmnist", step=3, batch_size=50, seed=1)
     images, labels = to_tensors(batch)
     assert images.shape == (50, 28, 28) and images.dtype.is_floating_point is False
@@ -41,8 +38,7 @@ def test_image_batches_decode_to_the_stored_samples(server):
 
 
 def test_every_sample_once_per_epoch_and_rank_slices_tile(server):
-    srv, _ = server
-    with MixerClient(srv.url) as client:
+    with MixerClient(server.url) as client:
         epoch = [
             i for step in range(N // 50) for i in client.image_batch("fmnist", step, 50).header["sample_ids"]
         ]
@@ -62,6 +58,5 @@ def test_bad_image_requests_are_refused():
 def test_unknown_image_source_is_404(server):
     import httpx
 
-    srv, _ = server
-    r = httpx.get(f"{srv.url}/v1/images/nope/batches/0", params={"batch_size": 4})
+    r = httpx.get(f"{server.url}/v1/images/nope/batches/0", params={"batch_size": 4})
     assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"

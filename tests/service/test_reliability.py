@@ -15,8 +15,8 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from service_helpers import JOB, RAW, SCHEDULE, Server, etag_of, prepare_real_sources
-from test_service import fetch, new_job
+from service_helpers import JOB, RAW, SCHEDULE, Server, etag_of, new_job, prepare_real_sources
+from test_service import fetch
 
 from mixer_contract import wire
 from mixer_contract.errors import StoreBehind
@@ -197,11 +197,9 @@ def test_health_answers_while_redis_is_hung(sources_dir, tmp_path, redis_server)
 
 
 @pytest.fixture(scope="module")
-def small_server(sources_dir, tmp_path_factory):
+def small_server(sources_dir, start_server):
     limits = ["--max-jobs", "40", "--max-versions", "3", "--max-request-tokens", "256"]
-    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), extra_args=limits).start()
-    yield srv
-    srv.stop()
+    return start_server(sources_dir, extra_args=limits)
 
 
 @pytest.mark.parametrize("weight", ["1e-10000000", "1e400", "1e-5000", "0x10", "1/0", " 1", "-1", "nan"])

@@ -11,9 +11,9 @@ from service_helpers import reblock
 from test_integrity_sources import TOK, rot_in_place
 
 from mixer_contract.errors import CorruptData
-from mixer_service.prepare.meta import OFFSETS_FILE
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.sources import PreparedSource
+from mixer_service.sources.source_format import OFFSETS_FILE
 
 
 @pytest.fixture(scope="module")

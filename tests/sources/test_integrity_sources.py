@@ -22,11 +22,11 @@ from test_sources_adopted import manifest, write_megatron
 
 from mixer_contract.errors import CorruptData
 from mixer_contract.job import JobConfig
-from mixer_service.prepare.meta import INDEX_BLOCK_ENTRIES, META_FILE, OFFSETS_FILE, MetaFile
 from mixer_service.prepare.tokenizer import ByteTokenizer
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.sources import PreparedSource, ShardCache
 from mixer_service.sources.adopted import AdoptedSource
+from mixer_service.sources.source_format import INDEX_BLOCK_ENTRIES, META_FILE, OFFSETS_FILE, MetaFile
 
 TOK = ByteTokenizer()
 

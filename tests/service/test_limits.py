@@ -18,8 +18,7 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import JOB, SCHEDULE, Server, etag_of
-from test_service import new_job
+from service_helpers import JOB, SCHEDULE, Server, etag_of, new_job
 
 from mixer_contract.errors import SourceUnavailable
 from mixer_contract.schedule import MAX_PHASES
@@ -40,13 +39,6 @@ def problem(response: httpx.Response, status: int) -> dict:
 def put_schedule(url: str, job: str, schedule: dict) -> httpx.Response:
     body = {"schedule": schedule, "requested_step": 0, "author": "ops", "reason": "test"}
     return httpx.put(f"{url}/v1/jobs/{job}/schedule", json=body, headers={"If-Match": etag_of(url, job)})
-
-
-@pytest.fixture(scope="module")
-def server(sources_dir, tmp_path_factory):
-    srv = Server(sources_dir, tmp_path_factory.mktemp("state")).start()
-    yield srv
-    srv.stop()
 
 
 # --- item 8: every accepted schedule can be served ---------------------------------------------------
@@ -123,14 +115,13 @@ def refused_as_overload(response: httpx.Response) -> bool:
 
 
 @pytest.fixture(scope="module")
-def thousand_jobs(sources_dir, tmp_path_factory):
-    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), extra_args=["--max-in-flight", "32"]).start()
+def thousand_jobs(sources_dir, start_server):
+    srv = start_server(sources_dir, extra_args=["--max-in-flight", "32"])
     with httpx.Client(base_url=srv.url) as client:
         for i in range(1000):
             r = client.post("/v1/jobs", json={"job_id": f"j{i}", "config": JOB, "schedule": SCHEDULE})
             assert r.status_code == 201, r.text
-    yield srv
-    srv.stop()
+    return srv
 
 
 def test_a_scrape_storm_does_not_starve_batches(thousand_jobs):

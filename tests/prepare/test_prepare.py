@@ -22,15 +22,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mixer_contract.errors import Conflict, CorruptData, InvalidInput, NotFound
-from mixer_service.prepare import cli
-from mixer_service.prepare.meta import token_dtype
+from mixer_service.prepare import prepare_command
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import ByteTokenizer, load_tokenizer
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.sources.doc_index import DocIndex
 from mixer_service.sources.prepared import PreparedSource
+from mixer_service.sources.source_format import token_dtype
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = ROOT / "data" / "tokenizer"
 SOTU_DIR = ROOT / "data" / "raw" / "sotu"
 ABC_SPLIT = r"^X:"
@@ -484,7 +484,7 @@ def test_tokenizer_json_round_trip(gpt2, tmp_path: Path) -> None:
 
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mixer")
-    cli.register(parser.add_subparsers(required=True))
+    prepare_command.register(parser.add_subparsers(required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -15,15 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
-from service_helpers import Server
+from service_helpers import new_job
 
 from client import MixerClient
 from trainer.train_command import build_parser, main, parse_args
@@ -34,28 +32,18 @@ TINY = ["--preset", "gpt-tiny", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup-st
         "--eval-interval", "0", "--progress-interval", "0", "--prefetch", "2"]
 
 
-@pytest.fixture(scope="module")
-def server(sources_dir, tmp_path_factory) -> Iterator[Server]:
-    srv = Server(sources_dir, tmp_path_factory.mktemp("state")).start()
-    yield srv
-    srv.stop()
-
-
-def new_job(url: str, weights: dict[str, float], total_steps: int = TOTAL_STEPS) -> str:
-    job = f"train-{uuid.uuid4().hex[:8]}"
+def weighted_job(url: str, weights: dict[str, float], total_steps: int = TOTAL_STEPS) -> str:
+    """A job of the sources in ``weights`` (abc repeated, sotu once) with one constant phase."""
     roles = {"abc": "repeat", "sotu": "once"}
-    with MixerClient(url) as client:
-        client.create_job({"job_id": job, "author": "test", "reason": "trainer cli",
-                           "config": {"sources": [{"name": n, "role": roles[n]} for n in weights],
-                                      "seq_len": SEQ_LEN, "global_batch": GLOBAL_BATCH, "seed": 3,
-                                      "total_steps": total_steps, "allow_wrap": True},
-                           "schedule": {"phases": [{"start_step": 0, "weights": weights}]}})
-    return job
+    config = {"sources": [{"name": n, "role": roles[n]} for n in weights], "seq_len": SEQ_LEN,
+              "global_batch": GLOBAL_BATCH, "seed": 3, "total_steps": total_steps, "allow_wrap": True}
+    return new_job(url, {"phases": [{"start_step": 0, "weights": weights}]}, config=config, prefix="train",
+                   reason="trainer cli")
 
 
 def torchrun(args: list[str], out: Path) -> subprocess.Popen[str]:
     """Two CPU ranks under the real torchrun launcher, in their own process group (so a kill gets all)."""
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "trainer", *args, "--out", str(out)]
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +96,7 @@ def row_hashes(client: MixerClient, job: str, step: int) -> list[str]:
 
 
 def test_torchrun_ranks_tile_each_batch_and_a_killed_run_resumes_exactly(server, tmp_path):
-    job = new_job(server.url, {"abc": 0.25, "sotu": 0.75})
+    job = weighted_job(server.url, {"abc": 0.25, "sotu": 0.75})
     common = ["--url", server.url, "--job", job, "--max-steps", str(MAX_STEPS), "--eval-steps",
               f"{MAX_STEPS}:{TOTAL_STEPS}", *TINY]
     full = tmp_path / "full"
@@ -147,8 +135,8 @@ def test_torchrun_ranks_tile_each_batch_and_a_killed_run_resumes_exactly(server,
 
 
 def test_single_process_with_document_mask_finetune_and_a_config_file(server, tmp_path):
-    job = new_job(server.url, {"abc": 0.25, "sotu": 0.75}, total_steps=12)
-    domain = new_job(server.url, {"abc": 1.0}, total_steps=8)
+    job = weighted_job(server.url, {"abc": 0.25, "sotu": 0.75}, total_steps=12)
+    domain = weighted_job(server.url, {"abc": 1.0}, total_steps=8)
     config = tmp_path / "run.toml"
     config.write_text(f'url = "{server.url}"\njob = "{job}"\nout = "{tmp_path / "out"}"\n'
                       'preset = "gpt-tiny"\nwarmup-steps = 2\nprogress_interval = 0\neval-steps = "10:12"\n'
@@ -171,7 +159,7 @@ def test_single_process_with_document_mask_finetune_and_a_config_file(server, tm
 
 
 def test_eval_steps_that_overlap_training_are_refused_before_anything_runs(server, tmp_path):
-    job = new_job(server.url, {"abc": 0.25, "sotu": 0.75}, total_steps=12)
+    job = weighted_job(server.url, {"abc": 0.25, "sotu": 0.75}, total_steps=12)
     with pytest.raises(SystemExit, match="overlaps the 11 training steps"):
         main(["--url", server.url, "--job", job, "--out", str(tmp_path), "--max-steps", "11",
               "--eval-steps", "10:12"])

@@ -19,12 +19,12 @@ from mixer_contract.errors import CorruptData
 from mixer_contract.job import JobConfig
 from mixer_contract.schedule import Schedule
 from mixer_service.engine import MixingEngine
-from mixer_service.prepare.meta import META_FILE, OFFSETS_FILE, MetaFile
 from mixer_service.prepare.tokenizer import ByteTokenizer
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.sources import PreparedSource, ShardCache
 from mixer_service.sources.doc_index import DocIndex
 from mixer_service.sources.origins import LocalOrigin
+from mixer_service.sources.source_format import META_FILE, OFFSETS_FILE, MetaFile
 
 
 def flip_entry(directory: Path, i: int, delta: int = 1) -> None:

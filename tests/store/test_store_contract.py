@@ -21,11 +21,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from store_fixtures import CONFIG, SCHEDULE, Location
 
 from mixer_contract.canonical import canonical_json, config_digest
 from mixer_contract.errors import (
@@ -41,10 +42,8 @@ from mixer_service.store import ScheduleVersion, StateStore, open_store
 from mixer_service.store.base import MAX_COMMIT_ATTEMPTS, ChangePlan, JobHead, StoreLimits, verify_chain
 from mixer_service.store.redis_store import RedisStore, connect, redact_url
 
-CONFIG = {"seq_len": 8, "global_batch": 4, "sources": ["web", "domain"]}
-SCHEDULE = {"phases": [{"weights": {"web": 0.9, "domain": 0.1}}]}
 ANNEAL = {"phases": [{"weights": {"web": 0.5, "domain": 0.5}}]}
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def mark_step(store: StateStore, job_id: str, step: int) -> int:
@@ -80,26 +79,6 @@ def wait_at(barrier: Any) -> Callable[[int], None]:
         barrier.wait(timeout=20)
 
     return validate
-
-
-class Location(NamedTuple):
-    """Where a store lives; picklable, so other processes can open the same store."""
-
-    url: str | None
-    path: Path
-
-    def open(self) -> StateStore:
-        return open_store(self.url, self.path)
-
-
-URL_FIXTURES = {"embedded": None, "redis": "clean_redis_url", "cluster": "clean_redis_cluster_url"}
-
-
-@pytest.fixture(params=list(URL_FIXTURES))
-def location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
-    fixture = URL_FIXTURES[request.param]
-    url = request.getfixturevalue(fixture) if fixture else None
-    return Location(url, tmp_path / "state.sqlite3")
 
 
 @pytest.fixture

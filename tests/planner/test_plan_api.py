@@ -5,18 +5,8 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from service_helpers import Server, etag_of
+from service_helpers import etag_of, new_job
 from test_planner_overfitting_law import make_runs, true_argmin
-from test_service import new_job
-
-
-@pytest.fixture(scope="module")
-def server(sources_dir, tmp_path_factory):
-    from conftest import free_port
-
-    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), free_port()).start()
-    yield srv
-    srv.stop()
 
 
 def test_spt_plan_recommends_the_true_optimum_and_its_schedule_applies(server):
@@ -57,13 +47,9 @@ def spt_body(n_runs: int, bootstrap: int = 0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def small_server(sources_dir, tmp_path_factory):
-    from conftest import free_port
-
+def small_server(sources_dir, start_server):
     limits = ["--plan-max-runs", "50", "--plan-max-bootstrap", "5", "--plan-max-points", "10"]
-    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), free_port(), extra_args=limits).start()
-    yield srv
-    srv.stop()
+    return start_server(sources_dir, extra_args=limits)
 
 
 @pytest.mark.parametrize(

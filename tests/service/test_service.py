@@ -5,45 +5,18 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import re
-import uuid
 
 import httpx
 import numpy as np
 import pytest
-from service_helpers import JOB, SCHEDULE, Server, etag_of
+from service_helpers import JOB, OPERATOR, READER, SCHEDULE, TOKENS, Server, etag_of, new_job
 
 from mixer_contract import wire
 from mixer_contract.job import JobConfig
 from mixer_contract.schedule import Schedule
 from mixer_service.engine import MixingEngine
+from mixer_service.service.process import free_port
 from mixer_service.sources.prepared import PreparedSource
-
-OPERATOR = {"Authorization": "Bearer op-secret"}
-READER = {"Authorization": "Bearer rd-secret"}
-TOKENS = {"MIXER_OPERATOR_TOKEN": "op-secret", "MIXER_READER_TOKEN": "rd-secret"}
-
-
-@pytest.fixture(scope="module")
-def server(sources_dir, tmp_path_factory):
-    from conftest import free_port
-
-    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), free_port()).start()
-    yield srv
-    srv.stop()
-
-
-def new_job(url: str, headers=None, schedule=SCHEDULE, **overrides) -> str:
-    job_id = f"job-{uuid.uuid4().hex[:8]}"
-    body = {
-        "job_id": job_id,
-        "config": JOB | overrides,
-        "schedule": schedule,
-        "author": "test",
-        "reason": "t",
-    }
-    r = httpx.post(f"{url}/v1/jobs", json=body, headers=headers)
-    assert r.status_code == 201, r.text
-    return job_id
 
 
 def fetch(url, job, step, headers=None, **params) -> wire.WireBatch:
@@ -277,8 +250,6 @@ def test_openapi_documents_the_versioned_api(server):
 
 
 def test_roles_and_tokens(sources_dir, tmp_path):
-    from conftest import free_port
-
     srv = Server(sources_dir, tmp_path, free_port(), env=TOKENS).start()
     try:
         assert httpx.get(f"{srv.url}/v1/jobs").status_code == 401
@@ -325,8 +296,6 @@ def test_non_loopback_bind_without_tokens_is_refused(sources_dir, tmp_path):
 
 
 def test_sigkill_and_restart_serves_the_same_bytes(sources_dir, tmp_path):
-    from conftest import free_port
-
     port = free_port()
     srv = Server(sources_dir, tmp_path, port).start()
     job = new_job(srv.url)
@@ -353,8 +322,6 @@ def test_sigkill_and_restart_serves_the_same_bytes(sources_dir, tmp_path):
 
 @pytest.fixture
 def replicas(sources_dir, tmp_path, clean_redis_url):
-    from conftest import free_port
-
     servers = [
         Server(sources_dir, tmp_path / f"r{i}", free_port(), redis_url=clean_redis_url).start()
         for i in range(2)
@@ -409,8 +376,6 @@ def test_concurrent_changes_with_the_same_if_match_have_one_winner(replicas):
 
 
 def test_redis_down_gives_503_with_retry_after(sources_dir, tmp_path, redis_server):
-    from conftest import free_port
-
     srv = Server(sources_dir, tmp_path, free_port(), redis_url=redis_server.url).start()
     try:
         job = new_job(srv.url)

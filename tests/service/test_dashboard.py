@@ -23,11 +23,9 @@ from typing import Any
 
 import httpx
 import pytest
-from service_helpers import JOB, ROOT, Server, prepare_real_sources
+from service_helpers import JOB, OPERATOR, READER, ROOT, TOKENS, Server, prepare_real_sources
 
-TOKENS = {"MIXER_OPERATOR_TOKEN": "op-secret", "MIXER_READER_TOKEN": "rd-secret"}
-OPERATOR = {"Authorization": "Bearer op-secret"}
-READER = {"Authorization": "Bearer rd-secret"}
+pytestmark = pytest.mark.server_env(TOKENS)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--remote-debugging-pipe"]
@@ -173,12 +171,9 @@ class Browser:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    # A 300-tune domain set, so the served steps complete an epoch and the histogram has two bars.
-    sources = prepare_real_sources(tmp_path_factory.mktemp("sources"), domain_docs=300, web_docs=60)
-    srv = Server(sources, tmp_path_factory.mktemp("state"), env=TOKENS).start()
-    yield srv
-    srv.stop()
+def server_sources(tmp_path_factory):
+    """A 300-tune domain set, so the served steps complete an epoch and the histogram has two bars."""
+    return prepare_real_sources(tmp_path_factory.mktemp("sources"), domain_docs=300, web_docs=60)
 
 
 def serve(http: httpx.Client, url: str, job: str, steps: range, pause: float = 0.0) -> None:

@@ -9,8 +9,8 @@ from dataclasses import replace
 import httpx
 import numpy as np
 import pytest
-from service_helpers import JOB, Server
-from test_store_contract import CONFIG, SCHEDULE, location  # noqa: F401 - the store fixture, reused
+from service_helpers import JOB, OPERATOR, OPERATOR_TOKEN, READER, READER_TOKEN, TOKENS
+from store_fixtures import CONFIG, SCHEDULE
 
 from client import MixerClient
 from experiments.overfit_watch import LAW, Job, run_once
@@ -19,14 +19,14 @@ from mixer_service.cli import main
 from mixer_service.store import evals as evals_module
 from mixer_service.store.evals import EvalPoint, open_evals
 
-OPERATOR_TOKEN, READER_TOKEN = "op-secret", "rd-secret"
-TOKENS = {"MIXER_OPERATOR_TOKEN": OPERATOR_TOKEN, "MIXER_READER_TOKEN": READER_TOKEN}
+pytestmark = pytest.mark.server_env(TOKENS)
+
 
 
 # --- the store --------------------------------------------------------------------------------------------
 
 
-def test_eval_curves_are_bounded_per_incarnation_and_latest_wins(location, monkeypatch):  # noqa: F811
+def test_eval_curves_are_bounded_per_incarnation_and_latest_wins(location, monkeypatch):
     monkeypatch.setattr(evals_module, "MAX_POINTS", 5)
     with location.open() as store:
         store.create_job("job", CONFIG, SCHEDULE, "alice", "initial")
@@ -72,13 +72,6 @@ def test_watch_stays_quiet_on_a_run_that_does_not_overfit():
 # --- the API and the CLI against a real server ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(sources_dir, tmp_path_factory):
-    srv = Server(sources_dir, tmp_path_factory.mktemp("state"), env=TOKENS).start()
-    yield srv
-    srv.stop()
-
-
 # The simulation's law with T rescaled to this job's 2000 steps of 512 tokens: turns up at ~35% at δ = 10%.
 SCALED = replace(LAW, tokens_unit=LAW.tokens_unit * JOB["total_steps"] * 512 / 2e11)
 
@@ -88,7 +81,7 @@ def _curve(step: int) -> float:
 
 
 def test_evals_forecast_gauge_and_apply(server, monkeypatch, capsys):
-    op = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    op = OPERATOR
     schedule = {"phases": [{"start_step": 0, "weights": {"abc": 0.1, "sotu": 0.9}}]}
     body = {"job_id": "watch", "config": JOB, "schedule": schedule, "author": "alice", "reason": "initial"}
     assert httpx.post(f"{server.url}/v1/jobs", json=body, headers=op).status_code == 201
@@ -96,7 +89,7 @@ def test_evals_forecast_gauge_and_apply(server, monkeypatch, capsys):
     for step in range(49, 650, 50):  # the reader token is enough, like progress reports
         reader.post_eval("watch", step, "abc", _curve(step), tokens=step * 512)
         reader.post_eval("watch", step, "sotu", 4.0 - 0.1 * math.log1p(step), tokens=step * 512)
-    rd = {"Authorization": f"Bearer {READER_TOKEN}"}
+    rd = READER
     bad = [({"step": 2000, "source": "abc", "loss": 1.0}, 422),
            ({"step": 5, "source": "no", "loss": 1.0}, 404),
            ({"step": 5, "source": "abc", "loss": -1.0}, 422),

@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 
 import pytest
-from service_helpers import JOB, SCHEDULE, Server
+from service_helpers import JOB, new_job
 
 from client import MixerClient
 from mixer_service.cli import main
 
 
-@pytest.fixture(scope="module")
-def server(sources_dir, tmp_path_factory) -> Iterator[Server]:
-    srv = Server(sources_dir, tmp_path_factory.mktemp("state")).start()
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture
 def job(server) -> str:
-    job_id = f"export-{uuid.uuid4().hex[:8]}"
-    with MixerClient(server.url) as client:
-        client.create_job({"job_id": job_id, "config": JOB, "schedule": SCHEDULE, "author": "test",
-                           "reason": "export"})
-    return job_id
+    return new_job(server.url, prefix="export", reason="export")
 
 
 def read_mds(directory) -> list[dict]:
