@@ -9,15 +9,32 @@ from pathlib import Path
 
 import httpx
 
+from mixer_contract import wire
+from mixer_contract.job import JobConfig
+from mixer_contract.schedule import Schedule
+from mixer_service.engine import MixingEngine
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import load_tokenizer
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.service.process import NO_PERSISTENCE, ServerProcess, start_redis
 from mixer_service.service.process import RedisProcess as RedisServer
+from mixer_service.sources.prepared import PreparedSource
 from mixer_service.sources.source_format import META_FILE, OFFSETS_FILE, IndexBlocks, MetaFile
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "data" / "raw"
+
+
+def music21_abc_books() -> list[Path]:
+    """The ABC tune books of music21's corpus (music21 is a dev dependency), in sorted order; the test is
+    skipped where there are none."""
+    import pytest
+
+    music21 = pytest.importorskip("music21", reason="music21 (dev dependency) ships the ABC corpus")
+    files = sorted((Path(music21.__file__).parent / "corpus").glob("**/*.abc"), key=str)
+    if not files:
+        pytest.skip("music21 has no ABC corpus files")
+    return files
 
 
 def prepare_real_sources(out: Path, domain_docs: int = 3000, web_docs: int = 60) -> Path:
@@ -62,6 +79,32 @@ def new_job(url: str, schedule: dict = SCHEDULE, *, config: dict = JOB, token: s
     r = httpx.post(f"{url}/v1/jobs", json=body, headers=headers, timeout=timeout)
     assert r.status_code == 201, r.text
     return job_id
+
+
+def fetch(url: str, job: str, step: int, headers: dict[str, str] | None = None, **params) -> wire.WireBatch:
+    """A served batch, decoded; a 200 in the wire format is asserted."""
+    r = httpx.get(f"{url}/v1/jobs/{job}/batches/{step}", params=params, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == wire.MEDIA_TYPE
+    return wire.decode(r.content)
+
+
+def problem(response: httpx.Response, status: int) -> dict:
+    """The problem+json body of a refusal; its status and content type are asserted."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    return response.json()
+
+
+def engine_for(sources_dir: Path, config: JobConfig, schedule: dict = SCHEDULE) -> MixingEngine:
+    """The in-process engine of a job over the prepared sources in ``sources_dir``."""
+    sources = {s.name: PreparedSource.open(sources_dir / s.name) for s in config.sources}
+    return MixingEngine.create(config, sources, [(0, Schedule.parse(schedule, config.source_names))])
+
+
+def local_engine(sources_dir: Path, **overrides) -> MixingEngine:
+    """The engine a server runs for ``new_job(url, **overrides)`` (the config as it stores a new job)."""
+    return engine_for(sources_dir, JobConfig.parse_new(JOB | overrides))
 
 
 def etag_of(url: str, job: str, headers: dict[str, str] | None = None) -> str:

@@ -20,7 +20,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from service_helpers import JOB, OPERATOR_TOKEN, READER, READER_TOKEN, SCHEDULE, TOKENS, Server, new_job
+from service_helpers import (
+    JOB,
+    OPERATOR_TOKEN,
+    READER,
+    READER_TOKEN,
+    SCHEDULE,
+    TOKENS,
+    Server,
+    local_engine,
+    new_job,
+)
 from torch.utils.data import DataLoader
 
 from client import (
@@ -35,11 +45,8 @@ from client import (
 )
 from client.dataset import THREAD_PREFIX, data_parallel_position
 from mixer_contract import wire
-from mixer_contract.job import JobConfig
-from mixer_contract.schedule import Schedule
 from mixer_service.engine import MixingEngine
 from mixer_service.service.process import free_port
-from mixer_service.sources.prepared import PreparedSource
 
 pytestmark = pytest.mark.server_env(TOKENS)
 FAST_RETRIES = {"backoff_base": 0.01, "backoff_max": 0.1}
@@ -55,12 +62,6 @@ def no_leaked_threads() -> Iterator[None]:
 
 def prefetch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
-
-
-def local_engine(sources_dir) -> MixingEngine:
-    config = JobConfig.parse_new(JOB)  # as the server stores a new job
-    srcs = {n: PreparedSource.open(sources_dir / n) for n in ("abc", "sotu")}
-    return MixingEngine.create(config, srcs, [(0, Schedule.parse(SCHEDULE, config.source_names))])
 
 
 def assert_engine_batches(batches: list[dict[str, Any]], engine: MixingEngine, steps: range) -> None:

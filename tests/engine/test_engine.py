@@ -26,8 +26,13 @@ from mixer_service.engine.mixture import UNBOUNDED_HORIZON, error_bound
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = jobs()
 MANY = jobs(max_steps=30, max_sources=64)
-EACH_JOB_FAMILY = pytest.mark.parametrize("job_family", [pytest.param(FEW, id="few-sources"),
-                                                         pytest.param(MANY, id="many-sources")])
+
+
+def on_each_job_family(test):
+    """Run a property on both families of random jobs: in the test, ``data.draw(job_family)`` is one job."""
+    test = SETTINGS(given(data=st.data())(test))
+    return pytest.mark.parametrize("job_family", [pytest.param(FEW, id="few-sources"),
+                                                  pytest.param(MANY, id="many-sources")])(test)
 
 
 def two_source_engine(total_steps=100, weights=None, allow_wrap=False, web_docs=400, seq_len=16, batch=8):
@@ -53,9 +58,7 @@ def test_error_bound_is_half_the_tree_depth():
         0, Fraction(1, 2), 1, 1, Fraction(3, 2), Fraction(3, 2), 2, 3, Fraction(7, 2), 4]
 
 
-@EACH_JOB_FAMILY
-@SETTINGS
-@given(data=st.data())
+@on_each_job_family
 def test_counts_stay_within_the_bound_monotone_and_sum_to_the_batch(job_family, data):
     """Within ⌈log2 K⌉/2 of the target (so within one up to 4 sources), monotone, exact sum."""
     engine, _ = data.draw(job_family)
@@ -70,9 +73,7 @@ def test_counts_stay_within_the_bound_monotone_and_sum_to_the_batch(job_family, 
         previous = realized
 
 
-@EACH_JOB_FAMILY
-@SETTINGS
-@given(data=st.data())
+@on_each_job_family
 def test_batch_rows_follow_step_counts(job_family, data):
     engine, _ = data.draw(job_family)
     step = data.draw(st.integers(0, engine.config.total_steps - 1))
@@ -82,9 +83,7 @@ def test_batch_rows_follow_step_counts(job_family, data):
     assert batch.tokens.shape == (engine.config.global_batch, engine.config.seq_len)
 
 
-@EACH_JOB_FAMILY
-@SETTINGS
-@given(data=st.data())
+@on_each_job_family
 def test_repeat_source_counts_are_e_or_e_plus_one(job_family, data):
     engine, _ = data.draw(job_family)
     step = data.draw(st.integers(0, engine.config.total_steps - 1))
@@ -126,9 +125,7 @@ def test_replay_of_provenance_equals_repetition_counts(job, data):
         assert engine.repetition_count(lay.name, doc, step) == replayed[lay.name][doc]
 
 
-@EACH_JOB_FAMILY
-@SETTINGS
-@given(data=st.data())
+@on_each_job_family
 def test_provenance_reconstructs_batch_tokens(job_family, data):
     engine, sources = data.draw(job_family)
     step = data.draw(st.integers(0, engine.config.total_steps - 1))
@@ -141,9 +138,7 @@ def test_provenance_reconstructs_batch_tokens(job_family, data):
         np.testing.assert_array_equal(rebuilt, batch.tokens[row])
 
 
-@EACH_JOB_FAMILY
-@SETTINGS
-@given(data=st.data())
+@on_each_job_family
 def test_rank_slices_tile_the_global_batch_for_any_world(job_family, data):
     engine, _ = data.draw(job_family)
     step = data.draw(st.integers(0, engine.config.total_steps - 1))
@@ -169,9 +164,7 @@ def change_after(engine: MixingEngine, data: st.DataObject,
     return served, before, changed
 
 
-@EACH_JOB_FAMILY
-@SETTINGS
-@given(data=st.data())
+@on_each_job_family
 def test_a_change_at_the_first_changeable_step_never_rewrites_served_steps(job_family, data):
     engine, _ = data.draw(job_family)
     served, before, changed = change_after(engine, data, data.draw(schedules(engine.config.source_names)))
@@ -197,9 +190,7 @@ def test_a_change_to_the_last_source_alone_leaves_the_others_at_most_one_owed_se
     assert all(final[k] - owed[k] <= 1 for k in range(len(names) - 1))
 
 
-@EACH_JOB_FAMILY
-@SETTINGS
-@given(data=st.data())
+@on_each_job_family
 def test_last_safe_high_water_is_the_exact_bound_for_a_change(job_family, data):
     engine, _ = data.draw(job_family)
     effective = data.draw(st.integers(0, engine.config.total_steps - 1))
@@ -209,9 +200,7 @@ def test_last_safe_high_water_is_the_exact_bound_for_a_change(job_family, data):
     assert bound == effective - 1 or engine.first_changeable_step(bound + 1) > effective
 
 
-@EACH_JOB_FAMILY
-@SETTINGS
-@given(data=st.data())
+@on_each_job_family
 def test_batches_are_a_pure_function_of_config_sources_and_log(job_family, data):
     engine, sources = data.draw(job_family)
     again = MixingEngine.create(engine.config, sources, engine.schedule_log)

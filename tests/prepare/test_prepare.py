@@ -20,6 +20,7 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from service_helpers import music21_abc_books
 
 from mixer_contract.errors import Conflict, CorruptData, InvalidInput, NotFound
 from mixer_service.prepare import prepare_command
@@ -43,12 +44,8 @@ NUM_TUNES = 300
 @pytest.fixture(scope="session")
 def abc_files() -> list[Path]:
     """A few music21 ABC files (folk-tune books), in sorted order."""
-    music21 = pytest.importorskip("music21", reason="music21 (dev dependency) ships the ABC corpus")
-    files = sorted((Path(music21.__file__).parent / "corpus").glob("**/*.abc"), key=str)
-    if not files:
-        pytest.skip("music21 has no ABC corpus files")
     picked, tunes = [], 0
-    for f in files:
+    for f in music21_abc_books():
         picked.append(f)
         tunes += len(re.findall(ABC_SPLIT, f.read_text(encoding="utf-8"), re.MULTILINE))
         if tunes >= NUM_TUNES:

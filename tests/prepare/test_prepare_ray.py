@@ -23,6 +23,7 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from service_helpers import music21_abc_books
 
 from mixer_contract.errors import InvalidInput
 from mixer_service.prepare.parts import merge_parts, tokenize_part
@@ -96,12 +97,8 @@ def cluster() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def abc_files() -> list[Path]:
     """The first ABC tune books of music21's corpus (about 1 MB of real text)."""
-    music21 = pytest.importorskip("music21", reason="music21 (dev dependency) ships the ABC corpus")
-    files = sorted((Path(music21.__file__).parent / "corpus").glob("**/*.abc"), key=str)
-    if not files:
-        pytest.skip("music21 has no ABC corpus files")
     picked, size = [], 0
-    for f in files:
+    for f in music21_abc_books():
         picked.append(f)
         size += f.stat().st_size
         if size > 1 << 20:

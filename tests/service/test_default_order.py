@@ -6,21 +6,15 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from service_helpers import JOB, SCHEDULE, Server
+from service_helpers import JOB, SCHEDULE, Server, engine_for
 
 from mixer_contract import wire
 from mixer_contract.job import DEFAULT_WINDOW_SHARDS, JobConfig
 from mixer_contract.schedule import Schedule
 from mixer_service.engine import MixingEngine
-from mixer_service.sources import PreparedSource
 from mixer_service.store import open_store
 
 WINDOW = {"kind": "window", "window_shards": DEFAULT_WINDOW_SHARDS}
-
-
-def engine_for(sources_dir, config: JobConfig) -> MixingEngine:
-    sources = {s.name: PreparedSource.open(sources_dir / s.name) for s in config.sources}
-    return MixingEngine.create(config, sources, [(0, Schedule.parse(SCHEDULE, config.source_names))])
 
 
 def served(url: str, job: str, steps) -> list[wire.WireBatch]:

@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import JOB, SCHEDULE, Server, etag_of, new_job
+from service_helpers import JOB, SCHEDULE, Server, etag_of, new_job, problem
 
 from mixer_contract.errors import SourceUnavailable
 from mixer_contract.schedule import MAX_PHASES
@@ -28,12 +28,6 @@ from mixer_service.service.auth import Tokens
 from mixer_service.service.source_registry import SourceRegistry
 from mixer_service.sources.origins import S3Origin, s3_client
 from mixer_service.store import open_store
-
-
-def problem(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    return response.json()
 
 
 def put_schedule(url: str, job: str, schedule: dict) -> httpx.Response:

@@ -15,8 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from service_helpers import JOB, RAW, SCHEDULE, Server, etag_of, new_job, prepare_real_sources
-from test_service import fetch
+from service_helpers import JOB, RAW, SCHEDULE, Server, etag_of, fetch, new_job, prepare_real_sources, problem
 
 from mixer_contract import wire
 from mixer_contract.errors import StoreBehind
@@ -41,12 +40,6 @@ def replicas(sources_dir, tmp_path, clean_redis_url):
 def change(url: str, job: str, schedule=ANNEAL, requested_step: int = 0) -> httpx.Response:
     body = {"schedule": schedule, "requested_step": requested_step, "author": "ops", "reason": "test"}
     return httpx.put(f"{url}/v1/jobs/{job}/schedule", json=body, headers={"If-Match": etag_of(url, job)})
-
-
-def problem(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    return response.json()
 
 
 # --- fresh views ------------------------------------------------------------------------------------

@@ -9,27 +9,22 @@ import re
 import httpx
 import numpy as np
 import pytest
-from service_helpers import JOB, OPERATOR, READER, SCHEDULE, TOKENS, Server, etag_of, new_job
+from service_helpers import (
+    JOB,
+    OPERATOR,
+    READER,
+    SCHEDULE,
+    TOKENS,
+    Server,
+    etag_of,
+    fetch,
+    local_engine,
+    new_job,
+)
 
 from mixer_contract import wire
-from mixer_contract.job import JobConfig
-from mixer_contract.schedule import Schedule
-from mixer_service.engine import MixingEngine
 from mixer_service.service.process import free_port
 from mixer_service.sources.prepared import PreparedSource
-
-
-def fetch(url, job, step, headers=None, **params) -> wire.WireBatch:
-    r = httpx.get(f"{url}/v1/jobs/{job}/batches/{step}", params=params, headers=headers)
-    assert r.status_code == 200, r.text
-    assert r.headers["content-type"] == wire.MEDIA_TYPE
-    return wire.decode(r.content)
-
-
-def local_engine(sources_dir, **overrides) -> MixingEngine:
-    config = JobConfig.parse_new(JOB | overrides)  # as the server stores a new job
-    srcs = {n: PreparedSource.open(sources_dir / n) for n in ("abc", "sotu")}
-    return MixingEngine.create(config, srcs, [(0, Schedule.parse(SCHEDULE, config.source_names))])
 
 
 def test_batches_over_http_equal_the_in_process_engine(server, sources_dir):
