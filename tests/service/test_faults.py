@@ -5,7 +5,7 @@ pulls >= 300 steps through alternating replicas while schedule changes go throug
 test breaks one thing, in turn. Every 200 must equal, byte for byte, what a fresh embedded server replaying
 the store's final log of that job incarnation serves; every other answer must be a 503 problem+json naming
 its fault (never a 500, never a 200 with other bytes). The module prints the table of docs/reliability.md
-(``pytest tests/test_faults.py -s``; ``FAULT_TABLE=path`` also writes it to a file).
+(``pytest tests/service/test_faults.py -s``; ``FAULT_TABLE=path`` also writes it to a file).
 """
 
 from __future__ import annotations

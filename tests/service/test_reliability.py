@@ -29,7 +29,7 @@ ANNEAL = {"phases": [{"start_step": 0, "weights": {"abc": 0.5, "sotu": 0.5}}]}
 @pytest.fixture
 def replicas(sources_dir, tmp_path, clean_redis_url):
     # Without the high-water watch: these tests prove what a request does when the store lost state; the
-    # watch (tests/test_faults.py) may otherwise repair it first, between the damage and the request.
+    # watch (tests/service/test_faults.py) may otherwise repair it first, between the damage and the request.
     servers = [Server(sources_dir, tmp_path / f"r{i}", redis_url=clean_redis_url,
                       extra_args=["--high-water-watch", "0"]).start() for i in range(2)]
     yield servers
