@@ -350,7 +350,7 @@ def test_every_503_is_retried_and_the_problem_title_and_detail_reach_the_error(s
 
 
 def test_the_client_imports_without_torch():
-    code = ("import sys; import client, mixer_service.ops_cli, mixer_service.export; "
+    code = ("import sys; import client, client.operator_cli, client.export; "
             "client.MixerClient('http://127.0.0.1:1').close(); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

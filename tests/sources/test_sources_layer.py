@@ -9,8 +9,9 @@ import sys
 def test_service_and_client_load_sources_without_the_planner() -> None:
     code = (
         "import sys\n"
-        "import mixer_service.service.app, mixer_service.service.sources, mixer_service.sources.images\n"
-        "import client.images\n"
+        "import mixer_service.service.app, mixer_service.service.source_registry\n"
+        "import mixer_service.sources.image_source\n"
+        "import client.image_batches\n"
         "bad = sorted(m for m in sys.modules if m.startswith(('mixer_service.planner', 'scipy')))\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
