@@ -8,37 +8,42 @@ pipeline already tokenized::
      "tokenizer_fingerprint": "...", "vocab_size": 50257, "dtype": "uint16", "eos_id": 50256}
 
 ``files`` are relative to the directory: Megatron prefixes (``.bin`` + ``.idx``), flat ``.npy`` or raw
-``.bin`` files of ``dtype`` in which every document ends with ``eos_id`` (the OLMo/Dolma layout), or MDS
-directories (with ``index.json``) whose ``column`` (default ``tokens``) holds each document's tokens; an
-MDS document gets ``eos_id`` appended unless ``"append_eos": false``, or datatrove ``.ds`` token files
-(with their ``.ds.index``; ``datatrove_ds``), which may also live under an ``s3://`` prefix
-(``AdoptedSource.open_remote``: blocks fetched by ranged GETs into the bounded shard cache).
+``.bin`` files of ``dtype`` in which every document ends with ``eos_id`` (the OLMo/Dolma layout), MDS
+directories (with ``index.json``) whose ``column`` (default ``tokens``) holds each document's tokens (an
+MDS document gets ``eos_id`` appended unless ``"append_eos": false``), or datatrove ``.ds`` token files
+(with their ``.ds.index``; ``datatrove_ds``). Every format may also live under an ``s3://`` prefix
+(``AdoptedSource.open_remote``): blocks (or MDS shards) fetched by ranged GETs into the bounded shard cache.
 
-The first open computes, once, what a prepared source's ``meta.json`` records: the document index
+Adopting computes, once, what a prepared source's ``meta.json`` records: the document index
 (``.mixer-doc_offsets.npy``, int64, 8 bytes a document), the hash of every block of tokens and the content
-fingerprint, stored in ``.mixer-adopted.json``. Both live under the cache directory
+fingerprint, stored in ``.mixer-adopted.json`` under the cache directory
 (``<cache>/adopted/<name>-<hash of the path>/``), never in the corpus, so the corpus can be read-only. The
-record names every file it read with its size and the sha256 of its first and last 64 KiB; a record whose
-files no longer match (regenerated in place under the same manifest) is derived again, never reused stale.
-The canonical stream (documents, each followed by EOS) is the same as ``prepare`` would write for the same
-documents, so the fingerprint is too. Megatron and flat tokens are read where they are with ``pread`` (no
-memory map: a file truncated under the server is an error naming it, not SIGBUS), in blocks hashed before
-their first use, when their token ids are also checked against ``vocab_size``; every later read is checked
-against 4 KiB checksums of the verified bytes (``checked``). An MDS shard interleaves sample headers with
-tokens, so its tokens are extracted into the shard cache on first use and verified.
+fingerprint is the sha256 of the whole token stream (what makes it equal a prepared source's), so it costs
+one read of every token; ``mixer adopt --index`` pays that once, on many cores, and writes the record into
+``mixer-index/``, which ships with the corpus: every server that opens the corpus then copies it (O(1) in
+the corpus) instead of reading the tokens. The record names every file it read with its size and the
+sha256 of its first and last 64 KiB; a record (stored or shipped) whose files no longer match (regenerated
+in place under the same manifest) is derived again, never reused stale. The canonical stream (documents,
+each followed by EOS) is the same as ``prepare`` would write for the same documents, so the fingerprint is
+too. Megatron and flat tokens are read where they are with ``pread`` (no memory map: a file truncated under
+the server is an error naming it, not SIGBUS), in blocks hashed again before their first use in each
+process, when their token ids are also checked against ``vocab_size``; every later read is checked against
+4 KiB checksums of the verified bytes (``checked``). An MDS shard interleaves sample headers with tokens,
+so its tokens are extracted into the shard cache on first use and verified.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,14 +51,8 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from mixer_contract.errors import CorruptData, InvalidInput, SourceUnavailable
-from mixer_service.sources import datatrove_ds
-from mixer_service.sources.cache import Shard, ShardCache
-from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, open_handle, pread_exact
-from mixer_service.sources.doc_index import DocIndex
-from mixer_service.sources.origins import LocalOrigin, Origin
-from mixer_service.sources.prepared import ShardedSource, as_verify_mode, open_index, write_atomic
-from mixer_service.sources.source_format import (
+from mixer_service.errors import CorruptData, InvalidInput, MixerError, SourceUnavailable
+from mixer_service.prepare.meta import (
     DTYPES,
     IndexBlocks,
     SourceMeta,
@@ -61,6 +60,14 @@ from mixer_service.sources.source_format import (
     index_leaves,
     merkle_root,
 )
+from mixer_service.sources import datatrove_ds
+from mixer_service.sources.cache import Shard, ShardCache
+from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, open_handle, pread_exact
+from mixer_service.sources.doc_index import DocIndex
+from mixer_service.sources.origins import PROBE_BYTES as PROBE_BYTES  # re-exported: what a probe hashes
+from mixer_service.sources.origins import LocalOrigin, Origin, probe, same_probes
+from mixer_service.sources.prepared import ShardedSource, _write_atomic, as_verify_mode, open_index
+from mixer_service.sources.token_scan import scan_region
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
 
 log = logging.getLogger(__name__)
@@ -70,9 +77,11 @@ RECORD = ".mixer-adopted.json"
 OFFSETS = ".mixer-doc_offsets.npy"
 RECORD_FORMAT, RECORD_VERSION = "mixer-adopted-source", 2  # 2: input probes, kept under the cache dir
 ADOPTED_SUBDIR = "adopted"
-PROBE_BYTES = 1 << 16  # hashed at each end of every input file at each open: what tells a regenerated file
+INDEX_SUBDIR = "mixer-index"  # the record ``mixer adopt --index`` ships with a corpus (read, never written)
+SCAN_WORKERS = min(4, os.cpu_count() or 1)  # threads hashing blocks while one reads them in order
 FORMATS = ("megatron", "flat", "mds", "datatrove")
 BLOCK_TOKENS = 1 << 24  # 32 MiB of uint16 per verified block: one hash costs ~20 ms
+_NPY_HEADER_MAX = 1 << 17  # bytes read to parse a .npy header (version 1 headers are at most 64 KiB)
 _MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
 _MEGATRON_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64", 7: "float32",
                     8: "uint16"}
@@ -147,15 +156,17 @@ class _Region:
     file: str
     offset: int
     num_tokens: int
-    doc_ends: np.ndarray  # exclusive token ends of this region's documents, relative to the region
+    # exclusive token ends of this region's documents, relative to the region (None: found from EOS)
+    doc_ends: np.ndarray | None
 
 
-def _megatron_region(directory: Path, prefix: str, m: Manifest) -> _Region:
+def _megatron_region(origin: Origin, prefix: str, m: Manifest) -> _Region:
     """A Megatron-LM MMIDIDX ``prefix.idx`` + ``prefix.bin`` pair (layout of Megatron-LM's
     megatron/core/datasets/indexed_dataset.py: header, int32 lengths, int64 pointers, int64 doc index)."""
-    idx_path, bin_path = directory / f"{prefix}.idx", directory / f"{prefix}.bin"
+    idx_name, bin_name = f"{prefix}.idx", f"{prefix}.bin"
+    idx_label = origin.describe(idx_name)
+    raw = origin.read(idx_name)  # read, not mapped: a file truncated meanwhile is an error, not SIGBUS
     try:
-        raw = idx_path.read_bytes()  # read, not mapped: a file truncated meanwhile is an error, not SIGBUS
         header = raw[:34]
         magic, (version,), (code,), (seqs, docs) = (header[:9], struct.unpack("<Q", header[9:17]),
                                                     struct.unpack("<B", header[17:18]),
@@ -165,79 +176,62 @@ def _megatron_region(directory: Path, prefix: str, m: Manifest) -> _Region:
         lengths = np.frombuffer(raw, dtype="<i4", count=seqs, offset=34)
         pointers = np.frombuffer(raw, dtype="<i8", count=seqs, offset=34 + 4 * seqs)
         doc_index = np.frombuffer(raw, dtype="<i8", count=docs, offset=34 + 12 * seqs)
-    except (OSError, ValueError, struct.error) as exc:
-        raise CorruptData(f"{idx_path}: unreadable Megatron index ({exc})") from exc
+    except (ValueError, struct.error) as exc:
+        raise CorruptData(f"{idx_label}: unreadable Megatron index ({exc})") from exc
     stored = _MEGATRON_DTYPES.get(code, f"code {code}")
     # int32 ids are the uint32 bytes for any id < 2**31, so Megatron's int32 files adopt as uint32.
     if {"int32": "uint32"}.get(stored, stored) != m.dtype:
-        raise InvalidInput(f"{idx_path}: tokens are {stored}, the manifest says {m.dtype}")
+        raise InvalidInput(f"{idx_label}: tokens are {stored}, the manifest says {m.dtype}")
     itemsize = np.dtype(m.dtype).itemsize
     ends = np.cumsum(lengths, dtype=np.int64)
     if seqs and not np.array_equal(pointers, (ends - lengths) * itemsize):
-        _lying_dtype_code(idx_path, code, stored, pointers, ends - lengths)
-        raise InvalidInput(f"{idx_path}: sequences are not stored back to back; re-save it with Megatron's "
+        _lying_dtype_code(idx_label, code, stored, pointers, ends - lengths)
+        raise InvalidInput(f"{idx_label}: sequences are not stored back to back; re-save it with Megatron's "
                            "builder or prepare the corpus instead")
     if docs < 1 or doc_index[0] != 0 or doc_index[-1] != seqs or np.any(np.diff(doc_index) <= 0):
-        raise CorruptData(f"{idx_path}: document index does not cover the {seqs} sequences in order")
+        raise CorruptData(f"{idx_label}: document index does not cover the {seqs} sequences in order")
     total = int(ends[-1]) if seqs else 0
-    if bin_path.stat().st_size != total * itemsize:
-        raise CorruptData(f"{bin_path}: {bin_path.stat().st_size} bytes, the index says {total * itemsize}")
-    return _Region(f"{prefix}.bin", 0, total, ends[doc_index[1:] - 1])
+    size = origin.size(bin_name)
+    if size != total * itemsize:
+        raise CorruptData(f"{origin.describe(bin_name)}: {size} bytes, the index says {total * itemsize}")
+    return _Region(bin_name, 0, total, ends[doc_index[1:] - 1])
 
 
-def _lying_dtype_code(idx_path: Path, code: int, stored: str, pointers: np.ndarray,
+def _lying_dtype_code(idx_label: str, code: int, stored: str, pointers: np.ndarray,
                       starts: np.ndarray) -> None:
     """Raise naming the dtype code when the pointers are back to back for another token size."""
     for size in (1, 2, 4, 8):
         if np.array_equal(pointers, starts * size):
-            raise CorruptData(f"{idx_path}: the dtype code {code} says {stored}, but the pointers advance "
+            raise CorruptData(f"{idx_label}: the dtype code {code} says {stored}, but the pointers advance "
                               f"{size} bytes a token: the .idx's dtype code is wrong (the tokens were "
                               f"written as {size}-byte ids)")
 
 
-def _flat_region(directory: Path, name: str, m: Manifest) -> _Region:
-    """A flat ``.npy`` or raw ``.bin`` token array in which each document ends with EOS (OLMo/Dolma)."""
-    path = directory / name
+def _flat_region(origin: Origin, name: str, m: Manifest) -> _Region:
+    """A flat ``.npy`` or raw ``.bin`` token array in which each document ends with EOS (OLMo/Dolma); its
+    documents are found from EOS by the adoption pass."""
     dtype = np.dtype(m.dtype).newbyteorder("<")
-    handle = open_handle(path, str(path))
+    size = origin.size(name)
+    if not name.endswith(".npy"):
+        return _Region(name, 0, size // dtype.itemsize, None)
+    head = io.BytesIO(origin.read_range(name, 0, min(size, _NPY_HEADER_MAX)))
     try:
-        if name.endswith(".npy"):
-            version = np.lib.format.read_magic(handle)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape, fortran, stored = read(handle)
-            if stored != dtype or len(shape) != 1 or fortran:
-                raise InvalidInput(f"{path}: a 1-D {m.dtype} array is needed, got {stored} {shape}")
-            offset, size = handle.tell(), int(shape[0])
-        else:
-            offset, size = 0, os.fstat(handle.fileno()).st_size // dtype.itemsize
+        version = np.lib.format.read_magic(head)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, stored = read(head)
     except (OSError, ValueError) as exc:
-        raise CorruptData(f"{path}: unreadable token array ({exc})") from exc
-    ends, last = [], None
-    for a, tokens in _blocks_of(handle, offset, size, dtype, str(path)):
-        ends.append(np.flatnonzero(tokens == m.eos_id) + a + 1)
-        last = tokens[-1]
-    doc_ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
-    if size == 0 or last != m.eos_id:
-        raise InvalidInput(f"{path}: the last document does not end with eos_id {m.eos_id}; every document "
-                           "must, so the array can be served in place")
-    return _Region(name, offset, size, doc_ends.astype(np.int64))
+        raise CorruptData(f"{origin.describe(name)}: unreadable token array ({exc})") from exc
+    if stored != dtype or len(shape) != 1 or fortran:
+        raise InvalidInput(f"{origin.describe(name)}: a 1-D {m.dtype} array is needed, got {stored} {shape}")
+    return _Region(name, head.tell(), int(shape[0]), None)
 
 
-def _blocks_of(handle, offset: int, num_tokens: int, dtype: np.dtype, label: str,
-               ) -> Iterator[tuple[int, np.ndarray]]:
-    """(first token, tokens) of each ``BLOCK_TOKENS`` block of a token region, read with ``pread``."""
-    for a in range(0, num_tokens, BLOCK_TOKENS):
-        n = min(BLOCK_TOKENS, num_tokens - a)
-        data = pread_exact(handle, offset + a * dtype.itemsize, n * dtype.itemsize, label)
-        yield a, np.frombuffer(data, dtype=dtype)
-
-
-def _mds_shards(directory: Path, sub: str, m: Manifest) -> list[dict]:
+def _mds_shards(origin: Origin, sub: str, m: Manifest) -> list[dict]:
     """The shards of an MDS dataset (mosaicml-streaming ``index.json``) and how to read the token column."""
-    index_path = directory / sub / "index.json"
+    index_name = f"{sub}/index.json"
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(origin.read(index_name))
         shards = []
         for info in index["shards"]:
             if info.get("format") != "mds":
@@ -247,8 +241,9 @@ def _mds_shards(directory: Path, sub: str, m: Manifest) -> list[dict]:
             shards.append({"file": f"{sub}/{stored['basename']}", "compression": info.get("compression"),
                            "column": column, "encodings": info["column_encodings"],
                            "sizes": info["column_sizes"], "samples": int(info["samples"])})
-    except (OSError, ValueError, KeyError) as exc:
-        raise InvalidInput(f"{index_path}: not an MDS index with a {m.column!r} column ({exc})") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput(f"{origin.describe(index_name)}: not an MDS index with a {m.column!r} column "
+                           f"({exc})") from exc
     return shards
 
 
@@ -292,7 +287,7 @@ def _decode_tokens(value: memoryview, encoding: str, m: Manifest) -> np.ndarray:
     return np.frombuffer(value[pos:], dtype=np.dtype(m.dtype).newbyteorder("<"))
 
 
-def _mds_expand(directory: Path, spec: dict, m: Manifest) -> Callable[[bytes], bytes]:
+def _mds_expand(origin: Origin, spec: dict, m: Manifest) -> Callable[[bytes], bytes]:
     """Stored shard bytes -> its canonical token stream (each document followed by EOS)."""
     eos = np.array([m.eos_id], dtype=np.dtype(m.dtype).newbyteorder("<"))
 
@@ -300,13 +295,13 @@ def _mds_expand(directory: Path, spec: dict, m: Manifest) -> Callable[[bytes], b
         try:
             docs = list(_mds_documents(data, spec, m))
         except (ValueError, IndexError, zstandard.ZstdError) as exc:
-            raise CorruptData(f"{directory / spec['file']}: unreadable MDS shard ({exc})") from exc
+            raise CorruptData(f"{origin.describe(spec['file'])}: unreadable MDS shard ({exc})") from exc
         parts = [p for d in docs for p in ((d, eos) if m.append_eos else (d,))]
         return np.concatenate(parts).tobytes() if parts else b""
     return expand
 
 
-# -- adoption: computed once, stored beside the manifest --------------------------------------------
+# -- adoption: computed once, kept under the cache dir ---------------------------------------------
 
 
 def state_dir(directory: Path, cache: ShardCache) -> Path:
@@ -315,141 +310,156 @@ def state_dir(directory: Path, cache: ShardCache) -> Path:
     return cache.directory.parent / ADOPTED_SUBDIR / f"{Path(directory).name}-{key}"
 
 
-def probe(directory: Path, name: str) -> dict:
-    """A cheap identity of an input file: its size and the sha256 of its first and last ``PROBE_BYTES``."""
-    path = directory / name
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        head = os.pread(fh.fileno(), PROBE_BYTES, 0)
-        tail = os.pread(fh.fileno(), PROBE_BYTES, max(0, size - PROBE_BYTES))
-    return {"file": name, "size": size, "head_sha256": hashlib.sha256(head).hexdigest(),
-            "tail_sha256": hashlib.sha256(tail).hexdigest()}
-
-
 def _current(record: dict, origin: Origin, manifest_sha: str) -> bool:
-    """Whether a stored record still describes the files: same manifest, same version, same probes."""
+    """Whether a record still describes the files: same manifest, same version, same probes."""
     if record.get("manifest_sha256") != manifest_sha or record.get("version") != RECORD_VERSION:
         return False
-    if not isinstance(origin, LocalOrigin):
-        return datatrove_ds.same_probes(origin, record.get("inputs", []))
-    try:
-        return all(probe(origin.directory, p["file"]) == p for p in record["inputs"])
-    except (OSError, KeyError, TypeError):
-        return False
+    return same_probes(origin, record.get("inputs", []))
 
 
-def adopt(where: Path | Origin, state: Path, *, force: bool = False) -> dict:
-    """Compute (or load) the adoption record of ``where`` (a directory, or an origin for formats read
-    through one) kept in ``state``: document index, block hashes, fingerprint.
+def adopt(where: Path | Origin, state: Path, *, force: bool = False, workers: int = SCAN_WORKERS) -> dict:
+    """The adoption record of ``where`` (a directory, or an origin such as an S3 prefix), kept in ``state``:
+    document index, block hashes, fingerprint.
 
-    O(corpus) once; later opens read the stored record while the manifest and the probes of every input
-    file are unchanged (a few 64 KiB reads a file).
+    A later open reads the record in ``state`` while the manifest and the probes of every input file are
+    unchanged (a few 64 KiB reads a file); without one, a current index shipped with the corpus
+    (``mixer-index/``, written by ``mixer adopt --index``) is copied into ``state``: both O(1) in the corpus.
+    Only without either (or with ``force``) is every token read, once, by ``workers`` threads.
     """
     origin: Origin = LocalOrigin(where) if isinstance(where, Path) else where
-    directory = origin.directory if isinstance(origin, LocalOrigin) else None
-    manifest_bytes = (directory / MANIFEST).read_bytes() if directory else origin.read(MANIFEST)
+    manifest_bytes = origin.read(MANIFEST)
     manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
-    record_path = state / RECORD
-    if not force and record_path.is_file():
-        try:
-            record = json.loads(record_path.read_text())
-            if _current(record, origin, manifest_sha):
-                return record
-            log.warning("adopted files changed since their record; adopting again", extra={
-                "event": "adopt.stale", "directory": origin.describe("")})
-        except ValueError:
-            pass  # unreadable: recompute
+    if not force:
+        record = _stored(origin, state, manifest_sha) or _shipped(origin, state, manifest_sha)
+        if record is not None:
+            return record
     m = Manifest.parse(manifest_bytes, origin.describe(MANIFEST), origin.describe(""))
     started = time.perf_counter()
     log.info("adopting %s (%s) once: hashing every token", origin.describe(""), m.format,
              extra={"event": "adopt.start", "source": m.name, "format": m.format})
-    stream, offsets_hash = hashlib.sha256(), hashlib.sha256()
+    record, offsets = _derive(origin, m, manifest_sha, workers)
+    state.mkdir(parents=True, exist_ok=True)
+    _write_atomic(state / OFFSETS, offsets)
+    record["doc_index_blocks"] = IndexBlocks.of_file(state / OFFSETS).to_json()
+    _write_atomic(state / RECORD, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    log.info("adopted %s: %d docs, %d tokens in %.1fs", origin.describe(""), record["num_docs"],
+             record["num_tokens"], time.perf_counter() - started,
+             extra={"event": "adopt.done", "source": m.name, "fingerprint": record["fingerprint"]})
+    return record
+
+
+def _stored(origin: Origin, state: Path, manifest_sha: str) -> dict | None:
+    """The record in ``state`` when it still describes the files."""
+    try:
+        record = json.loads((state / RECORD).read_text())
+    except (OSError, ValueError):
+        return None  # none yet, or unreadable: derived again
+    if _current(record, origin, manifest_sha):
+        return record
+    log.warning("adopted files changed since their record; adopting again", extra={
+        "event": "adopt.stale", "directory": origin.describe("")})
+    return None
+
+
+def _shipped(origin: Origin, state: Path, manifest_sha: str) -> dict | None:
+    """The index ``mixer adopt --index`` shipped with the corpus, copied into ``state`` when it still
+    describes the files (its document index is verified block by block on use, like any record's)."""
+    try:
+        data = origin.read(f"{INDEX_SUBDIR}/{RECORD}")
+    except MixerError:
+        return None  # none shipped
+    try:
+        record = json.loads(data)
+    except ValueError:
+        record = {}
+    if not isinstance(record, dict) or not _current(record, origin, manifest_sha):
+        log.warning("the index shipped with the corpus does not match its files; adopting again", extra={
+            "event": "adopt.shipped_stale", "index": origin.describe(INDEX_SUBDIR)})
+        return None
+    state.mkdir(parents=True, exist_ok=True)
+    _write_atomic(state / OFFSETS, origin.read(f"{INDEX_SUBDIR}/{OFFSETS}"))
+    _write_atomic(state / RECORD, data)
+    log.info("adopted %s from its shipped index", origin.describe(""), extra={
+        "event": "adopt.shipped", "fingerprint": record.get("fingerprint")})
+    return record
+
+
+def _derive(origin: Origin, m: Manifest, manifest_sha: str, workers: int) -> tuple[dict, bytes]:
+    """Read every token once: the record (without its index blocks) and the document index (``.npy``)."""
+    stream = hashlib.sha256()
     ends: list[np.ndarray] = []
-    base = 0
     parts: list[dict] = []
     inputs: list[str] = []
+    base = 0
     dtype = np.dtype(m.dtype).newbyteorder("<")
-    if m.format == "datatrove":
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="adopt-scan") as pool:
         for name in m.files:
-            inputs += [f"{name}.index", name]
-            doc_ends, part = datatrove_ds.adopt_file(origin, name, dtype, m.eos_id, BLOCK_TOKENS, stream)
-            ends.append(doc_ends + base)
-            base += part["num_tokens"]
-            parts.append(part)
-    elif directory is None:
-        raise InvalidInput(f"{origin.describe(MANIFEST)}: {m.format} corpora are adopted from local "
-                           "directories only (datatrove output also from object storage)")
-    elif m.format == "mds":
-        for sub in m.files:
-            inputs.append(f"{sub}/index.json")
-            for spec in _mds_shards(directory, sub, m):
-                inputs.append(spec["file"])
-                data = (directory / spec["file"]).read_bytes()
-                raw = _mds_expand(directory, spec, m)(data)
-                tokens = np.frombuffer(raw, dtype=dtype)
-                if m.append_eos:
-                    doc_ends = np.cumsum([d.size + 1 for d in _mds_documents(data, spec, m)], dtype=np.int64)
-                else:
-                    doc_ends = np.flatnonzero(tokens == m.eos_id) + 1
-                stream.update(raw)
+            if m.format == "mds":
+                inputs.append(f"{name}/index.json")
+                found = list(_adopt_mds(origin, name, m, dtype, stream))
+                inputs += [part["file"] for _, part in found]
+            elif m.format == "datatrove":
+                inputs += [f"{name}.index", name]
+                found = [datatrove_ds.adopt_file(origin, name, dtype, m.eos_id, BLOCK_TOKENS, stream, pool,
+                                                 2 * workers)]
+            else:
+                inputs += [f"{name}.idx", f"{name}.bin"] if m.format == "megatron" else [name]
+                found = [_adopt_in_place(origin, name, m, dtype, stream, pool, 2 * workers)]
+            for doc_ends, part in found:
                 ends.append(doc_ends + base)
-                base += tokens.size
-                parts.append(spec | {"sha256": hashlib.sha256(data).hexdigest(), "num_tokens": tokens.size,
-                                     "raw_sha256": hashlib.sha256(raw).hexdigest()})
-    else:
-        for name in m.files:
-            region = (_megatron_region if m.format == "megatron" else _flat_region)(directory, name, m)
-            inputs += [f"{name}.idx", region.file] if m.format == "megatron" else [region.file]
-            path = directory / region.file
-            blocks, eos_ok = [], True
-            for a, chunk in _blocks_of(open_handle(path, str(path)), region.offset, region.num_tokens, dtype,
-                                       str(path)):
-                stream.update(chunk.data)
-                blocks.append(_sha256(chunk))
-                lo, hi = np.searchsorted(region.doc_ends, [a + 1, a + chunk.size + 1])
-                eos_ok = eos_ok and bool(np.all(chunk[region.doc_ends[lo:hi] - 1 - a] == m.eos_id))
-            if not eos_ok:
-                raise InvalidInput(f"{directory / region.file}: documents do not all end with eos_id "
-                                   f"{m.eos_id}; re-run the tokenizer with EOS appended (Megatron: "
-                                   "--append-eod) or prepare the corpus instead")
-            if region.doc_ends.size == 0 or region.doc_ends[-1] != region.num_tokens:
-                raise InvalidInput(f"{directory / region.file}: tokens after the last document's EOS")
-            ends.append(region.doc_ends + base)
-            base += region.num_tokens
-            parts.append({"file": region.file, "offset": region.offset, "num_tokens": region.num_tokens,
-                          "size": (directory / region.file).stat().st_size, "blocks": blocks})
+                base += part["num_tokens"]
+                parts.append(part)
     doc_offsets = np.concatenate([np.zeros(1, np.int64), *ends]).astype("<i8")
     if doc_offsets.size < 2 or np.any(np.diff(doc_offsets) < 2):
         raise InvalidInput(f"{origin.describe('')}: empty documents (a lone EOS) cannot be served; drop them "
                            "first")
-    offsets_hash.update(doc_offsets.tobytes())
-    buffer = _npy_bytes(doc_offsets)
-    state.mkdir(parents=True, exist_ok=True)
-    write_atomic(state / OFFSETS, buffer)
-    record = {
+    offsets_sha = hashlib.sha256(doc_offsets.tobytes()).hexdigest()
+    return {
         "format": RECORD_FORMAT, "version": RECORD_VERSION, "manifest_sha256": manifest_sha,
-        "inputs": [probe(directory, name) if directory else datatrove_ds.probe(origin, name)
-                   for name in inputs],
-        "fingerprint": content_fingerprint(m.tokenizer_fingerprint, m.dtype, stream.hexdigest(),
-                                           offsets_hash.hexdigest()),
-        "tokens_sha256": stream.hexdigest(), "doc_offsets_sha256": offsets_hash.hexdigest(),
+        "inputs": [probe(origin, name) for name in inputs],
+        "fingerprint": content_fingerprint(m.tokenizer_fingerprint, m.dtype, stream.hexdigest(), offsets_sha),
+        "tokens_sha256": stream.hexdigest(), "doc_offsets_sha256": offsets_sha,
         "num_docs": int(doc_offsets.size - 1), "num_tokens": int(base), "block_tokens": BLOCK_TOKENS,
-        "parts": parts, "doc_index_blocks": IndexBlocks.of_file(state / OFFSETS).to_json(),
-    }
-    write_atomic(record_path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
-    log.info("adopted %s: %d docs, %d tokens in %.1fs", origin.describe(""), record["num_docs"], base,
-             time.perf_counter() - started, extra={"event": "adopt.done", "source": m.name,
-                                                    "fingerprint": record["fingerprint"]})
-    return record
+        "parts": parts,
+    }, _npy_bytes(doc_offsets)
 
 
-def _sha256(tokens: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(tokens).data).hexdigest()
+def _adopt_in_place(origin: Origin, name: str, m: Manifest, dtype: np.dtype, stream: hashlib._Hash,
+                    pool: ThreadPoolExecutor, in_flight: int) -> tuple[np.ndarray, dict]:
+    """One Megatron prefix or flat array: its document ends and its part of the record."""
+    region = (_megatron_region if m.format == "megatron" else _flat_region)(origin, name, m)
+    found = scan_region(origin, region.file, region.offset, region.num_tokens, dtype, m.eos_id,
+                        region.doc_ends, stream, BLOCK_TOKENS, pool, in_flight)
+    label = origin.describe(region.file)
+    if region.doc_ends is None and (found.doc_ends.size == 0 or found.doc_ends[-1] != region.num_tokens):
+        raise InvalidInput(f"{label}: the last document does not end with eos_id {m.eos_id}; every document "
+                           "must, so the array can be served in place")
+    if not found.eos_ok:
+        raise InvalidInput(f"{label}: documents do not all end with eos_id {m.eos_id}; re-run the tokenizer "
+                           "with EOS appended (Megatron: --append-eod) or prepare the corpus instead")
+    if found.doc_ends.size == 0 or found.doc_ends[-1] != region.num_tokens:
+        raise InvalidInput(f"{label}: tokens after the last document's EOS")
+    return found.doc_ends, {"file": region.file, "offset": region.offset, "num_tokens": region.num_tokens,
+                            "size": origin.size(region.file), "blocks": found.blocks}
+
+
+def _adopt_mds(origin: Origin, sub: str, m: Manifest, dtype: np.dtype,
+               stream: hashlib._Hash) -> Iterator[tuple[np.ndarray, dict]]:
+    """Each shard of one MDS dataset: its document ends and its part of the record."""
+    for spec in _mds_shards(origin, sub, m):
+        data = origin.read(spec["file"])
+        raw = _mds_expand(origin, spec, m)(data)
+        tokens = np.frombuffer(raw, dtype=dtype)
+        if m.append_eos:
+            doc_ends = np.cumsum([d.size + 1 for d in _mds_documents(data, spec, m)], dtype=np.int64)
+        else:
+            doc_ends = np.flatnonzero(tokens == m.eos_id) + 1
+        stream.update(raw)
+        yield doc_ends, spec | {"sha256": hashlib.sha256(data).hexdigest(), "num_tokens": tokens.size,
+                                "raw_sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
     out = io.BytesIO()
     np.save(out, array)
     return out.getvalue()
@@ -532,6 +542,22 @@ class _InPlaceBlocks:
             raise
 
 
+def _cached_shards(origin: Origin, m: Manifest, record: dict) -> list[Shard]:
+    """The shard-cache entries of a record read through ``origin``: one per MDS shard (extracted on
+    arrival), or one per block of tokens stored in place (a byte range of its file)."""
+    dtype = np.dtype(m.dtype).newbyteorder("<")
+    if m.format == "mds":
+        return [Shard(origin, p["file"], p["num_tokens"], dtype, p["sha256"], p["raw_sha256"],
+                      _mds_expand(origin, p, m), m.vocab_size) for p in record["parts"]]
+    ranges, block, shards = datatrove_ds.BlockOrigin(origin), record["block_tokens"], []
+    for p in record["parts"]:
+        for k, sha in enumerate(p["blocks"]):
+            n, start = min(block, p["num_tokens"] - k * block), p["offset"] + k * block * dtype.itemsize
+            key = ranges.add(p["file"], start, start + n * dtype.itemsize)
+            shards.append(Shard(ranges, key, n, dtype, sha, sha, bytes, m.vocab_size))
+    return shards
+
+
 def _open_index(path: Path, meta: SourceMeta, record: dict, mode: VerifyMode) -> np.ndarray | DocIndex:
     """Verified block by block on use; a record written before per-block hashes: hashed whole now."""
     try:
@@ -584,9 +610,7 @@ class AdoptedSource(ShardedSource):
         faults: dict[int, str] = {}
         shards: list[Shard] = []
         if m.format == "mds":
-            origin = LocalOrigin(directory)
-            shards = [Shard(origin, p["file"], p["num_tokens"], dtype, p["sha256"], p["raw_sha256"],
-                            _mds_expand(directory, p, m), m.vocab_size) for p in parts]
+            shards = _cached_shards(LocalOrigin(directory), m, record)
             sizes, load = [s.num_tokens for s in shards], (lambda k: cache.get(shards[k]))
         else:
             blocks = _InPlaceBlocks(directory, parts, dtype, record["block_tokens"], mode, m.vocab_size)
@@ -598,9 +622,9 @@ class AdoptedSource(ShardedSource):
     @classmethod
     def open_remote(cls, origin: Origin, state: Path, cache: ShardCache, *,
                     verify: bool | str | VerifyMode = DEFAULT_VERIFY) -> AdoptedSource:
-        """Open datatrove output under an object-store prefix. Its record and a copy of its manifest are kept
-        in ``state``; each block of tokens is one ranged GET into the bounded shard cache, on first use,
-        hashed on arrival and checked against the vocabulary."""
+        """Open a corpus of any format under an object-store prefix. Its record and a copy of its manifest
+        are kept in ``state``; each block of tokens (each MDS shard) is one ranged GET (one GET) into the
+        bounded shard cache, on first use, hashed on arrival and checked against the vocabulary."""
         state = Path(state)
         mode = as_verify_mode(verify)
         data = origin.read(MANIFEST)
@@ -608,15 +632,8 @@ class AdoptedSource(ShardedSource):
         record = adopt(origin, state)
         if record["manifest_sha256"] != hashlib.sha256(data).hexdigest():
             raise SourceUnavailable(f"{origin.describe(MANIFEST)}: changed while being adopted; open again")
-        write_atomic(state / MANIFEST, data)  # watched like a local manifest
-        dtype = np.dtype(m.dtype).newbyteorder("<")
-        ranges, block = datatrove_ds.BlockOrigin(origin), record["block_tokens"]
-        shards = []
-        for p in record["parts"]:
-            for k, sha in enumerate(p["blocks"]):
-                n, start = min(block, p["num_tokens"] - k * block), p["offset"] + k * block * dtype.itemsize
-                key = ranges.add(p["file"], start, start + n * dtype.itemsize)
-                shards.append(Shard(ranges, key, n, dtype, sha, sha, bytes, m.vocab_size))
+        _write_atomic(state / MANIFEST, data)  # watched like a local manifest
+        shards = _cached_shards(origin, m, record)
         return cls._assemble(m, record, state, state, state / MANIFEST, cache, shards,
                              [s.num_tokens for s in shards], lambda k: cache.get(shards[k]), {}, {}, mode)
 

@@ -14,43 +14,14 @@ Every read goes through an ``Origin``, so a local directory and an S3 prefix are
 from __future__ import annotations
 
 import hashlib
-import os
+from concurrent.futures import Executor
 
 import numpy as np
 
-from mixer_contract.errors import CorruptData, InvalidInput, MixerError, SourceUnavailable
-from mixer_service.sources.origins import LocalOrigin, Origin, S3Origin
+from mixer_service.errors import CorruptData, InvalidInput
+from mixer_service.sources.origins import Origin
+from mixer_service.sources.token_scan import scan_region
 from mixer_service.sources.verify import FileStamp
-
-PROBE_BYTES = 1 << 16  # as adopted.PROBE_BYTES: hashed at each end of a file to tell a regenerated one
-
-
-def object_size(origin: Origin, name: str) -> int:
-    """The size of ``name``: a stat locally, a HEAD in S3 (a size is what tells truncation from a wrong index
-    without reading past an object's end, which S3 answers with an error, not a short read)."""
-    if isinstance(origin, LocalOrigin):
-        try:
-            return os.stat(origin.path(name)).st_size
-        except OSError as exc:
-            raise CorruptData(f"{origin.describe(name)}: cannot read ({exc.strerror or exc})") from exc
-    if isinstance(origin, S3Origin):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return int(origin.client.head_object(Bucket=origin.bucket, Key=origin.key(name))["ContentLength"])
-        except (ClientError, BotoCoreError, OSError) as exc:
-            raise SourceUnavailable(f"{origin.describe(name)}: cannot stat ({exc})") from exc
-    raise InvalidInput(f"{origin.describe(name)}: no size for a {type(origin).__name__}")
-
-
-def probe(origin: Origin, name: str) -> dict:
-    """Size and sha256 of the first and last ``PROBE_BYTES`` of ``name``: the same record
-    ``adopted.probe`` writes for a local file."""
-    size = object_size(origin, name)
-    head = origin.read_range(name, 0, min(size, PROBE_BYTES)) if size else b""
-    tail = origin.read_range(name, max(0, size - PROBE_BYTES), size) if size else b""
-    return {"file": name, "size": size, "head_sha256": hashlib.sha256(head).hexdigest(),
-            "tail_sha256": hashlib.sha256(tail).hexdigest()}
 
 
 def doc_ends(origin: Origin, name: str) -> np.ndarray:
@@ -75,7 +46,7 @@ def doc_ends(origin: Origin, name: str) -> np.ndarray:
 def check_size(origin: Origin, name: str, num_tokens: int, dtype: np.dtype) -> int:
     """The size of token file ``name`` whose index counts ``num_tokens``; names the file when it is short
     (truncated), long, or holds tokens of another size than the manifest's ``dtype``."""
-    size, expected = object_size(origin, name), num_tokens * dtype.itemsize
+    size, expected = origin.size(name), num_tokens * dtype.itemsize
     if size == expected:
         return size
     index = origin.describe(f"{name}.index")
@@ -93,34 +64,26 @@ def check_size(origin: Origin, name: str, num_tokens: int, dtype: np.dtype) -> i
 
 
 def adopt_file(origin: Origin, name: str, dtype: np.dtype, eos_id: int, block_tokens: int,
-               stream: hashlib._Hash) -> tuple[np.ndarray, dict]:
-    """Check and hash one ``.ds`` file block by block, feeding its tokens to ``stream``.
+               stream: hashlib._Hash, pool: Executor, in_flight: int) -> tuple[np.ndarray, dict]:
+    """Check and hash one ``.ds`` file block by block (``token_scan``), feeding its tokens to ``stream``.
 
     Returns its document ends and its part of the adoption record (the layout Megatron and flat parts
     use: tokens in place from byte 0, one sha256 per ``block_tokens`` block)."""
     ends = doc_ends(origin, name)
     num_tokens = int(ends[-1])
     size = check_size(origin, name, num_tokens, dtype)
-    blocks, eos_ok = [], True
-    for a in range(0, num_tokens, block_tokens):
-        n = min(block_tokens, num_tokens - a)
-        data = origin.read_range(name, a * dtype.itemsize, (a + n) * dtype.itemsize)
-        if len(data) != n * dtype.itemsize:
-            raise CorruptData(f"{origin.describe(name)}: truncated while being read (changed under us?)")
-        chunk = np.frombuffer(data, dtype=dtype)
-        stream.update(data)
-        blocks.append(hashlib.sha256(data).hexdigest())
-        lo, hi = np.searchsorted(ends, [a + 1, a + n + 1])
-        eos_ok = eos_ok and bool(np.all(chunk[ends[lo:hi] - 1 - a] == eos_id))
-    if not eos_ok:
+    scanned = scan_region(origin, name, 0, num_tokens, dtype, eos_id, ends, stream, block_tokens, pool,
+                          in_flight)
+    if not scanned.eos_ok:
         raise InvalidInput(f"{origin.describe(name)}: documents do not all end with eos_id {eos_id}; re-run "
                            "datatrove's DocumentTokenizer with eos_token set, or prepare the corpus instead")
-    return ends, {"file": name, "offset": 0, "num_tokens": num_tokens, "size": size, "blocks": blocks}
+    return ends, {"file": name, "offset": 0, "num_tokens": num_tokens, "size": size, "blocks": scanned.blocks}
 
 
 class BlockOrigin:
     """An origin whose files are byte ranges of another origin's files: each verified block of a remote
-    ``.ds`` file becomes one entry of the bounded shard cache, fetched with one ranged GET."""
+    token file (``.ds``, Megatron ``.bin``, flat array) becomes one entry of the bounded shard cache,
+    fetched with one ranged GET."""
 
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
@@ -142,17 +105,13 @@ class BlockOrigin:
         name, first, _ = self._ranges[key]
         return self.origin.read_range(name, first + start, first + stop)
 
+    def size(self, key: str) -> int:
+        name, start, stop = self._ranges[key]
+        return stop - start
+
     def describe(self, key: str) -> str:
         name, start, stop = self._ranges[key]
         return f"{self.origin.describe(name)} (bytes {start}-{stop})"
 
     def stamp(self, key: str) -> FileStamp | None:
         return None  # checked by hash on arrival, like every remote shard
-
-
-def same_probes(origin: Origin, probes: list[dict]) -> bool:
-    """Whether every recorded probe still matches its file (any failure to read one: no)."""
-    try:
-        return all(probe(origin, p["file"]) == p for p in probes)
-    except (MixerError, OSError, KeyError, TypeError):
-        return False

@@ -1,21 +1,24 @@
 """Where a source's files live: a local directory, or a prefix in an S3-compatible object store.
 
-An origin hands out whole files (a shard is fetched once, then cached) and byte ranges (a block of a
-document index); every failure names the file.
+An origin hands out whole files (a shard is fetched once, then cached), byte ranges (a block of a
+document index) and sizes; every failure names the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Protocol
 
-from mixer_contract.errors import CorruptData, InvalidInput, SourceUnavailable
+from mixer_service.errors import CorruptData, InvalidInput, MixerError, SourceUnavailable
 from mixer_service.sources.verify import FileStamp
 
 log = logging.getLogger(__name__)
+
+PROBE_BYTES = 1 << 16  # hashed at each end of an adopted input file at each open: tells a regenerated one
 
 
 class Origin(Protocol):
@@ -27,6 +30,10 @@ class Origin(Protocol):
 
     def read_range(self, name: str, start: int, stop: int) -> bytes:
         """Bytes ``[start, stop)`` of ``name`` (fewer only when the file is shorter)."""
+        ...
+
+    def size(self, name: str) -> int:
+        """The size of ``name`` in bytes (what tells a truncated file without reading past its end)."""
         ...
 
     def describe(self, name: str) -> str:
@@ -54,6 +61,12 @@ class LocalOrigin:
         try:
             with open(self.directory / name, "rb") as fh:
                 return os.pread(fh.fileno(), stop - start, start)
+        except OSError as exc:
+            raise CorruptData(f"{self.directory / name}: cannot read ({exc.strerror or exc})") from exc
+
+    def size(self, name: str) -> int:
+        try:
+            return os.stat(self.directory / name).st_size
         except OSError as exc:
             raise CorruptData(f"{self.directory / name}: cannot read ({exc.strerror or exc})") from exc
 
@@ -98,6 +111,15 @@ class S3Origin:
     def read(self, name: str) -> bytes:
         return self._get(name)
 
+    def size(self, name: str) -> int:
+        """One HEAD (S3 answers a range past an object's end with an error, not a short read)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self.key(name))["ContentLength"])
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise SourceUnavailable(f"{self.describe(name)}: cannot stat ({exc})") from exc
+
     def read_range(self, name: str, start: int, stop: int) -> bytes:
         return self._get(name, Range=f"bytes={start}-{stop - 1}")
 
@@ -123,6 +145,24 @@ class S3Origin:
             delay *= 2
         raise SourceUnavailable(
             f"{self.describe(name)}: object store unreachable after {attempt} attempts ({error})")
+
+
+def probe(origin: Origin, name: str) -> dict:
+    """A cheap identity of an input file: its size and the sha256 of its first and last ``PROBE_BYTES``
+    (the same record whichever origin it was taken through, so an index made locally holds in S3)."""
+    size = origin.size(name)
+    head = origin.read_range(name, 0, min(size, PROBE_BYTES)) if size else b""
+    tail = origin.read_range(name, max(0, size - PROBE_BYTES), size) if size else b""
+    return {"file": name, "size": size, "head_sha256": hashlib.sha256(head).hexdigest(),
+            "tail_sha256": hashlib.sha256(tail).hexdigest()}
+
+
+def same_probes(origin: Origin, probes: list[dict]) -> bool:
+    """Whether every recorded probe still matches its file (any failure to read one: no)."""
+    try:
+        return all(probe(origin, p["file"]) == p for p in probes)
+    except (MixerError, OSError, KeyError, TypeError):
+        return False
 
 
 def s3_client(endpoint_url: str | None = None, region: str | None = None, timeout_s: float = 2.0):
