@@ -60,14 +60,20 @@ class SourceRegistry:
         for url in remote_urls:
             openers = list(_remote_openers(url, index_root, cache, mode, s3_endpoint))
             if not openers:
-                registry.empty.append(f"{url} holds no source (no meta.json or {MANIFEST} under it or one "
-                                      "level down)")
+                registry._nothing_at(url, f"{url} holds no source (no meta.json or {MANIFEST} under it or "
+                                     f"one level down){_found(_listed(url, s3_endpoint))}")
             for name, opener, where in openers:
                 registry._open(name, where, opener)
         if root is not None and not local and not remote_urls:
-            registry.empty.append(f"--sources-dir {root} holds no source (no sub-directory with a meta.json "
-                                  "or an adoption manifest)")
+            registry._nothing_at(str(root), f"--sources-dir {root} holds no source (no sub-directory with a "
+                                 f"meta.json or an adoption manifest){_found(_local_entries(root))}")
         return registry
+
+    def _nothing_at(self, location: str, why: str) -> None:
+        """A location given that holds no source: not ready, and one structured line saying why."""
+        self.empty.append(why)
+        log.error("no source at a sources location", extra={"event": "sources.empty", "location": location,
+                                                            "error": why})
 
     def _open(self, label: str, where: str, opener) -> None:
         try:
@@ -190,6 +196,37 @@ def _remote_openers(url: str, index_root: Path, cache: ShardCache, mode: VerifyM
         else:
             yield name, (lambda sub=sub, d=index_dir: (
                 "tokens", PreparedSource.open_remote(sub, d, cache, mode))), sub.describe("")
+
+
+def _found(names: list[str], shown: int = 8) -> str:
+    """What a location holds instead of a source, for the not-ready reason ("" when nothing at all)."""
+    if not names:
+        return ""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (f"; it holds {', '.join(names[:shown])}{more}: describe tokenized files with a {MANIFEST} "
+            "(docs/scale.md, adopting in place) or prepare them with mixer prepare")
+
+
+def _local_entries(root: Path) -> list[str]:
+    """The names in ``root`` and one level down (``sub/name``), hidden ones (the cache) left out."""
+    out = []
+    for path in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
+        out += ([f"{path.name}/{q.name}" for q in sorted(path.iterdir()) if not q.name.startswith(".")]
+                if path.is_dir() else [path.name])
+    return out
+
+
+def _listed(url: str, endpoint: str | None) -> list[str]:
+    """The first keys under ``url`` (relative to it), or [] when there are none or listing fails."""
+    from mixer_service.sources.origins import parse_s3_url, s3_client
+
+    bucket, prefix = parse_s3_url(url)
+    base = f"{prefix}/" if prefix else ""
+    try:
+        listing = s3_client(endpoint).list_objects_v2(Bucket=bucket, Prefix=base, MaxKeys=100)
+    except Exception:  # botocore raises many unrelated types; the opener already reported unreachability
+        return []
+    return [o["Key"][len(base):] for o in listing.get("Contents", [])]
 
 
 def _raiser(exc: MixerError):
