@@ -4,6 +4,8 @@ shards fetched on demand into a bounded LRU cache, verified on arrival, retried 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -11,11 +13,9 @@ import numpy as np
 import pytest
 from service_helpers import JOB, SCHEDULE, Server, reblock
 
-from mixer_contract import wire
-from mixer_contract.errors import CorruptData, SourceUnavailable
-from mixer_contract.job import JobConfig
-from mixer_contract.schedule import Schedule
-from mixer_service.engine import MixingEngine
+from mixer_service import wire
+from mixer_service.engine import JobConfig, MixingEngine, Schedule
+from mixer_service.errors import CorruptData, InvalidInput, SourceUnavailable
 from mixer_service.prepare.tokenizer import ByteTokenizer
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.service.process import free_port
@@ -189,3 +189,145 @@ def test_a_location_with_no_source_is_not_ready_and_says_why(s3, tmp_path) -> No
     local = SourceRegistry.load(tmp_path / "empty")
     [problem] = local.problems()
     assert "holds no source" in problem and str(tmp_path / "empty") in problem
+
+
+def upload_tree(endpoint: str, directory: Path, prefix: str) -> None:
+    """Every file under ``directory``, sub-directories (MDS, mixer-index/) included, under ``prefix``."""
+    client = s3_client(endpoint)
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(directory).as_posix()}")
+
+
+@pytest.fixture(scope="module")
+def adopted_corpora(tmp_path_factory) -> dict[str, Path]:
+    """The same small corpus as Megatron files, a flat array and (with mosaicml-streaming) an MDS dataset,
+    each registered by a manifest, in blocks of 2^12 tokens so each spans several cache entries."""
+    from test_sources_adopted import flat_stream, manifest, write_megatron
+
+    rng = np.random.default_rng(7)
+    docs = [rng.integers(0, 256, size=int(n), dtype=np.uint16) for n in rng.integers(50, 900, size=60)]
+    tok = type("Tok", (), {"fingerprint": "bytes-test", "vocab_size": 257, "eos_id": 256})()
+    root = tmp_path_factory.mktemp("adopted-s3")
+    write_megatron(root / "megatron" / "doc", docs, tok.eos_id)
+    manifest(root / "megatron", "megatron", ["doc"], tok, name="megatron")
+    (root / "flat").mkdir()
+    np.save(root / "flat" / "tokens.npy", flat_stream(docs, tok.eos_id))
+    manifest(root / "flat", "flat", ["tokens.npy"], tok, name="flat")
+    out = {"megatron": root / "megatron", "flat": root / "flat"}
+    try:
+        import streaming
+    except ImportError:
+        return out
+    with streaming.MDSWriter(out=str(root / "mds" / "data"), columns={"tokens": "ndarray:uint16"},
+                             compression="zstd", size_limit=1 << 14) as writer:
+        for d in docs:
+            writer.write({"tokens": d})
+    manifest(root / "mds", "mds", ["data"], tok, name="mds")
+    return out | {"mds": root / "mds"}
+
+
+@pytest.fixture
+def small_blocks(monkeypatch) -> int:
+    from mixer_service.sources import adopted
+
+    monkeypatch.setattr(adopted, "BLOCK_TOKENS", 1 << 12)
+    return 1 << 12
+
+
+def test_adopted_megatron_flat_and_mds_prefixes_serve_the_local_bytes(s3, adopted_corpora, small_blocks,
+                                                                      tmp_path) -> None:
+    """Each adopted format under an S3 prefix: the local corpus's fingerprint and tokens, read by ranged
+    GETs into a shard cache bounded to three blocks (or MDS shards)."""
+    from mixer_service.sources.adopted import AdoptedSource
+
+    for fmt, directory in adopted_corpora.items():
+        upload_tree(s3, directory, f"adopted/{fmt}")
+        local = AdoptedSource.open(directory, ShardCache(tmp_path / fmt / "local" / "shards"))
+        limit = 3 * small_blocks * 2 if fmt != "mds" else 3 * max(
+            int(n) for n in np.diff(local.shard_offsets)) * 2
+        cache = ShardCache(tmp_path / fmt / "cache", limit_bytes=limit)
+        remote = AdoptedSource.open_remote(S3Origin(s3_client(s3), BUCKET, f"adopted/{fmt}"),
+                                           tmp_path / fmt / "state", cache)
+        assert remote.meta.fingerprint == local.meta.fingerprint, fmt
+        assert len(remote.shard_offsets) > 4 and cache.stats.fetches == 0, fmt  # nothing fetched at open
+        np.testing.assert_array_equal(np.asarray(remote.doc_offsets), np.asarray(local.doc_offsets))
+        for i in range(len(local)):
+            np.testing.assert_array_equal(remote.document(i), local.document(i))
+            assert sum(p.stat().st_size for p in (tmp_path / fmt / "cache").glob("*.bin")) <= limit
+        assert cache.stats.evictions > 0, fmt
+
+
+def test_an_index_shipped_under_the_prefix_is_used_without_reading_tokens(s3, adopted_corpora, tmp_path,
+                                                                          monkeypatch) -> None:
+    """``mixer adopt --index`` output uploaded as ``<prefix>/mixer-index/``: opening from S3 reads the
+    manifest, the index and the probes only."""
+    from mixer_service.sources import adopted
+    from mixer_service.sources.adopted import INDEX_SUBDIR, AdoptedSource
+
+    directory = Path(shutil.copytree(adopted_corpora["megatron"], tmp_path / "corpus"))
+    record = adopted.adopt(directory, directory / INDEX_SUBDIR, force=True)
+    upload_tree(s3, directory, "shipped/megatron")
+    monkeypatch.setattr(adopted, "scan_region", lambda *a: pytest.fail("read every token at open"))
+    origin = S3Origin(s3_client(s3), BUCKET, "shipped/megatron")
+    remote = AdoptedSource.open_remote(origin, tmp_path / "state", ShardCache(tmp_path / "cache"))
+    assert remote.meta.fingerprint == record["fingerprint"]
+    np.testing.assert_array_equal(remote.document(5), AdoptedSource.open(
+        directory, ShardCache(tmp_path / "local" / "shards")).document(5))
+
+
+def test_mixer_serve_opens_every_adopted_format_under_a_url(s3, adopted_corpora, tmp_path) -> None:
+    from mixer_service.service.sources import SourceRegistry
+
+    for fmt, directory in adopted_corpora.items():
+        upload_tree(s3, directory, f"served/{fmt}")
+    registry = SourceRegistry.load(None, tmp_path / "cache", s3_endpoint=s3, remote_urls=[f"s3://{BUCKET}/served"])
+    assert registry.problems() == [] and len(registry.sources) == len(adopted_corpora)
+    assert registry.broken == {}
+
+
+def test_a_location_with_unrecognised_files_is_not_ready_and_names_them(s3, adopted_corpora, tmp_path,
+                                                                        caplog) -> None:
+    """Tokenized files without a manifest (or nothing at all) under a URL or a directory: not ready, the
+    reason names what is there, and one structured log line says it."""
+    from mixer_service.service.sources import SourceRegistry
+
+    s3_client(s3).upload_file(str(adopted_corpora["megatron"] / "doc.bin"), BUCKET, "stray/web/doc.bin")
+    remote = SourceRegistry.load(None, tmp_path / "cache", s3_endpoint=s3, remote_urls=[f"s3://{BUCKET}/stray"])
+    [problem] = remote.problems()
+    assert problem.startswith(f"s3://{BUCKET}/stray holds no source") and "web/doc.bin" in problem
+    assert "mixer-source.json" in problem
+    local_root = tmp_path / "local"
+    shutil.copytree(adopted_corpora["megatron"], local_root / "web", ignore=shutil.ignore_patterns("mixer-*"))
+    [problem] = SourceRegistry.load(local_root).problems()
+    assert "holds no source" in problem and "web/doc.bin" in problem and "web/doc.idx" in problem
+    missing = SourceRegistry.load(None, tmp_path / "cache", s3_endpoint=s3,
+                                  remote_urls=[f"s3://{BUCKET}/no-such-prefix"])
+    assert missing.problems()[0].endswith("under it or one level down)")
+    empty = [r for r in caplog.records if getattr(r, "event", "") == "sources.empty"]
+    assert [r.location for r in empty] == [f"s3://{BUCKET}/stray", str(local_root),
+                                           f"s3://{BUCKET}/no-such-prefix"]
+    with pytest.raises(InvalidInput, match="not a directory"):
+        SourceRegistry.load(tmp_path / "no-such-dir")  # a local typo stops the server at start, by name
+
+
+def test_a_server_whose_url_holds_no_source_answers_503_with_the_reason(s3, adopted_corpora,
+                                                                        tmp_path) -> None:
+    upload(s3, adopted_corpora["flat"], "unmanifested/web")
+    s3_client(s3).delete_object(Bucket=BUCKET, Key="unmanifested/web/mixer-source.json")
+    srv = Server(tmp_path / "empty", tmp_path / "state", env=CREDENTIALS,
+                 extra_args=["--sources-url", f"s3://{BUCKET}/unmanifested", "--s3-endpoint", s3,
+                             "--cache-dir", str(tmp_path / "cache")])
+    (tmp_path / "empty").mkdir()
+    srv.proc = subprocess.Popen(srv.args, env=srv.env, stdout=subprocess.DEVNULL, stderr=srv._stderr)
+    try:
+        deadline, r = time.monotonic() + 60, None
+        while time.monotonic() < deadline and srv.proc.poll() is None:
+            try:
+                r = httpx.get(f"{srv.url}/v1/ready", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert r is not None and r.status_code == 503, srv.tail()
+        assert "holds no source" in r.json()["detail"] and "web/tokens.npy" in r.json()["detail"]
+    finally:
+        srv.stop()
