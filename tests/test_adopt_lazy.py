@@ -70,7 +70,8 @@ def test_a_shipped_index_opens_the_corpus_without_reading_a_token(corpus, megatr
     for replica in ("a", "b"):  # each replica's cache dir starts empty
         cache = ShardCache(tmp_path / f"cache-{replica}" / "shards")
         assert_same(AdoptedSource.open(megatron, cache), prepared)
-        assert (tmp_path / f"cache-{replica}" / "adopted").is_dir()  # the record copied under the cache dir
+        state = tmp_path / f"cache-{replica}" / "adopted"
+        assert list(state.rglob(RECORD)) and not list(state.rglob(OFFSETS))  # the index is read where it is
 
 
 def test_a_read_only_corpus_is_indexed_elsewhere_and_served(corpus, megatron, tmp_path, capsys) -> None:

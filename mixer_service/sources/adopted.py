@@ -35,6 +35,7 @@ so its tokens are extracted into the shard cache on first use and verified.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -63,7 +64,7 @@ from mixer_service.prepare.meta import (
 from mixer_service.sources import datatrove_ds
 from mixer_service.sources.cache import Shard, ShardCache
 from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, open_handle, pread_exact
-from mixer_service.sources.doc_index import DocIndex
+from mixer_service.sources.doc_index import DocIndex, Fetch, npy_header, sparse_index_file
 from mixer_service.sources.origins import PROBE_BYTES as PROBE_BYTES  # re-exported: what a probe hashes
 from mixer_service.sources.origins import LocalOrigin, Origin, probe, same_probes
 from mixer_service.sources.prepared import ShardedSource, _write_atomic, as_verify_mode, open_index
@@ -362,8 +363,9 @@ def _stored(origin: Origin, state: Path, manifest_sha: str) -> dict | None:
 
 
 def _shipped(origin: Origin, state: Path, manifest_sha: str) -> dict | None:
-    """The index ``mixer adopt --index`` shipped with the corpus, copied into ``state`` when it still
-    describes the files (its document index is verified block by block on use, like any record's)."""
+    """The record ``mixer adopt --index`` shipped with the corpus, copied into ``state`` when it still
+    describes the files. Its document index (8 bytes a document) is not copied: it is read where it ships,
+    block by block, each block verified on first use like any record's."""
     try:
         data = origin.read(f"{INDEX_SUBDIR}/{RECORD}")
     except MixerError:
@@ -376,9 +378,9 @@ def _shipped(origin: Origin, state: Path, manifest_sha: str) -> dict | None:
         log.warning("the index shipped with the corpus does not match its files; adopting again", extra={
             "event": "adopt.shipped_stale", "index": origin.describe(INDEX_SUBDIR)})
         return None
+    record["shipped_index"] = True  # its document index is read where it ships (``_index_at``)
     state.mkdir(parents=True, exist_ok=True)
-    _write_atomic(state / OFFSETS, origin.read(f"{INDEX_SUBDIR}/{OFFSETS}"))
-    _write_atomic(state / RECORD, data)
+    _write_atomic(state / RECORD, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     log.info("adopted %s from its shipped index", origin.describe(""), extra={
         "event": "adopt.shipped", "fingerprint": record.get("fingerprint")})
     return record
@@ -558,14 +560,31 @@ def _cached_shards(origin: Origin, m: Manifest, record: dict) -> list[Shard]:
     return shards
 
 
-def _open_index(path: Path, meta: SourceMeta, record: dict, mode: VerifyMode) -> np.ndarray | DocIndex:
+def _index_at(record: dict, origin: Origin, state: Path) -> tuple[Path, Fetch | None, str]:
+    """Where the document index is read: the file under ``state``, or for a shipped index the shipped file,
+    in place in a local corpus, or as a sparse local file whose blocks are fetched by ranged GETs."""
+    if not record.get("shipped_index"):
+        return state / OFFSETS, None, str(state / OFFSETS)
+    name = f"{INDEX_SUBDIR}/{OFFSETS}"
+    if isinstance(origin, LocalOrigin):
+        return origin.path(name), None, origin.describe(name)
+    entries = record["num_docs"] + 1
+    header = npy_header(entries)
+    if len(header) != record["doc_index_blocks"]["data_offset"]:  # written by another numpy: ask for its own
+        header = origin.read_range(name, 0, record["doc_index_blocks"]["data_offset"])
+    sparse_index_file(state / OFFSETS, header, entries)
+    return state / OFFSETS, functools.partial(origin.read_range, name), origin.describe(name)
+
+
+def _open_index(path: Path, fetch: Fetch | None, label: str, meta: SourceMeta, record: dict,
+                mode: VerifyMode) -> np.ndarray | DocIndex:
     """Verified block by block on use; a record written before per-block hashes: hashed whole now."""
     try:
         blocks = (IndexBlocks.from_json(record["doc_index_blocks"], meta.num_docs + 1)
                   if "doc_index_blocks" in record else None)
     except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptData(f"{path.parent / RECORD}: invalid doc_index_blocks ({exc})") from exc
-    return open_index(path, meta, blocks, record["doc_offsets_sha256"], mode)
+        raise CorruptData(f"{label}: invalid doc_index_blocks in its adoption record ({exc})") from exc
+    return open_index(path, meta, blocks, record["doc_offsets_sha256"], mode, fetch, label)
 
 
 def _root(meta: SourceMeta, record: dict) -> str:
@@ -616,8 +635,8 @@ class AdoptedSource(ShardedSource):
             blocks = _InPlaceBlocks(directory, parts, dtype, record["block_tokens"], mode, m.vocab_size)
             sizes, load, faults = blocks.sizes, blocks.load, blocks.faults
         watched = {directory / p["file"]: FileStamp.of(directory / p["file"]) for p in parts}
-        return cls._assemble(m, record, directory, state, directory / MANIFEST, cache, shards, sizes, load,
-                             faults, watched, mode)
+        return cls._assemble(m, record, LocalOrigin(directory), directory, state, directory / MANIFEST, cache,
+                             shards, sizes, load, faults, watched, mode)
 
     @classmethod
     def open_remote(cls, origin: Origin, state: Path, cache: ShardCache, *,
@@ -634,25 +653,27 @@ class AdoptedSource(ShardedSource):
             raise SourceUnavailable(f"{origin.describe(MANIFEST)}: changed while being adopted; open again")
         _write_atomic(state / MANIFEST, data)  # watched like a local manifest
         shards = _cached_shards(origin, m, record)
-        return cls._assemble(m, record, state, state, state / MANIFEST, cache, shards,
+        return cls._assemble(m, record, origin, state, state, state / MANIFEST, cache, shards,
                              [s.num_tokens for s in shards], lambda k: cache.get(shards[k]), {}, {}, mode)
 
     @classmethod
-    def _assemble(cls, m: Manifest, record: dict, path: Path, state: Path, manifest: Path, cache: ShardCache,
-                  shards: list[Shard], sizes: list[int], load: Callable[[int], Any], faults: dict[int, str],
-                  watched: dict[Path, FileStamp | None], mode: VerifyMode) -> AdoptedSource:
+    def _assemble(cls, m: Manifest, record: dict, origin: Origin, path: Path, state: Path, manifest: Path,
+                  cache: ShardCache, shards: list[Shard], sizes: list[int], load: Callable[[int], Any],
+                  faults: dict[int, str], watched: dict[Path, FileStamp | None],
+                  mode: VerifyMode) -> AdoptedSource:
         """The source over an adoption record: its metadata and Merkle root, the verified index, the
         token loader."""
         meta = SourceMeta(m.name, record["fingerprint"], m.tokenizer_fingerprint, m.vocab_size, m.eos_id,
                           m.dtype, record["num_docs"], record["num_tokens"], path)
         try:
             meta = dataclasses.replace(meta, root=_root(meta, record))
+            index, fetch, label = _index_at(record, origin, state)
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptData(f"{state / RECORD}: invalid adoption record ({exc})") from exc
-        offsets = _open_index(state / OFFSETS, meta, record, mode)
+        offsets = _open_index(index, fetch, label, meta, record, mode)
         shard_offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        source = cls(meta, shard_offsets, load, offsets, (manifest, state / RECORD, state / OFFSETS), watched,
-                     faults)
+        index_files = (manifest, state / RECORD) + (() if fetch else (index,))  # a fetched one heals itself
+        source = cls(meta, shard_offsets, load, offsets, index_files, watched, faults)
         source.record, source._manifest_sha = record, record["manifest_sha256"]
         source._cache, source._shards = cache, shards
         if mode == VerifyMode.FULL:
