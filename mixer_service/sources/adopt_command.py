@@ -1,5 +1,6 @@
-"""``mixer adopt --index DIR|URL``: read an adopted corpus once, on many cores, and write its adoption record
-(fingerprint, block hashes, document index) into an index directory that ships with the corpus.
+"""``mixer adopt --index DIR|URL``: read an adopted corpus once (block hashes on other cores while one reads
+in order) and write its adoption record (fingerprint, block hashes, document index) into an index directory
+that ships with the corpus.
 
 A server that opens the corpus finds ``mixer-index/`` beside ``mixer-source.json`` (locally or under the
 same ``s3://`` prefix) and copies it instead of reading every token, so opening is O(1) in the corpus on
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mixer_service.errors import InvalidInput, MixerError
-from mixer_service.sources.adopted import INDEX_SUBDIR, adopt
+from mixer_service.sources.adopted import INDEX_SUBDIR, SCAN_WORKERS, adopt
 from mixer_service.sources.origins import LocalOrigin, Origin, S3Origin, parse_s3_url, s3_client
 
 
@@ -36,8 +37,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path,
                    help=f"where to write the index (default: DIR/{INDEX_SUBDIR}; required for an s3:// URL, "
                    f"then upload it to URL/{INDEX_SUBDIR}/)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="threads hashing blocks while one reads the corpus in order (default: all cores)")
+    p.add_argument("--workers", type=int, default=SCAN_WORKERS,
+                   help="threads hashing blocks while one reads the corpus in order and hashes the stream, "
+                   f"which bounds the pass, so few are enough (default: {SCAN_WORKERS})")
     p.add_argument("--s3-endpoint", default=os.environ.get("MIXER_S3_ENDPOINT"),
                    help="S3-compatible endpoint URL (default: $MIXER_S3_ENDPOINT, else AWS)")
     p.set_defaults(func=run)

@@ -19,9 +19,10 @@ Adopting computes, once, what a prepared source's ``meta.json`` records: the doc
 fingerprint, stored in ``.mixer-adopted.json`` under the cache directory
 (``<cache>/adopted/<name>-<hash of the path>/``), never in the corpus, so the corpus can be read-only. The
 fingerprint is the sha256 of the whole token stream (what makes it equal a prepared source's), so it costs
-one read of every token; ``mixer adopt --index`` pays that once, on many cores, and writes the record into
-``mixer-index/``, which ships with the corpus: every server that opens the corpus then copies it (O(1) in
-the corpus) instead of reading the tokens. The record names every file it read with its size and the
+one read of every token; ``mixer adopt --index`` pays that once and writes the record into
+``mixer-index/``, which ships with the corpus: every server that opens the corpus then copies the record
+and reads the shipped document index in place, block by block (O(1) in the corpus at open), instead of
+reading the tokens. The record names every file it read with its size and the
 sha256 of its first and last 64 KiB; a record (stored or shipped) whose files no longer match (regenerated
 in place under the same manifest) is derived again, never reused stale. The canonical stream (documents,
 each followed by EOS) is the same as ``prepare`` would write for the same documents, so the fingerprint is
