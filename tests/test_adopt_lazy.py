@@ -161,3 +161,12 @@ def test_the_document_index_shipped_is_verified_on_use(megatron, tmp_path, capsy
     with pytest.raises(CorruptData, match="index"):
         source = AdoptedSource.open(megatron, ShardCache(tmp_path / "cache" / "shards"))
         source.document(2)
+
+
+def test_a_shipped_index_removed_later_means_adopting_again(corpus, megatron, tmp_path, capsys) -> None:
+    _, prepared, _ = corpus
+    index_corpus(megatron, capsys=capsys)
+    cache = ShardCache(tmp_path / "cache" / "shards")
+    AdoptedSource.open(megatron, cache)
+    shutil.rmtree(megatron / INDEX_SUBDIR)
+    assert_same(AdoptedSource.open(megatron, cache), prepared)

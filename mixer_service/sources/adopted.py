@@ -313,9 +313,15 @@ def state_dir(directory: Path, cache: ShardCache) -> Path:
 
 
 def _current(record: dict, origin: Origin, manifest_sha: str) -> bool:
-    """Whether a record still describes the files: same manifest, same version, same probes."""
+    """Whether a record still describes the files: same manifest, same version, same probes (and, for a
+    record whose document index is read where it ships, that index still there)."""
     if record.get("manifest_sha256") != manifest_sha or record.get("version") != RECORD_VERSION:
         return False
+    if record.get("shipped_index"):
+        try:
+            origin.size(f"{INDEX_SUBDIR}/{OFFSETS}")
+        except MixerError:
+            return False
     return same_probes(origin, record.get("inputs", []))
 
 
