@@ -16,6 +16,7 @@ from mixer_service.logs import configure
 from mixer_service.planner import plan_command
 from mixer_service.prepare import prepare_command
 from mixer_service.service import serve_command
+from mixer_service.sources import adopt_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mixer", description="Streaming data mixing for specialized pretraining"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (prepare_command, serve_command, plan_command, operator_cli, export):
+    for module in (prepare_command, adopt_command, serve_command, plan_command, operator_cli, export):
         module.register(sub)
     return parser
 

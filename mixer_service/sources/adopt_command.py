@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mixer_service.errors import InvalidInput, MixerError
+from mixer_contract.errors import InvalidInput, MixerError
 from mixer_service.sources.adopted import INDEX_SUBDIR, SCAN_WORKERS, adopt
 from mixer_service.sources.origins import LocalOrigin, Origin, S3Origin, parse_s3_url, s3_client
 

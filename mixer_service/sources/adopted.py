@@ -53,8 +53,15 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from mixer_service.errors import CorruptData, InvalidInput, MixerError, SourceUnavailable
-from mixer_service.prepare.meta import (
+from mixer_contract.errors import CorruptData, InvalidInput, MixerError, SourceUnavailable
+from mixer_service.sources import datatrove_ds
+from mixer_service.sources.cache import Shard, ShardCache
+from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, open_handle, pread_exact
+from mixer_service.sources.doc_index import DocIndex, Fetch, npy_header, sparse_index_file
+from mixer_service.sources.origins import PROBE_BYTES as PROBE_BYTES  # re-exported: what a probe hashes
+from mixer_service.sources.origins import LocalOrigin, Origin, probe, same_probes
+from mixer_service.sources.prepared import ShardedSource, as_verify_mode, open_index, write_atomic
+from mixer_service.sources.source_format import (
     DTYPES,
     IndexBlocks,
     SourceMeta,
@@ -62,13 +69,6 @@ from mixer_service.prepare.meta import (
     index_leaves,
     merkle_root,
 )
-from mixer_service.sources import datatrove_ds
-from mixer_service.sources.cache import Shard, ShardCache
-from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, open_handle, pread_exact
-from mixer_service.sources.doc_index import DocIndex, Fetch, npy_header, sparse_index_file
-from mixer_service.sources.origins import PROBE_BYTES as PROBE_BYTES  # re-exported: what a probe hashes
-from mixer_service.sources.origins import LocalOrigin, Origin, probe, same_probes
-from mixer_service.sources.prepared import ShardedSource, _write_atomic, as_verify_mode, open_index
 from mixer_service.sources.token_scan import scan_region
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
 
@@ -347,9 +347,9 @@ def adopt(where: Path | Origin, state: Path, *, force: bool = False, workers: in
              extra={"event": "adopt.start", "source": m.name, "format": m.format})
     record, offsets = _derive(origin, m, manifest_sha, workers)
     state.mkdir(parents=True, exist_ok=True)
-    _write_atomic(state / OFFSETS, offsets)
+    write_atomic(state / OFFSETS, offsets)
     record["doc_index_blocks"] = IndexBlocks.of_file(state / OFFSETS).to_json()
-    _write_atomic(state / RECORD, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(state / RECORD, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     log.info("adopted %s: %d docs, %d tokens in %.1fs", origin.describe(""), record["num_docs"],
              record["num_tokens"], time.perf_counter() - started,
              extra={"event": "adopt.done", "source": m.name, "fingerprint": record["fingerprint"]})
@@ -387,7 +387,7 @@ def _shipped(origin: Origin, state: Path, manifest_sha: str) -> dict | None:
         return None
     record["shipped_index"] = True  # its document index is read where it ships (``_index_at``)
     state.mkdir(parents=True, exist_ok=True)
-    _write_atomic(state / RECORD, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(state / RECORD, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     log.info("adopted %s from its shipped index", origin.describe(""), extra={
         "event": "adopt.shipped", "fingerprint": record.get("fingerprint")})
     return record
@@ -658,7 +658,7 @@ class AdoptedSource(ShardedSource):
         record = adopt(origin, state)
         if record["manifest_sha256"] != hashlib.sha256(data).hexdigest():
             raise SourceUnavailable(f"{origin.describe(MANIFEST)}: changed while being adopted; open again")
-        _write_atomic(state / MANIFEST, data)  # watched like a local manifest
+        write_atomic(state / MANIFEST, data)  # watched like a local manifest
         shards = _cached_shards(origin, m, record)
         return cls._assemble(m, record, origin, state, state, state / MANIFEST, cache, shards,
                              [s.num_tokens for s in shards], lambda k: cache.get(shards[k]), {}, {}, mode)

@@ -18,7 +18,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from mixer_service.errors import CorruptData, InvalidInput
+from mixer_contract.errors import CorruptData, InvalidInput
 from mixer_service.sources.origins import Origin
 from mixer_service.sources.token_scan import scan_region
 from mixer_service.sources.verify import FileStamp

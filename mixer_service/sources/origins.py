@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from mixer_service.errors import CorruptData, InvalidInput, MixerError, SourceUnavailable
+from mixer_contract.errors import CorruptData, InvalidInput, MixerError, SourceUnavailable
 from mixer_service.sources.verify import FileStamp
 
 log = logging.getLogger(__name__)

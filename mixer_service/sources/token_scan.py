@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mixer_service.errors import CorruptData
+from mixer_contract.errors import CorruptData
 from mixer_service.sources.origins import Origin
 
 

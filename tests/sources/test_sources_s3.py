@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from service_helpers import JOB, SCHEDULE, Server, reblock
 
-from mixer_service import wire
-from mixer_service.engine import JobConfig, MixingEngine, Schedule
-from mixer_service.errors import CorruptData, InvalidInput, SourceUnavailable
+from mixer_contract import wire
+from mixer_contract.errors import CorruptData, InvalidInput, SourceUnavailable
+from mixer_contract.job import JobConfig
+from mixer_contract.schedule import Schedule
+from mixer_service.engine import MixingEngine
 from mixer_service.prepare.tokenizer import ByteTokenizer
 from mixer_service.prepare.writer import prepare_source
 from mixer_service.service.process import free_port
@@ -276,7 +278,7 @@ def test_an_index_shipped_under_the_prefix_is_used_without_reading_tokens(s3, ad
 
 
 def test_mixer_serve_opens_every_adopted_format_under_a_url(s3, adopted_corpora, tmp_path) -> None:
-    from mixer_service.service.sources import SourceRegistry
+    from mixer_service.service.source_registry import SourceRegistry
 
     for fmt, directory in adopted_corpora.items():
         upload_tree(s3, directory, f"served/{fmt}")
@@ -289,7 +291,7 @@ def test_a_location_with_unrecognised_files_is_not_ready_and_names_them(s3, adop
                                                                         caplog) -> None:
     """Tokenized files without a manifest (or nothing at all) under a URL or a directory: not ready, the
     reason names what is there, and one structured log line says it."""
-    from mixer_service.service.sources import SourceRegistry
+    from mixer_service.service.source_registry import SourceRegistry
 
     s3_client(s3).upload_file(str(adopted_corpora["megatron"] / "doc.bin"), BUCKET, "stray/web/doc.bin")
     remote = SourceRegistry.load(None, tmp_path / "cache", s3_endpoint=s3, remote_urls=[f"s3://{BUCKET}/stray"])

@@ -19,8 +19,8 @@ import test_sources_adopted
 from service_helpers import Server
 from test_sources_adopted import assert_same, manifest, write_megatron
 
-from mixer_service import wire
-from mixer_service.errors import CorruptData
+from mixer_contract import wire
+from mixer_contract.errors import CorruptData
 from mixer_service.sources import ShardCache, adopt_command
 from mixer_service.sources import adopted as adopted_mod
 from mixer_service.sources.adopted import INDEX_SUBDIR, OFFSETS, RECORD, AdoptedSource, adopt
