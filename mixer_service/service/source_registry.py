@@ -49,7 +49,7 @@ class SourceRegistry:
                 raise InvalidInput("--cache-dir is required when every source is remote")
             cache_dir = root / CACHE_SUBDIR
         mode = VerifyMode(verify)
-        cache = ShardCache(Path(cache_dir) / "shards", cache_limit, mode)
+        cache = ShardCache(Path(cache_dir) / "shards", cache_limit, mode, root=Path(cache_dir))
         registry = cls({}, {}, {}, cache)
         local = []
         if root is not None:
@@ -64,6 +64,7 @@ class SourceRegistry:
                                      f"one level down){_found(_listed(url, s3_endpoint))}")
             for name, opener, where in openers:
                 registry._open(name, where, opener)
+        cache.check_limit(registry.sources.values())
         if root is not None and not local and not remote_urls:
             registry._nothing_at(str(root), f"--sources-dir {root} holds no source (no sub-directory with a "
                                  f"meta.json or an adoption manifest){_found(_local_entries(root))}")

@@ -8,10 +8,12 @@ decompression, raw hash after) before it is installed by rename. The same pass t
 table from the verified bytes (``checked``): every later read of the entry is a ``pread`` checked against it,
 so bit rot that leaves the file's stat untouched, or a truncation, is caught on the read that meets it; the
 entry is then dropped and rebuilt from its shard. Token ids are checked against the source's vocabulary
-once, in that same pass. Total size stays within ``limit_bytes`` by evicting the least recently used entries
-(never the one just asked for); views already handed out stay valid after eviction because they hold the
-unlinked file open. ``prefetch`` takes the shards the next steps will need, so steady-state requests find
-them present.
+once, in that same pass. With ``limit_bytes`` the cache directory (``root``: everything under it, the document
+indexes kept there included) is a ``DiskBudget``: a shard's bytes are allocated before it is fetched, evicting the
+least recently used entries first, so the directory never holds more than the limit, fetches in flight included;
+views already handed out stay valid after eviction because they hold the unlinked file open. ``prefetch`` takes
+the shards the next steps will need, so steady-state requests find them present; a prefetch that does not fit
+without evicting the most recently used half of the limit is skipped, never waited for.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -31,8 +32,11 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from mixer_contract.errors import CorruptData, InvalidInput, MixerError
+from mixer_service.engine.epoch_order import DEFAULT_WINDOW_SHARDS
+from mixer_service.errors import CorruptData, InvalidInput, MixerError
 from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, find_token_above, open_handle
+from mixer_service.sources.disk_budget import CacheFull, DiskBudget, allocated_bytes, block_size, on_disk
+from mixer_service.sources.doc_index import DocIndex
 from mixer_service.sources.origins import Origin
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
 
@@ -81,6 +85,7 @@ class CacheStats:
     fetched_bytes: int = 0
     verified: int = 0  # cache files hashed
     evictions: int = 0
+    prefetch_skipped: int = 0  # prefetches that did not fit the limit (the request fetches it when it comes)
     rebuilt: int = 0  # entries whose bytes failed a read check after verification, dropped and rebuilt
 
     def as_dict(self) -> dict[str, int]:
@@ -88,10 +93,11 @@ class CacheStats:
 
 
 class ShardCache:
-    """Decompressed shards under ``directory``, at most ``limit_bytes`` in total (None: unbounded)."""
+    """Decompressed shards under ``directory``; with ``limit_bytes``, everything under ``root`` (default
+    ``directory``; the server's ``--cache-dir``, which also holds remote document indexes) stays within it."""
 
     def __init__(self, directory: Path, limit_bytes: int | None = None, verify: VerifyMode = DEFAULT_VERIFY,
-                 prefetch_threads: int = 4) -> None:
+                 prefetch_threads: int = 4, root: Path | None = None) -> None:
         if limit_bytes is not None and limit_bytes < 0:
             raise InvalidInput(f"cache limit must be >= 0 bytes, got {limit_bytes}")
         self.directory = Path(directory)
@@ -107,33 +113,102 @@ class ShardCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._pool = ThreadPoolExecutor(prefetch_threads, thread_name_prefix="shard-prefetch")
         self._pending: set[str] = set()
+        self.budget = None if limit_bytes is None else DiskBudget(Path(root or self.directory), limit_bytes)
         self._adopt_existing()
+        if self.budget is not None:
+            self.budget.add_tenant(self)
+            self.budget.fit()
 
     def _adopt_existing(self) -> None:
-        """Entries left by an earlier process count against the limit (oldest first); verified on use."""
+        """Entries left by an earlier process count against the limit (oldest first); verified on use. Partial
+        files of processes that died mid-fetch are removed (they hold allocated bytes)."""
         found = []
+        for path in self.directory.glob(".*.tmp-*"):
+            if not _writer_alive(path):
+                path.unlink(missing_ok=True)
         for path in self.directory.glob("*.bin"):
             stamp = FileStamp.of(path)
             if stamp is not None:
                 found.append((stamp.mtime_ns, path.stem, _Entry(path, stamp.size, stamp)))
         for _, key, entry in sorted(found):
             self._entries[key] = entry
-        with self._lock:
-            self._evict(keep=None)
 
     @property
     def used_bytes(self) -> int:
+        """Bytes on disk under the budget's root (as ``du`` counts them); without a limit, the entries'."""
+        if self.budget is not None:
+            return self.budget.used()
         return sum(e.size for e in self._entries.values())
+
+    def check_limit(self, sources: Iterable) -> None:
+        """Refuse a limit too small to serve one window of the default window order: its shards of the source
+        with the largest ones, plus what is under the root and cannot be evicted (document indexes, source
+        records) and a block of each remote index. The message gives the smallest limit that works."""
+        if self.budget is None:
+            return
+        unit = block_size(self.budget.root)
+        with self._lock:
+            evictable = sum(on_disk(e.size, unit) for e in self._entries.values())
+        fixed = allocated_bytes(self.budget.root) - evictable
+        window, widest, index_blocks = 0, None, 0
+        for source in sources:
+            shards = getattr(source, "shards", None) or []
+            if shards:
+                w = min(DEFAULT_WINDOW_SHARDS, len(shards)) * on_disk(max(s.raw_bytes for s in shards), unit)
+                if w > window:
+                    window, widest = w, source.meta.name
+            index = getattr(source, "doc_offsets", None)
+            if isinstance(index, DocIndex) and index.is_cache:
+                index_blocks += on_disk(8 * min(index.blocks.entries + 1, len(index)), unit)
+        minimum = fixed + index_blocks + window
+        if self.budget.limit < minimum:
+            raise InvalidInput(
+                f"--cache-limit {self.budget.limit} bytes is too small: one window of the default order needs "
+                f"{window} bytes ({DEFAULT_WINDOW_SHARDS} shards, or all of them if fewer, of source {widest!r}) "
+                f"plus {fixed + index_blocks} bytes of document indexes and source records under "
+                f"{self.budget.root}; give at least --cache-limit {minimum}")
+
+    def evict_one(self, demand: bool) -> bool:
+        """Drop the least recently used entry not being loaded (``DiskBudget`` asks, holding its lock). A
+        prefetch may not evict the most recently used half of the limit: what current requests read. For a
+        request, when this process holds nothing to drop, the oldest shard file another worker installed."""
+        with self._lock:
+            held = sum(e.size for e in self._entries.values())
+            for key in self._entries:  # least recently used first
+                if not demand and 2 * held <= self.limit_bytes:
+                    return False
+                lock = self._key_locks.get(key)
+                if lock is not None and lock.locked():
+                    continue
+                entry = self._entries.pop(key)
+                entry.path.unlink(missing_ok=True)
+                self.stats.evictions += 1
+                return True
+        return demand and self._evict_foreign()
+
+    def _evict_foreign(self) -> bool:
+        with self._lock:
+            mine = set(self._entries)
+        others = []
+        for path in self.directory.glob("*.bin"):
+            stamp = FileStamp.of(path)
+            if stamp is not None and path.stem not in mine:
+                others.append((stamp.mtime_ns, path))
+        if not others:
+            return False
+        min(others)[1].unlink(missing_ok=True)
+        self.stats.evictions += 1
+        return True
 
     def __contains__(self, shard: Shard) -> bool:
         return shard.raw_sha256 in self._entries
 
     def get(self, shard: Shard) -> CheckedTokens:
         """The shard's tokens, verified in this process, read (and checked) from disk on every access;
-        fetches it when absent."""
+        fetches it when absent (``CacheFull`` when it cannot fit the limit even after evicting all else)."""
         return self._view(shard, self._entry(shard))
 
-    def _entry(self, shard: Shard, failed: CheckedRegion | None = None) -> _Entry:
+    def _entry(self, shard: Shard, failed: CheckedRegion | None = None, demand: bool = True) -> _Entry:
         """The verified entry of ``shard``; ``failed``: a region of it that failed a read check, so the
         entry is dropped and rebuilt (unless another thread already did)."""
         key = shard.raw_sha256
@@ -156,11 +231,10 @@ class ShardCache:
                 self.stats.rebuilt += 1
                 log.warning("cached shard failed a read check; rebuilding it", extra={
                     "event": "cache.corrupt", "cache_file": str(failed.label), "shard": shard.label})
-            entry = self._load(shard, trust_file=failed is None)
+            entry = self._load(shard, trust_file=failed is None, demand=demand)
             with self._lock:
                 self._entries[key] = entry
                 self._entries.move_to_end(key)
-                self._evict(keep=key)
             return entry
 
     @staticmethod
@@ -195,7 +269,11 @@ class ShardCache:
 
     def _prefetch_one(self, shard: Shard) -> None:
         try:
-            self.get(shard)
+            self._entry(shard, demand=False)
+        except CacheFull:
+            self.stats.prefetch_skipped += 1
+            log.info("prefetch skipped: the cache is full of shards in use", extra={
+                "event": "cache.prefetch_skipped", "shard": shard.label})
         except MixerError as exc:
             log.warning("prefetch failed", extra={"event": "cache.prefetch_failed", "shard": shard.label,
                                                   "error": str(exc)})
@@ -205,13 +283,16 @@ class ShardCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.budget is not None:
+            self.budget.remove_tenant(self)
+            self.budget.close()
 
     # -- loading -----------------------------------------------------------------------------------
 
     def _path(self, shard: Shard) -> Path:
         return self.directory / f"{shard.raw_sha256}.bin"
 
-    def _load(self, shard: Shard, trust_file: bool = True) -> _Entry:
+    def _load(self, shard: Shard, trust_file: bool = True, demand: bool = True) -> _Entry:
         """Verify the cached file (building it first when absent, wrong, or not ``trust_file``) and open it
         for checked reads."""
         path = self._path(shard)
@@ -223,7 +304,7 @@ class ShardCache:
         if trust_file and stamp is not None:
             log.warning("cached shard does not match its hash; fetching it again", extra={
                 "event": "cache.mismatch", "cache_file": str(path), "shard": shard.label})
-        digest = self._build(shard, path)
+        digest = self._build(shard, path, demand)
         region = CheckedRegion(open_handle(path, str(path)), 0, shard.raw_bytes, digest.finish(), str(path))
         return _Entry(path, shard.raw_bytes, FileStamp.of(path), region, digest.max_token)
 
@@ -252,21 +333,26 @@ class ShardCache:
         region = CheckedRegion(handle, 0, shard.raw_bytes, digest.finish(), str(path))
         return _Entry(path, shard.raw_bytes, stamp, region, digest.max_token)
 
-    def _build(self, shard: Shard, path: Path) -> Digest:
-        """Fetch, check, decompress, check again, install by rename: a torn or wrong file is never named.
-        Returns the block checksums (and largest token id) of the bytes it proved."""
+    def _build(self, shard: Shard, path: Path, demand: bool = True) -> Digest:
+        """Allocate its bytes within the limit, fetch, check, decompress, check again, install by rename: a
+        torn or wrong file is never named. Returns the block checksums (and largest token id) of the bytes
+        it proved."""
         started = time.perf_counter()
-        data = shard.origin.read(shard.file)
-        self.stats.fetches += 1
-        self.stats.fetched_bytes += len(data)
-        if hashlib.sha256(data).hexdigest() != shard.sha256:
-            raise CorruptData(f"{shard.label}: shard checksum mismatch (corrupt or truncated)")
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=self.directory)
-        tmp = Path(tmp_name)
+        tmp = self.directory / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            raw_hash, raw_size, digest = hashlib.sha256(), 0, Digest(shard.dtype)
             with os.fdopen(fd, "wb") as out:
+                if self.budget is not None and shard.raw_bytes:
+                    self.budget.allocate(fd, 0, shard.raw_bytes, demand=demand, what=shard.label)
+                data = shard.origin.read(shard.file)
+                self.stats.fetches += 1
+                self.stats.fetched_bytes += len(data)
+                if hashlib.sha256(data).hexdigest() != shard.sha256:
+                    raise CorruptData(f"{shard.label}: shard checksum mismatch (corrupt or truncated)")
+                raw_hash, raw_size, digest = hashlib.sha256(), 0, Digest(shard.dtype)
                 for chunk in _raw_chunks(shard, data):
+                    if raw_size + len(chunk) > shard.raw_bytes:  # never write past what was allocated
+                        raise CorruptData(f"{shard.label}: decompressed shard is longer than meta.json says")
                     raw_hash.update(chunk)
                     digest.update(chunk)
                     raw_size += len(chunk)
@@ -284,20 +370,17 @@ class ShardCache:
                                         "seconds": round(time.perf_counter() - started, 3)})
         return digest
 
-    def _evict(self, keep: str | None) -> None:
-        """Drop least recently used entries until the total fits (caller holds ``_lock``)."""
-        if self.limit_bytes is None:
-            return
-        total = self.used_bytes
-        for key in list(self._entries):
-            if total <= self.limit_bytes:
-                break
-            if key == keep or key in self._pending:
-                continue
-            entry = self._entries.pop(key)
-            entry.path.unlink(missing_ok=True)
-            total -= entry.size
-            self.stats.evictions += 1
+
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process named in a partial file's name (``.<key>.bin.tmp-<pid>-<thread>``) still runs."""
+    try:
+        pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _raw_chunks(shard: Shard, data: bytes) -> Iterable[bytes]:

@@ -35,7 +35,7 @@ import numpy as np
 
 from mixer_contract.errors import CorruptData
 from mixer_service.sources.checked import CHECK_BLOCK, CheckedRegion, block_sums, open_handle, pread_exact
-from mixer_service.sources.source_format import IndexBlocks
+from mixer_service.sources.disk_budget import DiskBudget, block_size, punch_hole
 from mixer_service.sources.verify import FileStamp, VerifyMode
 
 Fetch = Callable[[int, int], bytes]  # byte range [a, b) of the index file at its origin
@@ -56,7 +56,9 @@ class DocIndex:
 
     ``fetch`` makes the file a cache of a remote index: a block that does not hash right locally is read
     from the origin, checked and written in place (the file is sparse until then). Without ``fetch`` the
-    file is the source's own and a block that does not hash right is ``CorruptData`` naming it.
+    file is the source's own and a block that does not hash right is ``CorruptData`` naming it. A cache file
+    under a ``DiskBudget``'s root allocates each block within the limit before fetching it, and gives blocks
+    back (holes again, fetched on their next use) when a request needs the room and no shard can go.
     """
 
     def __init__(self, path: Path, num_docs: int, num_tokens: int, blocks: IndexBlocks, mode: VerifyMode,
@@ -73,7 +75,11 @@ class DocIndex:
         self._first_list = list(blocks.firsts)
         self._checked: dict[int, _Block] = {}
         self.faults: dict[int, str] = {}  # block -> why it failed, for readiness; cleared when it verifies
+        self._punched: set[int] = set()  # blocks this process made holes again (not yet fetched back)
         self._open_file()
+        self._budget = DiskBudget.covering(self.path) if fetch is not None else None
+        if self._budget is not None:
+            self._budget.add_tenant(self)
 
     # -- numpy-like surface used by the engine ------------------------------------------------------------
 
@@ -314,9 +320,13 @@ class DocIndex:
         return hashlib.sha256(data).hexdigest() == self.blocks.sha256[b]
 
     def _fill(self, fetch: Fetch, b: int, a: int, z: int) -> bytes:
-        """Fetch block ``b`` from the origin, check it, and write it into the local file (outside the lock:
-        two threads fetching one block write the same verified bytes). Returns the verified bytes."""
+        """Allocate block ``b``'s bytes within the cache limit, fetch it from the origin, check it, and write
+        it into the local file (outside the lock: two threads fetching one block write the same verified
+        bytes). Returns the verified bytes."""
         start = self.blocks.data_offset + 8 * a
+        if self._budget is not None:
+            self._with_fd(lambda fd: self._budget.allocate(fd, start, 8 * (z - a), demand=True,
+                                                           what=f"{self.label} block {b}"))
         data = fetch(start, start + 8 * (z - a))
         if len(data) != 8 * (z - a) or not self._hash_ok(b, data):
             raise CorruptData(f"{self.label}: document index block {b} hash mismatch on arrival")
@@ -332,7 +342,56 @@ class DocIndex:
             finally:
                 os.close(fd)
             self._stamp = FileStamp.of(self.path)  # our own write is not a foreign change
+            self._punched.discard(b)
         return data
+
+    def _with_fd(self, use: Callable[[int], Any]) -> Any:
+        try:
+            fd = os.open(self.path, os.O_WRONLY)
+        except OSError as exc:
+            raise CorruptData(f"{self.path}: cannot write the fetched block ({exc.strerror})") from exc
+        try:
+            return use(fd)
+        finally:
+            os.close(fd)
+
+    def evict_one(self, demand: bool) -> bool:
+        """Give back one block's bytes (``DiskBudget`` asks, for a request only: a prefetch never costs a
+        lookup its block): the first verified here, else one another run or worker left on disk."""
+        if not demand:
+            return False
+        with self._lock:
+            b = next(iter(self._checked), None)
+            if b is None:
+                b = self._block_on_disk()
+            if b is None:
+                return False
+            self._checked.pop(b, None)
+            self._punched.add(b)
+            a = b * self.blocks.entries  # its own entries: the one past it is the next block's first
+            z = min(a + self.blocks.entries, self._n)
+            punched = self._with_fd(lambda fd: punch_hole(fd, self._offset + 8 * a, 8 * (z - a)))
+            self._stamp = FileStamp.of(self.path)  # our own change is not a foreign one
+            return punched
+
+    def _block_on_disk(self) -> int | None:
+        """A block holding allocated bytes that this process has not punched, found with ``SEEK_DATA``."""
+        unit = block_size(self.path.parent)
+        pos = -(-self._offset // unit) * unit  # the header's own file-system block is never freed
+        end = self._offset + 8 * self._n
+        while pos < end:
+            try:
+                pos = os.lseek(self._handle.fileno(), pos, os.SEEK_DATA)
+            except OSError:
+                return None  # no data past pos (ENXIO), or the file system cannot tell
+            if pos >= end:
+                return None
+            b = min((pos - self._offset) // 8 // self.blocks.entries, len(self._firsts) - 1)
+            if b not in self._punched:
+                return b
+            pos = self._offset + 8 * self.blocks.span(b, self._n)[1]
+            pos = -(-pos // unit) * unit
+        return None
 
 
 class IndexWindow:
