@@ -19,6 +19,7 @@ without evicting the most recently used half of the limit is skipped, never wait
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import threading
@@ -75,6 +76,7 @@ class _Entry:
     stamp: FileStamp | None
     region: CheckedRegion | None = None  # set once verified in this process
     max_token: int = -1  # largest token id, from the verified bytes (-1: not looked at, --verify off)
+    requested: int = 0  # when a request last read it (a tick of ShardCache._clock); 0: prefetched, not read yet
 
 
 @dataclass
@@ -113,6 +115,7 @@ class ShardCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._pool = ThreadPoolExecutor(prefetch_threads, thread_name_prefix="shard-prefetch")
         self._pending: set[str] = set()
+        self._clock = itertools.count(1)
         self.budget = None if limit_bytes is None else DiskBudget(Path(root or self.directory), limit_bytes)
         self._adopt_existing()
         if self.budget is not None:
@@ -170,13 +173,14 @@ class ShardCache:
 
     def evict_one(self, demand: bool) -> bool:
         """Drop the least recently used entry not being loaded (``DiskBudget`` asks, holding its lock). A
-        prefetch may not evict the most recently used half of the limit: what current requests read. For a
-        request, when this process holds nothing to drop, the oldest shard file another worker installed."""
+        prefetch may only drop shards requests read before but not lately (outside the most recently read
+        half of the limit): never what current requests read, nor another prefetch's shard not read yet. For
+        a request, when this process holds nothing to drop, the oldest shard file another worker installed."""
         with self._lock:
-            held = sum(e.size for e in self._entries.values())
-            for key in self._entries:  # least recently used first
-                if not demand and 2 * held <= self.limit_bytes:
-                    return False
+            spared = set() if demand else self._recently_read()
+            for key, entry in self._entries.items():  # least recently used first
+                if key in spared or not (demand or entry.requested):
+                    continue
                 lock = self._key_locks.get(key)
                 if lock is not None and lock.locked():
                     continue
@@ -185,6 +189,16 @@ class ShardCache:
                 self.stats.evictions += 1
                 return True
         return demand and self._evict_foreign()
+
+    def _recently_read(self) -> set[str]:
+        """The most recently read entries that together fit in half the limit (caller holds ``_lock``)."""
+        spared, total = set(), 0
+        for entry_key, entry in sorted(self._entries.items(), key=lambda kv: -kv[1].requested):
+            if not entry.requested or total + entry.size > self.limit_bytes // 2:
+                break
+            spared.add(entry_key)
+            total += entry.size
+        return spared
 
     def _evict_foreign(self) -> bool:
         with self._lock:
@@ -217,6 +231,7 @@ class ShardCache:
             if failed is None and self._usable(entry):
                 self._entries.move_to_end(key)
                 self.stats.hits += 1
+                entry.requested = next(self._clock) if demand else entry.requested
                 return entry
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:
@@ -225,6 +240,7 @@ class ShardCache:
                 if self._usable(entry) and (failed is None or entry.region is not failed):
                     self._entries.move_to_end(key)
                     self.stats.hits += 1
+                    entry.requested = next(self._clock) if demand else entry.requested
                     return entry
                 self.stats.misses += 1
             if failed is not None:
@@ -232,6 +248,7 @@ class ShardCache:
                 log.warning("cached shard failed a read check; rebuilding it", extra={
                     "event": "cache.corrupt", "cache_file": str(failed.label), "shard": shard.label})
             entry = self._load(shard, trust_file=failed is None, demand=demand)
+            entry.requested = next(self._clock) if demand else 0
             with self._lock:
                 self._entries[key] = entry
                 self._entries.move_to_end(key)
@@ -288,6 +305,15 @@ class ShardCache:
             self.budget.close()
 
     # -- loading -----------------------------------------------------------------------------------
+
+    def _install(self, tmp: Path, path: Path) -> None:
+        """Rename under the budget's lock: a directory walked while a file changes names could count it
+        twice, or not at all."""
+        if self.budget is None:
+            os.replace(tmp, path)
+            return
+        with self.budget.locked():
+            os.replace(tmp, path)
 
     def _path(self, shard: Shard) -> Path:
         return self.directory / f"{shard.raw_sha256}.bin"
@@ -359,7 +385,7 @@ class ShardCache:
                     out.write(chunk)
             if raw_size != shard.raw_bytes or raw_hash.hexdigest() != shard.raw_sha256:
                 raise CorruptData(f"{shard.label}: decompressed shard does not match meta.json")
-            os.replace(tmp, path)
+            self._install(tmp, path)
         except zstandard.ZstdError as exc:
             tmp.unlink(missing_ok=True)
             raise CorruptData(f"{shard.label}: cannot decompress shard ({exc})") from exc

@@ -125,11 +125,14 @@ class DiskBudget:
         first. A prefetch (``demand`` False) is refused at once when it does not fit; a request waits up to
         ``demand_wait_s`` for in-flight writes to land (they become evictable), then ``CacheFull``."""
         deadline = time.monotonic() + (self.demand_wait_s if demand else 0.0)
-        delay = 0.005
+        delay, unit = 0.005, block_size(self.root)
+        # Whole file-system blocks, and one more inside an existing file (a sparse file's extent map may
+        # take a block of its own when a hole in its middle is filled).
+        need = on_disk(offset % unit + length, unit) + (unit if offset else 0)
         while True:
             with self.locked():
-                used = self._make_room(length, demand)
-                if used + length <= self.limit:
+                used = self._make_room(need, demand)
+                if used + need <= self.limit:
                     os.posix_fallocate(fd, offset, length)
                     return
             if time.monotonic() + delay > deadline:

@@ -1,0 +1,170 @@
+"""``--cache-limit`` is a hard bound on what the cache directory holds on disk: shards being fetched (by
+requests and by prefetch) and the remote document indexes included, across worker processes. Measured
+the way an operator would, by polling ``du`` while a real server serves concurrent batch requests."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from service_helpers import RAW, Server
+from test_sources_s3 import BUCKET, CREDENTIALS, s3, upload  # noqa: F401  (s3 is a fixture)
+
+from mixer_service import wire
+from mixer_service.engine import JobConfig, MixingEngine, Schedule
+from mixer_service.prepare.readers import iter_documents
+from mixer_service.prepare.tokenizer import load_tokenizer
+from mixer_service.prepare.writer import prepare_source
+from mixer_service.sources import PreparedSource, ShardCache
+from mixer_service.sources.disk_budget import CacheFull
+
+SHARD_TOKENS = 1 << 17
+WORLD = 4
+STEPS = 12
+JOBS = {
+    "global": {"sources": [{"name": "web", "role": "repeat"}], "seq_len": 512, "global_batch": 32,
+               "seed": 3, "total_steps": 1000},
+    "window": {"sources": [{"name": "web", "role": "repeat"}], "seq_len": 512, "global_batch": 32,
+               "seed": 4, "total_steps": 1000, "order": {"kind": "window", "window_shards": 4}},
+}
+SCHEDULE = {"phases": [{"start_step": 0, "weights": {"web": 1}}]}
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory) -> Path:
+    """Every State of the Union address in shards of 2^17 tokens: dozens of shards, a cache of a third."""
+    out = tmp_path_factory.mktemp("bound") / "web"
+    docs = iter_documents([RAW / "sotu"], fmt="text", glob="*.txt")
+    prepare_source(docs, out, load_tokenizer(), name="web", shard_tokens=SHARD_TOKENS, progress=False)
+    return out
+
+
+def disk_usage(directory: Path) -> int:
+    """``du -s -B1``: allocated bytes, as an operator measures them (files vanishing mid-walk are fine)."""
+    out = subprocess.run(["du", "-s", "-B1", str(directory)], capture_output=True, text=True).stdout
+    return int(out.split()[0]) if out else 0
+
+
+class DuPoller:
+    """Polls ``du`` of a directory in a thread as fast as it answers; the largest value seen."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.peak, self.samples = directory, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, disk_usage(self.directory))
+            self.samples += 1
+
+    def __enter__(self) -> DuPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def serve(s3: str, tmp_path: Path, limit: int, workers: int = 1) -> Server:  # noqa: F811
+    (tmp_path / "empty").mkdir(exist_ok=True)
+    return Server(tmp_path / "empty", tmp_path / "state", env=CREDENTIALS, workers=workers, extra_args=[
+        "--sources-url", f"s3://{BUCKET}/bound", "--s3-endpoint", s3, "--cache-dir", str(tmp_path / "cache"),
+        "--cache-limit", str(limit)])
+
+
+def minimum_limit(s3: str, tmp_path: Path) -> tuple[int, str]:  # noqa: F811
+    """Start a server with a 1-byte limit: it refuses, naming the smallest limit that works."""
+    with pytest.raises(RuntimeError) as refused:
+        serve(s3, tmp_path, 1).start()
+    message = str(refused.value)
+    found = re.search(r"give at least --cache-limit (\d+)", message)
+    assert found, message
+    return int(found.group(1)), message
+
+
+def test_a_limit_below_one_window_is_refused_at_start_with_the_minimum(s3, web, tmp_path) -> None:  # noqa: F811
+    upload(s3, web, "bound/web")
+    minimum, message = minimum_limit(s3, tmp_path)
+    shard_bytes = SHARD_TOKENS * 2
+    assert "exited with 2" in message and "one window of the default order" in message
+    assert minimum >= 16 * shard_bytes  # 16 shards of the default window, plus the indexes
+    with pytest.raises(RuntimeError, match=f"give at least --cache-limit {minimum}"):
+        serve(s3, tmp_path, minimum - 1).start()
+    with serve(s3, tmp_path, minimum) as srv:  # the minimum works
+        body = {"job_id": "j", "config": JOBS["window"], "schedule": SCHEDULE, "author": "t", "reason": "t"}
+        assert httpx.post(f"{srv.url}/v1/jobs", json=body).status_code == 201
+        assert httpx.get(f"{srv.url}/v1/jobs/j/batches/0").status_code == 200
+
+
+def test_disk_usage_never_exceeds_the_limit_under_concurrent_load(s3, web, tmp_path) -> None:  # noqa: F811
+    """Two worker processes, a global-order job and a window-order job, 4 ranks each asking at once, every
+    step prefetching the next ones: ``du`` of the cache directory never shows more than the limit, and
+    every batch is the one the engine computes from the local source."""
+    upload(s3, web, "bound/web")
+    local = {"web": PreparedSource.open(web, cache_dir=tmp_path / "expect")}
+    assert len(local["web"].shards) >= 40
+    minimum, _ = minimum_limit(s3, tmp_path)
+    limit = minimum + 2 * SHARD_TOKENS * 2  # a third of the source: the global order thrashes
+    engines = {name: MixingEngine.create(JobConfig.parse(job), local, [(0, Schedule.parse(SCHEDULE, ["web"]))])
+               for name, job in JOBS.items()}
+
+    def ask(job: str, rank: int) -> list[str]:
+        wrong = []
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            for step in range(STEPS):
+                r = client.get(f"/v1/jobs/{job}/batches/{step}", params={"rank": rank, "world": WORLD})
+                if r.status_code != 200:
+                    wrong.append(f"{job} step {step} rank {rank}: {r.status_code} {r.text[:300]}")
+                elif wire.decode(r.content).tokens.tobytes() != \
+                        engines[job].batch(step, rank, WORLD).tokens.tobytes():
+                    wrong.append(f"{job} step {step} rank {rank}: wrong tokens")
+        return wrong
+
+    with serve(s3, tmp_path, limit, workers=2) as srv:
+        for name, job in JOBS.items():
+            body = {"job_id": name, "config": job, "schedule": SCHEDULE, "author": "t", "reason": "t"}
+            assert httpx.post(f"{srv.url}/v1/jobs", json=body).status_code == 201
+        with DuPoller(tmp_path / "cache") as du, ThreadPoolExecutor(2 * WORLD) as pool:
+            wrong = list(itertools.chain(*pool.map(ask, *zip(*itertools.product(JOBS, range(WORLD))))))
+        metrics = httpx.get(f"{srv.url}/metrics").text
+    assert not wrong, wrong[:5]
+    assert du.samples > 20, "du was not polled under load"
+    assert du.peak <= limit, f"du showed {du.peak} bytes under a {limit}-byte limit"
+    assert du.peak > limit - 4 * SHARD_TOKENS * 2, "the load never filled the cache: nothing was tested"
+    assert re.search(r'mixer_shard_cache\{stat="evictions"\} [1-9]', metrics), "nothing was evicted"
+
+
+def test_a_shard_larger_than_the_limit_is_refused_and_a_prefetch_that_would_evict_hot_shards_skipped(
+        s3, web, tmp_path) -> None:  # noqa: F811
+    """In process: what cannot fit is a clear ``CacheFull`` (503) for a request and a skipped prefetch,
+    never bytes past the limit."""
+    upload(s3, web, "bound/web")
+    from mixer_service.sources.origins import S3Origin, s3_client
+
+    origin = S3Origin(s3_client(s3), BUCKET, "bound/web")
+    shard_bytes = SHARD_TOKENS * 2
+    tiny = ShardCache(tmp_path / "tiny", limit_bytes=shard_bytes // 2)
+    remote = PreparedSource.open_remote(origin, tmp_path / "index", tiny)
+    tiny.budget.demand_wait_s = 0.1
+    with pytest.raises(CacheFull, match=r"s3://corpora/bound/web/tokens-00000\.zst: the cache at .* cannot hold "
+                                        rf"{shard_bytes} more bytes within --cache-limit {shard_bytes // 2}"):
+        remote.tokens.shard(0)
+    assert disk_usage(tmp_path / "tiny") <= shard_bytes // 2
+    two = ShardCache(tmp_path / "two", limit_bytes=2 * shard_bytes + 2 * 4096)  # two shards and the directory
+    remote = PreparedSource.open_remote(origin, tmp_path / "index", two)
+    remote.tokens.shard(0)  # what a request reads now: the recent half, kept from prefetch
+    for ahead in ([1], [2]):  # 2 would have to evict 0 (read now) or 1 (prefetched, not read yet)
+        for future in remote.prefetch(ahead):
+            future.result()
+    assert two.stats.prefetch_skipped == 1 and two.stats.evictions == 0
+    assert remote.shards[0] in two and remote.shards[1] in two
+    remote.tokens.shard(2)  # a request may evict it
+    assert two.stats.evictions == 1 and disk_usage(tmp_path / "two") <= 2 * shard_bytes + 2 * 4096
