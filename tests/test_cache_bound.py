@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import RAW, Server
+from service_helpers import RAW, Server, reblock
 from test_sources_s3 import BUCKET, CREDENTIALS, s3, upload  # noqa: F401  (s3 is a fixture)
 
 from mixer_service import wire
@@ -113,8 +113,8 @@ def test_disk_usage_never_exceeds_the_limit_under_concurrent_load(s3, web, tmp_p
     assert len(local["web"].shards) >= 40
     minimum, _ = minimum_limit(s3, tmp_path)
     limit = minimum + 2 * SHARD_TOKENS * 2  # a third of the source: the global order thrashes
-    engines = {name: MixingEngine.create(JobConfig.parse(job), local, [(0, Schedule.parse(SCHEDULE, ["web"]))])
-               for name, job in JOBS.items()}
+    schedule = [(0, Schedule.parse(SCHEDULE, ["web"]))]
+    engines = {name: MixingEngine.create(JobConfig.parse(job), local, schedule) for name, job in JOBS.items()}
 
     def ask(job: str, rank: int) -> list[str]:
         wrong = []
@@ -133,7 +133,8 @@ def test_disk_usage_never_exceeds_the_limit_under_concurrent_load(s3, web, tmp_p
             body = {"job_id": name, "config": job, "schedule": SCHEDULE, "author": "t", "reason": "t"}
             assert httpx.post(f"{srv.url}/v1/jobs", json=body).status_code == 201
         with DuPoller(tmp_path / "cache") as du, ThreadPoolExecutor(2 * WORLD) as pool:
-            wrong = list(itertools.chain(*pool.map(ask, *zip(*itertools.product(JOBS, range(WORLD))))))
+            asks = [pool.submit(ask, job, rank) for job in JOBS for rank in range(WORLD)]
+            wrong = list(itertools.chain(*(a.result() for a in asks)))
         metrics = httpx.get(f"{srv.url}/metrics").text
     assert not wrong, wrong[:5]
     assert du.samples > 20, "du was not polled under load"
@@ -154,8 +155,9 @@ def test_a_shard_larger_than_the_limit_is_refused_and_a_prefetch_that_would_evic
     tiny = ShardCache(tmp_path / "tiny", limit_bytes=shard_bytes // 2)
     remote = PreparedSource.open_remote(origin, tmp_path / "index", tiny)
     tiny.budget.demand_wait_s = 0.1
-    with pytest.raises(CacheFull, match=r"s3://corpora/bound/web/tokens-00000\.zst: the cache at .* cannot hold "
-                                        rf"{shard_bytes} more bytes within --cache-limit {shard_bytes // 2}"):
+    refusal = (r"s3://corpora/bound/web/tokens-00000\.zst: the cache at .* cannot hold "
+               rf"{shard_bytes} more bytes within --cache-limit {shard_bytes // 2}")
+    with pytest.raises(CacheFull, match=refusal):
         remote.tokens.shard(0)
     assert disk_usage(tmp_path / "tiny") <= shard_bytes // 2
     two = ShardCache(tmp_path / "two", limit_bytes=2 * shard_bytes + 2 * 4096)  # two shards and the directory
@@ -168,3 +170,30 @@ def test_a_shard_larger_than_the_limit_is_refused_and_a_prefetch_that_would_evic
     assert remote.shards[0] in two and remote.shards[1] in two
     remote.tokens.shard(2)  # a request may evict it
     assert two.stats.evictions == 1 and disk_usage(tmp_path / "two") <= 2 * shard_bytes + 2 * 4096
+
+
+def test_remote_index_blocks_count_and_are_given_back_when_a_request_needs_the_room(s3, tmp_path) -> None:  # noqa: F811
+    """The sparse local copy of a remote document index is under the limit too: each block is allocated
+    before it is fetched, and when nothing else can go a block becomes a hole again (fetched on next use)."""
+    docs = iter_documents([RAW / "abc"], fmt="text", split_regex=r"^X:", glob="**/*.abc")
+    source = tmp_path / "abc"
+    prepare_source(docs, source, load_tokenizer(), name="abc", shard_tokens=SHARD_TOKENS, progress=False)
+    reblock(source, 2048)  # 16 KiB index blocks
+    upload(s3, source, "indexed/abc")
+    local = PreparedSource.open(source, cache_dir=tmp_path / "expect")
+    blocks = len(local.info.doc_index.firsts)
+    assert blocks >= 6
+    from mixer_service.sources.origins import S3Origin, s3_client
+
+    root = tmp_path / "cache"
+    opened = ShardCache(root / "shards", limit_bytes=1 << 30, root=root)
+    PreparedSource.open_remote(S3Origin(s3_client(s3), BUCKET, "indexed/abc"), root / "index", opened)
+    opened.close()
+    limit = disk_usage(root) + SHARD_TOKENS * 2 + 4 * 16384  # a shard and a few index blocks
+    cache = ShardCache(root / "shards", limit_bytes=limit, root=root)
+    remote = PreparedSource.open_remote(S3Origin(s3_client(s3), BUCKET, "indexed/abc"), root / "index", cache)
+    for i in range(0, len(local), 97):
+        assert remote.document(i).tobytes() == local.document(i).tobytes()
+        assert disk_usage(root) <= limit
+    assert remote.doc_offsets.verified_blocks < blocks  # some were given back
+    assert cache.stats.evictions > 0

@@ -8,12 +8,13 @@ decompression, raw hash after) before it is installed by rename. The same pass t
 table from the verified bytes (``checked``): every later read of the entry is a ``pread`` checked against it,
 so bit rot that leaves the file's stat untouched, or a truncation, is caught on the read that meets it; the
 entry is then dropped and rebuilt from its shard. Token ids are checked against the source's vocabulary
-once, in that same pass. With ``limit_bytes`` the cache directory (``root``: everything under it, the document
-indexes kept there included) is a ``DiskBudget``: a shard's bytes are allocated before it is fetched, evicting the
-least recently used entries first, so the directory never holds more than the limit, fetches in flight included;
-views already handed out stay valid after eviction because they hold the unlinked file open. ``prefetch`` takes
-the shards the next steps will need, so steady-state requests find them present; a prefetch that does not fit
-without evicting the most recently used half of the limit is skipped, never waited for.
+once, in that same pass. With ``limit_bytes`` the cache directory (``root``: everything under it, the
+document indexes kept there included) is a ``DiskBudget``: a shard's bytes are allocated before it is
+fetched, evicting the least recently used entries first, so the directory never holds more than the limit,
+fetches in flight included; views already handed out stay valid after eviction because they hold the
+unlinked file open. ``prefetch`` takes the shards the next steps will need, so steady-state requests find
+them present; a prefetch that does not fit without evicting the most recently read half of the limit is
+skipped, never waited for.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import zstandard
@@ -76,7 +78,7 @@ class _Entry:
     stamp: FileStamp | None
     region: CheckedRegion | None = None  # set once verified in this process
     max_token: int = -1  # largest token id, from the verified bytes (-1: not looked at, --verify off)
-    requested: int = 0  # when a request last read it (a tick of ShardCache._clock); 0: prefetched, not read yet
+    requested: int = 0  # when a request last read it (a ShardCache._clock tick); 0: prefetched, not read yet
 
 
 @dataclass
@@ -166,8 +168,9 @@ class ShardCache:
         minimum = fixed + index_blocks + window
         if self.budget.limit < minimum:
             raise InvalidInput(
-                f"--cache-limit {self.budget.limit} bytes is too small: one window of the default order needs "
-                f"{window} bytes ({DEFAULT_WINDOW_SHARDS} shards, or all of them if fewer, of source {widest!r}) "
+                f"--cache-limit {self.budget.limit} bytes is too small: one window of the default order "
+                f"needs {window} bytes ({DEFAULT_WINDOW_SHARDS} shards, or all of them if fewer, of source "
+                f"{widest!r}) "
                 f"plus {fixed + index_blocks} bytes of document indexes and source records under "
                 f"{self.budget.root}; give at least --cache-limit {minimum}")
 
@@ -194,7 +197,7 @@ class ShardCache:
         """The most recently read entries that together fit in half the limit (caller holds ``_lock``)."""
         spared, total = set(), 0
         for entry_key, entry in sorted(self._entries.items(), key=lambda kv: -kv[1].requested):
-            if not entry.requested or total + entry.size > self.limit_bytes // 2:
+            if not entry.requested or 2 * (total + entry.size) > (self.limit_bytes or 0):
                 break
             spared.add(entry_key)
             total += entry.size
@@ -255,7 +258,7 @@ class ShardCache:
             return entry
 
     @staticmethod
-    def _usable(entry: _Entry | None) -> bool:
+    def _usable(entry: _Entry | None) -> TypeGuard[_Entry]:
         return entry is not None and entry.region is not None and FileStamp.of(entry.path) == entry.stamp
 
     def _view(self, shard: Shard, entry: _Entry) -> CheckedTokens:

@@ -324,9 +324,10 @@ class DocIndex:
         it into the local file (outside the lock: two threads fetching one block write the same verified
         bytes). Returns the verified bytes."""
         start = self.blocks.data_offset + 8 * a
-        if self._budget is not None:
-            self._with_fd(lambda fd: self._budget.allocate(fd, start, 8 * (z - a), demand=True,
-                                                           what=f"{self.label} block {b}"))
+        budget = self._budget
+        if budget is not None:
+            self._with_fd(lambda fd: budget.allocate(fd, start, 8 * (z - a), demand=True,
+                                                     what=f"{self.label} block {b}"))
         data = fetch(start, start + 8 * (z - a))
         if len(data) != 8 * (z - a) or not self._hash_ok(b, data):
             raise CorruptData(f"{self.label}: document index block {b} hash mismatch on arrival")
@@ -368,11 +369,24 @@ class DocIndex:
                 return False
             self._checked.pop(b, None)
             self._punched.add(b)
-            a = b * self.blocks.entries  # its own entries: the one past it is the next block's first
-            z = min(a + self.blocks.entries, self._n)
-            punched = self._with_fd(lambda fd: punch_hole(fd, self._offset + 8 * a, 8 * (z - a)))
+            start, stop = self._own_bytes(b)
+            punched = self._with_fd(lambda fd: punch_hole(fd, start, stop - start))
             self._stamp = FileStamp.of(self.path)  # our own change is not a foreign one
             return punched
+
+    def _own_bytes(self, b: int) -> tuple[int, int]:
+        """The byte range a hole for block ``b`` may cover: its entries, widened to whole file-system blocks
+        where the neighbour sharing one is not in use here (a block that only shared one would never be
+        freed); never the header's. Another worker using that neighbour sees a checksum fail and fetches
+        it again."""
+        unit = block_size(self.path.parent)
+        a = b * self.blocks.entries  # its own entries: the one past it is the next block's first
+        start, stop = self._offset + 8 * a, self._offset + 8 * min(a + self.blocks.entries, self._n)
+        if b - 1 not in self._checked:
+            start -= start % unit
+        if b + 1 not in self._checked:
+            stop = -(-stop // unit) * unit
+        return max(start, -(-self._offset // unit) * unit), stop
 
     def _block_on_disk(self) -> int | None:
         """A block holding allocated bytes that this process has not punched, found with ``SEEK_DATA``."""
