@@ -81,9 +81,10 @@ def serve(s3: str, tmp_path: Path, limit: int, workers: int = 1) -> Server:  # n
 
 
 def minimum_limit(s3: str, tmp_path: Path) -> tuple[int, str]:  # noqa: F811
-    """Start a server with a 1-byte limit: it refuses, naming the smallest limit that works."""
+    """Start a server (two workers, as on a multi-core host) with a 1-byte limit: it refuses, naming the
+    smallest limit that works."""
     with pytest.raises(RuntimeError) as refused:
-        serve(s3, tmp_path, 1).start()
+        serve(s3, tmp_path, 1, workers=2).start()
     message = str(refused.value)
     found = re.search(r"give at least --cache-limit (\d+)", message)
     assert found, message
@@ -97,7 +98,7 @@ def test_a_limit_below_one_window_is_refused_at_start_with_the_minimum(s3, web, 
     assert "exited with 2" in message and "one window of the default order" in message
     assert minimum >= 16 * shard_bytes  # 16 shards of the default window, plus the indexes
     with pytest.raises(RuntimeError, match=f"give at least --cache-limit {minimum}"):
-        serve(s3, tmp_path, minimum - 1).start()
+        serve(s3, tmp_path, minimum - 1, workers=2).start()
     with serve(s3, tmp_path, minimum) as srv:  # the minimum works
         body = {"job_id": "j", "config": JOBS["window"], "schedule": SCHEDULE, "author": "t", "reason": "t"}
         assert httpx.post(f"{srv.url}/v1/jobs", json=body).status_code == 201

@@ -104,7 +104,6 @@ def build_app():
     """Uvicorn factory: the app of the ``ServeSettings`` that ``run`` passed in ``SETTINGS_ENV``."""
     from mixer_service.service.app import Settings, create_app
     from mixer_service.service.connections import CappedConnections
-    from mixer_service.service.source_registry import SourceRegistry
     from mixer_service.store import open_store
 
     settings = ServeSettings.from_json(os.environ[SETTINGS_ENV])
@@ -113,16 +112,21 @@ def build_app():
     return create_app(
         Settings(
             store=open_store(settings.redis_url, settings.state_dir / "state.sqlite", settings.store),
-            sources=SourceRegistry.load(
-                settings.sources_dir, settings.cache_dir, verify=settings.verify,
-                cache_limit=settings.cache_limit, remote_urls=list(settings.sources_urls),
-                s3_endpoint=settings.s3_endpoint,
-            ),
+            sources=_sources(settings),
             tokens=_tokens(),
             limits=settings.limits,
             plan=settings.plan,
         )
     )
+
+
+def _sources(settings: ServeSettings):
+    """The sources ``settings`` name, opened (a cache limit too small for them is refused here)."""
+    from mixer_service.service.source_registry import SourceRegistry
+
+    return SourceRegistry.load(settings.sources_dir, settings.cache_dir, verify=settings.verify,
+                               cache_limit=settings.cache_limit, remote_urls=list(settings.sources_urls),
+                               s3_endpoint=settings.s3_endpoint)
 
 
 def _byte_count(text: str) -> int:
@@ -158,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     check_bind(settings.host, _tokens(), settings.insecure_bind)
     os.environ[SETTINGS_ENV] = settings.to_json()
+    if settings.cache_limit is not None and settings.worker_count > 1:
+        _sources(settings).close()  # a limit too small is refused here, once: uvicorn restarts a worker that fails
     logging.getLogger(__name__).info("serving", extra={
         "host": settings.host, "port": settings.port, "store": "redis" if settings.redis_url else "embedded"})
     uvicorn.run(
