@@ -133,7 +133,11 @@ class DiskBudget:
             with self.locked():
                 used = self._make_room(need, demand)
                 if used + need <= self.limit:
-                    os.posix_fallocate(fd, offset, length)
+                    try:
+                        os.posix_fallocate(fd, offset, length)
+                    except OSError as exc:  # the disk itself is full (ENOSPC), or the file is gone
+                        raise CacheFull(f"{what}: cannot allocate {length} bytes under {self.root} "
+                                        f"({exc.strerror or exc})") from exc
                     return
             if time.monotonic() + delay > deadline:
                 break

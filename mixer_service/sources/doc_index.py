@@ -370,7 +370,10 @@ class DocIndex:
             self._checked.pop(b, None)
             self._punched.add(b)
             start, stop = self._own_bytes(b)
-            punched = self._with_fd(lambda fd: punch_hole(fd, start, stop - start))
+            try:
+                punched = self._with_fd(lambda fd: punch_hole(fd, start, stop - start))
+            except CorruptData:
+                return False  # the file is gone: nothing of it to give back
             self._stamp = FileStamp.of(self.path)  # our own change is not a foreign one
             return punched
 
