@@ -35,7 +35,7 @@ import numpy as np
 
 from mixer_contract.errors import CorruptData
 from mixer_service.sources.checked import CHECK_BLOCK, CheckedRegion, block_sums, open_handle, pread_exact
-from mixer_service.sources.disk_budget import DiskBudget, block_size, punch_hole
+from mixer_service.sources.disk_budget import DiskBudget, block_size, on_disk, punch_hole
 from mixer_service.sources.verify import FileStamp, VerifyMode
 
 Fetch = Callable[[int, int], bytes]  # byte range [a, b) of the index file at its origin
@@ -350,7 +350,7 @@ class DocIndex:
         try:
             fd = os.open(self.path, os.O_WRONLY)
         except OSError as exc:
-            raise CorruptData(f"{self.path}: cannot write the fetched block ({exc.strerror})") from exc
+            raise CorruptData(f"{self.path}: cannot open it for writing ({exc.strerror})") from exc
         try:
             return use(fd)
         finally:
@@ -388,13 +388,13 @@ class DocIndex:
         if b - 1 not in self._checked:
             start -= start % unit
         if b + 1 not in self._checked:
-            stop = -(-stop // unit) * unit
-        return max(start, -(-self._offset // unit) * unit), stop
+            stop = on_disk(stop, unit)
+        return max(start, on_disk(self._offset, unit)), stop
 
     def _block_on_disk(self) -> int | None:
         """A block holding allocated bytes that this process has not punched, found with ``SEEK_DATA``."""
         unit = block_size(self.path.parent)
-        pos = -(-self._offset // unit) * unit  # the header's own file-system block is never freed
+        pos = on_disk(self._offset, unit)  # the header's own file-system block is never freed
         end = self._offset + 8 * self._n
         while pos < end:
             try:
@@ -406,8 +406,7 @@ class DocIndex:
             b = min((pos - self._offset) // 8 // self.blocks.entries, len(self._firsts) - 1)
             if b not in self._punched:
                 return b
-            pos = self._offset + 8 * self.blocks.span(b, self._n)[1]
-            pos = -(-pos // unit) * unit
+            pos = on_disk(self._offset + 8 * self.blocks.span(b, self._n)[1], unit)
         return None
 
 
