@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     check_bind(settings.host, _tokens(), settings.insecure_bind)
     os.environ[SETTINGS_ENV] = settings.to_json()
     if settings.cache_limit is not None and settings.worker_count > 1:
-        _sources(settings).close()  # a limit too small is refused here, once: uvicorn restarts a worker that fails
+        _sources(settings).close()  # refuse a too small limit once: uvicorn restarts failed workers
     logging.getLogger(__name__).info("serving", extra={
         "host": settings.host, "port": settings.port, "store": "redis" if settings.redis_url else "embedded"})
     uvicorn.run(

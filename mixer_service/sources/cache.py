@@ -35,8 +35,8 @@ from typing import TypeGuard
 import numpy as np
 import zstandard
 
-from mixer_service.engine.epoch_order import DEFAULT_WINDOW_SHARDS
-from mixer_service.errors import CorruptData, InvalidInput, MixerError
+from mixer_contract.errors import CorruptData, InvalidInput, MixerError
+from mixer_contract.job import DEFAULT_WINDOW_SHARDS
 from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, find_token_above, open_handle
 from mixer_service.sources.disk_budget import CacheFull, DiskBudget, allocated_bytes, block_size, on_disk
 from mixer_service.sources.doc_index import DocIndex

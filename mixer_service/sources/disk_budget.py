@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from mixer_service.errors import SourceUnavailable
+from mixer_contract.errors import SourceUnavailable
 
 LOCK_FILE = ".budget.lock"
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02

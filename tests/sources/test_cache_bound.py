@@ -16,8 +16,10 @@ import pytest
 from service_helpers import RAW, Server, reblock
 from test_sources_s3 import BUCKET, CREDENTIALS, s3, upload  # noqa: F401  (s3 is a fixture)
 
-from mixer_service import wire
-from mixer_service.engine import JobConfig, MixingEngine, Schedule
+from mixer_contract import wire
+from mixer_contract.job import JobConfig
+from mixer_contract.schedule import Schedule
+from mixer_service.engine import MixingEngine
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import load_tokenizer
 from mixer_service.prepare.writer import prepare_source
