@@ -36,6 +36,7 @@ import numpy as np
 from mixer_contract.errors import CorruptData
 from mixer_service.sources.checked import CHECK_BLOCK, CheckedRegion, block_sums, open_handle, pread_exact
 from mixer_service.sources.disk_budget import DiskBudget, block_size, on_disk, punch_hole
+from mixer_service.sources.source_format import IndexBlocks
 from mixer_service.sources.verify import FileStamp, VerifyMode
 
 Fetch = Callable[[int, int], bytes]  # byte range [a, b) of the index file at its origin
