@@ -31,7 +31,7 @@ WORLD = 4
 STEPS = 12
 JOBS = {
     "global": {"sources": [{"name": "web", "role": "repeat"}], "seq_len": 512, "global_batch": 32,
-               "seed": 3, "total_steps": 1000},
+               "seed": 3, "total_steps": 1000, "order": {"kind": "global"}},
     "window": {"sources": [{"name": "web", "role": "repeat"}], "seq_len": 512, "global_batch": 32,
                "seed": 4, "total_steps": 1000, "order": {"kind": "window", "window_shards": 4}},
 }
