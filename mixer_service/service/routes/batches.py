@@ -11,8 +11,8 @@ import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
-from mixer_contract import wire
-from mixer_contract.values import RankSlice, check_step
+from mixer_service import wire
+from mixer_service.engine import MixingEngine
 from mixer_service.service.auth import require_reader
 from mixer_service.service.jobs import JobManager
 from mixer_service.service.problems import responses
@@ -41,6 +41,21 @@ async def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0,
     return Response(body, media_type=wire.MEDIA_TYPE)
 
 
+PREFETCH_STEPS = 2  # steps ahead of the one asked for whose shards are loaded before they are asked for
+
+
+def prefetch_new_steps(engine: MixingEngine, prefetched: dict[tuple[str, str], int], key: tuple[str, str],
+                       step: int) -> None:
+    """The schedule makes the future known: start loading the shards of steps up to ``step +
+    PREFETCH_STEPS`` that no earlier request of ``key`` (job, incarnation) asked for. Each step's shards are
+    worked out once (the whole step: ranks usually come to every replica), not once per step that looks
+    ahead to it; ``prefetched`` keeps the highest step asked for."""
+    first, last = max(prefetched.get(key, -1), step) + 1, step + PREFETCH_STEPS
+    if first <= last:
+        prefetched[key] = last
+        prefetch_ahead(engine, first - 1, lookahead=last - first + 1)
+
+
 def make_batch(manager: JobManager, max_tokens: int, prefetched: dict[tuple[str, str], int], job_id: str,
                step: int, rank: int, world: int, compression: str, boundaries: bool,
                no_head_read: bool = False) -> tuple[bytes, list[tuple[str, int]]]:
@@ -56,12 +71,7 @@ def make_batch(manager: JobManager, max_tokens: int, prefetched: dict[tuple[str,
     config = runtime.config
     engine = runtime.engine
     batch = engine.batch(step, ranks.rank, ranks.world)
-    # The schedule makes the future known: load the shards the next steps read before they are asked for,
-    # once per step however many ranks ask (the whole step: ranks usually come to every replica).
-    key = (job_id, runtime.incarnation)
-    if prefetched.get(key, -1) < step:
-        prefetched[key] = step
-        prefetch_ahead(engine, step)
+    prefetch_new_steps(engine, prefetched, (job_id, runtime.incarnation), step)
     names = config.source_names
     header = {"job": job_id, "incarnation": runtime.incarnation, "step": step, "rank": ranks.rank,
               "world": ranks.world, "sources": names, "schedule_version": engine.version_at(step),
