@@ -1,4 +1,6 @@
-"""The price of each guarantee in requests/s (issue 21): the same server with one guarantee off at a time.
+"""The price of each guarantee in requests/s and in server CPU per request (issue 21).
+
+The same server with one guarantee off at a time; on a shared machine CPU per request is the steadier figure.
 
 Variants of this tree's ``mixer serve`` (1 uvicorn worker, embedded store), all up at once, each measured
 ``--reps`` times per cell with wrk, in turn, so drift hits all alike:
@@ -49,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"cpus={os.cpu_count()}  loadavg(1m)={os.getloadavg()[0]:.2f}  wrk, {args.duration:g} s a run, "
           f"{args.reps} runs a cell a variant, in turn; 1 uvicorn worker, embedded store")
-    results: dict[tuple[int, int], dict[str, list[float]]] = {}
+    results: dict[tuple[int, int], dict[str, list[dict]]] = {}
     loads = []
     with tempfile.TemporaryDirectory(prefix="bench-guarantees-") as tmp:
         servers: dict[str, ServerProcess] = {}
@@ -66,19 +68,24 @@ def main() -> None:
                     for name in order:
                         base = (idx * args.reps + rep) * CELL_STEPS
                         got[name].append(run_cell_wrk(servers[name], "bench", rows, args.compression,
-                                                      clients, base, args.duration)["rps"])
+                                                      clients, base, args.duration))
                         loads.append(os.getloadavg()[0])
         finally:
             for server in servers.values():
                 server.stop()
     for (rows, clients), got in results.items():
-        on = np.array(got["all on (defaults)"])
-        print(f"\n{rows}x{L} zstd={args.compression} {clients} connections   req/s (median)  "
-              "vs all on (per run pair)   guarantee's cost")
-        for name, rps in got.items():
-            ratio = float(np.median(np.array(rps) / on))
-            print(f"  {name:<20} {np.median(rps):12.0f}   {ratio:6.2f}x   "
-                  f"{'' if name.startswith('all on') else f'{1 - 1 / ratio:+.0%} of a request'}")
+        on = got["all on (defaults)"]
+        print(f"\n{rows}x{L} zstd={args.compression} {clients} connections   req/s  vs all on   "
+              "cpu/request  vs all on   guarantee's cost (req/s; cpu)")
+        for name, runs in got.items():
+            rps = float(np.median([r["rps"] for r in runs]))
+            cpu = float(np.median([r["cpu_ms_per_request"] for r in runs]))
+            ratio = float(np.median([r["rps"] / o["rps"] for r, o in zip(runs, on, strict=True)]))
+            cpu_ratio = float(np.median([r["cpu_ms_per_request"] / o["cpu_ms_per_request"]
+                                         for r, o in zip(runs, on, strict=True)]))
+            cost = "" if name.startswith("all on") else f"{1 - 1 / ratio:+.0%}; {1 - cpu_ratio:+.0%}"
+            print(f"  {name:<20} {rps:8.0f}   {ratio:6.2f}x   {cpu:8.2f} ms   {cpu_ratio:6.2f}x   {cost}")
+    print("(medians over the runs; ratios are taken run pair by run pair; cpu: server CPU time per request)")
     print(f"loadavg(1m) during the runs: {min(loads):.2f}-{max(loads):.2f}")
 
 

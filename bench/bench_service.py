@@ -18,6 +18,7 @@ fresh steps. Server and load generator share the machine's cores; the table show
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import signal
@@ -44,8 +45,26 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(server: ServerProcess) -> float:
-    """CPU seconds (user + system) the server process has used so far."""
-    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """CPU seconds (user + system) the server has used so far: its process and every live child of it
+    (``--workers N`` runs each event loop in a child process)."""
+    return sum(_process_cpu(pid) for pid in _process_tree(server.proc.pid))
+
+
+def _process_tree(pid: int) -> list[int]:
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        for task in Path(f"/proc/{tree[-1]}/task").glob("*"):
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return tree
+
+
+def _process_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # exited meanwhile
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
@@ -196,6 +215,7 @@ def run_cell_wrk(
         "p99": _wrk_ms(fields["99%"].strip()),
         "mb_s": float("nan"),
         "cpu_srv": cpu_srv / duration,
+        "cpu_ms_per_request": cpu_srv / requests * 1e3,
         "cpu_cli": float("nan"),
     }
 

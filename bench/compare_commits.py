@@ -99,21 +99,28 @@ def main() -> None:
                                                       args.duration))
                         loads.append(os.getloadavg()[0])
                 ratios = [a["rps"] / b["rps"] for a, b in zip(got["A"], got["B"], strict=True)]
-                med = {s: float(np.median([r["rps"] for r in got[s]])) for s in got}
-                p50 = {s: float(np.median([r["p50"] for r in got[s]])) for s in got}
-                rows_out.append((f"{rows}x{L}", "yes" if comp == "zstd" else "no", clients, med["A"],
-                                 med["A"] * rows * L, p50["A"], med["B"], med["B"] * rows * L, p50["B"],
-                                 float(np.median(ratios)), " ".join(f"{r:.2f}" for r in ratios)))
+                cpu_ratios = [b["cpu_ms_per_request"] / a["cpu_ms_per_request"]
+                              for a, b in zip(got["A"], got["B"], strict=True)]
+                medians = {s: {k: float(np.median([r[k] for r in got[s]])) for k in ("rps", "p50",
+                                                                                   "cpu_ms_per_request")}
+                        for s in got}
+                rows_out.append((f"{rows}x{L}", "yes" if comp == "zstd" else "no", clients, medians["A"],
+                                 medians["B"], rows * L, float(np.median(ratios)),
+                                 float(np.median(cpu_ratios)), " ".join(f"{r:.2f}" for r in ratios)))
         finally:
             for server in servers.values():
                 server.stop()
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)],
                            capture_output=True)
-    print(f"\n{'cell':<8} {'zstd':<4} {'conns':>5}  {'A req/s':>8} {'A tok/s':>9} {'A p50':>7}  "
-          f"{'B req/s':>8} {'B tok/s':>9} {'B p50':>7}  {'A/B':>5}  per pair")
-    for cell, z, c, ra, ta, pa, rb, tb, pb, ratio, pairs in rows_out:
-        print(f"{cell:<8} {z:<4} {c:>5}  {ra:8.0f} {ta / 1e6:7.1f} M {pa:5.2f}ms  "
-              f"{rb:8.0f} {tb / 1e6:7.1f} M {pb:5.2f}ms  {ratio:5.2f}  {pairs}")
+    print(f"\n{'cell':<8} {'zstd':<4} {'conns':>5}  {'A req/s':>8} {'A tok/s':>9} {'A p50':>8} {'A cpu':>7}  "
+          f"{'B req/s':>8} {'B tok/s':>9} {'B p50':>8} {'B cpu':>7}  {'A/B':>5} {'cpu B/A':>7}  A/B per pair")
+    for cell, z, c, a, b, tokens, ratio, cpu_ratio, pairs in rows_out:
+        sides = "  ".join(f"{x['rps']:8.0f} {x['rps'] * tokens / 1e6:7.1f} M {x['p50']:6.2f}ms "
+                          f"{x['cpu_ms_per_request']:5.2f}ms" for x in (a, b))
+        print(f"{cell:<8} {z:<4} {c:>5}  {sides}  {ratio:5.2f} {cpu_ratio:7.2f}  {pairs}")
+    print("(p50: wrk's median latency; cpu: server CPU time per request, all its processes, median of the "
+          "runs; A/B: median over pairs of A req/s / B req/s; cpu B/A: the same for CPU per request, > 1 = A "
+          "cheaper)")
     print(f"loadavg(1m) during the runs: {min(loads):.2f}-{max(loads):.2f}")
 
 
