@@ -73,7 +73,7 @@ def test_arrays_the_framing_cannot_view_are_sent_as_their_little_endian_row_majo
 def test_each_upcoming_step_s_shards_are_worked_out_once_as_ranks_walk_the_steps(sources_dir, tmp_path,
                                                                                   monkeypatch):
     """Found: every step's prefetch looked two steps ahead, so each step's whole-batch shard list was
-    computed twice (13% of a batch request's time at 64 rows of 2048 tokens)."""
+    computed twice (~3% of a 64 x 2048 batch request's CPU, docs/benchmarks.md)."""
     looked_up: list[int] = []
     shards_for_step = MixingEngine.shards_for_step
 
