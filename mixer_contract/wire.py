@@ -51,7 +51,7 @@ def _compress(raw: bytes | memoryview) -> bytes:
     response; its frames are byte-identical to a fresh compressor's (tests/test_serving_path.py)."""
     compressor = getattr(_per_thread, "zstd", None)
     if compressor is None:
-        compressor = _per_thread.zstd = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+        compressor = _per_thread.zstd = _zstd().ZstdCompressor(level=_ZSTD_LEVEL)
     return compressor.compress(raw)
 
 

@@ -11,7 +11,8 @@ import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
-from mixer_service import wire
+from mixer_contract import wire
+from mixer_contract.values import RankSlice, check_step
 from mixer_service.engine import MixingEngine
 from mixer_service.service.auth import require_reader
 from mixer_service.service.jobs import JobManager

@@ -11,11 +11,11 @@ import pytest
 import zstandard
 from service_helpers import JOB, SCHEDULE
 
-from mixer_service import wire
+from mixer_contract import wire
 from mixer_service.engine import MixingEngine
 from mixer_service.service.jobs import JobManager
 from mixer_service.service.routes.batches import make_batch
-from mixer_service.service.sources import SourceRegistry
+from mixer_service.service.source_registry import SourceRegistry
 from mixer_service.store import open_store
 
 TOKENS = (np.arange(4 * 2048, dtype=np.uint32) * 2654435761 % 50257).astype(np.uint16).reshape(4, 2048)
