@@ -1,6 +1,6 @@
 """What a window epoch order costs in shuffle quality, against the global order and mosaicml-streaming.
 
-One web source of ``--tokens`` tokens in shards of 2**26 tokens (the prepare default), cut into sequences
+One web source of ``--tokens`` tokens in shards of 2**26 tokens (the prepare default until 2026-12), cut into sequences
 of L=2048; each step takes ``--rows`` of them (486 = 95% of a 512-row batch). For every order the whole
 first epoch is laid out (position -> chunk -> shard of its first token) and measured per step:
 
