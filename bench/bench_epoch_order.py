@@ -1,8 +1,8 @@
 """What a window epoch order costs in shuffle quality, against the global order and mosaicml-streaming.
 
-One web source of ``--tokens`` tokens in shards of 2**26 tokens (the prepare default until 2026-12), cut into sequences
-of L=2048; each step takes ``--rows`` of them (486 = 95% of a 512-row batch). For every order the whole
-first epoch is laid out (position -> chunk -> shard of its first token) and measured per step:
+One web source of ``--tokens`` tokens in shards of 2**26 tokens (the prepare default until 2026-12), cut
+into sequences of L=2048; each step takes ``--rows`` of them (486 = 95% of a 512-row batch). For every
+order the whole first epoch is laid out (position -> chunk -> shard of its first token) and measured per step:
 
 * distinct shards: how many shards one step reads (what a cache must hold for that step);
 * same-shard pairs: the share of row pairs of one batch that come from the same shard (global order:

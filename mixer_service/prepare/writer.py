@@ -39,8 +39,9 @@ from mixer_service.sources.source_format import (
 
 logger = logging.getLogger(__name__)
 
-# 8 Mi tokens: 16 MiB raw at uint16. New jobs read a source in windows of 16 shards (docs/epoch_order.md), so a
-# window is 256 MiB and a cache of a quarter of a 10^9-token source holds one; the fingerprint does not depend on it.
+# 8 Mi tokens: 16 MiB raw at uint16. New jobs read a source in windows of 16 shards (docs/epoch_order.md),
+# so a window is 256 MiB and a cache of a quarter of a 10^9-token source holds one (fingerprints do not
+# depend on the shard size).
 DEFAULT_SHARD_TOKENS = 1 << 23
 DEFAULT_BATCH_CHARS = 4 << 20  # enough text per encode_batch call to keep every core busy
 DEFAULT_BATCH_DOCS = 16384
