@@ -104,6 +104,14 @@ class MixerLoader:
         self._fill()  # keep the pipeline full while the trainer computes on this batch
         return batch
 
+    def report_eval(self, step: int, source: str, loss: float, tokens: int = 0) -> None:
+        """Post one held-out loss on ``source`` after data step ``step`` to the job's overfitting watch.
+
+        Goes through the loader's own client (its replicas, token and failover), so a training loop that
+        only holds the loader can feed the watch; ``tokens`` is what the trainer counted through ``step``.
+        """
+        self.client.post_eval(self.job, step, source, loss, tokens)
+
     def state_dict(self) -> dict[str, Any]:
         """Where to resume: the next step, the job incarnation and the history of the steps received."""
         return {"next_step": self._next_step, "job": self.job, "incarnation": self._incarnation,

@@ -12,10 +12,12 @@ import pytest
 from service_helpers import JOB, OPERATOR, OPERATOR_TOKEN, READER, READER_TOKEN, TOKENS
 from store_fixtures import CONFIG, SCHEDULE
 
-from client import MixerClient
+from client import ClientRequestError, MixerClient, MixerLoader
 from experiments.overfit_watch import LAW, Job, run_once
 from mixer_contract.errors import InvalidInput
 from mixer_service.cli import main
+from mixer_service.errors import InvalidInput
+from mixer_service.service.process import free_port
 from mixer_service.store import evals as evals_module
 from mixer_service.store.evals import EvalPoint, open_evals
 
@@ -129,6 +131,29 @@ def test_evals_forecast_gauge_and_apply(server, monkeypatch, capsys):
                       headers=op | {"If-Match": forecast["etag"]})
     assert stale.status_code == 412  # a forecast computed under v1 cannot be applied over v2
     reader.close()
+
+
+def _create(server: Server, job: str, delta: float) -> None:
+    schedule = {"phases": [{"start_step": 0, "weights": {"abc": delta, "sotu": round(1 - delta, 9)}}]}
+    body = {"job_id": job, "config": JOB, "schedule": schedule, "author": "alice", "reason": "initial"}
+    op = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    assert httpx.post(f"{server.url}/v1/jobs", json=body, headers=op).status_code == 201
+
+
+def test_loader_reports_evals_through_its_own_replicas(server):
+    """A MixerLoader user feeds the watch without a MixerClient: the loader's URLs, token and failover."""
+    _create(server, "loader-evals", 0.1)
+    dead = f"http://127.0.0.1:{free_port()}"  # the first replica is down: the post fails over
+    with MixerLoader([dead, server.url], "loader-evals", token=READER_TOKEN, end_step=3) as loader:
+        loader.report_eval(0, "abc", 3.5, tokens=512)
+        assert next(loader)["step"] == 0
+        loader.report_eval(1, "sotu", 4.25, tokens=1024)
+        with pytest.raises(ClientRequestError) as refused:
+            loader.report_eval(1, "no-such-source", 1.0)
+        assert refused.value.status == 404
+    with MixerClient(server.url, token=READER_TOKEN) as reader:
+        curves = reader.get("/v1/jobs/loader-evals/evals")["curves"]
+    assert curves == {"abc": [[0, 3.5, 512]], "sotu": [[1, 4.25, 1024]]}
 
 
 def eval_weight(text: str) -> float:
