@@ -40,7 +40,8 @@ BETA_GRID = np.geomspace(0.05, 1.0, 16)  # β = b_gap(δ) < 1 where the paper st
 N_BOOTSTRAP = 40
 MIN_EXCESS = 0.005  # a warning needs at least this much predicted loss above the minimum at the end
 WARN_SHARE = 0.95  # share of bootstrap refits that must turn up before the end for a warning
-DELTA_FACTORS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # proposed δ' = factor · current δ
+# proposed δ' = factor · current δ: lower (less repetition) or higher (more domain data, less web data)
+DELTA_FACTORS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.25, 1.5, 2.0)
 START_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)  # S = S0 + f·(end − S0)
 
 
@@ -145,11 +146,13 @@ class Proposal:
 
     kind: str  # "step" or "ramp"
     start_step: int
+    from_delta: float  # the source's weight at ``start_step`` under the current schedule
     delta: float
     final_repetitions: float
     predicted_final_loss: float
     baseline_final_loss: float
-    predicted_web_change: float | None  # predicted final web loss minus the baseline's (None: no web curve)
+    predicted_web_change: float | None  # predicted final web loss minus the baseline's (None: no web curve;
+    #                                     then only changes that do not raise δ are proposed)
     schedule: dict[str, Any] = field(default_factory=dict)
 
 
@@ -169,6 +172,7 @@ class Forecast:
     steps_to_overfit: float  # turn_up_step − last_step; inf when no turn-up is forecast
     warning: bool
     proposal: Proposal | None
+    max_web_loss_increase: float  # the web-loss bound the proposal was chosen under
     notes: list[str]
     curve: list[list[float]] = field(default_factory=list)  # [step, E, loss, low, high] over the job
 
@@ -196,8 +200,8 @@ def forecast(run: RunPlan, names: list[str], steps: np.ndarray, loss: np.ndarray
     fid = hashlib.sha256(f"{stamp}|{len(s)}|{last}".encode()).hexdigest()[:16]
     if len(e) < MIN_POINTS or len(np.unique(e)) < 4:
         return Forecast(fid, source, int(len(e)), last, e_now, None, None, None, (None, None), 0.0, 0.0,
-                        math.inf, False, None, [f"need {MIN_POINTS} evals of {source!r} after its first "
-                                                "sequences to forecast"])
+                        math.inf, False, None, max_web_loss_increase,
+                        [f"need {MIN_POINTS} evals of {source!r} after its first sequences to forecast"])
     now = _assess(run, e, y, last, seed)
     fit, turn_e, turn_step, refits, boot = now.fit, now.turn_e, now.turn_step, now.refits, now.boot
     share, excess = now.share, now.excess
@@ -207,16 +211,18 @@ def forecast(run: RunPlan, names: list[str], steps: np.ndarray, loss: np.ndarray
     to_overfit = math.inf if turn_step is None else float(turn_step - last)
     notes = [] if fit.G > 0 else ["no repetition term in the fit: the curve shows no sign of overfitting"]
     proposal = None
-    if warning and law is None:
+    if law is None:
         notes.append("no law attached (PUT .../forecast/law with `mixer plan spt --json`'s law): no proposal")
-    elif warning and law is not None:
+    else:
         web_fit = _web_fit(run, web) if web is not None else None
         if web_fit is None:
-            notes.append("too few web evals to bound the web-loss cost; proposals unchecked for it")
+            notes.append(f"fewer than {MIN_POINTS} web evals: the web-loss cost of raising the domain share "
+                         "cannot be bounded, so only changes that lower it are proposed")
         calibrated = Calibrated.of(law, run, s, y)
         proposal = _propose(run, names, calibrated, web_fit, max_web_loss_increase)
     return Forecast(fid, source, int(len(e)), last, e_now, fit, turn_e, turn_step, interval, share,
-                    excess, to_overfit, warning, proposal, notes, _curve(run, fit, refits))
+                    excess, to_overfit, warning, proposal, max_web_loss_increase, notes,
+                    _curve(run, fit, refits))
 
 
 @dataclass(frozen=True)
@@ -331,7 +337,12 @@ class Calibrated:
 
 def _propose(run: RunPlan, names: list[str], model: Calibrated, web_fit: tuple[CurveFit, float] | None,
              max_web: float) -> Proposal | None:
-    """The candidate change with the lowest predicted final domain loss within the web-loss limit."""
+    """The candidate change with the lowest predicted final domain loss, below the current schedule's,
+    whose predicted final web loss is at most ``max_web`` above the current schedule's.
+
+    Web loss is read as a function of web tokens alone (``_web_fit``): a change moves it only by the web
+    tokens it adds or takes away. A candidate that raises δ without a web curve has an unknown cost and
+    is skipped."""
     end = run.total_steps - 1
     s0 = run.first_changeable
     if s0 > end:
@@ -346,6 +357,8 @@ def _propose(run: RunPlan, names: list[str], model: Calibrated, web_fit: tuple[C
         delta0 = float(run.weights_at(start)[run.source])
         for factor in DELTA_FACTORS:
             delta = round(delta0 * factor, 6)
+            if delta >= 1 or (factor > 1 and web_fit is None):
+                continue
             for kind in ("step", "ramp"):
                 mean_delta = delta if kind == "step" else (delta0 + delta) / 2
                 e_final = e_start + mean_delta * per_step * (end - start + 1)
@@ -359,7 +372,7 @@ def _propose(run: RunPlan, names: list[str], model: Calibrated, web_fit: tuple[C
                     if web_change > max_web:
                         continue
                 if predicted < base_loss and (best is None or predicted < best.predicted_final_loss):
-                    best = Proposal(kind, start, delta, e_final, predicted, base_loss, web_change)
+                    best = Proposal(kind, start, delta0, delta, e_final, predicted, base_loss, web_change)
     if best is None:
         return None
     return Proposal(**{**asdict(best), "schedule": _schedule(run, names, best)})
@@ -398,3 +411,61 @@ def _on_grid(weights: list[Fraction] | tuple[Fraction, ...], grid: int = 10**9) 
     big = max(range(len(rounded)), key=lambda k: rounded[k])
     rounded[big] += 1 - sum(rounded)
     return rounded
+
+
+AUTO_AUTHOR = "overfitting-watch"  # the author of every schedule version the policy applies
+
+
+@dataclass(frozen=True)
+class WatchPolicy:
+    """What the watch may do on its own for one job; off unless an operator turns it on.
+
+    ``max_web_loss_increase`` bounds every proposal of the job (applied by hand or not). The others bound
+    automatic applies: only on a warning, only a predicted final domain-loss gain of at least
+    ``min_gain``, a change of the source's weight of at most ``max_weight_change`` (absolute), a
+    predicted web-loss change known and within the bound, and no second automatic change until
+    ``cooldown_evals`` evals at or after the last one's effective step (the watch must see the new
+    schedule before judging it).
+    """
+
+    auto_apply: bool = False
+    max_web_loss_increase: float = 0.01
+    min_gain: float = 0.01
+    max_weight_change: float = 0.1
+    cooldown_evals: int = MIN_POINTS
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> WatchPolicy:
+        return cls(**doc)
+
+
+def auto_apply_refusal(policy: WatchPolicy, found: Forecast, last_auto_effective: int | None,
+                       evals_since: int) -> str | None:
+    """Why ``policy`` must not apply ``found``'s proposal now (None: it may).
+
+    ``last_auto_effective``: effective step of the last version the policy applied (None: none yet);
+    ``evals_since``: evals of the source at or after that step.
+    """
+    p = found.proposal
+    if not policy.auto_apply:
+        return "auto_apply is off"
+    if not found.warning or p is None:
+        return "no warning with a proposal"
+    gain = p.baseline_final_loss - p.predicted_final_loss
+    if gain < policy.min_gain:
+        return f"predicted gain {gain:.4f} < min_gain {policy.min_gain:g}"
+    if abs(p.delta - p.from_delta) > policy.max_weight_change + 1e-9:  # weights are on a 1e-9 grid
+        return (f"weight change {p.from_delta:g} -> {p.delta:g} exceeds max_weight_change "
+                f"{policy.max_weight_change:g}")
+    if p.predicted_web_change is None:
+        return "no web curve: the web-loss cost cannot be bounded"
+    if p.predicted_web_change > policy.max_web_loss_increase:
+        return (f"predicted web-loss change {p.predicted_web_change:.4f} > max_web_loss_increase "
+                f"{policy.max_web_loss_increase:g}")
+    if last_auto_effective is not None and evals_since < policy.cooldown_evals:
+        return (f"cooldown: {evals_since} of {policy.cooldown_evals} evals since the last automatic change "
+                f"(effective step {last_auto_effective})")
+    return None

@@ -57,6 +57,10 @@ class Metrics:
             "mixer_forecast_steps_to_overfit",
             "Steps from the last eval until the domain held-out loss is forecast to turn up "
             "(+Inf: not before the end)", ["job", "source"], registry=r)
+        self.forecast_auto_applies = Counter(
+            "mixer_forecast_auto_applies",
+            "Decisions of the overfitting watch's auto-apply policy on warned proposals, by outcome "
+            "(applied, outside_limits, conflict, failed)", ["job", "outcome"], registry=r)
         self.exposition = Exposition(r)
 
 

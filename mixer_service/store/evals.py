@@ -6,10 +6,13 @@ recreated under the same id starts with an empty curve. Layout:
 
 * embedded: table ``evals`` in the same SQLite file (its own connection; one transaction per post);
 * Redis: list ``mixer:{job}:evals:<source>`` (RPUSH + LTRIM in one script), set ``mixer:{job}:evals``
-  of the sources posted and string ``mixer:{job}:watch-law``; the ``{job}`` hash tag keeps them in the
-  job's cluster slot.
+  of the sources posted and strings ``mixer:{job}:watch-law`` / ``mixer:{job}:watch-policy``; the
+  ``{job}`` hash tag keeps them in the job's cluster slot.
 
-The law fitted across runs that a job's forecast may use is kept here too (table ``watch_laws``).
+Two small documents per job are kept here too, each tagged with the incarnation it was set for: the law
+fitted across runs that the forecast's proposals use (table ``watch_laws``) and the watch policy (table
+``watch_policies``: the web-loss bound of proposals and the opt-in auto-apply limits). They are the
+watch's settings, not the job's: the job config and its hash stay what the trainer created.
 """
 
 from __future__ import annotations
@@ -63,25 +66,44 @@ class EvalStore(ABC):
     def append(self, job_id: str, incarnation: str, source: str, point: EvalPoint) -> None:
         """Add a point to the curve, dropping the oldest beyond ``MAX_POINTS``."""
 
-    @abstractmethod
     def set_law(self, job_id: str, incarnation: str, law: dict[str, float]) -> None:
         """Attach the law fitted across runs (the watch's proposals use it) to this incarnation."""
-
-    @abstractmethod
-    def _law(self, job_id: str) -> str | None:
-        """The stored law entry, as written by ``set_law``."""
+        self._set_setting("law", job_id, incarnation, law)
 
     def law(self, job_id: str, incarnation: str) -> dict[str, float] | None:
         """The law attached to this incarnation of the job, if any."""
+        return self._setting("law", job_id, incarnation)
+
+    def set_policy(self, job_id: str, incarnation: str, policy: dict[str, Any]) -> None:
+        """Replace the watch policy of this incarnation (``WatchPolicy.to_dict()``)."""
+        self._set_setting("policy", job_id, incarnation, policy)
+
+    def policy(self, job_id: str, incarnation: str) -> dict[str, Any] | None:
+        """The watch policy set for this incarnation, if any."""
+        return self._setting("policy", job_id, incarnation)
+
+    def _set_setting(self, kind: str, job_id: str, incarnation: str, doc: dict[str, Any]) -> None:
         check_job_id(job_id)
-        raw = self._law(job_id)
+        self._write_setting(kind, job_id, json.dumps([incarnation, doc]))
+
+    def _setting(self, kind: str, job_id: str, incarnation: str) -> dict[str, Any] | None:
+        check_job_id(job_id)
+        raw = self._read_setting(kind, job_id)
         if raw is None:
             return None
         try:
-            stored_incarnation, law = json.loads(raw)
+            stored_incarnation, doc = json.loads(raw)
         except (ValueError, TypeError) as exc:
-            raise CorruptData(f"unreadable watch law of job {job_id!r}: {exc}") from exc
-        return law if stored_incarnation == incarnation and isinstance(law, dict) else None
+            raise CorruptData(f"unreadable watch {kind} of job {job_id!r}: {exc}") from exc
+        return doc if stored_incarnation == incarnation and isinstance(doc, dict) else None
+
+    @abstractmethod
+    def _write_setting(self, kind: str, job_id: str, entry: str) -> None:
+        """Store a setting entry (``"law"`` or ``"policy"``), replacing the job's previous one."""
+
+    @abstractmethod
+    def _read_setting(self, kind: str, job_id: str) -> str | None:
+        """The stored entry of a setting, as ``_write_setting`` wrote it."""
 
     @abstractmethod
     def _read(self, job_id: str, source: str) -> list[tuple[str, EvalPoint]]:
@@ -101,6 +123,9 @@ class EvalStore(ABC):
         check_job_id(job_id)
         found = {s: self.curve(job_id, incarnation, s) for s in self._sources(job_id)}
         return {s: c for s, c in sorted(found.items()) if c}
+
+
+_SETTING_TABLES = {"law": "watch_laws", "policy": "watch_policies"}  # fixed names, never user input
 
 
 def _encode(incarnation: str, point: EvalPoint) -> str:
@@ -133,8 +158,9 @@ class EmbeddedEvals(EvalStore):
                 "CREATE TABLE IF NOT EXISTS evals (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                 "job_id TEXT NOT NULL, source TEXT NOT NULL, body TEXT NOT NULL)")
             self._conn.execute("CREATE INDEX IF NOT EXISTS evals_curve ON evals (job_id, source, seq)")
-            self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS watch_laws (job_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
+            for table in _SETTING_TABLES.values():
+                self._conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {table} (job_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"eval table in {path}: {exc}") from exc
 
@@ -163,17 +189,17 @@ class EmbeddedEvals(EvalStore):
         self._run("INSERT INTO evals (job_id, source, body) VALUES (?, ?, ?)",
                   (job_id, _check_source(source), _encode(incarnation, point)), write=True)
 
-    def set_law(self, job_id: str, incarnation: str, law: dict[str, float]) -> None:
-        check_job_id(job_id)
+    def _write_setting(self, kind: str, job_id: str, entry: str) -> None:
         with self._lock:
             try:
-                self._conn.execute("INSERT OR REPLACE INTO watch_laws (job_id, body) VALUES (?, ?)",
-                                   (job_id, json.dumps([incarnation, law])))
+                table = _SETTING_TABLES[kind]
+                self._conn.execute(f"INSERT OR REPLACE INTO {table} (job_id, body) VALUES (?, ?)",
+                                   (job_id, entry))
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"eval table in {self._path}: {exc}") from exc
 
-    def _law(self, job_id: str) -> str | None:
-        rows = self._run("SELECT body FROM watch_laws WHERE job_id = ?", (job_id,))
+    def _read_setting(self, kind: str, job_id: str) -> str | None:
+        rows = self._run(f"SELECT body FROM {_SETTING_TABLES[kind]} WHERE job_id = ?", (job_id,))
         return rows[0][0] if rows else None
 
     def _read(self, job_id: str, source: str) -> list[tuple[str, EvalPoint]]:
@@ -221,12 +247,11 @@ class RedisEvals(EvalStore):
         keys = self._keys(job_id, _check_source(source))
         self._call(self._append, keys=keys, args=[_encode(incarnation, point), source, MAX_POINTS])
 
-    def set_law(self, job_id: str, incarnation: str, law: dict[str, float]) -> None:
-        check_job_id(job_id)
-        self._call(self._client.set, f"mixer:{{{job_id}}}:watch-law", json.dumps([incarnation, law]))
+    def _write_setting(self, kind: str, job_id: str, entry: str) -> None:
+        self._call(self._client.set, f"mixer:{{{job_id}}}:watch-{kind}", entry)
 
-    def _law(self, job_id: str) -> str | None:
-        return self._call(self._client.get, f"mixer:{{{job_id}}}:watch-law")
+    def _read_setting(self, kind: str, job_id: str) -> str | None:
+        return self._call(self._client.get, f"mixer:{{{job_id}}}:watch-{kind}")
 
     def _read(self, job_id: str, source: str) -> list[tuple[str, EvalPoint]]:
         raw = self._call(self._client.lrange, self._keys(job_id, source)[0], 0, -1)

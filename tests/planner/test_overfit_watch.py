@@ -3,6 +3,7 @@ against a real ``mixer serve`` (evals posted with the reader token, proposal app
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -13,10 +14,11 @@ from service_helpers import JOB, OPERATOR, OPERATOR_TOKEN, READER, READER_TOKEN,
 from store_fixtures import CONFIG, SCHEDULE
 
 from client import ClientRequestError, MixerClient, MixerLoader
-from experiments.overfit_watch import LAW, Job, run_once
-from mixer_contract.errors import InvalidInput
+from experiments.overfit_watch import LAW, NAMES, PILOT_LAW, SEQ_LEN, Job, constant, domain_loss, plan_for, \
+    run_once, web_loss
 from mixer_service.cli import main
 from mixer_service.errors import InvalidInput
+from mixer_service.planner.watch import AUTO_AUTHOR, Proposal, RunPlan, WatchPolicy, auto_apply_refusal, forecast
 from mixer_service.service.process import free_port
 from mixer_service.store import evals as evals_module
 from mixer_service.store.evals import EvalPoint, open_evals
@@ -69,6 +71,65 @@ def test_watch_warns_before_the_turn_up_and_its_proposal_lowers_the_final_loss()
 def test_watch_stays_quiet_on_a_run_that_does_not_overfit():
     run = run_once(Job(evals=25), 0.05, seed=1000, act=False)
     assert run["true_turn_up_step"] is None and run["warnings"] == 0
+
+
+def _undertrained_run(web: bool = True) -> dict:
+    """12 evals of a simulated δ = 5% run: no overfitting, and the law says more domain data would help."""
+    job = Job(evals=25)
+    plan = plan_for([(0, constant(0.05))])
+    rng = np.random.default_rng(1)
+    steps = np.array(job.eval_steps[:12])
+    dom = np.array([domain_loss(plan, int(s)) + rng.normal(0, 0.003) for s in steps])
+    web_curve = np.array([web_loss(plan, int(s)) + rng.normal(0, 0.003) for s in steps])
+    run = RunPlan(plan, 0, job.chunks, SEQ_LEN, job.total_steps, int(steps[-1]) + 1)
+    return {"run": run, "names": NAMES, "steps": steps, "loss": dom,
+            "web": (steps, web_curve) if web else None, "law": PILOT_LAW}
+
+
+def test_proposals_trade_domain_loss_against_a_set_web_loss_bound():
+    """More domain data lowers the final domain loss but costs web loss: the bound decides how much."""
+    loose = forecast(**_undertrained_run(), max_web_loss_increase=0.05)
+    assert not loose.warning and loose.max_web_loss_increase == 0.05
+    raised = loose.proposal
+    assert raised is not None and raised.delta > raised.from_delta == 0.05
+    assert raised.predicted_final_loss < raised.baseline_final_loss
+    cost = raised.predicted_web_change
+    assert cost is not None and 0 < cost <= 0.05
+    tight = forecast(**_undertrained_run(), max_web_loss_increase=cost / 2)
+    assert tight.proposal is not None and tight.proposal.predicted_web_change <= cost / 2
+    assert raised.predicted_final_loss < tight.proposal.predicted_final_loss < raised.baseline_final_loss
+    assert forecast(**_undertrained_run(), max_web_loss_increase=0.0).proposal is None  # every gain costs web
+    blind = forecast(**_undertrained_run(web=False), max_web_loss_increase=0.05)
+    assert blind.proposal is None and "cannot be bounded" in blind.notes[-1]  # unknown cost: no raise
+
+
+@functools.cache
+def _quiet_forecast() -> object:
+    return forecast(**_undertrained_run())
+
+
+def _warned(gain: float = 0.05, delta: float = 0.04, web_change: float | None = -0.001,
+            warning: bool = True) -> object:
+    found = _quiet_forecast()
+    proposal = Proposal("step", 100, 0.1, delta, 5.0, 2.0, 2.0 + gain, web_change)
+    return replace(found, warning=warning, proposal=proposal)
+
+
+@pytest.mark.parametrize("policy,found,last,since,refused", [
+    (WatchPolicy(), _warned(), None, 0, "auto_apply is off"),
+    (WatchPolicy(auto_apply=True), _warned(warning=False), None, 0, "no warning"),
+    (WatchPolicy(auto_apply=True, min_gain=0.1), _warned(gain=0.05), None, 0, "min_gain"),
+    (WatchPolicy(auto_apply=True, max_weight_change=0.05), _warned(delta=0.04), None, 0, "max_weight_change"),
+    (WatchPolicy(auto_apply=True), _warned(web_change=None), None, 0, "web-loss cost"),
+    (WatchPolicy(auto_apply=True, max_web_loss_increase=0.001), _warned(delta=0.15, web_change=0.002), None, 0,
+     "max_web_loss_increase"),
+    (WatchPolicy(auto_apply=True, cooldown_evals=3), _warned(), 50, 2, "cooldown"),
+    (WatchPolicy(auto_apply=True, cooldown_evals=3), _warned(), 50, 3, None),
+    (WatchPolicy(auto_apply=True, max_weight_change=0.06), _warned(delta=0.04), None, 0, None),
+])
+def test_auto_apply_stays_within_every_limit(policy, found, last, since, refused):
+    why = auto_apply_refusal(policy, found, last, since)
+    assert (why is None) if refused is None else (refused in why)
 
 
 # --- the API and the CLI against a real server ------------------------------------------------------------
@@ -159,3 +220,98 @@ def test_loader_reports_evals_through_its_own_replicas(server):
 def eval_weight(text: str) -> float:
     num, _, den = str(text).partition("/")
     return float(num) / float(den or 1)
+
+
+def _wait_for(check, what: str, deadline_s: float = 120.0):
+    """Poll ``check`` until it returns something truthy (the watch acts after the eval post's response)."""
+    import time
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _auto_applies(url: str, job: str, outcome: str) -> float:
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {READER_TOKEN}"}).text
+    line = f'mixer_forecast_auto_applies_total{{job="{job}",outcome="{outcome}"}} '
+    return next((float(row[len(line):]) for row in text.splitlines() if row.startswith(line)), 0.0)
+
+
+def test_policy_applies_within_limits_once_and_keeps_its_cooldown_across_a_restart(sources_dir, tmp_path):
+    """Off by default; refused outside its limits; on within them, one If-Match change whose reason names
+    the forecast; a restarted replica reads the cooldown from the schedule history, not from memory."""
+    state = tmp_path / "state"
+    srv = Server(sources_dir, state, env=TOKENS).start()
+    op = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    try:
+        _create(srv, "auto", 0.1)
+        reader = MixerClient(srv.url, token=READER_TOKEN)
+        policy_url = f"{srv.url}/v1/jobs/auto/forecast/policy"
+        assert reader.get("/v1/jobs/auto/forecast/policy")["policy"] == WatchPolicy().to_dict()
+        assert httpx.put(f"{srv.url}/v1/jobs/auto/forecast/law", json={"law": SCALED.to_dict()},
+                         headers=op).status_code == 200
+        for step in range(49, 600, 50):
+            reader.post_eval("auto", step, "abc", _curve(step), tokens=step * 512)
+            reader.post_eval("auto", step, "sotu", 4.0 - 0.1 * math.log1p(step), tokens=step * 512)
+        reader.post_eval("auto", 649, "sotu", 4.0 - 0.1 * math.log1p(649), tokens=649 * 512)
+        reader.post_eval("auto", 649, "abc", _curve(649), tokens=649 * 512)
+        found = reader.get("/v1/jobs/auto/forecast")
+        assert found["warning"] and found["proposal"] is not None
+        assert found["auto_apply_refusal"] == "auto_apply is off" and found["policy"]["auto_apply"] is False
+        versions = lambda: reader.get("/v1/jobs/auto/schedule/history")["versions"]  # noqa: E731
+        assert len(versions()) == 1
+
+        # Bad policies are refused whole, and only operators set one.
+        for bad in ({"auto_apply": True, "max_weight_change": 0}, {"auto_apply": True, "surprise": 1},
+                    {"max_web_loss_increase": -0.1}, {"cooldown_evals": 1.5}):
+            assert httpx.put(policy_url, json=bad, headers=op).status_code == 422
+        assert httpx.put(policy_url, json={"auto_apply": True},
+                         headers={"Authorization": f"Bearer {READER_TOKEN}"}).status_code == 403
+        assert reader.get("/v1/jobs/auto/forecast/policy")["policy"]["auto_apply"] is False
+
+        # On, but the proposal's weight change is beyond the limit: counted and logged, nothing applied.
+        change = abs(found["proposal"]["delta"] - found["proposal"]["from_delta"])
+        narrow = {"auto_apply": True, "max_weight_change": change / 2, "min_gain": 0.0}
+        assert httpx.put(policy_url, json=narrow, headers=op).json()["policy"]["auto_apply"] is True
+        reader.post_eval("auto", 649, "abc", _curve(649), tokens=649 * 512)
+        _wait_for(lambda: _auto_applies(srv.url, "auto", "outside_limits") >= 1, "a refusal")
+        refused = reader.get("/v1/jobs/auto/forecast")
+        assert "max_weight_change" in refused["auto_apply_refusal"] and len(versions()) == 1
+
+        # Within the limits: one schedule change through If-Match, its reason naming the forecast.
+        wide = {"auto_apply": True, "max_weight_change": 0.1, "min_gain": 0.0, "max_web_loss_increase": 0.02,
+                "cooldown_evals": 3}
+        httpx.put(policy_url, json=wide, headers=op).raise_for_status()
+        expected = reader.get("/v1/jobs/auto/forecast")
+        assert expected["max_web_loss_increase"] == 0.02 and expected["auto_apply_refusal"] is None
+        reader.post_eval("auto", 649, "abc", _curve(649), tokens=649 * 512)  # same curve: same forecast
+        applied = _wait_for(lambda: versions()[1:], "the automatic change")
+        assert len(applied) == 1 and applied[0]["author"] == AUTO_AUTHOR
+        assert applied[0]["reason"].startswith(f"forecast {expected['forecast_id']}: auto-apply")
+        new_delta = eval_weight(applied[0]["schedule"]["phases"][-1]["weights"]["abc"])
+        assert np.isclose(new_delta, expected["proposal"]["delta"]) and abs(new_delta - 0.1) <= 0.1 + 1e-9
+        assert _auto_applies(srv.url, "auto", "applied") == 1
+        effective = applied[0]["effective_step"]
+        reader.close()
+    finally:
+        srv.stop()
+
+    # A new replica process on the same state: the cooldown (3 evals after the change) comes from the
+    # history, so two more evals still warn but change nothing.
+    srv = Server(sources_dir, state, env=TOKENS).start()
+    try:
+        reader = MixerClient(srv.url, token=READER_TOKEN)
+        for step in (effective + 1, effective + 2):
+            reader.post_eval("auto", step, "abc", _curve(step), tokens=step * 512)
+        _wait_for(lambda: _auto_applies(srv.url, "auto", "outside_limits") >= 1, "the cooldown refusal")
+        after = reader.get("/v1/jobs/auto/forecast")
+        assert after["schedule_version"] == 2 and "cooldown: 2 of 3" in after["auto_apply_refusal"]
+        assert [v["version"] for v in reader.get("/v1/jobs/auto/schedule/history")["versions"]] == [1, 2]
+        assert _auto_applies(srv.url, "auto", "applied") == 0
+        reader.close()
+    finally:
+        srv.stop()
