@@ -14,11 +14,28 @@ from service_helpers import JOB, OPERATOR, OPERATOR_TOKEN, READER, READER_TOKEN,
 from store_fixtures import CONFIG, SCHEDULE
 
 from client import ClientRequestError, MixerClient, MixerLoader
-from experiments.overfit_watch import LAW, NAMES, PILOT_LAW, SEQ_LEN, Job, constant, domain_loss, plan_for, \
-    run_once, web_loss
+from experiments.overfit_watch import (
+    LAW,
+    NAMES,
+    PILOT_LAW,
+    SEQ_LEN,
+    Job,
+    constant,
+    domain_loss,
+    plan_for,
+    run_once,
+    web_loss,
+)
 from mixer_service.cli import main
 from mixer_service.errors import InvalidInput
-from mixer_service.planner.watch import AUTO_AUTHOR, Proposal, RunPlan, WatchPolicy, auto_apply_refusal, forecast
+from mixer_service.planner.watch import (
+    AUTO_AUTHOR,
+    Proposal,
+    RunPlan,
+    WatchPolicy,
+    auto_apply_refusal,
+    forecast,
+)
 from mixer_service.service.process import free_port
 from mixer_service.store import evals as evals_module
 from mixer_service.store.evals import EvalPoint, open_evals
@@ -121,8 +138,8 @@ def _warned(gain: float = 0.05, delta: float = 0.04, web_change: float | None = 
     (WatchPolicy(auto_apply=True, min_gain=0.1), _warned(gain=0.05), None, 0, "min_gain"),
     (WatchPolicy(auto_apply=True, max_weight_change=0.05), _warned(delta=0.04), None, 0, "max_weight_change"),
     (WatchPolicy(auto_apply=True), _warned(web_change=None), None, 0, "web-loss cost"),
-    (WatchPolicy(auto_apply=True, max_web_loss_increase=0.001), _warned(delta=0.15, web_change=0.002), None, 0,
-     "max_web_loss_increase"),
+    (WatchPolicy(auto_apply=True, max_web_loss_increase=0.001), _warned(delta=0.15, web_change=0.002),
+     None, 0, "max_web_loss_increase"),
     (WatchPolicy(auto_apply=True, cooldown_evals=3), _warned(), 50, 2, "cooldown"),
     (WatchPolicy(auto_apply=True, cooldown_evals=3), _warned(), 50, 3, None),
     (WatchPolicy(auto_apply=True, max_weight_change=0.06), _warned(delta=0.04), None, 0, None),
