@@ -58,9 +58,9 @@ class Job:
         return [every * (i + 1) - 1 for i in range(self.evals)]
 
 
-def plan_for(log: list[tuple[int, dict[str, Any]]]) -> MixturePlan:
+def plan_for(log: list[tuple[int, dict[str, Any]]], batch: int = BATCH) -> MixturePlan:
     parsed = [(eff, Schedule.parse(doc, NAMES)) for eff, doc in log]
-    return MixturePlan(schedule_pieces(parsed), len(NAMES), BATCH)
+    return MixturePlan(schedule_pieces(parsed), len(NAMES), batch)
 
 
 def constant(delta: float) -> dict[str, Any]:

@@ -219,7 +219,9 @@ def forecast(run: RunPlan, names: list[str], steps: np.ndarray, loss: np.ndarray
             notes.append(f"fewer than {MIN_POINTS} web evals: the web-loss cost of raising the domain share "
                          "cannot be bounded, so only changes that lower it are proposed")
         calibrated = Calibrated.of(law, run, s, y)
-        proposal = _propose(run, names, calibrated, web_fit, max_web_loss_increase)
+        # On a warning the run's own curve says more repetitions hurt: the cross-run law may choose how
+        # far and when to lower δ, not overrule that direction.
+        proposal = _propose(run, names, calibrated, web_fit, max_web_loss_increase, may_raise=not warning)
     return Forecast(fid, source, int(len(e)), last, e_now, fit, turn_e, turn_step, interval, share,
                     excess, to_overfit, warning, proposal, max_web_loss_increase, notes,
                     _curve(run, fit, refits))
@@ -336,13 +338,13 @@ class Calibrated:
 
 
 def _propose(run: RunPlan, names: list[str], model: Calibrated, web_fit: tuple[CurveFit, float] | None,
-             max_web: float) -> Proposal | None:
+             max_web: float, may_raise: bool = True) -> Proposal | None:
     """The candidate change with the lowest predicted final domain loss, below the current schedule's,
     whose predicted final web loss is at most ``max_web`` above the current schedule's.
 
     Web loss is read as a function of web tokens alone (``_web_fit``): a change moves it only by the web
-    tokens it adds or takes away. A candidate that raises δ without a web curve has an unknown cost and
-    is skipped."""
+    tokens it adds or takes away. Candidates that raise δ are skipped unless ``may_raise``, and without a
+    web curve (their cost is unknown)."""
     end = run.total_steps - 1
     s0 = run.first_changeable
     if s0 > end:
@@ -357,7 +359,7 @@ def _propose(run: RunPlan, names: list[str], model: Calibrated, web_fit: tuple[C
         delta0 = float(run.weights_at(start)[run.source])
         for factor in DELTA_FACTORS:
             delta = round(delta0 * factor, 6)
-            if delta >= 1 or (factor > 1 and web_fit is None):
+            if delta >= 1 or (factor > 1 and (web_fit is None or not may_raise)):
                 continue
             for kind in ("step", "ramp"):
                 mean_delta = delta if kind == "step" else (delta0 + delta) / 2

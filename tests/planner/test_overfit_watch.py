@@ -120,6 +120,20 @@ def test_proposals_trade_domain_loss_against_a_set_web_loss_bound():
     assert blind.proposal is None and "cannot be bounded" in blind.notes[-1]  # unknown cost: no raise
 
 
+def test_on_a_warning_the_law_may_not_raise_the_domain_share():
+    """The run's own curve outranks the cross-run law on direction. Evals of a real CPU run (gpt-1m, ABC
+    tunes at δ = 0.5, 24 domain sequences, its first warning) with a law far outside its regime: the
+    law alone would raise δ to 0.75."""
+    run = RunPlan(plan_for([(0, constant(0.5))], batch=8), 0, 24, 65, 120, 39)  # 8 sequences of 65 tokens
+    steps = np.array([4, 9, 14, 19, 24, 29, 34])
+    domain = np.array([4.86, 4.141, 3.909, 3.799, 3.782, 3.771, 3.755])
+    web = np.array([4.684, 3.745, 3.224, 3.063, 2.994, 2.997, 2.973])
+    law = replace(LAW, tokens_unit=LAW.tokens_unit * 120 * 8 * 65 / 2e11)
+    found = forecast(run, NAMES, steps, domain, (steps, web), law, max_web_loss_increase=0.01)
+    assert found.warning
+    assert found.proposal is None or found.proposal.delta < found.proposal.from_delta
+
+
 @functools.cache
 def _quiet_forecast() -> object:
     return forecast(**_undertrained_run())
