@@ -310,7 +310,9 @@ class Calibrated:
 
     δ̄ = domain tokens / tokens so far = E·|D| / T: the run is read as a constant-δ run at its average
     fraction, so the gap is a function of the repetitions E (and T). ``c`` and ``g`` absorb what the run
-    does differently from the pilots (model, data, noise of the cross-run fit).
+    does differently from the pilots (model, data, noise of the cross-run fit). Where the least-squares
+    ``g`` comes out negative (a short, noisy curve), the pilots' gap is kept (``g = 1``): reading it as no
+    gap at all would make the law call every extra repetition free, on a run that may have just warned.
     """
 
     law: OverfittingLaw
@@ -327,8 +329,8 @@ class Calibrated:
         rest = np.asarray(loss, float) - train
         x = np.column_stack([np.ones_like(t), gap])
         c, g = np.linalg.lstsq(x, rest, rcond=None)[0]
-        if not g >= 0:
-            c, g = float(rest.mean()), 0.0
+        if not g >= 0:  # the evals cannot fix the gap's amplitude: keep the pilots' (g = 1), not none
+            c, g = float((rest - gap).mean()), 1.0
         return cls(law, domain_tokens, float(c), float(g))
 
     def final_loss(self, run: RunPlan, e_final: float) -> float:

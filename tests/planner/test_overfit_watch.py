@@ -134,6 +134,19 @@ def test_on_a_warning_the_law_may_not_raise_the_domain_share():
     assert found.proposal is None or found.proposal.delta < found.proposal.from_delta
 
 
+def test_a_gap_the_evals_cannot_fix_keeps_the_pilots_gap():
+    """Evals of a real CPU run (gpt-1m, 25 ABC sequences at δ = 0.1, to its first warning): fitted on 8
+    noisy points the gap's amplitude comes out negative; read as "no gap", the law found no lower δ worth
+    proposing on a run that had just warned."""
+    run = RunPlan(plan_for([(0, constant(0.1))], batch=8), 0, 25, 65, 500, 85)
+    steps = np.arange(9, 80, 10)
+    domain = np.array([4.984, 4.435, 4.291, 3.991, 3.97, 4.16, 4.176, 4.198])
+    web = np.array([4.57, 3.38, 2.834, 2.691, 2.579, 2.533, 2.486, 2.458])
+    law = replace(LAW, tokens_unit=LAW.tokens_unit * 500 * 8 * 65 / 2e11)
+    found = forecast(run, NAMES, steps, domain, (steps, web), law, max_web_loss_increase=0.01)
+    assert found.warning and found.proposal is not None and found.proposal.delta < 0.1
+
+
 @functools.cache
 def _quiet_forecast() -> object:
     return forecast(**_undertrained_run())
