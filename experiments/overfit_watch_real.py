@@ -77,11 +77,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--work", type=Path, default=ROOT / "data" / "overfit_watch", help="prepared sources")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "overfit_watch_real")
+    ap.add_argument("--report", action="store_true", help="only re-summarize --out/results.json")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        kept = json.loads((args.out / "results.json").read_text())
+        report = summarize(args, kept["watched"], kept["acted"]) | {"machine": kept["machine"]}
+        print(json.dumps(report, indent=2))
+        return 0
     torch.set_num_threads(args.threads)
     started, load_before = time.time(), os.getloadavg()
     tok = load_tokenizer()
@@ -224,11 +230,38 @@ def summarize(args: argparse.Namespace, watched: dict[str, Any],
         "acted_at_step": None if acted_at is None else acted_at["last_step"],
         "watched_final": {k: watched["evals"][-1][k] for k in ("step", "domain", "web")},
     }
+    out["domain_window_means"] = _windows(steps, dom)
     if acted is not None:
+        effective = int(acted["applied"]["effective_step"])
+        out["after_change"] = _paired(watched["evals"], acted["evals"], effective)
         out["acted_final"] = {k: acted["evals"][-1][k] for k in ("step", "domain", "web")}
         out["applied"] = acted["applied"]
         out["final_domain_gain"] = watched["evals"][-1]["domain"] - acted["evals"][-1]["domain"]
         out["final_web_change"] = acted["evals"][-1]["web"] - watched["evals"][-1]["web"]
+    return out
+
+
+def _windows(steps: np.ndarray, loss: np.ndarray, parts: int = 8) -> list[list[float]]:
+    """[first step, last step, mean, standard error] of the curve in ``parts`` runs of evals: a turn-up
+    has to show above the eval noise, which one point does not."""
+    out = []
+    for idx in np.array_split(np.arange(len(steps)), parts):
+        if len(idx) > 1:
+            part = loss[idx]
+            out.append([int(steps[idx[0]]), int(steps[idx[-1]]), float(part.mean()),
+                        float(part.std(ddof=1) / np.sqrt(len(part)))])
+    return out
+
+
+def _paired(watched: list[dict[str, Any]], acted: list[dict[str, Any]], effective: int) -> dict[str, Any]:
+    """Acted minus watched, eval by eval, from the change's effective step on: mean and standard error."""
+    by_step = {e["step"]: e for e in watched}
+    pairs = [(e, by_step[e["step"]]) for e in acted if e["step"] >= effective and e["step"] in by_step]
+    out: dict[str, Any] = {"evals": len(pairs), "from_step": effective}
+    for key in ("domain", "web"):
+        diff = np.array([a[key] - w[key] for a, w in pairs])
+        out[f"{key}_acted_minus_watched"] = float(diff.mean()) if len(diff) else None
+        out[f"{key}_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else None
     return out
 
 
