@@ -117,7 +117,7 @@ def put_law(job_id: JobId, body: LawBody, manager: JobManager = Depends(jobs),
     return {"job": job_id, "law": law.to_dict()}
 
 
-@router.put("/forecast/policy", dependencies=[Depends(require_operator)], responses=responses(400, 404))
+@router.put("/forecast/policy", dependencies=[Depends(require_operator)], responses=responses(400, 404, 413))
 def put_policy(job_id: JobId, body: PolicyBody, manager: JobManager = Depends(jobs),
                store: EvalStore = Depends(evals_of)) -> dict[str, Any]:
     """Replace the job's watch policy: the web-loss bound of its proposals and the auto-apply limits."""
