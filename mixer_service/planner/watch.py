@@ -42,6 +42,8 @@ MIN_EXCESS = 0.005  # a warning needs at least this much predicted loss above th
 WARN_SHARE = 0.95  # share of bootstrap refits that must turn up before the end for a warning
 # proposed δ' = factor · current δ: lower (less repetition) or higher (more domain data, less web data)
 DELTA_FACTORS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.25, 1.5, 2.0)
+# A law prediction outside [0, this × the highest observed loss] is the law read outside its regime
+PLAUSIBLE_FACTOR = 2.0
 START_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)  # S = S0 + f·(end − S0)
 
 
@@ -219,9 +221,16 @@ def forecast(run: RunPlan, names: list[str], steps: np.ndarray, loss: np.ndarray
             notes.append(f"fewer than {MIN_POINTS} web evals: the web-loss cost of raising the domain share "
                          "cannot be bounded, so only changes that lower it are proposed")
         calibrated = Calibrated.of(law, run, s, y)
-        # On a warning the run's own curve says more repetitions hurt: the cross-run law may choose how
-        # far and when to lower δ, not overrule that direction.
-        proposal = _propose(run, names, calibrated, web_fit, max_web_loss_increase, may_raise=not warning)
+        ceiling = PLAUSIBLE_FACTOR * float(y.max())
+        baseline = calibrated.final_loss(run, run.repetitions(run.total_steps - 1))
+        if not 0 <= baseline <= ceiling:
+            notes.append(f"the law predicts a final domain loss of {baseline:.4g} for the current schedule, "
+                         f"outside [0, {ceiling:.4g}]: it is read outside its regime, so no proposal")
+        else:
+            # On a warning the run's own curve says more repetitions hurt: the cross-run law may choose how
+            # far and when to lower δ, not overrule that direction.
+            proposal = _propose(run, names, calibrated, web_fit, max_web_loss_increase, ceiling,
+                                may_raise=not warning)
     return Forecast(fid, source, int(len(e)), last, e_now, fit, turn_e, turn_step, interval, share,
                     excess, to_overfit, warning, proposal, max_web_loss_increase, notes,
                     _curve(run, fit, refits))
@@ -340,13 +349,13 @@ class Calibrated:
 
 
 def _propose(run: RunPlan, names: list[str], model: Calibrated, web_fit: tuple[CurveFit, float] | None,
-             max_web: float, may_raise: bool = True) -> Proposal | None:
+             max_web: float, ceiling: float, may_raise: bool = True) -> Proposal | None:
     """The candidate change with the lowest predicted final domain loss, below the current schedule's,
     whose predicted final web loss is at most ``max_web`` above the current schedule's.
 
     Web loss is read as a function of web tokens alone (``_web_fit``): a change moves it only by the web
     tokens it adds or takes away. Candidates that raise δ are skipped unless ``may_raise``, and without a
-    web curve (their cost is unknown)."""
+    web curve (their cost is unknown); so are those whose predicted loss is outside [0, ``ceiling``]."""
     end = run.total_steps - 1
     s0 = run.first_changeable
     if s0 > end:
@@ -367,6 +376,8 @@ def _propose(run: RunPlan, names: list[str], model: Calibrated, web_fit: tuple[C
                 mean_delta = delta if kind == "step" else (delta0 + delta) / 2
                 e_final = e_start + mean_delta * per_step * (end - start + 1)
                 predicted = model.final_loss(run, e_final)
+                if not 0 <= predicted <= ceiling:
+                    continue
                 web_change = None
                 if web_fit is not None:
                     curve, scale = web_fit

@@ -147,6 +147,18 @@ def test_a_gap_the_evals_cannot_fix_keeps_the_pilots_gap():
     assert found.warning and found.proposal is not None and found.proposal.delta < 0.1
 
 
+def test_a_law_read_outside_its_regime_proposes_nothing():
+    """Evals of a real CPU run at δ = 0.3 to its first warning: the law, written for δ ≤ 10%, predicts a
+    final loss of ~5e5 without a change and −333 with one; such numbers are not a proposal."""
+    run = RunPlan(plan_for([(0, constant(0.3))], batch=8), 0, 25, 65, 400, 64)
+    steps = np.arange(4, 60, 5)
+    domain = np.array([5.102, 4.794, 4.361, 4.24, 3.969, 4.059, 3.89, 3.907, 4.043, 3.936, 3.898, 4.115])
+    web = np.array([4.907, 4.474, 3.827, 3.291, 2.969, 2.828, 2.724, 2.665, 2.64, 2.603, 2.579, 2.559])
+    law = replace(LAW, tokens_unit=LAW.tokens_unit * 400 * 8 * 65 / 2e11)
+    found = forecast(run, NAMES, steps, domain, (steps, web), law, max_web_loss_increase=0.01)
+    assert found.warning and found.proposal is None and "outside its regime" in found.notes[-1]
+
+
 @functools.cache
 def _quiet_forecast() -> object:
     return forecast(**_undertrained_run())
