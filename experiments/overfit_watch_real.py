@@ -6,10 +6,10 @@ Every ``--eval-every`` steps the trainer evaluates held-out tunes and addresses 
 ``MixerLoader.report_eval``, then reads ``GET /v1/jobs/{id}/forecast``. Two arms, paired:
 
 * **watched**: the run as configured, to the end; every forecast is recorded, none is acted on;
-* **acted**: the same run (same job seed, schedule, model init and batches) forked at the first warning:
-  a second job gets the watched run's evals up to there and the warning's proposal as a normal If-Match
-  schedule change (reason ``forecast <id>``), and training resumes from the watched run's checkpoint at the
-  warning.
+* **acted**: the same run (same job seed, schedule, model init and batches) forked at the first warning
+  that comes with a proposal: a second job gets the watched run's evals up to there and the proposal as a
+  normal If-Match schedule change (reason ``forecast <id>``), and training resumes from the watched run's
+  checkpoint at that warning.
 
 Measured: the step of the watched run's domain held-out minimum (the turn-up) against the first warning,
 and both arms' domain and web held-out losses at the last step. The law whose δ-dependence the proposal
