@@ -10,7 +10,7 @@ from dataclasses import replace
 import httpx
 import numpy as np
 import pytest
-from service_helpers import JOB, OPERATOR, OPERATOR_TOKEN, READER, READER_TOKEN, TOKENS
+from service_helpers import JOB, OPERATOR, OPERATOR_TOKEN, READER, READER_TOKEN, TOKENS, Server
 from store_fixtures import CONFIG, SCHEDULE
 
 from client import ClientRequestError, MixerClient, MixerLoader
@@ -26,8 +26,8 @@ from experiments.overfit_watch import (
     run_once,
     web_loss,
 )
+from mixer_contract.errors import InvalidInput
 from mixer_service.cli import main
-from mixer_service.errors import InvalidInput
 from mixer_service.planner.watch import (
     AUTO_AUTHOR,
     Proposal,

@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
 
-from mixer_service.errors import InvalidInput, MixerError, StaleVersion
+from mixer_contract.errors import InvalidInput, MixerError, StaleVersion
+from mixer_contract.values import check_step
 from mixer_service.service.auth import require_operator, require_reader
 from mixer_service.service.jobs import JobManager, JobView
 from mixer_service.service.problems import responses
 from mixer_service.service.routes.deps import jobs
-from mixer_service.service.routes.models import Eval, JobId, LawBody
+from mixer_service.service.routes.models import Eval, JobId, LawBody, PolicyBody
 from mixer_service.store.evals import EvalPoint, EvalStore, open_evals
 
 if TYPE_CHECKING:
@@ -37,37 +38,6 @@ router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["forecast"])
 CACHED_JOBS = 1024
 _lock = threading.Lock()
 log = logging.getLogger(__name__)
-
-
-class Eval(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    step: Step = Field(description="last data step trained when the model was evaluated")
-    source: str = Field(min_length=1, max_length=200, description="the job source the held-out rows are from")
-    loss: float = Field(ge=0, le=MAX_LOSS, allow_inf_nan=False, description="mean loss per token (nats)")
-    tokens: COUNT.field() = Field(default=0, description="tokens trained through step")  # type: ignore[valid-type]
-
-
-class LawBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    law: dict[str, float] = Field(description="the `law` object of `mixer plan spt --json`")
-
-
-class PolicyBody(BaseModel):
-    """The whole policy (fields left out take their defaults); see ``WatchPolicy``."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    auto_apply: bool = Field(default=False, description="apply warned proposals within these limits")
-    max_web_loss_increase: float = Field(default=0.01, ge=0, le=10, allow_inf_nan=False,
-                                         description="web loss (nats) a proposal may cost at the final step")
-    min_gain: float = Field(default=0.01, ge=0, le=10, allow_inf_nan=False,
-                            description="auto-apply: least predicted final domain-loss gain (nats)")
-    max_weight_change: float = Field(default=0.1, gt=0, le=1, allow_inf_nan=False,
-                                     description="auto-apply: largest change of the source's weight")
-    cooldown_evals: int = Field(default=6, ge=0, le=100_000,
-                                description="auto-apply: evals after an automatic change before another")
 
 
 def evals_of(request: Request) -> EvalStore:

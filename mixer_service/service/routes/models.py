@@ -207,6 +207,23 @@ class LawBody(BaseModel):
     law: dict[str, float] = Field(description="the `law` object of `mixer plan spt --json`")
 
 
+
+class PolicyBody(BaseModel):
+    """The whole policy (fields left out take their defaults); see ``WatchPolicy``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    auto_apply: bool = Field(default=False, description="apply warned proposals within these limits")
+    max_web_loss_increase: float = Field(default=0.01, ge=0, le=10, allow_inf_nan=False,
+                                         description="web loss (nats) a proposal may cost at the final step")
+    min_gain: float = Field(default=0.01, ge=0, le=10, allow_inf_nan=False,
+                            description="auto-apply: least predicted final domain-loss gain (nats)")
+    max_weight_change: float = Field(default=0.1, gt=0, le=1, allow_inf_nan=False,
+                                     description="auto-apply: largest change of the source's weight")
+    cooldown_evals: int = Field(default=6, ge=0, le=100_000,
+                                description="auto-apply: evals after an automatic change before another")
+
+
 # Errors
 
 class Problem(BaseModel):
