@@ -34,14 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from client import MixerClient, MixerLoader
-from experiments.overfit_watch import LAW
-from experiments.spt import sample_domain
-from mixer_service.planner.overfitting_law import OverfittingLaw
-from mixer_service.prepare.tokenizer import load_tokenizer
-from trainer.evaluate import evaluate
-from trainer.model import GPTConfig
 from trainer.recipe import (
     ROOT,
     create_job,
@@ -52,6 +44,14 @@ from trainer.recipe import (
     to_sequences,
     web_docs,
 )
+
+from client import MixerClient, MixerLoader
+from experiments.overfit_watch import LAW
+from experiments.spt import sample_domain
+from mixer_service.planner.overfitting_law import OverfittingLaw
+from mixer_service.prepare.tokenizer import load_tokenizer
+from trainer.evaluate import evaluate
+from trainer.model import GPTConfig
 from trainer.train import TrainConfig, train
 
 DOMAIN, WEB = "abc", "sotu"  # source names in the service
