@@ -6,8 +6,8 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mixer_service.service.auth import Tokens, check_bind
 from mixer_service.service.settings import (
     SETTINGS_ENV,
     VERIFY_MODES,
@@ -17,6 +17,9 @@ from mixer_service.service.settings import (
     plan_limits_from_env,
 )
 from mixer_service.store.base import StoreLimits
+
+if TYPE_CHECKING:  # the server's modules load only when `mixer serve` runs, so every other command
+    from mixer_service.service.auth import Tokens  # works without the server extra
 
 _SERVE = ServeSettings.__dataclass_fields__
 
@@ -143,6 +146,8 @@ def _byte_count(text: str) -> int:
 
 
 def _tokens() -> Tokens:
+    from mixer_service.service.auth import Tokens
+
     return Tokens(
         os.environ.get("MIXER_OPERATOR_TOKEN") or None, os.environ.get("MIXER_READER_TOKEN") or None
     )
@@ -160,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = settings_of(args)
+    from mixer_service.service.auth import check_bind
+
     check_bind(settings.host, _tokens(), settings.insecure_bind)
     os.environ[SETTINGS_ENV] = settings.to_json()
     if settings.cache_limit is not None and settings.worker_count > 1:

@@ -40,6 +40,8 @@ LAYERS = {
         "mixer_service.service", "mixer_service.store", "mixer_service.planner", "client", "trainer"]),
     "client": (["client"], SERVER_ONLY + ["mixer_service", "trainer", "mixer_demo"]),
     "trainer": (["trainer"], SERVER_ONLY + ["mixer_service", "mixer_demo"]),
+    # every `mixer` sub-command registers without the server extra (serve loads it when it runs)
+    "command": (["mixer_service.cli"], ["fastapi", "pydantic", "starlette", "uvicorn", "prometheus_client"]),
     "planner": (["mixer_service.planner"], ["fastapi", "pydantic", "starlette", "uvicorn",
                                             "mixer_service.service", "client", "trainer"]),
 }
