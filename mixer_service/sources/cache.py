@@ -146,31 +146,34 @@ class ShardCache:
         return sum(e.size for e in self._entries.values())
 
     def check_limit(self, sources: Iterable) -> None:
-        """Refuse a limit too small to serve one window of the default window order: its shards of the source
-        with the largest ones, plus what is under the root and cannot be evicted (document indexes, source
-        records) and a block of each remote index. The message gives the smallest limit that works."""
+        """Refuse a limit too small to serve one window of the default window order of every source at once
+        (a job reads each of its sources at every step), plus what is under the root and cannot be evicted
+        (document indexes, source records) and a block of each remote index. The message gives the smallest
+        limit that works."""
         if self.budget is None:
             return
         unit = block_size(self.budget.root)
         with self._lock:
             evictable = sum(on_disk(e.size, unit) for e in self._entries.values())
         fixed = allocated_bytes(self.budget.root) - evictable
-        window, widest, index_blocks = 0, None, 0
+        windows, index_blocks = {}, 0
         for source in sources:
             shards = getattr(source, "shards", None) or []
             if shards:
-                w = min(DEFAULT_WINDOW_SHARDS, len(shards)) * on_disk(max(s.raw_bytes for s in shards), unit)
-                if w > window:
-                    window, widest = w, source.meta.name
+                windows[source.meta.name] = min(DEFAULT_WINDOW_SHARDS, len(shards)) * on_disk(
+                    max(s.raw_bytes for s in shards), unit)
             index = getattr(source, "doc_offsets", None)
             if isinstance(index, DocIndex) and index.is_cache:
                 index_blocks += on_disk(8 * min(index.blocks.entries + 1, len(index)), unit)
+        window = sum(windows.values())
         minimum = fixed + index_blocks + window
         if self.budget.limit < minimum:
+            widest = max(windows, key=windows.__getitem__) if windows else None
             raise InvalidInput(
                 f"--cache-limit {self.budget.limit} bytes is too small: one window of the default order "
-                f"needs {window} bytes ({DEFAULT_WINDOW_SHARDS} shards, or all of them if fewer, of source "
-                f"{widest!r}) "
+                f"of each of the {len(windows)} sources needs {window} bytes "
+                f"({DEFAULT_WINDOW_SHARDS} shards, or all of them if fewer; the largest, {widest!r}, "
+                f"{windows.get(widest, 0)}) "
                 f"plus {fixed + index_blocks} bytes of document indexes and source records under "
                 f"{self.budget.root}; give at least --cache-limit {minimum}")
 
