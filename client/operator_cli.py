@@ -293,13 +293,26 @@ def _default_author() -> str:
         return "operator"
 
 
+def _expected_etag(api: MixerClient, path: str, given: str | None) -> str:
+    """The If-Match to send: the current ETag, the one given whole (``v3.<incarnation>``), or for a bare
+    version (``v3`` or ``3``) that version of the job's current incarnation, so the server answers 412 if
+    the schedule moved on."""
+    if given and "." in given:
+        return given if given.startswith('"') else f'"{given}"'
+    if given and not given.removeprefix("v").isdigit():
+        raise CommandFailed(EXIT_USAGE, f"--if-match: expected vN or the ETag of `mixer schedule get`, "
+                            f"got {given!r}")
+    current = api.request("GET", path).headers.get("etag", "")
+    if not given:
+        return current
+    incarnation = current.strip('"').partition(".")[2]
+    return f'"v{int(given.removeprefix("v"))}.{incarnation}"'
+
+
 def cmd_schedule_set(api: MixerClient, args: argparse.Namespace) -> int:
     body = _change_body(args)
     path = f"{job_path(args.job)}/schedule"
-    if args.if_match:
-        etag = args.if_match if args.if_match.startswith('"') else f'"{args.if_match}"'
-    else:
-        etag = api.request("GET", path).headers.get("etag", "")
+    etag = _expected_etag(api, path, args.if_match)
     response = api.request("PUT", path, json=body, headers={"If-Match": etag})
     new = response.json()
     previous = etag.strip('"')
@@ -487,7 +500,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--author", default=None, help="recorded with the version (default: your user name)")
     p.add_argument("--reason", default=None, help="recorded with the version (required)")
     p.add_argument("--if-match", default=None, metavar="vN",
-                   help="expect this version instead of reading the current one (fails with 4 if stale)")
+                   help="expect this version (vN, or the whole ETag) instead of reading the current one "
+                   "(fails with 4 if stale)")
     p.set_defaults(func=runner(cmd_schedule_set, "schedule set"))
 
     p = subparsers.add_parser("repetitions", parents=[common],

@@ -263,3 +263,13 @@ def test_jobs_and_status_list_a_job_this_replica_cannot_serve(tmp_path, monkeypa
         main(["status", "--json"])
         listed = {j["job_id"]: j for j in json.loads(capsys.readouterr().out)["jobs"]}
         assert "sotu" in listed["broken"]["error"]["detail"] and listed["fine"]["schedule_version"] == 1
+
+
+def test_if_match_takes_the_bare_version_it_shows(mixer, job, server):
+    """Found: ``--if-match v1`` (the metavar's own form) was refused as a malformed ETag even when current."""
+    change = ("schedule", "set", job, "--reason", "r", "--weights")
+    assert mixer(*change, "abc=0.1,sotu=0.9", "--if-match", "v1")[0] == 0
+    assert mixer(*change, "abc=0.2,sotu=0.8", "--if-match", "2")[0] == 0
+    assert len(api(server, f"/v1/jobs/{job}/schedule/history")["versions"]) == 3
+    code, _, err = mixer("schedule", "set", job, "--weights", "abc=1", "--reason", "r", "--if-match", "v-1")
+    assert code == 2 and "expected vN" in err
