@@ -286,6 +286,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Readers see the old file or the new one, never a torn write (a crash leaves no temp file behind)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would keep a shipped index from servers running as another user
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
