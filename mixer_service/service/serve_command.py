@@ -25,8 +25,10 @@ _SERVE = ServeSettings.__dataclass_fields__
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="serve batches over HTTP (FastAPI + uvicorn)")
-    p.add_argument("--sources-dir", type=Path, default=None, help="directory of prepared sources")
+    p = subparsers.add_parser("serve", help="serve batches over HTTP (FastAPI + uvicorn)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sources-dir", type=Path, default=None,
+                   help="directory of sources: prepared, or adopted in place through a manifest")
     p.add_argument("--sources-url", action="append", default=[], metavar="S3_URL", dest="sources_urls",
                    help="s3://bucket/prefix of prepared sources (repeatable); shards are fetched on demand")
     p.add_argument("--s3-endpoint", default=os.environ.get("MIXER_S3_ENDPOINT") or None,
@@ -35,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fast: each shard and document-index block is hashed before its first use; full: "
                    "every one before ready; off: trust files of the right size (benchmarks only)")
     p.add_argument("--cache-limit", type=_byte_count, default=None,
-                   help="bytes of decompressed shards kept locally, e.g. 20G (least recently used evicted)")
+                   help="a hard bound on the bytes under --cache-dir (shards, index blocks, records), e.g. "
+                   "20G; least recently used evicted; below one window of every source: refused at start "
+                   "(None: unbounded)")
     p.add_argument(
         "--state-dir",
         type=Path,
@@ -47,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=os.environ.get("MIXER_REDIS_URL") or None,
         help="keep state in Redis so several replicas can serve one job",
     )
-    p.add_argument("--cache-dir", type=Path, default=None, help="where decompressed token caches live")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where verified shards and index blocks are kept (None: <sources-dir>/.cache)")
     p.add_argument("--host", default=_SERVE["host"].default)
     p.add_argument("--port", type=int, default=_SERVE["port"].default)
     p.add_argument("--workers", type=int, default=_SERVE["workers"].default,
