@@ -31,7 +31,7 @@ from service_helpers import JOB, SCHEDULE, RedisServer, Server, start_redis_serv
 from service_helpers import new_job as create_job
 
 from mixer_contract import wire
-from mixer_service.service.process import CLUSTER_NODE
+from mixer_service.service.process import CLUSTER_NODE, CLUSTER_PORT_MAX
 from mixer_service.store.redis_store import connect
 
 PROBLEM = "application/problem+json"
@@ -53,11 +53,13 @@ class DurableRedis:
     """A redis-server with AOF that a test can SIGKILL, hang (SIGSTOP), restore from an older copy of its
     files, and restart on the same port and directory, as an operator or a crash would."""
 
-    def __init__(self, directory: Path, fsync: str = "always", extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, directory: Path, fsync: str = "always", extra: tuple[str, ...] = (),
+                 highest_port: int = 65535) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.persistence = aof(fsync) + extra
-        self.server: RedisServer = start_redis_server(directory, persistence=self.persistence)
+        self.server: RedisServer = start_redis_server(directory, persistence=self.persistence,
+                                                      highest_port=highest_port)
 
     @property
     def url(self) -> str:
@@ -107,7 +109,8 @@ class DurableRedisCluster:
     whole-cluster crash, hang or restore), and a restarted node rejoins from its ``nodes.conf``."""
 
     def __init__(self, directory: Path, masters: int = 3) -> None:
-        self.nodes = [DurableRedis(directory / f"node{i}", extra=CLUSTER_NODE) for i in range(masters)]
+        self.nodes = [DurableRedis(directory / f"node{i}", extra=CLUSTER_NODE, highest_port=CLUSTER_PORT_MAX)
+                      for i in range(masters)]
         created = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.server.port}"
                                   for n in self.nodes), "--cluster-replicas", "0", "--cluster-yes"],
                                  capture_output=True, text=True, timeout=60)

@@ -123,11 +123,12 @@ def reblock(directory: Path, entries: int) -> None:
 
 
 def start_redis_server(directory: Path, port: int | None = None,
-                       persistence: tuple[str, ...] = NO_PERSISTENCE) -> RedisServer:
+                       persistence: tuple[str, ...] = NO_PERSISTENCE,
+                       highest_port: int = 65535) -> RedisServer:
     """``start_redis`` for tests: a missing or failing redis-server fails the test with its log."""
     import pytest
 
     try:
-        return start_redis(directory, port, persistence)
+        return start_redis(directory, port, persistence, highest_port)
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)

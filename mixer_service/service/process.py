@@ -21,11 +21,18 @@ from types import TracebackType
 import httpx
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(highest: int = 65535) -> int:
+    """A TCP port on 127.0.0.1, at most ``highest``, that nothing listens on right now (the OS picks it)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port <= highest:
+            return port
+
+
+# A cluster node also listens on its port + 10000 (the cluster bus), so its own port must leave room.
+CLUSTER_PORT_MAX = 65535 - 10000
 
 
 REDIS_START_TIMEOUT_S = 10.0
@@ -66,7 +73,7 @@ def _answers_ping(port: int) -> bool:
 
 
 def start_redis(directory: Path, port: int | None = None,
-                persistence: tuple[str, ...] = NO_PERSISTENCE) -> RedisProcess:
+                persistence: tuple[str, ...] = NO_PERSISTENCE, highest_port: int = 65535) -> RedisProcess:
     """Start ``redis-server`` on a free port (or ``port``, to restart one) and wait until it answers PING.
 
     Retries on a new port if another process grabbed the chosen one between probing and binding.
@@ -77,7 +84,7 @@ def start_redis(directory: Path, port: int | None = None,
         raise RuntimeError("redis-server is not on PATH; install it (e.g. `apt-get install redis-server`)")
     log = directory / "redis.log"
     for _ in range(3):
-        chosen = port or free_port()
+        chosen = port or free_port(highest_port)
         log = directory / f"redis-{chosen}.log"
         command = [executable, "--port", str(chosen), "--bind", "127.0.0.1", *persistence]
         command += ["--dir", str(directory), "--logfile", str(log)]
@@ -119,7 +126,8 @@ def start_redis_cluster(directory: Path, masters: int = 3,
     try:
         for i in range(masters):
             (directory / f"node{i}").mkdir(parents=True, exist_ok=True)
-            nodes.append(start_redis(directory / f"node{i}", persistence=(*persistence, *CLUSTER_NODE)))
+            nodes.append(start_redis(directory / f"node{i}", persistence=(*persistence, *CLUSTER_NODE),
+                                     highest_port=CLUSTER_PORT_MAX))
         addresses = [f"127.0.0.1:{n.port}" for n in nodes]
         created = subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0",
                                   "--cluster-yes"], capture_output=True, text=True, timeout=60)
