@@ -113,7 +113,7 @@ class SourceRegistry:
                for name, why in sorted(self.broken.items())] + self.empty
         for src in self.sources.values():
             out += src.problems()
-        return out
+        return out + (self.cache.problems() if self.cache is not None and self.sources else [])
 
     def image(self, name: str):
         try:

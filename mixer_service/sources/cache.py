@@ -19,6 +19,7 @@ skipped, never waited for.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import logging
@@ -35,7 +36,7 @@ from typing import TypeGuard
 import numpy as np
 import zstandard
 
-from mixer_contract.errors import CorruptData, InvalidInput, MixerError
+from mixer_contract.errors import CorruptData, InvalidInput, MixerError, SourceUnavailable
 from mixer_contract.job import DEFAULT_WINDOW_SHARDS
 from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, find_token_above, open_handle
 from mixer_service.sources.disk_budget import CacheFull, DiskBudget, allocated_bytes, block_size, on_disk
@@ -129,7 +130,7 @@ class ShardCache:
         files of processes that died mid-fetch are removed (they hold allocated bytes)."""
         found = []
         for path in self.directory.glob(".*.tmp-*"):
-            if not _writer_alive(path):
+            if not _being_written(path):
                 path.unlink(missing_ok=True)
         for path in self.directory.glob("*.bin"):
             stamp = FileStamp.of(path)
@@ -144,6 +145,18 @@ class ShardCache:
         if self.budget is not None:
             return self.budget.used()
         return sum(e.size for e in self._entries.values())
+
+    def problems(self) -> list[str]:
+        """Why this cache cannot take a shard now (readiness): its directory gone and not creatable, or not
+        writable; [] when it can."""
+        probe = self.directory / f".ready-{os.getpid()}-{threading.get_ident()}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o644))  # as root, only a write tells
+            probe.unlink()
+        except OSError as exc:
+            return [f"the shard cache at {self.directory} cannot take a shard ({exc.strerror or exc})"]
+        return []
 
     def check_limit(self, sources: Iterable) -> None:
         """Refuse a limit too small to serve one window of the default window order of every source at once
@@ -371,7 +384,13 @@ class ShardCache:
         it proved."""
         started = time.perf_counter()
         tmp = self.directory / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)  # put back if deleted while serving
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise SourceUnavailable(f"{shard.label}: cannot write into the shard cache at {self.directory} "
+                                    f"({exc.strerror or exc})") from exc
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held while written: a partial file nobody holds is a dead writer's
         try:
             with os.fdopen(fd, "wb") as out:
                 if self.budget is not None and shard.raw_bytes:
@@ -403,16 +422,19 @@ class ShardCache:
         return digest
 
 
-def _writer_alive(tmp: Path) -> bool:
-    """Whether the process named in a partial file's name (``.<key>.bin.tmp-<pid>-<thread>``) still runs."""
+def _being_written(tmp: Path) -> bool:
+    """Whether a live writer holds a partial file's lock (a process id alone can be reused after a crash)."""
     try:
-        pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
-        os.kill(pid, 0)
-    except (ValueError, IndexError, ProcessLookupError):
+        fd = os.open(tmp, os.O_RDONLY)
+    except OSError:
         return False
-    except PermissionError:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _raw_chunks(shard: Shard, data: bytes) -> Iterable[bytes]:

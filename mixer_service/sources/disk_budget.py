@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import os
 import threading
@@ -135,10 +136,12 @@ class DiskBudget:
                 if used + need <= self.limit:
                     try:
                         os.posix_fallocate(fd, offset, length)
+                        return
                     except OSError as exc:  # the disk itself is full (ENOSPC), or the file is gone
-                        raise CacheFull(f"{what}: cannot allocate {length} bytes under {self.root} "
-                                        f"({exc.strerror or exc})") from exc
-                    return
+                        if exc.errno != errno.ENOSPC or not self._evict_any(demand):
+                            raise CacheFull(f"{what}: cannot allocate {length} bytes under {self.root} "
+                                            f"({exc.strerror or exc})") from exc
+                        continue  # the disk is shared with other files: what this cache held, it gave back
             if time.monotonic() + delay > deadline:
                 break
             time.sleep(delay)
@@ -153,11 +156,14 @@ class DiskBudget:
         with self.locked():
             self._make_room(0, demand=True)
 
+    def _evict_any(self, demand: bool) -> bool:
+        """Drop one entry of any tenant (holding the lock); False when none may go."""
+        return any(tenant is not None and tenant.evict_one(demand) for tenant in (t() for t in self._tenants))
+
     def _make_room(self, length: int, demand: bool) -> int:
         """Evict until ``length`` more bytes fit or nothing more may go; returns the bytes in use."""
         used = self.used()
-        while used + length > self.limit and any(
-                tenant is not None and tenant.evict_one(demand) for tenant in (t() for t in self._tenants)):
+        while used + length > self.limit and self._evict_any(demand):
             used = self.used()
         return used
 

@@ -200,3 +200,34 @@ def test_remote_index_blocks_count_and_are_given_back_when_a_request_needs_the_r
         assert disk_usage(root) <= limit
     assert remote.doc_offsets.verified_blocks < blocks  # some were given back
     assert cache.stats.evictions > 0
+
+
+def test_a_partial_shard_is_removed_at_start_unless_its_writer_holds_it(web, tmp_path) -> None:
+    """Found: a partial file named after a live process id (pid 1, or one reused after a container restart)
+    was never removed and counted as unevictable forever. Only a writer's lock keeps one now."""
+    import fcntl
+    import os
+
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    orphan = cache_dir / ".abc.bin.tmp-1-7"  # pid 1 is always alive
+    orphan.write_bytes(b"x" * 65536)
+    held = cache_dir / f".def.bin.tmp-{os.getpid()}-8"
+    held.write_bytes(b"y" * 4096)
+    with open(held, "rb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        ShardCache(cache_dir, limit_bytes=1 << 30)
+        assert not orphan.exists() and held.exists()
+
+
+def test_a_cache_directory_deleted_while_serving_is_made_again(web, tmp_path) -> None:
+    """Found: after ``rm -rf`` of the cache directory every fetch was a 500 and readiness stayed 200."""
+    import shutil
+
+    cache = ShardCache(tmp_path / "cache" / "shards", limit_bytes=1 << 30, root=tmp_path / "cache")
+    source = PreparedSource.open(web, cache=cache)
+    first = source.tokens.shard(0)[:100].copy()
+    assert cache.problems() == []
+    shutil.rmtree(tmp_path / "cache" / "shards")
+    cache._entries.clear()  # as a fresh worker would: nothing cached in memory either
+    assert (source.tokens.shard(1)[:1].size == 1) and (source.tokens.shard(0)[:100] == first).all()
