@@ -34,7 +34,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from trainer.recipe import (
+
+from client import MixerClient, MixerLoader
+from experiments.overfit_watch import LAW
+from experiments.spt import sample_domain
+from mixer_demo.recipe import (
     ROOT,
     create_job,
     domain_docs,
@@ -44,10 +48,6 @@ from trainer.recipe import (
     to_sequences,
     web_docs,
 )
-
-from client import MixerClient, MixerLoader
-from experiments.overfit_watch import LAW
-from experiments.spt import sample_domain
 from mixer_service.planner.overfitting_law import OverfittingLaw
 from mixer_service.prepare.tokenizer import load_tokenizer
 from trainer.evaluate import evaluate
