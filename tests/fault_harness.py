@@ -109,13 +109,20 @@ class DurableRedisCluster:
     whole-cluster crash, hang or restore), and a restarted node rejoins from its ``nodes.conf``."""
 
     def __init__(self, directory: Path, masters: int = 3) -> None:
-        self.nodes = [DurableRedis(directory / f"node{i}", extra=CLUSTER_NODE, highest_port=CLUSTER_PORT_MAX)
-                      for i in range(masters)]
-        created = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.server.port}"
-                                  for n in self.nodes), "--cluster-replicas", "0", "--cluster-yes"],
-                                 capture_output=True, text=True, timeout=60)
-        assert created.returncode == 0, created.stdout + created.stderr
-        self.wait_ok()
+        self.nodes: list[DurableRedis] = []
+        try:  # a node that fails to start must not leave the others running after the test
+            for i in range(masters):
+                self.nodes.append(DurableRedis(directory / f"node{i}", extra=CLUSTER_NODE,
+                                               highest_port=CLUSTER_PORT_MAX))
+            created = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.server.port}"
+                                      for n in self.nodes), "--cluster-replicas", "0", "--cluster-yes"],
+                                     capture_output=True, text=True, timeout=60)
+            assert created.returncode == 0, created.stdout + created.stderr
+            self.wait_ok()
+        except BaseException:
+            for node in self.nodes:
+                node.stop()
+            raise
 
     @property
     def url(self) -> str:
