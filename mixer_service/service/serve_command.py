@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mixer_contract.errors import InvalidInput
 from mixer_service.service.settings import (
     SETTINGS_ENV,
     VERIFY_MODES,
@@ -170,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = settings_of(args)
+    if settings.sources_dir is not None and not settings.sources_dir.is_dir():  # before anything is written
+        raise InvalidInput(f"--sources-dir {settings.sources_dir}: not a directory")
     from mixer_service.service.auth import check_bind
 
     check_bind(settings.host, _tokens(), settings.insecure_bind)

@@ -220,3 +220,16 @@ def test_a_hung_object_store_is_refused_within_5_s(hung_endpoint, monkeypatch):
     with pytest.raises(SourceUnavailable, match="s3://corpora/abc/meta.json"):
         origin.read("meta.json")
     assert time.monotonic() - start < 5
+
+
+def test_a_missing_sources_dir_is_refused_before_anything_is_written(tmp_path, free_port):
+    """Found: ``mixer serve --sources-dir nosuch`` logged "serving" and created its state directory first
+    (then its workers failed to start). A process, so a regression that serves ends in the timeout."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "mixer_service.cli", "serve", "--sources-dir", "nosuch",
+                          "--state-dir", "state", "--port", str(free_port), "--workers", "1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--sources-dir nosuch: not a directory" in run.stderr
+    assert "serving" not in run.stderr and not (tmp_path / "state").exists()
