@@ -115,15 +115,16 @@ class ServeSettings:
         """From flat ``name -> value`` (parsed flags): each name is a field of this class or of one of its
         limit groups; a ``None`` value keeps the default."""
         groups: dict[str, dict[str, Any]] = {"store": {}, "limits": {}, "plan": {}}
-        owner = {f.name: group for group, kind in (("store", StoreLimits), ("limits", ServiceLimits),
-                                                   ("plan", PlanLimits)) for f in fields(kind)}
+        flags = {f.name: ("store", f.name) for f in fields(StoreLimits)}
+        flags |= {f.name: ("limits", f.name) for f in fields(ServiceLimits)}
+        flags |= {f"plan_{f.name}": ("plan", f.name) for f in fields(PlanLimits)}  # --plan-max-runs, ...
         top: dict[str, Any] = {}
         for name, value in values.items():
             if value is None:
                 continue
-            key = name.removeprefix("plan_") if name.startswith("plan_") else name
-            if key in owner and (name.startswith("plan_") == (owner[key] == "plan")):
-                groups[owner[key]][key] = value
+            if name in flags:
+                group, field_name = flags[name]
+                groups[group][field_name] = value
             else:
                 top[name] = value
         return cls(**top, store=StoreLimits(**groups["store"]), limits=ServiceLimits(**groups["limits"]),
