@@ -386,7 +386,10 @@ class ShardCache:
         tmp = self.directory / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)  # put back if deleted while serving
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            if self.budget is None:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            else:
+                fd = self.budget.create(tmp, demand=demand)
         except OSError as exc:
             raise SourceUnavailable(f"{shard.label}: cannot write into the shard cache at {self.directory} "
                                     f"({exc.strerror or exc})") from exc

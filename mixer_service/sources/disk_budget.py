@@ -121,6 +121,14 @@ class DiskBudget:
     def used(self) -> int:
         return allocated_bytes(self.root)
 
+    def create(self, path: Path, *, demand: bool) -> int:
+        """Create ``path`` (a new file under the root) and return its descriptor, with room for the block its
+        directory may grow by: a name added beside many may take a new directory block, outside any
+        allocation."""
+        with self.locked():
+            self._make_room(block_size(self.root), demand)
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
     def allocate(self, fd: int, offset: int, length: int, *, demand: bool, what: str) -> None:
         """Allocate ``[offset, offset + length)`` of ``fd`` (a file under the root) once it fits, evicting
         first. A prefetch (``demand`` False) is refused at once when it does not fit; a request waits up to
