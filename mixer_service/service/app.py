@@ -177,6 +177,7 @@ def create_app(settings: Settings) -> FastAPI:
     problems.install(app)
     for module in (jobs, batches, image_batches, schedule, repetitions, plan, forecast, health, dashboard):
         app.include_router(module.router)
+    app.add_middleware(batches.BatchFastPath, api=app)  # innermost: under the limits and the metrics
     if "limits" not in app.state.unsafe_off:
         app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes)
         app.add_middleware(InFlightLimit, limit=settings.limits.max_in_flight)

@@ -50,17 +50,22 @@ def problem(status: int, title: str, detail: str, instance: str, headers: dict[s
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
+def from_error(request: Request, exc: MixerError) -> JSONResponse:
+    """A domain error as the problem+json every route answers with (the fault counted and logged)."""
+    status, title = status_of(exc)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    fault = fault_of(exc)
+    if fault is not None:
+        request.app.state.metrics.faults.labels(fault).inc()
+    if status >= 500:
+        log.error("request failed", extra={"path": request.url.path, "error": str(exc), "fault": fault})
+    return problem(status, title, str(exc), request.url.path, headers, fault)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(MixerError)
     async def _mixer(request: Request, exc: MixerError):
-        status, title = status_of(exc)
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-        fault = fault_of(exc)
-        if fault is not None:
-            request.app.state.metrics.faults.labels(fault).inc()
-        if status >= 500:
-            log.error("request failed", extra={"path": request.url.path, "error": str(exc), "fault": fault})
-        return problem(status, title, str(exc), request.url.path, headers, fault)
+        return from_error(request, exc)
 
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError):

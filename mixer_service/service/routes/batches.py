@@ -5,18 +5,24 @@ FastAPI's bounded pool. A slow store or a large batch never delays health checks
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
+from urllib.parse import parse_qsl
 
 import anyio.to_thread
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mixer_contract import wire
-from mixer_contract.values import RankSlice, check_step
+from mixer_contract.errors import MixerError
+from mixer_contract.job import JOB_ID_PATTERN
+from mixer_contract.values import RANK, STEP, WORLD, RankSlice, check_step
 from mixer_service.engine import MixingEngine
-from mixer_service.service.auth import require_reader
+from mixer_service.service import problems
+from mixer_service.service.auth import require_reader, role_of
 from mixer_service.service.jobs import JobManager
-from mixer_service.service.problems import responses
+from mixer_service.service.problems import ProblemError, responses
 from mixer_service.service.routes.deps import jobs
 from mixer_service.service.routes.models import JobId, Rank, Step, World
 from mixer_service.sources.prefetch import prefetch_ahead
@@ -28,11 +34,15 @@ router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["batches"], dependencies=[D
             responses=responses(404, 413, ok={"content": {wire.MEDIA_TYPE: {}},
                                               "description": "docs/protocol.md"}))
 async def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0, world: World = 1,
-                    compression: Literal["none", "zstd"] = "none", boundaries: bool = False,
-                    manager: JobManager = Depends(jobs)) -> Response:
-    state = request.app.state
+                    compression: Literal["none", "zstd"] = "none", boundaries: bool = False) -> Response:
+    return await serve_batch(request.app.state, job_id, step, rank, world, compression, boundaries)
+
+
+async def serve_batch(state: Any, job_id: str, step: int, rank: int, world: int, compression: str,
+                      boundaries: bool) -> Response:
+    """One batch response, made in one hop to the batch threads; the route and ``BatchFastPath`` share it."""
     body, tokens = await anyio.to_thread.run_sync(
-        make_batch, manager, state.limits.max_request_tokens, state.prefetched, job_id, step, rank, world,
+        make_batch, state.jobs, state.limits.max_request_tokens, state.prefetched, job_id, step, rank, world,
         compression, boundaries, "head_read" in state.unsafe_off,
         limiter=getattr(state, "batch_limiter", None))
     metrics = state.metrics
@@ -40,6 +50,65 @@ async def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0,
     for name, count in tokens:
         metrics.tokens.labels(job_id, name).inc(count)
     return Response(body, media_type=wire.MEDIA_TYPE)
+
+
+class BatchFastPath:
+    """The batch route without the framework's per-request machinery (routing, dependency solving,
+    parameter models: ~0.6 ms of CPU a request, as much as making the batch). It answers only requests
+    whose every parameter is in the one canonical form the route accepts (what ``client/http.py`` sends),
+    with the route's own checks and responses; anything else -- a bad or unusual parameter, a missing or
+    wrong token -- goes on to the route, which answers it exactly as before. Sits below the limits and
+    metrics middlewares, so those still apply; the route template is set for the metrics' labels."""
+
+    _PATH = re.compile(r"/v1/jobs/([^/]+)/batches/(0|[1-9][0-9]{0,17})")
+    _INT = re.compile(r"0|[1-9][0-9]{0,17}")
+    _BOOL = {"true": True, "false": False, "1": True, "0": False}
+
+    def __init__(self, app: ASGIApp, api: FastAPI) -> None:
+        self.app, self.api = app, api
+        self.route = next(r for r in router.routes if getattr(r, "endpoint", None) is get_batch)
+
+    def _parse(self, scope: Scope) -> tuple[str, int, int, int, str, bool] | None:
+        """The route's parameters when they are all canonical and in range, else None (the route decides)."""
+        if scope["type"] != "http" or scope["method"] != "GET":
+            return None
+        found = self._PATH.fullmatch(scope["path"])
+        if found is None or not JOB_ID_PATTERN.fullmatch(found[1]):
+            return None
+        query = dict(rank="0", world="1", compression="none", boundaries="false")
+        pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        given = dict(pairs)
+        if len(given) != len(pairs) or not given.keys() <= query.keys():
+            return None
+        query.update(given)
+        if not (self._INT.fullmatch(query["rank"]) and self._INT.fullmatch(query["world"])) \
+                or query["compression"] not in ("none", "zstd") or query["boundaries"] not in self._BOOL:
+            return None
+        step, rank, world = int(found[2]), int(query["rank"]), int(query["world"])
+        if not (STEP.low <= step <= STEP.high and RANK.low <= rank <= RANK.high
+                and WORLD.low <= world <= WORLD.high):
+            return None
+        return found[1], step, rank, world, query["compression"], self._BOOL[query["boundaries"]]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = self._parse(scope)
+        if params is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        state = self.api.state
+        if state.tokens.enabled:
+            try:
+                role_of(request, state.tokens)
+            except ProblemError:
+                await self.app(scope, receive, send)  # the route answers 401 as it always has
+                return
+        scope["route"] = self.route
+        try:
+            response = await serve_batch(state, *params)
+        except MixerError as exc:
+            response = problems.from_error(request, exc)
+        await response(scope, receive, send)
 
 
 PREFETCH_STEPS = 2  # steps ahead of the one asked for whose shards are loaded before they are asked for
