@@ -72,7 +72,7 @@ def boundaries_by_copying(engine: MixingEngine, step: int) -> list[list[int]]:
     lay = engine.layouts[0]
     doc_ends = np.asarray(lay.source.doc_offsets[1:], dtype=np.int64)
     doc_ends = np.concatenate([doc_ends, doc_ends + lay.num_tokens])
-    starts = lay.sequence_starts(engine._assignment(step)[1])  # the step's sequences, in row order
+    starts = engine._assignment(step)[2]  # the step's sequences' starts, in row order
     first = np.searchsorted(doc_ends, starts, side="right")
     last = np.searchsorted(doc_ends, starts + L, side="left")
     return [[0, *(doc_ends[a:b] - s).tolist()] for s, a, b in zip(starts.tolist(), first.tolist(),

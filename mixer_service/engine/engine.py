@@ -133,8 +133,10 @@ class MixingEngine:
     def rank_rows(self, rank: int, world: int) -> slice:
         return RankSlice.of(rank, world, self.config.global_batch).rows(self.config.global_batch)
 
-    def _compute_assignment(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Source and per-source sequence index of every row of global batch ``step``.
+    def _compute_assignment(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Source, per-source sequence index and token start (in its source) of every row of global batch
+        ``step``. The starts are worked out once a step: the prefetch of a step's shards and every rank's
+        batch of it read them.
 
         Rows are shuffled by a per-step permutation so that every rank slice sees the mixture, while the
         global batch stays independent of the world size.
@@ -146,17 +148,23 @@ class MixingEngine:
             [np.arange(b, b + c, dtype=np.int64) for b, c in zip(before, counts, strict=True)]
         )
         order = Permutation(len(src), derive_key("rows", self.config.seed, step)).apply(np.arange(len(src)))
-        return src[order], seq[order]
+        src, seq = src[order], seq[order]
+        starts = np.empty_like(seq)
+        for k, lay in enumerate(self.layouts):
+            sel = src == k
+            if sel.any():
+                starts[sel] = lay.sequence_starts(seq[sel])
+        return src, seq, starts
 
     def batch(self, step: int, rank: int = 0, world: int = 1) -> Batch:
         self.check_step(step)
         rows = self.rank_rows(rank, world)
-        src, seq = (a[rows] for a in self._assignment(step))
+        src, seq, starts = (a[rows] for a in self._assignment(step))
         tokens = np.empty((len(src), self.config.seq_len), dtype=self.token_dtype)
         for k, lay in enumerate(self.layouts):
             sel = np.flatnonzero(src == k)
             if sel.size:
-                lay.gather(seq[sel], tokens, sel)
+                lay.gather(starts[sel], tokens, sel)
         return Batch(step, rank, world, tokens, src.astype(np.int16), seq)
 
     def shards_for_step(self, step: int, rank: int = 0, world: int = 1) -> dict[str, list[int]]:
@@ -166,17 +174,17 @@ class MixingEngine:
         no rows in the slice are left out.
         """
         self.check_step(step)
-        src, seq = (a[self.rank_rows(rank, world)] for a in self._assignment(step))
+        src, _, starts = (a[self.rank_rows(rank, world)] for a in self._assignment(step))
         out = {}
         for k, lay in enumerate(self.layouts):
             sel = src == k
             if sel.any():
-                out[lay.name] = lay.shards_touched(seq[sel]).tolist()
+                out[lay.name] = lay.shards_touched(starts[sel]).tolist()
         return out
 
     def provenance(self, step: int, rank: int = 0, world: int = 1) -> list[SequenceProvenance]:
         self.check_step(step)
-        src, seq = (a[self.rank_rows(rank, world)] for a in self._assignment(step))
+        src, seq, _ = (a[self.rank_rows(rank, world)] for a in self._assignment(step))
         return [
             SequenceProvenance(self.layouts[k].name, int(j), self.layouts[k].spans(int(j)))
             for k, j in zip(src.tolist(), seq.tolist(), strict=True)
@@ -190,7 +198,7 @@ class MixingEngine:
         Vectorised per source, so asking for boundaries costs about as much as the batch itself.
         """
         self.check_step(step)
-        src, seq = (a[self.rank_rows(rank, world)] for a in self._assignment(step))
+        src, _, row_starts = (a[self.rank_rows(rank, world)] for a in self._assignment(step))
         rows: list[list[int]] = [[0] for _ in range(len(src))]
         length = self.config.seq_len
         for k, lay in enumerate(self.layouts):
@@ -201,7 +209,7 @@ class MixingEngine:
             # wraps past the end of the stream also offsets[1:again] shifted by the stream's length. Binary
             # searches and short slices only: the index is never copied (it can be 16 GB).
             offsets, total = lay.source.doc_offsets, lay.num_tokens
-            starts = lay.sequence_starts(seq[sel])
+            starts = row_starts[sel]
             wraps = starts + length > total
             if hasattr(offsets, "window"):  # a checked index: read the runs these rows need at once
                 offsets = offsets.window(np.concatenate([starts, np.minimum(starts + length, total),

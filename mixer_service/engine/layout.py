@@ -99,14 +99,13 @@ class SourceLayout:
             starts[sel] = (chunks * self.seq_len + self.rotation(int(epoch))) % self.num_tokens
         return starts
 
-    def gather(self, seq_ids: np.ndarray, out: np.ndarray, rows: np.ndarray) -> None:
-        """Copy the tokens of each sequence into ``out[rows[i]]`` (``out`` has ``L`` columns).
+    def gather(self, starts: np.ndarray, out: np.ndarray, rows: np.ndarray) -> None:
+        """Copy the ``L`` tokens from each canonical start (``sequence_starts``) into ``out[rows[i]]``.
 
         Rows inside one shard are copied shard by shard from that shard's array, so a lazily sharded
         source is asked for (and checks) each shard once per batch rather than once per row.
         """
         tokens, length, total = self._tokens, self.seq_len, self.num_tokens
-        starts = self.sequence_starts(seq_ids)
         sharded = hasattr(tokens, "shard")  # e.g. ``sources.ShardedTokens``: shard k is ``tokens.shard(k)``
         bounds = tokens.shard_offsets if sharded else np.array([0, total], dtype=np.int64)
         shard = np.searchsorted(bounds, starts, side="right") - 1
@@ -129,9 +128,9 @@ class SourceLayout:
                 out[row, :head] = tokens[start:]
                 out[row, head:] = tokens[: length - head]
 
-    def shards_touched(self, seq_ids: np.ndarray) -> np.ndarray:
-        """Sorted ids of the shards holding any token of these sequences (what a cache must have)."""
-        starts = self.sequence_starts(seq_ids)
+    def shards_touched(self, starts: np.ndarray) -> np.ndarray:
+        """Sorted ids of the shards holding any token of the sequences starting at ``starts`` (what a cache
+        must have)."""
         bounds, total = self.shard_offsets, self.num_tokens
         first = np.searchsorted(bounds, starts, side="right") - 1
         last = np.searchsorted(bounds, (starts + self.seq_len - 1) % total, side="right") - 1
