@@ -688,6 +688,12 @@ class AdoptedSource(ShardedSource):
                 source.tokens.shard(k)
         return source
 
+    @property
+    def shards(self) -> list[Shard]:
+        """What the shard cache holds of it (MDS shards, blocks of a remote corpus): what ``--cache-limit``
+        must leave room for. [] when its files are read in place."""
+        return list(self._shards)
+
     def prefetch(self, shard_ids: Iterable[int]) -> list[Future]:
         """Load these cached shards in the background; blocks read in place have nothing to fetch."""
         return self._cache.prefetch(self._shards[int(k)] for k in shard_ids) if self._shards else []

@@ -114,6 +114,28 @@ def test_mds_token_column(corpus, tmp_path: Path) -> None:
     assert_same(adopted, prepared)
 
 
+def test_the_cache_limit_leaves_room_for_a_window_of_adopted_shards(corpus, tmp_path: Path) -> None:
+    """Found: the start-up check summed the windows of prepared sources only, so a limit too small for an
+    adopted MDS source's shards was accepted, and every request then fought over the room."""
+    streaming = pytest.importorskip("streaming")
+    docs, _, tok = corpus
+    with streaming.MDSWriter(out=str(tmp_path / "d" / "mds"), columns={"tokens": "ndarray:uint16"},
+                             compression="zstd", size_limit=1 << 16) as writer:
+        for d in docs:
+            writer.write({"tokens": d})
+    manifest(tmp_path / "d", "mds", ["mds"], tok)
+    adopted = AdoptedSource.open(tmp_path / "d", ShardCache(tmp_path / "c1"))
+    assert len(adopted.shards) > 2
+    small = ShardCache(tmp_path / "c2", limit_bytes=1 << 16)
+    with pytest.raises(InvalidInput, match="one window of the default order of each of the 1 sources"):
+        small.check_limit([AdoptedSource.open(tmp_path / "d", small)])
+    megatron_dir = tmp_path / "m"
+    write_megatron(megatron_dir / "doc", docs, tok.eos_id)
+    manifest(megatron_dir, "megatron", ["doc"], tok)
+    in_place = ShardCache(tmp_path / "c3", limit_bytes=1 << 16)
+    in_place.check_limit([AdoptedSource.open(megatron_dir, in_place)])  # read in place: nothing to hold
+
+
 def test_adopted_blocks_are_verified_and_changes_detected(corpus, tmp_path: Path) -> None:
     docs, prepared, tok = corpus
     write_megatron(tmp_path / "m" / "doc", docs, tok.eos_id)
