@@ -12,7 +12,19 @@ once, in that same pass. With ``limit_bytes`` the cache directory (``root``: eve
 document indexes kept there included) is a ``DiskBudget``: a shard's bytes are allocated before it is
 fetched, evicting the least recently used entries first, so the directory never holds more than the limit,
 fetches in flight included; views already handed out stay valid after eviction because they hold the
-unlinked file open. ``prefetch`` takes the shards the next steps will need, so steady-state requests find
+unlinked file open.
+
+Resident tier (``memory_bytes``, default 1 GiB per process; 0 turns it off): when this process has a
+shard's whole raw bytes in hand because it has just proven them (fetched, decompressed and matched against
+the raw sha256, or a cached file re-hashed), it keeps those very bytes, one immutable buffer, as the shard's
+resident copy, and ``get`` answers a read-only array view of them: no ``pread``, no block check, nothing a
+later change, truncation or removal of the file can reach (they are not a mapping of it). Resident copies are
+bounded by ``memory_bytes`` (least recently read evicted first) and independent of the disk entries: a disk
+eviction keeps the resident copy (its bytes stay proven), a resident eviction leaves the disk entry to the
+checked path. A checked read never promotes a shard into memory (under the global order that would load a
+whole shard for one row); only a fetch or a verification does.
+
+``prefetch`` takes the shards the next steps will need (not those resident), so steady-state requests find
 them present; a prefetch that does not fit without evicting the most recently read half of the limit is
 skipped, never waited for.
 """
@@ -83,6 +95,22 @@ class _Entry:
 
 
 @dataclass
+class _Resident:
+    """A shard's proven raw bytes kept in memory (read-only) and the largest token id among them."""
+
+    data: np.ndarray  # uint8, read-only, over an immutable buffer nobody else can write
+    max_token: int
+
+
+def _readonly(buffer: bytes | bytearray) -> np.ndarray:
+    """A uint8 array over ``buffer`` that neither it nor any view of it can be made writeable."""
+    return np.frombuffer(memoryview(buffer).toreadonly(), dtype=np.uint8)
+
+
+DEFAULT_MEMORY_BYTES = 1 << 30  # per process: 64 shards of 2^23 uint16 tokens, 4 default windows of 16
+
+
+@dataclass
 class CacheStats:
     hits: int = 0
     misses: int = 0  # a get that had to fetch/decompress (or re-verify) before answering
@@ -92,6 +120,9 @@ class CacheStats:
     evictions: int = 0
     prefetch_skipped: int = 0  # prefetches that did not fit the limit (the request fetches it when it comes)
     rebuilt: int = 0  # entries whose bytes failed a read check after verification, dropped and rebuilt
+    resident_hits: int = 0  # gets answered from a resident (in-memory, proven) copy; also counted in hits
+    resident_bytes: int = 0  # gauge: bytes of the resident copies held now (<= memory_bytes)
+    resident_evictions: int = 0  # resident copies dropped to stay within memory_bytes
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -99,12 +130,19 @@ class CacheStats:
 
 class ShardCache:
     """Decompressed shards under ``directory``; with ``limit_bytes``, everything under ``root`` (default
-    ``directory``; the server's ``--cache-dir``, which also holds remote document indexes) stays within it."""
+    ``directory``; the server's ``--cache-dir``, which also holds remote document indexes) stays within it.
+    ``memory_bytes``: the bound of this process's resident copies of proven shards (0: none, every read is a
+    checked read of the disk entry)."""
 
     def __init__(self, directory: Path, limit_bytes: int | None = None, verify: VerifyMode = DEFAULT_VERIFY,
-                 prefetch_threads: int = 4, root: Path | None = None) -> None:
+                 prefetch_threads: int = 4, root: Path | None = None,
+                 memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
         if limit_bytes is not None and limit_bytes < 0:
             raise InvalidInput(f"cache limit must be >= 0 bytes, got {limit_bytes}")
+        if memory_bytes < 0:
+            raise InvalidInput(f"memory cache must be >= 0 bytes, got {memory_bytes}")
+        self.memory_bytes = memory_bytes
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # least recently read first
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -236,10 +274,53 @@ class ShardCache:
     def __contains__(self, shard: Shard) -> bool:
         return shard.raw_sha256 in self._entries
 
-    def get(self, shard: Shard) -> CheckedTokens:
-        """The shard's tokens, verified in this process, read (and checked) from disk on every access;
-        fetches it when absent (``CacheFull`` when it cannot fit the limit even after evicting all else)."""
-        return self._view(shard, self._entry(shard))
+    def get(self, shard: Shard) -> CheckedTokens | np.ndarray:
+        """The shard's tokens, verified in this process: a read-only array of its resident copy when it
+        has one, else read (and checked) from disk on every access; fetches it when absent (``CacheFull``
+        when it cannot fit the limit even after evicting all else)."""
+        key = shard.raw_sha256
+        with self._lock:
+            resident = self._resident.get(key)
+            if resident is not None:
+                self._resident.move_to_end(key)
+                self.stats.hits += 1
+                self.stats.resident_hits += 1
+        if resident is None:
+            entry = self._entry(shard)
+            with self._lock:  # just proven (fetched or re-hashed) by this call or a concurrent one
+                resident = self._resident.get(key)
+            if resident is None:
+                return self._view(shard, entry)
+        return self._resident_view(shard, resident)
+
+    def _resident_view(self, shard: Shard, resident: _Resident) -> np.ndarray:
+        tokens = resident.data.view(shard.dtype)
+        if shard.vocab_size is not None and resident.max_token >= shard.vocab_size:
+            pos = int(np.flatnonzero(tokens >= shard.vocab_size)[0])
+            raise CorruptData(f"{shard.label}: token id {int(tokens[pos])} at token offset {pos} is outside "
+                              f"the vocabulary ({shard.vocab_size} ids)")
+        return tokens
+
+    def _keep(self, shard: Shard, data: np.ndarray, max_token: int) -> None:
+        """Make ``data`` (the shard's raw bytes, just proven) its resident copy, evicting the least
+        recently read copies to stay within ``memory_bytes``; a shard larger than that is not kept."""
+        size = data.nbytes
+        if size > self.memory_bytes or size != shard.raw_bytes:
+            return
+        key = shard.raw_sha256
+        with self._lock:
+            old = self._resident.pop(key, None)
+            if old is not None:
+                self.stats.resident_bytes -= old.data.nbytes
+            while self._resident and self.stats.resident_bytes + size > self.memory_bytes:
+                _, dropped = self._resident.popitem(last=False)
+                self.stats.resident_bytes -= dropped.data.nbytes
+                self.stats.resident_evictions += 1
+            self._resident[key] = _Resident(data, max_token)
+            self.stats.resident_bytes += size
+
+    def is_resident(self, shard: Shard) -> bool:
+        return shard.raw_sha256 in self._resident
 
     def _entry(self, shard: Shard, failed: CheckedRegion | None = None, demand: bool = True) -> _Entry:
         """The verified entry of ``shard``; ``failed``: a region of it that failed a read check, so the
@@ -297,7 +378,8 @@ class ShardCache:
             key = shard.raw_sha256
             with self._lock:
                 entry = self._entries.get(key)
-                if (entry is not None and entry.region is not None) or key in self._pending:
+                if (entry is not None and entry.region is not None) or key in self._pending \
+                        or key in self._resident:  # a resident copy needs no disk entry to be served
                     continue
                 self._pending.add(key)
             started.append(self._pool.submit(self._prefetch_one, shard))
@@ -319,6 +401,9 @@ class ShardCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._resident.clear()
+            self.stats.resident_bytes = 0
         if self.budget is not None:
             self.budget.remove_tenant(self)
             self.budget.close()
@@ -349,8 +434,10 @@ class ShardCache:
         if trust_file and stamp is not None:
             log.warning("cached shard does not match its hash; fetching it again", extra={
                 "event": "cache.mismatch", "cache_file": str(path), "shard": shard.label})
-        digest = self._build(shard, path, demand)
+        digest, raw = self._build(shard, path, demand)
         region = CheckedRegion(open_handle(path, str(path)), 0, shard.raw_bytes, digest.finish(), str(path))
+        if raw is not None:
+            self._keep(shard, raw, digest.max_token)
         return _Entry(path, shard.raw_bytes, FileStamp.of(path), region, digest.max_token)
 
     def _verified(self, shard: Shard, path: Path) -> _Entry | None:
@@ -363,9 +450,18 @@ class ShardCache:
             return _Entry(path, shard.raw_bytes, stamp, unchecked)
         self.stats.verified += 1
         sha, digest, offset = hashlib.sha256(), Digest(shard.dtype), 0
+        # Read into the buffer the resident copy will be (when it may be kept): the bytes hashed are the
+        # bytes kept, with no second read of the file.
+        keep = bytearray(shard.raw_bytes) if 0 < shard.raw_bytes <= self.memory_bytes else None
+        into = memoryview(keep) if keep is not None else None
         while offset < shard.raw_bytes:
+            size = min(_READ_CHUNK, shard.raw_bytes - offset)
             try:
-                chunk = os.pread(handle.fileno(), min(_READ_CHUNK, shard.raw_bytes - offset), offset)
+                if into is not None:
+                    got = os.preadv(handle.fileno(), [into[offset:offset + size]], offset)
+                    chunk = into[offset:offset + got]
+                else:
+                    chunk = os.pread(handle.fileno(), size, offset)
             except OSError:
                 return None  # unreadable (EIO): rebuilt like a wrong one
             if not chunk:
@@ -376,12 +472,15 @@ class ShardCache:
         if sha.hexdigest() != shard.raw_sha256:
             return None
         region = CheckedRegion(handle, 0, shard.raw_bytes, digest.finish(), str(path))
+        if keep is not None:
+            del into, chunk  # no writeable view of the kept bytes may outlive this function
+            self._keep(shard, _readonly(keep), digest.max_token)
         return _Entry(path, shard.raw_bytes, stamp, region, digest.max_token)
 
-    def _build(self, shard: Shard, path: Path, demand: bool = True) -> Digest:
+    def _build(self, shard: Shard, path: Path, demand: bool = True) -> tuple[Digest, np.ndarray | None]:
         """Allocate its bytes within the limit, fetch, check, decompress, check again, install by rename: a
         torn or wrong file is never named. Returns the block checksums (and largest token id) of the bytes
-        it proved."""
+        it proved, and those bytes (read-only) when they may be kept resident."""
         started = time.perf_counter()
         tmp = self.directory / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
@@ -394,6 +493,7 @@ class ShardCache:
             raise SourceUnavailable(f"{shard.label}: cannot write into the shard cache at {self.directory} "
                                     f"({exc.strerror or exc})") from exc
         fcntl.flock(fd, fcntl.LOCK_EX)  # held while written: a partial file nobody holds is a dead writer's
+        kept: list[bytes] | None = [] if 0 < shard.raw_bytes <= self.memory_bytes else None
         try:
             with os.fdopen(fd, "wb") as out:
                 if self.budget is not None and shard.raw_bytes:
@@ -411,6 +511,8 @@ class ShardCache:
                     digest.update(chunk)
                     raw_size += len(chunk)
                     out.write(chunk)
+                    if kept is not None:
+                        kept.append(chunk)
             if raw_size != shard.raw_bytes or raw_hash.hexdigest() != shard.raw_sha256:
                 raise CorruptData(f"{shard.label}: decompressed shard does not match meta.json")
             self._install(tmp, path)
@@ -422,7 +524,10 @@ class ShardCache:
             raise
         log.info("shard cached", extra={"event": "cache.fetched", "shard": shard.label, "bytes": raw_size,
                                         "seconds": round(time.perf_counter() - started, 3)})
-        return digest
+        if kept is None:
+            return digest, None
+        # One contiguous immutable buffer: a single frame's bytes as they are, several frames joined.
+        return digest, _readonly(kept[0] if len(kept) == 1 and isinstance(kept[0], bytes) else b"".join(kept))
 
 
 def _being_written(tmp: Path) -> bool:

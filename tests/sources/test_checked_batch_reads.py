@@ -12,7 +12,7 @@ from test_integrity_sources import TOK, rot_in_place
 
 from mixer_contract.errors import CorruptData
 from mixer_service.prepare.writer import prepare_source
-from mixer_service.sources import PreparedSource
+from mixer_service.sources import PreparedSource, ShardCache
 from mixer_service.sources.source_format import OFFSETS_FILE
 
 
@@ -42,7 +42,8 @@ def test_an_index_window_answers_what_numpy_answers(many_docs: Path, entries: in
 
 
 def test_gathered_rows_equal_slices_and_bit_rot_is_rebuilt(many_docs: Path) -> None:
-    src = PreparedSource.open(many_docs)
+    # memory_bytes=0: the checked disk reads under test (a resident copy would never read the file again)
+    src = PreparedSource.open(many_docs, cache=ShardCache(many_docs / ".cache" / "shards", memory_bytes=0))
     shard = src.tokens.shard(1)
     want = np.asarray(shard).copy()
     starts = np.array([9000, 0, 4000, 4100, len(want) - 2048])

@@ -67,7 +67,8 @@ def sharded(tmp_path: Path) -> Path:
 
 
 def test_bit_rot_in_a_cached_shard_is_caught_on_read_and_rebuilt(sharded: Path) -> None:
-    src = PreparedSource.open(sharded)
+    # memory_bytes=0: the checked disk reads under test (a resident copy would never read the file again)
+    src = PreparedSource.open(sharded, cache=ShardCache(sharded / ".cache" / "shards", memory_bytes=0))
     want = np.asarray(src.tokens).copy()
     entry = sharded / ".cache" / "shards" / f"{src.shards[0].raw_sha256}.bin"
     rot_in_place(entry, 5000)  # stat unchanged: only a check on read can see it

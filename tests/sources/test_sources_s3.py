@@ -72,7 +72,8 @@ def test_bounded_cache_serves_the_same_tokens_and_evicts_lru(s3, many_shards, tm
     local = PreparedSource.open(many_shards, cache_dir=tmp_path / "local-cache")
     shard_bytes = max(sh.raw_bytes for sh in local.shards)
     limit = 3 * shard_bytes
-    cache = ShardCache(tmp_path / "cache", limit_bytes=limit)
+    # memory_bytes=0: the disk bound under test (a resident copy would outlive its disk entry's eviction)
+    cache = ShardCache(tmp_path / "cache", limit_bytes=limit, memory_bytes=0)
     origin = S3Origin(s3_client(s3), BUCKET, "many/abc")
     remote = PreparedSource.open_remote(origin, tmp_path / "index", cache)
     assert remote.meta.fingerprint == local.meta.fingerprint
