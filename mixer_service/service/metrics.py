@@ -46,7 +46,8 @@ class Metrics:
         self.shard_cache = Gauge(
             "mixer_shard_cache",
             "Shard cache of this replica: cumulative hits, misses, fetches, fetched_bytes, hashes, "
-            "evictions, and used_bytes / limit_bytes",
+            "evictions, resident_hits (hits answered from memory), resident_evictions; and used_bytes / "
+            "limit_bytes (disk), resident_bytes / memory_limit_bytes (this process's memory)",
             ["stat"],
             registry=r,
         )

@@ -41,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a hard bound on the bytes under --cache-dir (shards, index blocks, records), e.g. "
                    "20G; least recently used evicted; below one window of every source: refused at start "
                    "(None: unbounded)")
+    p.add_argument("--memory-cache", type=_byte_count, default=None, metavar="BYTES",
+                   help="bytes of proven shards each worker process keeps in memory and serves with no disk "
+                   "read (filled only by a fetch or a verification of a whole shard; least recently read "
+                   f"evicted), e.g. 4G; 0: every read is a checked disk read (default "
+                   f"{_SERVE['memory_cache'].default} bytes, or MIXER_MEMORY_CACHE)")
     p.add_argument(
         "--state-dir",
         type=Path,
@@ -135,7 +140,7 @@ def _sources(settings: ServeSettings):
 
     return SourceRegistry.load(settings.sources_dir, settings.cache_dir, verify=settings.verify,
                                cache_limit=settings.cache_limit, remote_urls=list(settings.sources_urls),
-                               s3_endpoint=settings.s3_endpoint)
+                               s3_endpoint=settings.s3_endpoint, memory_bytes=settings.memory_cache)
 
 
 def _byte_count(text: str) -> int:
@@ -151,6 +156,17 @@ def _byte_count(text: str) -> int:
     return value
 
 
+def _memory_cache_from_env(environ) -> dict[str, int]:
+    """``MIXER_MEMORY_CACHE`` (same syntax as ``--memory-cache``) as the flag's default."""
+    raw = environ.get("MIXER_MEMORY_CACHE")
+    if raw is None or raw == "":
+        return {}
+    try:
+        return {"memory_cache": _byte_count(raw)}
+    except argparse.ArgumentTypeError as exc:
+        raise InvalidInput(f"MIXER_MEMORY_CACHE: {exc}") from None
+
+
 def _tokens() -> Tokens:
     from mixer_service.service.auth import Tokens
 
@@ -160,9 +176,10 @@ def _tokens() -> Tokens:
 
 
 def settings_of(args: argparse.Namespace) -> ServeSettings:
-    """The one settings value of parsed flags (``MIXER_PLAN_MAX_*`` fill the plan limits not given)."""
+    """The one settings value of parsed flags (``MIXER_PLAN_MAX_*`` fill the plan limits not given,
+    ``MIXER_MEMORY_CACHE`` the memory cache)."""
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command") and v is not None}
-    values = plan_limits_from_env(os.environ) | given
+    values = plan_limits_from_env(os.environ) | _memory_cache_from_env(os.environ) | given
     values["sources_urls"] = tuple(values["sources_urls"])
     return ServeSettings.from_values(values)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mixer_contract.errors import InvalidInput
+from mixer_service.sources.cache import DEFAULT_MEMORY_BYTES
 from mixer_service.store.base import StoreLimits
 
 SETTINGS_ENV = "MIXER_SERVE_SETTINGS"
@@ -58,6 +59,7 @@ class ServeSettings:
     s3_endpoint: str | None = None
     verify: str = "fast"
     cache_limit: int | None = None  # bytes of decompressed shards kept locally; None: unbounded
+    memory_cache: int = DEFAULT_MEMORY_BYTES  # bytes of proven shards each process keeps in memory; 0: none
     cache_dir: Path | None = None
     state_dir: Path = Path("mixer-state")
     redis_url: str | None = None
@@ -73,6 +75,8 @@ class ServeSettings:
         """Refuse a setting no server can run with, naming its flag, before anything starts."""
         if self.sources_dir is None and not self.sources_urls:
             raise InvalidInput("give --sources-dir, --sources-url, or both")
+        if self.memory_cache < 0:
+            raise InvalidInput(f"--memory-cache: must be >= 0 bytes, got {self.memory_cache}")
         if self.verify not in VERIFY_MODES:
             raise InvalidInput(f"--verify: must be one of {list(VERIFY_MODES)}, got {self.verify!r}")
         at_least_one = {"workers": self.workers or 1, **asdict(self.store),

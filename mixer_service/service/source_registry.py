@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mixer_contract.errors import InvalidInput, MixerError, NotFound, SourceUnavailable
 from mixer_service.sources.adopted import MANIFEST, AdoptedSource, is_adopted
-from mixer_service.sources.cache import ShardCache
+from mixer_service.sources.cache import DEFAULT_MEMORY_BYTES, ShardCache
 from mixer_service.sources.prepared import CACHE_SUBDIR, PreparedSource, ShardedSource
 from mixer_service.sources.source_format import META_FILE
 from mixer_service.sources.verify import DEFAULT_VERIFY, VerifyMode
@@ -38,10 +38,11 @@ class SourceRegistry:
     def load(cls, root: Path | None, cache_dir: Path | None = None, *,
              verify: str | VerifyMode = DEFAULT_VERIFY,
              cache_limit: int | None = None, remote_urls: Sequence[str] = (),
-             s3_endpoint: str | None = None) -> SourceRegistry:
+             s3_endpoint: str | None = None, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> SourceRegistry:
         """Open every source under ``root`` (sub-directories with a ``meta.json``) and under each
         ``s3://bucket/prefix`` of ``remote_urls``; shards are cached in ``cache_dir`` (default
-        ``root/.cache``) within ``cache_limit`` bytes."""
+        ``root/.cache``) within ``cache_limit`` bytes, and up to ``memory_bytes`` of proven shards in
+        memory (``ShardCache``)."""
         if root is not None and not root.is_dir():
             raise InvalidInput(f"--sources-dir {root}: not a directory")
         if cache_dir is None:
@@ -49,7 +50,8 @@ class SourceRegistry:
                 raise InvalidInput("--cache-dir is required when every source is remote")
             cache_dir = root / CACHE_SUBDIR
         mode = VerifyMode(verify)
-        cache = ShardCache(Path(cache_dir) / "shards", cache_limit, mode, root=Path(cache_dir))
+        cache = ShardCache(Path(cache_dir) / "shards", cache_limit, mode, root=Path(cache_dir),
+                           memory_bytes=memory_bytes)
         registry = cls({}, {}, {}, cache)
         local = []
         if root is not None:
@@ -138,12 +140,14 @@ class SourceRegistry:
         ]
 
     def cache_stats(self) -> dict[str, int | None]:
-        """Shard cache counters (hits, misses, fetches, fetched bytes, hashes, evictions) and its size, for
-        metrics: what a serving path exports to watch fetches per step and the hit ratio."""
+        """Shard cache counters (hits, misses, fetches, fetched bytes, hashes, evictions, resident hits and
+        bytes) and its sizes, for metrics: what a serving path exports to watch fetches per step, the hit
+        ratio and how much is served from memory."""
         if self.cache is None:
             return {}
         return self.cache.stats.as_dict() | {"used_bytes": self.cache.used_bytes,
-                                             "limit_bytes": self.cache.limit_bytes}
+                                             "limit_bytes": self.cache.limit_bytes,
+                                             "memory_limit_bytes": self.cache.memory_bytes}
 
     def close(self) -> None:
         if self.cache is not None:
