@@ -5,7 +5,7 @@ shard not resident), and from the shard's resident copy (the proven bytes ``Shar
 the path of a resident shard); then a whole engine batch (64 x 2048, boundaries included) over a prepared
 source, the number the check is measured against.
 
-    .venv/bin/python bench/bench_verified_read.py [--tokens 4e6] [--repeat 200]
+    .venv/bin/python bench/bench_verified_read.py [--tokens 4e6] [--repeat 200] [--order global|window]
 
 Run it from another checkout (``PYTHONPATH=<old tree>``) to time the engine batch of older code; the
 read rows need ``sources.checked``. Page cache is warm (the numbers are CPU cost, as a steady server sees).
@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=float, default=4e6)
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--order", choices=("global", "window"), default="global",
+                    help="the engine job's epoch order (global: what this bench always timed)")
     args = ap.parse_args()
     print(f"loadavg(1m)={os.getloadavg()[0]:.2f}  {ROWS} x {SEQ} uint16 rows, {args.tokens:.0e} tokens")
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,7 +145,8 @@ def main() -> None:
         for name, seconds in rows.items():
             print(f"{name:48s} {seconds * 1e6:9.1f} us per batch")
         config = JobConfig.parse({"sources": [{"name": "web", "role": "repeat"}], "seq_len": SEQ,
-                                  "global_batch": ROWS, "seed": 3, "total_steps": 100_000})
+                                  "global_batch": ROWS, "seed": 3, "total_steps": 100_000,
+                                  "order": {"kind": args.order}})
         schedule = Schedule.parse({"phases": [{"start_step": 0, "weights": {"web": 1}}]}, ["web"])
         trusting = opened(Path(tmp) / "web", 0, verify="off")
         variants = {"checked (pread + xxh3, --memory-cache 0)": src,
@@ -153,8 +156,8 @@ def main() -> None:
         engines = {name: MixingEngine.create(config, {"web": source}, [(0, schedule)])
                    for name, source in variants.items()}
         times = engine_rounds(engines, args.repeat, args.rounds)
-        print(f"\nengine batch + row_boundaries, {ROWS} x {SEQ}, median of {args.repeat} per round, "
-              f"{args.rounds} rounds in turn:")
+        print(f"\nengine batch + row_boundaries, {ROWS} x {SEQ}, {args.order} order, median of {args.repeat} "
+              f"per round, {args.rounds} rounds in turn:")
         for name, per_round in times.items():
             print(f"  {name:42s} " + " ".join(f"{t * 1e6:7.1f}" for t in per_round) + " us")
         checked, off, memory, resident = (np.array(times[n]) for n in variants)
