@@ -1,6 +1,6 @@
 """A source's token stream as a read-only array whose shards are loaded (and verified) on first touch.
 
-The engine slices ``tokens[a:b]``; a slice inside one shard is a zero-copy view of that shard's mapping,
+The engine slices ``tokens[a:b]``; a slice inside one shard is a view of its resident copy or a checked read,
 one that crosses shards is a small concatenation. Nothing is read at open, so opening costs O(1) in the
 corpus size; ``np.asarray(tokens)`` still works (it loads every shard) for small sources and tests.
 """
