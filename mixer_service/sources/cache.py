@@ -454,6 +454,7 @@ class ShardCache:
         # bytes kept, with no second read of the file.
         keep = bytearray(shard.raw_bytes) if 0 < shard.raw_bytes <= self.memory_bytes else None
         into = memoryview(keep) if keep is not None else None
+        chunk: bytes | memoryview
         while offset < shard.raw_bytes:
             size = min(_READ_CHUNK, shard.raw_bytes - offset)
             try:
