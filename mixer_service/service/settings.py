@@ -30,7 +30,7 @@ class ServiceLimits:
     max_body_bytes: int = 1 << 20
     max_request_tokens: int = 1 << 24  # rows x seq_len of one batch response (64 MiB of uint32)
     threads: int = 32  # handlers that block (store I/O) run in this many threads
-    batch_threads: int = 4  # batches made at once: more only convoy on the GIL (see routes/batches.py)
+    batch_threads: int = 2  # batches made at once per worker: more convoy on the GIL (docs/benchmarks.md)
     max_in_flight: int = 256  # requests at once before a problem+json 503 (probes exempt)
     high_water_watch_s: float = 10.0  # re-check served jobs against the store this often (0: never)
     max_connections: int = 0  # open connections; 0: 4x max_in_flight, at least 1024
