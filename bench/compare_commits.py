@@ -55,12 +55,13 @@ def _env(tree: Path) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MIXER_")} | {"PYTHONPATH": str(tree)}
 
 
-def serve(tree: Path, state: Path, args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
+def serve(tree: Path, state: Path, args: list[str], env: dict[str, str] | None = None,
+          total_steps: int = TOTAL_STEPS) -> ServerProcess:
     """``mixer serve`` from ``tree``'s code (its directory first on the path) with a bench job."""
     server = ServerProcess(prepare(tree), state, env={"PYTHONPATH": str(tree)} | (env or {}), extra_args=args)
     with contextlib.chdir(tree):  # ``python -m`` puts the working directory first on sys.path
         server.start()
-    body = {"job_id": "bench", "config": job_config(L, B, TOTAL_STEPS, allow_wrap=True),
+    body = {"job_id": "bench", "config": job_config(L, B, total_steps, allow_wrap=True),
             "schedule": schedule(DOMAIN_WEIGHT), "author": "bench", "reason": "compare_commits"}
     httpx.post(f"{server.url}/v1/jobs", json=body, timeout=60).raise_for_status()
     return server
@@ -85,10 +86,11 @@ def main() -> None:
         servers: dict[str, ServerProcess] = {}
         try:
             log("compare: starting both servers")
-            servers["A"] = serve(ROOT, Path(tmp) / "state-a", shlex.split(args.args_a))
-            servers["B"] = serve(old, Path(tmp) / "state-b", shlex.split(args.args_b))
-            rows_out, loads = [], []
             cells = list(itertools.product(args.rows, args.compression, args.clients))
+            total = max(TOTAL_STEPS, (len(cells) * args.reps + 1) * CELL_STEPS)  # every run on fresh steps
+            servers["A"] = serve(ROOT, Path(tmp) / "state-a", shlex.split(args.args_a), total_steps=total)
+            servers["B"] = serve(old, Path(tmp) / "state-b", shlex.split(args.args_b), total_steps=total)
+            rows_out, loads = [], []
             for idx, (rows, comp, clients) in enumerate(cells):
                 log(f"compare: cell {idx + 1}/{len(cells)}: {rows}x{L} {comp} {clients} connections")
                 got: dict[str, list[dict]] = {"A": [], "B": []}
