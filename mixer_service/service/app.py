@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -157,14 +156,13 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.limits.threads
-        app.state.batch_pool = ThreadPoolExecutor(settings.limits.batch_threads, thread_name_prefix="batch")
+        app.state.batch_limiter = anyio.CapacityLimiter(settings.limits.batch_threads)
         watch = None
         if settings.limits.high_water_watch_s > 0:
             watch = asyncio.create_task(_watch_high_water(app, settings.limits.high_water_watch_s))
         yield
         if watch is not None:
             watch.cancel()
-        app.state.batch_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="mixer-service", version="1", lifespan=lifespan,
                   description="Exact, deterministic data mixing for specialized pretraining. Wire format: "

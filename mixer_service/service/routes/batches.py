@@ -5,12 +5,11 @@ FastAPI's bounded pool. A slow store or a large batch never delays health checks
 
 from __future__ import annotations
 
-import asyncio
 import re
-from functools import partial
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
+import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -42,9 +41,10 @@ async def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0,
 async def serve_batch(state: Any, job_id: str, step: int, rank: int, world: int, compression: str,
                       boundaries: bool) -> Response:
     """One batch response, made in one hop to the batch threads; the route and ``BatchFastPath`` share it."""
-    made = partial(make_batch, state.jobs, state.limits.max_request_tokens, state.prefetched, job_id, step,
-                   rank, world, compression, boundaries, "head_read" in state.unsafe_off)
-    body, tokens = await asyncio.get_running_loop().run_in_executor(getattr(state, "batch_pool", None), made)
+    body, tokens = await anyio.to_thread.run_sync(
+        make_batch, state.jobs, state.limits.max_request_tokens, state.prefetched, job_id, step, rank, world,
+        compression, boundaries, "head_read" in state.unsafe_off,
+        limiter=getattr(state, "batch_limiter", None))
     metrics = state.metrics
     metrics.batches.labels(job_id).inc()
     for name, count in tokens:
