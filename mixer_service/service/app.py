@@ -65,7 +65,11 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is None and b"transfer-encoding" not in headers:
+            await self.app(scope, receive, send)  # no body (HTTP/1.1 section 6.3): nothing to count or replay
+            return
         if length is not None:
             if not length.isdigit() or int(length) > self.limit:
                 await self._too_large(scope)(scope, receive, send)
