@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from mixer_contract.errors import InvalidInput
 from mixer_service.service.settings import (
+    DEFAULT_MEMORY_BYTES,
     SETTINGS_ENV,
     VERIFY_MODES,
     PlanLimits,
@@ -44,8 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-cache", type=_byte_count, default=None, metavar="BYTES",
                    help="bytes of proven shards each worker process keeps in memory and serves with no disk "
                    "read (filled only by a fetch or a verification of a whole shard; least recently read "
-                   f"evicted), e.g. 4G; 0: every read is a checked disk read (default "
-                   f"{_SERVE['memory_cache'].default} bytes, or MIXER_MEMORY_CACHE)")
+                   "evicted), e.g. 4G; 0: every read is a checked disk read (default: MIXER_MEMORY_CACHE, "
+                   f"else {DEFAULT_MEMORY_BYTES} bytes a worker but at most a quarter of this machine's (or "
+                   "container's) memory shared by the workers)")
     p.add_argument(
         "--state-dir",
         type=Path,
@@ -140,7 +142,7 @@ def _sources(settings: ServeSettings):
 
     return SourceRegistry.load(settings.sources_dir, settings.cache_dir, verify=settings.verify,
                                cache_limit=settings.cache_limit, remote_urls=list(settings.sources_urls),
-                               s3_endpoint=settings.s3_endpoint, memory_bytes=settings.memory_cache)
+                               s3_endpoint=settings.s3_endpoint, memory_bytes=settings.memory_cache_bytes)
 
 
 def _byte_count(text: str) -> int:

@@ -52,6 +52,16 @@ class PlanLimits:
     max_seconds: int = 120
 
 
+def usable_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit when lower (a container)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     sources_dir: Path | None = None
@@ -59,7 +69,8 @@ class ServeSettings:
     s3_endpoint: str | None = None
     verify: str = "fast"
     cache_limit: int | None = None  # bytes of decompressed shards kept locally; None: unbounded
-    memory_cache: int = DEFAULT_MEMORY_BYTES  # bytes of proven shards each process keeps in memory; 0: none
+    memory_cache: int | None = None  # bytes of proven shards each worker keeps in memory; 0: none; None: see
+    # ``memory_cache_bytes``
     cache_dir: Path | None = None
     state_dir: Path = Path("mixer-state")
     redis_url: str | None = None
@@ -75,7 +86,7 @@ class ServeSettings:
         """Refuse a setting no server can run with, naming its flag, before anything starts."""
         if self.sources_dir is None and not self.sources_urls:
             raise InvalidInput("give --sources-dir, --sources-url, or both")
-        if self.memory_cache < 0:
+        if self.memory_cache is not None and self.memory_cache < 0:
             raise InvalidInput(f"--memory-cache: must be >= 0 bytes, got {self.memory_cache}")
         if self.verify not in VERIFY_MODES:
             raise InvalidInput(f"--verify: must be one of {list(VERIFY_MODES)}, got {self.verify!r}")
@@ -100,6 +111,15 @@ class ServeSettings:
     def worker_count(self) -> int:
         """One event loop (and one GIL) per core unless set: a batch is CPU work."""
         return self.workers or len(os.sched_getaffinity(0))
+
+    @property
+    def memory_cache_bytes(self) -> int:
+        """``--memory-cache``, or by default 1 GiB a worker but at most a quarter of the memory this
+        process may use shared by the workers: the default is one per core, and 64 workers of 1 GiB each
+        would take 64 GiB of a 64-core node."""
+        if self.memory_cache is not None:
+            return self.memory_cache
+        return min(DEFAULT_MEMORY_BYTES, usable_memory() // 4 // self.worker_count)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str)

@@ -3,6 +3,7 @@ of proven shards (``ShardCache(memory_bytes=...)``), and what ``/metrics`` shows
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from mixer_service.cli import build_parser
 from mixer_service.service.app import Settings, create_app
 from mixer_service.service.auth import Tokens
 from mixer_service.service.serve_command import settings_of
-from mixer_service.service.settings import ServeSettings
+from mixer_service.service.settings import ServeSettings, usable_memory
 from mixer_service.service.source_registry import SourceRegistry
 from mixer_service.sources.cache import DEFAULT_MEMORY_BYTES
 from mixer_service.store import open_store
@@ -28,7 +29,9 @@ def parsed(tmp_path: Path, *flags: str) -> ServeSettings:
 
 def test_the_flag_takes_sizes_like_cache_limit_and_the_environment_fills_it_in(tmp_path, monkeypatch):
     monkeypatch.delenv("MIXER_MEMORY_CACHE", raising=False)
-    assert parsed(tmp_path).memory_cache == DEFAULT_MEMORY_BYTES == 1 << 30
+    default = parsed(tmp_path)
+    assert default.memory_cache is None and DEFAULT_MEMORY_BYTES == 1 << 30
+    assert default.memory_cache_bytes == min(1 << 30, usable_memory() // 4 // default.worker_count)
     assert parsed(tmp_path, "--memory-cache", "4G").memory_cache == 4 << 30
     assert parsed(tmp_path, "--memory-cache", "0").memory_cache == 0
     monkeypatch.setenv("MIXER_MEMORY_CACHE", "512M")
@@ -44,6 +47,16 @@ def test_the_flag_takes_sizes_like_cache_limit_and_the_environment_fills_it_in(t
         parsed(tmp_path, "--memory-cache", "-1G")
     with pytest.raises(InvalidInput, match="--memory-cache: must be >= 0"):
         ServeSettings(sources_dir=tmp_path, memory_cache=-1)
+
+
+def test_the_default_shares_a_quarter_of_memory_among_the_workers(tmp_path) -> None:
+    """Found: the default was 1 GiB a worker whatever the worker count (one per core), so a 64-core node
+    could hold 64 GiB of shard copies; now the default stays within a quarter of usable memory."""
+    many = ServeSettings(sources_dir=tmp_path, workers=4096)
+    assert many.memory_cache_bytes * 4096 <= usable_memory() // 4
+    given = ServeSettings(sources_dir=tmp_path, workers=4096, memory_cache=1 << 30)
+    assert given.memory_cache_bytes == 1 << 30  # a value given is used as given
+    assert 0 < usable_memory() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def cache_stats(metrics: str) -> dict[str, float]:
