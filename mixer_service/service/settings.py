@@ -52,14 +52,30 @@ class PlanLimits:
     max_seconds: int = 120
 
 
-def usable_memory() -> int:
+CGROUP = Path("/sys/fs/cgroup")  # cgroup v2: a container's limits
+
+
+def usable_memory(cgroup: Path = CGROUP) -> int:
     """Bytes of memory this process may use: the machine's, or its cgroup's limit when lower (a container)."""
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        limit = (cgroup / "memory.max").read_text().strip()
     except OSError:
         return total
     return min(total, int(limit)) if limit.isdigit() else total
+
+
+def usable_cores(cgroup: Path = CGROUP) -> int:
+    """Cores this process may run on, and no more than its cgroup's CPU quota (a container's CPU limit is a
+    quota, not a CPU set: a pod limited to 2 CPUs on a 32-core node sees 32 in its affinity)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cores
+    if not (quota.isdigit() and period.isdigit()):
+        return cores  # "max": no quota
+    return max(1, min(cores, -(-int(quota) // int(period))))
 
 
 @dataclass(frozen=True)
@@ -109,8 +125,8 @@ class ServeSettings:
 
     @property
     def worker_count(self) -> int:
-        """One event loop (and one GIL) per core unless set: a batch is CPU work."""
-        return self.workers or len(os.sched_getaffinity(0))
+        """One event loop (and one GIL) per core this process may use unless set: a batch is CPU work."""
+        return self.workers or usable_cores()
 
     @property
     def memory_cache_bytes(self) -> int:

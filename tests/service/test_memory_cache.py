@@ -17,7 +17,7 @@ from mixer_service.cli import build_parser
 from mixer_service.service.app import Settings, create_app
 from mixer_service.service.auth import Tokens
 from mixer_service.service.serve_command import settings_of
-from mixer_service.service.settings import ServeSettings, usable_memory
+from mixer_service.service.settings import ServeSettings, usable_cores, usable_memory
 from mixer_service.service.source_registry import SourceRegistry
 from mixer_service.sources.cache import DEFAULT_MEMORY_BYTES
 from mixer_service.store import open_store
@@ -57,6 +57,24 @@ def test_the_default_shares_a_quarter_of_memory_among_the_workers(tmp_path) -> N
     given = ServeSettings(sources_dir=tmp_path, workers=4096, memory_cache=1 << 30)
     assert given.memory_cache_bytes == 1 << 30  # a value given is used as given
     assert 0 < usable_memory() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_container_s_limits_bound_the_default_workers_and_memory(tmp_path) -> None:
+    """Found: a pod limited to 2 CPUs on a many-core node started one worker per node core (the affinity
+    mask is not the CPU limit), each with its own memory cache. A cgroup's ``cpu.max`` and ``memory.max``
+    (files like the kernel's, in a directory standing for /sys/fs/cgroup) now cap both."""
+    cores, machine = len(os.sched_getaffinity(0)), os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cgroup = tmp_path / "cgroup"
+    assert usable_cores(cgroup) == cores and usable_memory(cgroup) == machine  # no cgroup v2 files
+    cgroup.mkdir()
+    for text, expected in [("max 100000\n", cores), ("50000 100000\n", 1), ("100000 100000\n", 1),
+                           (f"{200000 * cores} 100000\n", cores), ("150000 100000\n", min(cores, 2))]:
+        (cgroup / "cpu.max").write_text(text)
+        assert usable_cores(cgroup) == expected, text
+    for text, expected in [("max\n", machine), (f"{4 << 30}\n", min(machine, 4 << 30))]:
+        (cgroup / "memory.max").write_text(text)
+        assert usable_memory(cgroup) == expected, text
+    assert 1 <= ServeSettings(sources_dir=tmp_path).worker_count <= cores
 
 
 def cache_stats(metrics: str) -> dict[str, float]:
