@@ -14,7 +14,9 @@ import functools
 import json
 import struct
 import threading
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +40,25 @@ def _zstd() -> Any:
 @functools.cache
 def _crc32() -> Callable[[Any], int]:
     """zlib-ng's CRC-32, imported with the first frame: the same checksum as ``zlib.crc32`` (SIMD; 116 -> 32
-    us for a 256 KiB payload here, on both ends of every batch)."""
-    from zlib_ng import zlib_ng
-
+    us for a 256 KiB payload here, on both ends of every batch). The standard library's where zlib-ng is
+    not installed (the contract alone, vendored into a trainer's image)."""
+    try:
+        from zlib_ng import zlib_ng
+    except ImportError:
+        return zlib.crc32
     return zlib_ng.crc32
+
+
+@contextmanager
+def _malformed() -> Iterator[None]:
+    """A header that parses as JSON but lacks a field or holds a wrong type (a flipped byte in transit) is a
+    ``WireError`` like any other damage, so clients retry it, not a ``KeyError`` that stops a trainer."""
+    try:
+        yield
+    except WireError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise WireError(f"batch header is malformed: {exc!r}") from exc
 
 
 class WireError(ValueError):
@@ -120,12 +137,13 @@ def encode(tokens: np.ndarray, source_ids: np.ndarray, header: dict[str, Any], c
 
 
 def decode(data: bytes) -> WireBatch:
-    header, payload = _unframe(data)
-    dtype = np.dtype(header["dtype"]).newbyteorder("<")
-    tokens = np.frombuffer(payload, dtype=dtype).reshape(header["shape"])
-    boundaries = header.get("boundaries")
-    rows = None if boundaries is None else _check_boundaries(boundaries, tokens.shape)
-    return WireBatch(header, tokens, np.asarray(header["source_ids"], dtype=np.int64), rows)
+    with _malformed():
+        header, payload = _unframe(data)
+        dtype = np.dtype(header["dtype"]).newbyteorder("<")
+        tokens = np.frombuffer(payload, dtype=dtype).reshape(header["shape"])
+        boundaries = header.get("boundaries")
+        rows = None if boundaries is None else _check_boundaries(boundaries, tokens.shape)
+        return WireBatch(header, tokens, np.asarray(header["source_ids"], dtype=np.int64), rows)
 
 
 def _check_boundaries(boundaries: Any, shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -160,7 +178,11 @@ def encode_samples(
 
 
 def decode_samples(data: bytes) -> WireSamples:
-    header, payload = _unframe(data)
+    with _malformed():
+        return _samples(*_unframe(data))
+
+
+def _samples(header: dict[str, Any], payload: bytes) -> WireSamples:
     ends = np.cumsum(header["lengths"]).tolist()
     if (ends[-1] if ends else 0) != len(payload):
         raise WireError("sample lengths do not add up to the payload")

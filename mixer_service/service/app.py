@@ -67,8 +67,9 @@ class BodyLimit:
             return
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
-        if length is None and b"transfer-encoding" not in headers:
-            await self.app(scope, receive, send)  # no body (HTTP/1.1 section 6.3): nothing to count or replay
+        http1 = scope.get("http_version") in ("1.0", "1.1")  # HTTP/2 may frame a body with neither header
+        if http1 and length is None and b"transfer-encoding" not in headers:
+            await self.app(scope, receive, send)  # no body (RFC 9112 section 6.3): nothing to count or replay
             return
         if length is not None:
             if not length.isdigit() or int(length) > self.limit:

@@ -150,11 +150,14 @@ def _byte_count(text: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     scale = units.get(text[-1:].upper(), 1)
     try:
-        value = int(float(text[:-1] if scale > 1 else text) * scale)
-    except ValueError:
+        number = float(text[:-1] if scale > 1 else text) * scale
+        value = int(number)
+    except (ValueError, OverflowError):  # OverflowError: inf
         raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (e.g. 20G)") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    if number > 0 and value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is less than one byte (0 turns it off)")
     return value
 
 

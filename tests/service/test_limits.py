@@ -233,3 +233,38 @@ def test_a_missing_sources_dir_is_refused_before_anything_is_written(tmp_path, f
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--sources-dir nosuch: not a directory" in run.stderr
     assert "serving" not in run.stderr and not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("http_version", ["2", "3"])
+def test_a_body_without_length_headers_over_http2_is_still_counted(http_version) -> None:
+    """Found: the shortcut for requests without a body (no Content-Length, no Transfer-Encoding: none in
+    HTTP/1.1) let a 10 KiB HTTP/2 body past a 1,000-byte limit; HTTP/2 and 3 frame bodies without either."""
+    import asyncio
+
+    from mixer_service.service.app import BodyLimit
+
+    reached: list[bytes] = []
+
+    async def app(scope, receive, send) -> None:
+        reached.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    def status(version: str, body: bytes) -> int:
+        sent: list[dict] = []
+        chunks = [{"type": "http.request", "body": body[i:i + 4096], "more_body": i + 4096 < len(body)}
+                  for i in range(0, max(len(body), 1), 4096)]
+
+        async def receive() -> dict:
+            return chunks.pop(0)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/jobs", "headers": [], "http_version": version,
+                 "query_string": b"", "root_path": ""}
+        asyncio.run(BodyLimit(app, limit=1000)(scope, receive, send))
+        return sent[0]["status"]
+
+    assert status(http_version, b"x" * 10240) == 413 and reached == []
+    assert status("1.1", b"") == 200 and reached == [b""]  # HTTP/1.1 without either header: no body

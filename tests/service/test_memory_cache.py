@@ -45,6 +45,15 @@ def test_the_flag_takes_sizes_like_cache_limit_and_the_environment_fills_it_in(t
     monkeypatch.delenv("MIXER_MEMORY_CACHE")
     with pytest.raises(SystemExit):
         parsed(tmp_path, "--memory-cache", "-1G")
+    for bad in ("inf", "1e400", "infG", "nan", "0.5"):  # found: inf was an OverflowError traceback
+        with pytest.raises(SystemExit):
+            parsed(tmp_path, "--memory-cache", bad)
+        with pytest.raises(SystemExit):
+            parsed(tmp_path, "--cache-limit", bad)
+    monkeypatch.setenv("MIXER_MEMORY_CACHE", "inf")
+    with pytest.raises(InvalidInput, match="MIXER_MEMORY_CACHE: not a byte count: 'inf'"):
+        parsed(tmp_path)
+    monkeypatch.delenv("MIXER_MEMORY_CACHE")
     with pytest.raises(InvalidInput, match="--memory-cache: must be >= 0"):
         ServeSettings(sources_dir=tmp_path, memory_cache=-1)
 
