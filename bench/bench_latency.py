@@ -44,8 +44,14 @@ from common import log, prepared_sources, print_table
 
 from mixer_service.service.process import RedisProcess, ServerProcess, start_redis
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from fault_harness import DurableRedis  # noqa: E402  (the fault suite's restartable AOF Redis)
+# tests/ is on the path only for this import: it mirrors the source tree (tests/client/ ...), and left on the
+# path its folders shadowed the packages of the same name in the health probe's spawned process.
+_TESTS = str(Path(__file__).resolve().parent.parent / "tests")
+sys.path.append(_TESTS)
+try:
+    from fault_harness import DurableRedis  # the fault suite's restartable AOF Redis
+finally:
+    sys.path.remove(_TESTS)
 
 RANKS = 64
 ROWS = B // RANKS
