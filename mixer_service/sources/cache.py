@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeGuard
+from typing import TypeGuard, TypeVar
 
 import numpy as np
 import zstandard
@@ -57,6 +57,7 @@ from mixer_service.sources.origins import Origin
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
 
 log = logging.getLogger(__name__)
+_Tokens = TypeVar("_Tokens", CheckedTokens, np.ndarray)
 
 _READ_CHUNK = 1 << 22  # bytes hashed a read while verifying an entry (a multiple of the check block)
 
@@ -294,12 +295,7 @@ class ShardCache:
         return self._resident_view(shard, resident)
 
     def _resident_view(self, shard: Shard, resident: _Resident) -> np.ndarray:
-        tokens = resident.data.view(shard.dtype)
-        if shard.vocab_size is not None and resident.max_token >= shard.vocab_size:
-            pos = int(np.flatnonzero(tokens >= shard.vocab_size)[0])
-            raise CorruptData(f"{shard.label}: token id {int(tokens[pos])} at token offset {pos} is outside "
-                              f"the vocabulary ({shard.vocab_size} ids)")
-        return tokens
+        return _in_vocabulary(shard, resident.max_token, resident.data.view(shard.dtype))
 
     def _keep(self, shard: Shard, data: np.ndarray, max_token: int) -> None:
         """Make ``data`` (the shard's raw bytes, just proven) its resident copy, evicting the least
@@ -362,11 +358,7 @@ class ShardCache:
         assert entry.region is not None
         view = CheckedTokens(entry.region, shard.dtype, shard.num_tokens,
                              recover=lambda failed: self._entry(shard, failed).region)
-        if shard.vocab_size is not None and entry.max_token >= shard.vocab_size:
-            pos, token = find_token_above(view, shard.vocab_size) or (-1, entry.max_token)
-            raise CorruptData(f"{shard.label}: token id {token} at token offset {pos} is outside the "
-                              f"vocabulary ({shard.vocab_size} ids)")
-        return view
+        return _in_vocabulary(shard, entry.max_token, view)
 
     def prefetch(self, shards: Iterable[Shard]) -> list[Future]:
         """Start loading the shards not yet present, in the background; failures surface on ``get``.
@@ -529,6 +521,16 @@ class ShardCache:
             return digest, None
         # One contiguous immutable buffer: a single frame's bytes as they are, several frames joined.
         return digest, _readonly(kept[0] if len(kept) == 1 and isinstance(kept[0], bytes) else b"".join(kept))
+
+
+def _in_vocabulary(shard: Shard, max_token: int, tokens: _Tokens) -> _Tokens:
+    """``tokens``, unless the largest id taken when they were proven lies outside the vocabulary: then
+    ``CorruptData`` naming the first such token (resident copy and checked reads alike)."""
+    if shard.vocab_size is not None and max_token >= shard.vocab_size:
+        pos, token = find_token_above(tokens, shard.vocab_size) or (-1, max_token)
+        raise CorruptData(f"{shard.label}: token id {token} at token offset {pos} is outside the "
+                          f"vocabulary ({shard.vocab_size} ids)")
+    return tokens
 
 
 def _being_written(tmp: Path) -> bool:

@@ -261,10 +261,11 @@ class CheckedTokens:
         return f"CheckedTokens({self.region.label!r}, {self.size} tokens)"
 
 
-def find_token_above(tokens: CheckedTokens, limit: int, chunk: int = 1 << 22) -> tuple[int, int] | None:
+def find_token_above(tokens: CheckedTokens | np.ndarray, limit: int,
+                     chunk: int = 1 << 22) -> tuple[int, int] | None:
     """The first (position, id) of a token id >= ``limit``, or None (used only to name one that is)."""
     for a in range(0, tokens.size, chunk):
-        part = tokens.read(a, a + chunk)
+        part = tokens[a:a + chunk]
         bad = np.flatnonzero(part >= limit)
         if bad.size:
             return a + int(bad[0]), int(part[bad[0]])

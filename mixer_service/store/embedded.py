@@ -241,8 +241,8 @@ class EmbeddedStore(StateStore):
         check_job_id(job_id)
         STEP.check(step)
         # A step at or below the high water (every rank but the first to ask for a step) changes nothing:
-        # one SELECT, atomic on its own, answers it with one statement instead of four (each releases and
-        # retakes the GIL: under 64 connections that hand-off, not SQLite, was the cost).
+        # one SELECT, atomic on its own, answers it with one statement instead of four (a write transaction
+        # that would update nothing). docs/benchmarks.md: no measurable gain beyond run-to-run noise.
         with self._guard() as conn:
             head = self._read_head(conn, job_id)
         if head.served_high_water >= step or head.incarnation != incarnation:

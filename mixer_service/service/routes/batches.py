@@ -19,10 +19,9 @@ from mixer_contract.errors import MixerError
 from mixer_contract.job import JOB_ID_PATTERN
 from mixer_contract.values import RANK, STEP, WORLD, RankSlice, check_step
 from mixer_service.engine import MixingEngine
-from mixer_service.service import problems
 from mixer_service.service.auth import require_reader, role_of
 from mixer_service.service.jobs import JobManager
-from mixer_service.service.problems import ProblemError, responses
+from mixer_service.service.problems import ProblemError, from_error, responses
 from mixer_service.service.routes.deps import jobs
 from mixer_service.service.routes.models import JobId, Rank, Step, World
 from mixer_service.sources.prefetch import prefetch_ahead
@@ -107,7 +106,7 @@ class BatchFastPath:
         try:
             response = await serve_batch(state, *params)
         except MixerError as exc:
-            response = problems.from_error(request, exc)
+            response = from_error(request, exc)
         await response(scope, receive, send)
 
 
