@@ -2,8 +2,11 @@
 
 Replicas (and ``--workers`` processes) share nothing but the store. Every request reads the job's head
 (incarnation, latest version and its chain hash, served high water, trained step) in one store round trip;
-the serve path gets it from the same atomic operation that raises the high water. This process then checks
-the head against everything it has seen before:
+the serve path gets it from the same atomic operation that raises the high water. Batch requests for one
+job that are waiting at the same moment share that operation (``SharedHeadRead``): the first of them to
+start makes it for the highest step of the group, so every request still gets a head read *after* it
+arrived (a change committed before a request arrived is always seen by it), but a queue of N requests costs
+one store round trip, not N. This process then checks the head against everything it has seen before:
 
 * a version it has not seen: fetch only the new log entries and verify that they chain onto its own;
 * the same or an older version of the same chain, read before it learned of the newer one: fine;
@@ -140,6 +143,23 @@ class _Seen:
         return max(((hw, v) for v, hw in self.served_under.items() if v < version), default=(-1, 0))
 
 
+class SharedHeadRead:
+    """One ``mark_served`` round trip shared by the batch requests of one job that arrived before it started.
+
+    Requests join on arrival (``JobManager.admit``); the first member to reach ``JobManager.serve`` closes
+    the group (later arrivals open a new one) and marks the highest step any member asked for, so the head
+    it returns was read after every member arrived, and the high water covers every member's step. The
+    others wait for it (they start after it did; the wait is at most one store round trip)."""
+
+    def __init__(self, incarnation: str) -> None:
+        self.incarnation = incarnation
+        self.max_step = -1
+        self.closed = False
+        self.done = threading.Event()
+        self.view: JobView | None = None
+        self.error: BaseException | None = None
+
+
 def safe_high_water(engine: MixingEngine, effective: int) -> int:
     """The highest served step that a version taking effect at ``effective`` leaves unchanged: below it, and
     lower with 3+ sources, whose served steps depend on a few upcoming weights (the commit's own bound)."""
@@ -159,6 +179,7 @@ class JobManager:
         self._on_fault = on_fault or (lambda fault: None)
         self._jobs: dict[str, JobRuntime] = {}
         self._seen: dict[str, _Seen] = {}
+        self._open_reads: dict[str, SharedHeadRead] = {}  # job -> the group new arrivals join
         self._lock = threading.Lock()
 
     # -- reading -----------------------------------------------------------------------------------
@@ -173,21 +194,71 @@ class JobManager:
             raise
         return JobView(self._reconcile(job_id, head, started), head)
 
-    def serve(self, job_id: str, step: int, rank: int, world: int,
-              max_tokens: int) -> tuple[JobView, RankSlice]:
-        """Validate a batch request, mark the step served, and return the runtime that plans it."""
+    def admit(self, job_id: str, step: int, rank: int, world: int, max_tokens: int) -> SharedHeadRead | None:
+        """On a batch request's arrival: check it against the runtime held and join the job's open shared
+        head read (None when this process holds no runtime yet: ``serve`` then reads alone)."""
+        runtime = self._jobs.get(job_id)
+        if runtime is None:
+            return None
+        self._check_request(runtime.config, step, rank, world, max_tokens)
+        with self._lock:
+            group = self._open_reads.get(job_id)
+            if group is None or group.incarnation != runtime.incarnation:
+                group = self._open_reads[job_id] = SharedHeadRead(runtime.incarnation)
+            group.max_step = max(group.max_step, step)
+        return group
+
+    def serve(self, job_id: str, step: int, rank: int, world: int, max_tokens: int,
+              group: SharedHeadRead | None = None) -> tuple[JobView, RankSlice]:
+        """Validate a batch request, mark the step served, and return the runtime that plans it; ``group``
+        (from ``admit``) shares the store round trip with the requests that arrived with this one."""
+        if group is not None:  # checked by ``admit`` against the same incarnation's config
+            view = self._shared_mark(job_id, group)
+            return view, RankSlice.of(rank, world, view.runtime.config.global_batch)
         runtime = self._jobs.get(job_id) or self.view(job_id).runtime
-        config = runtime.config
+        ranks = self._check_request(runtime.config, step, rank, world, max_tokens)
+        return self._mark(job_id, step, runtime.incarnation), ranks
+
+    @staticmethod
+    def _check_request(config: JobConfig, step: int, rank: int, world: int, max_tokens: int) -> RankSlice:
         check_step(step, config.total_steps)
         ranks = RankSlice.of(rank, world, config.global_batch)
         tokens = config.global_batch // ranks.world * config.seq_len
         if tokens > max_tokens:
             raise TooLarge(f"rank {rank} of {world} asks for {tokens} tokens; this server answers at most "
                            f"{max_tokens} per request (--max-request-tokens): use a larger world")
-        self._require_sources(runtime.config)
+        return ranks
+
+    def _shared_mark(self, job_id: str, group: SharedHeadRead) -> JobView:
+        with self._lock:
+            lead, group.closed = not group.closed, True
+            if lead and self._open_reads.get(job_id) is group:
+                del self._open_reads[job_id]
+        if lead:
+            try:
+                group.view = self._mark(job_id, group.max_step, group.incarnation)
+            except BaseException as exc:
+                group.error = exc
+                raise
+            finally:
+                group.done.set()
+            return group.view
+        group.done.wait()
+        if group.error is not None:
+            if isinstance(group.error, StoreBehind):
+                self._on_fault(group.error.fault)  # counted per answer, as a read of its own would be
+            raise group.error
+        assert group.view is not None
+        return group.view
+
+    def _mark(self, job_id: str, step: int, incarnation: str) -> JobView:
+        """Raise the high water to ``step`` and return the head of that same store operation, checked."""
+        runtime = self._jobs.get(job_id)
+        if runtime is not None:
+            self._require_sources(runtime.config)
         started = time.monotonic()
         try:
-            head = self.store.mark_served(job_id, step, runtime.incarnation)
+            head = self.store.mark_served(job_id, step, incarnation)
         except NotFound:
             self._missing(job_id, started)
             raise
@@ -195,7 +266,7 @@ class JobManager:
         self._remember(job_id, runtime, max(head.served_high_water, step), head.version)
         # A later version than the head's takes effect after the high water at its commit (>= step), so the
         # newest runtime plans this step exactly as the head's version does.
-        return JobView(runtime, head), ranks
+        return JobView(runtime, head)
 
     def describe(self, view: JobView) -> dict[str, Any]:
         runtime, head = view.runtime, view.head

@@ -20,7 +20,7 @@ from mixer_contract.job import JOB_ID_PATTERN
 from mixer_contract.values import RANK, STEP, WORLD, RankSlice, check_step
 from mixer_service.engine import MixingEngine
 from mixer_service.service.auth import require_reader, role_of
-from mixer_service.service.jobs import JobManager
+from mixer_service.service.jobs import JobManager, SharedHeadRead
 from mixer_service.service.problems import ProblemError, from_error, responses
 from mixer_service.service.routes.deps import jobs
 from mixer_service.service.routes.models import JobId, Rank, Step, World
@@ -39,10 +39,14 @@ async def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0,
 
 async def serve_batch(state: Any, job_id: str, step: int, rank: int, world: int, compression: str,
                       boundaries: bool) -> Response:
-    """One batch response, made in one hop to the batch threads; the route and ``BatchFastPath`` share it."""
+    """One batch response, made in one hop to the batch threads; the route and ``BatchFastPath`` share it.
+    The request joins its job's shared head read on arrival, before it waits for a thread."""
+    no_head_read = "head_read" in state.unsafe_off
+    group = None if no_head_read else state.jobs.admit(job_id, step, rank, world,
+                                                        state.limits.max_request_tokens)
     body, tokens = await anyio.to_thread.run_sync(
         make_batch, state.jobs, state.limits.max_request_tokens, state.prefetched, job_id, step, rank, world,
-        compression, boundaries, "head_read" in state.unsafe_off,
+        compression, boundaries, no_head_read, group,
         limiter=getattr(state, "batch_limiter", None))
     metrics = state.metrics
     metrics.batches.labels(job_id).inc()
@@ -127,15 +131,17 @@ def prefetch_new_steps(engine: MixingEngine, prefetched: dict[tuple[str, str], i
 
 def make_batch(manager: JobManager, max_tokens: int, prefetched: dict[tuple[str, str], int], job_id: str,
                step: int, rank: int, world: int, compression: str, boundaries: bool,
-               no_head_read: bool = False) -> tuple[bytes, list[tuple[str, int]]]:
+               no_head_read: bool = False,
+               group: SharedHeadRead | None = None) -> tuple[bytes, list[tuple[str, int]]]:
     """The response body of one batch request (the step marked served first) and the tokens it carries
     per source. ``prefetched``: (job, incarnation) -> the highest step whose successors were prefetched.
+    ``group``: the shared head read the request joined on arrival (``JobManager.admit``).
     ``no_head_read`` (benchmarks only, ``app.unsafe_switches``): the runtime this process holds, unproven."""
     if no_head_read and (held := manager._jobs.get(job_id)) is not None:
         check_step(step, held.config.total_steps)
         runtime, ranks = held, RankSlice.of(rank, world, held.config.global_batch)
     else:
-        view, ranks = manager.serve(job_id, step, rank, world, max_tokens)
+        view, ranks = manager.serve(job_id, step, rank, world, max_tokens, group)
         runtime = view.runtime
     config = runtime.config
     engine = runtime.engine
