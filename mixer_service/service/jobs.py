@@ -151,11 +151,13 @@ class SharedHeadRead:
     it returns was read after every member arrived, and the high water covers every member's step. The
     others wait for it (they start after it did; the wait is at most one store round trip)."""
 
-    def __init__(self, incarnation: str) -> None:
+    __slots__ = ("incarnation", "max_step", "closed", "done", "view", "error")
+
+    def __init__(self, incarnation: str, step: int) -> None:
         self.incarnation = incarnation
-        self.max_step = -1
+        self.max_step = step
         self.closed = False
-        self.done = threading.Event()
+        self.done: threading.Event | None = None  # made when a second member joins (one request: no wait)
         self.view: JobView | None = None
         self.error: BaseException | None = None
 
@@ -204,8 +206,11 @@ class JobManager:
         with self._lock:
             group = self._open_reads.get(job_id)
             if group is None or group.incarnation != runtime.incarnation:
-                group = self._open_reads[job_id] = SharedHeadRead(runtime.incarnation)
-            group.max_step = max(group.max_step, step)
+                group = self._open_reads[job_id] = SharedHeadRead(runtime.incarnation, step)
+            else:
+                group.max_step = max(group.max_step, step)
+                if group.done is None:
+                    group.done = threading.Event()
         return group
 
     def serve(self, job_id: str, step: int, rank: int, world: int, max_tokens: int,
@@ -241,8 +246,10 @@ class JobManager:
                 group.error = exc
                 raise
             finally:
-                group.done.set()
+                if group.done is not None:  # a member joined before the group closed: it may be waiting
+                    group.done.set()
             return group.view
+        assert group.done is not None  # joined an existing group, so ``admit`` made it
         group.done.wait()
         if group.error is not None:
             if isinstance(group.error, StoreBehind):

@@ -62,6 +62,25 @@ _SCHEMA = (
 )
 
 
+class _Guard:
+    """The store's lock held around a use of its connection, SQLite failures as service errors. One instance
+    per store, entered per operation (a class, not a generator: the hot path enters it on every request)."""
+
+    def __init__(self, lock: threading.Lock, conn: sqlite3.Connection, path: Path) -> None:
+        self._lock, self._conn, self._path = lock, conn, path
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        return self._conn
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self._lock.release()
+        if isinstance(exc, sqlite3.OperationalError):
+            raise StoreUnavailable(f"state database {self._path}: {exc}") from exc
+        if isinstance(exc, sqlite3.DatabaseError):
+            raise CorruptData(f"state database {self._path}: {exc}") from exc
+
+
 class EmbeddedStore(StateStore):
     """SQLite-backed store; one connection per store guarded by a lock, safe to share across threads."""
 
@@ -77,6 +96,8 @@ class EmbeddedStore(StateStore):
             )
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open state database {self._path}: {exc}") from exc
+        self._guarded = _Guard(self._lock, self._conn, self._path)
+        self._last_heads: dict[str, tuple[tuple[Any, ...], JobHead]] = {}  # job -> (row, its decoding)
         try:
             self._initialize()
         except BaseException:
@@ -125,16 +146,9 @@ class EmbeddedStore(StateStore):
         logger.warning("state database migrated to schema 2 (incarnations, chained logs)",
                        extra={"path": str(self._path)})
 
-    @contextmanager
-    def _guard(self) -> Iterator[sqlite3.Connection]:
+    def _guard(self) -> _Guard:
         """Serialize use of the connection and translate SQLite failures into service errors."""
-        with self._lock:
-            try:
-                yield self._conn
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"state database {self._path}: {exc}") from exc
-            except sqlite3.DatabaseError as exc:
-                raise CorruptData(f"state database {self._path}: {exc}") from exc
+        return self._guarded
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
@@ -156,7 +170,15 @@ class EmbeddedStore(StateStore):
         return tuple(row)
 
     def _read_head(self, conn: sqlite3.Connection, job_id: str) -> JobHead:
-        return JobHead.decode(job_id, self._require_job(conn, job_id, _HEAD), str(self._path))
+        """The job's head; a row equal to the last one read for the job reuses its checked decoding (the
+        hot path reads the same row for every rank of a step)."""
+        row = self._require_job(conn, job_id, _HEAD)
+        last = self._last_heads.get(job_id)
+        if last is not None and last[0] == row:
+            return last[1]
+        head = JobHead.decode(job_id, row, str(self._path))
+        self._last_heads[job_id] = (row, head)
+        return head
 
     def _insert_job(self, job_id: str, config_json: str, incarnation: str, first: ScheduleVersion) -> bool:
         with self._transaction(write=True) as conn:
