@@ -39,11 +39,11 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeGuard, TypeVar
+from typing import BinaryIO, TypeGuard, TypeVar
 
 import numpy as np
 import zstandard
@@ -59,7 +59,7 @@ from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
 log = logging.getLogger(__name__)
 _Tokens = TypeVar("_Tokens", CheckedTokens, np.ndarray)
 
-_READ_CHUNK = 1 << 22  # bytes hashed a read while verifying an entry (a multiple of the check block)
+_READ_CHUNK = 1 << 20  # bytes decoded or read, then hashed, at a time (a multiple of the check block)
 
 
 @dataclass(frozen=True)
@@ -486,7 +486,6 @@ class ShardCache:
             raise SourceUnavailable(f"{shard.label}: cannot write into the shard cache at {self.directory} "
                                     f"({exc.strerror or exc})") from exc
         fcntl.flock(fd, fcntl.LOCK_EX)  # held while written: a partial file nobody holds is a dead writer's
-        kept: list[bytes] | None = [] if 0 < shard.raw_bytes <= self.memory_bytes else None
         try:
             with os.fdopen(fd, "wb") as out:
                 if self.budget is not None and shard.raw_bytes:
@@ -496,18 +495,7 @@ class ShardCache:
                 self.stats.fetched_bytes += len(data)
                 if hashlib.sha256(data).hexdigest() != shard.sha256:
                     raise CorruptData(f"{shard.label}: shard checksum mismatch (corrupt or truncated)")
-                raw_hash, raw_size, digest = hashlib.sha256(), 0, Digest(shard.dtype)
-                for chunk in _raw_chunks(shard, data):
-                    if raw_size + len(chunk) > shard.raw_bytes:  # never write past what was allocated
-                        raise CorruptData(f"{shard.label}: decompressed shard is longer than meta.json says")
-                    raw_hash.update(chunk)
-                    digest.update(chunk)
-                    raw_size += len(chunk)
-                    out.write(chunk)
-                    if kept is not None:
-                        kept.append(chunk)
-            if raw_size != shard.raw_bytes or raw_hash.hexdigest() != shard.raw_sha256:
-                raise CorruptData(f"{shard.label}: decompressed shard does not match meta.json")
+                digest, kept = _write_raw(shard, data, out, keep=0 < shard.raw_bytes <= self.memory_bytes)
             self._install(tmp, path)
         except zstandard.ZstdError as exc:
             tmp.unlink(missing_ok=True)
@@ -515,12 +503,10 @@ class ShardCache:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        log.info("shard cached", extra={"event": "cache.fetched", "shard": shard.label, "bytes": raw_size,
+        log.info("shard cached", extra={"event": "cache.fetched", "shard": shard.label,
+                                        "bytes": shard.raw_bytes,
                                         "seconds": round(time.perf_counter() - started, 3)})
-        if kept is None:
-            return digest, None
-        # One contiguous immutable buffer: a single frame's bytes as they are, several frames joined.
-        return digest, _readonly(kept[0] if len(kept) == 1 and isinstance(kept[0], bytes) else b"".join(kept))
+        return digest, None if kept is None else _readonly(kept)
 
 
 def _in_vocabulary(shard: Shard, max_token: int, tokens: _Tokens) -> _Tokens:
@@ -548,15 +534,53 @@ def _being_written(tmp: Path) -> bool:
     return False
 
 
-def _raw_chunks(shard: Shard, data: bytes) -> Iterable[bytes]:
-    """The shard's raw tokens, one frame at a time (a decompressobj per frame: ~3x faster than a
-    stream_reader on whole in-memory shards)."""
+def _write_raw(shard: Shard, data: bytes, out: BinaryIO, keep: bool) -> tuple[Digest, bytes | bytearray | None]:
+    """Decode ``data`` (its sha256 checked) into ``out`` one chunk at a time, each chunk's block sums and
+    largest token taken while it is in cache; refuse a stream longer or shorter than the shard or not
+    matching its raw sha256. Returns the digest and, with ``keep``, the one buffer that holds the raw bytes
+    (no writeable view of it outlives this call)."""
+    raw_hash, raw_size, digest = hashlib.sha256(), 0, Digest(shard.dtype)
+    kept, chunks = _raw_stream(shard, data, keep)
+    for chunk in chunks:
+        if raw_size + len(chunk) > shard.raw_bytes:  # never write past what was allocated
+            raise CorruptData(f"{shard.label}: decompressed shard is longer than meta.json says")
+        raw_hash.update(chunk)
+        digest.update(chunk)
+        raw_size += len(chunk)
+        out.write(chunk)
+    if raw_size != shard.raw_bytes or raw_hash.hexdigest() != shard.raw_sha256:
+        raise CorruptData(f"{shard.label}: decompressed shard does not match meta.json")
+    return digest, kept
+
+
+def _raw_stream(shard: Shard, data: bytes, keep: bool) -> tuple[bytes | bytearray | None, Iterator[memoryview]]:
+    """The buffer the raw bytes will be kept in (``keep``; else None) and the raw bytes in order, at most
+    ``_READ_CHUNK`` at a time. A zstd stream is decompressed straight into that buffer (the chunks are views
+    of it: one copy of the raw shard, never a second joined one) or, when nothing is kept, into one reused
+    chunk buffer (memory bounded by a chunk); an ``expand`` shard's expansion is kept as it is."""
     if shard.expand is not None:
-        yield shard.expand(data)
-        return
-    while data:
-        frame = zstandard.ZstdDecompressor().decompressobj()
-        yield frame.decompress(data)
-        if not frame.eof:
-            raise zstandard.ZstdError("truncated zstd frame")
-        data = frame.unused_data
+        raw = shard.expand(data)
+        return (raw if keep else None), _slices(memoryview(raw))
+    into = bytearray(shard.raw_bytes) if keep else None
+    return into, _decompress(data, into)
+
+
+def _slices(view: memoryview) -> Iterator[memoryview]:
+    for a in range(0, len(view), _READ_CHUNK):
+        yield view[a:a + _READ_CHUNK]
+
+
+def _decompress(data: bytes, into: bytearray | None) -> Iterator[memoryview]:
+    """Every zstd frame of ``data`` decompressed in order into ``into`` (filled from its start; once full,
+    one byte more is looked for, so a stream longer than it still shows) or into one reused chunk buffer.
+    A frame cut short yields only what it decodes to, so the caller's length check refuses it."""
+    reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+    target = memoryview(into if into is not None else bytearray(_READ_CHUNK))
+    at = 0
+    while True:
+        window = target if into is None else target[at:at + _READ_CHUNK] or memoryview(bytearray(1))
+        got = reader.readinto(window)
+        if not got:
+            return
+        yield window[:got]
+        at += got
