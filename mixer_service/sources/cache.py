@@ -84,6 +84,28 @@ class Shard:
     def label(self) -> str:
         return self.origin.describe(self.file)
 
+    @property
+    def raw_proven_by_object(self) -> bool:
+        """Whether its stored object, once it matches ``sha256``, proves the raw bytes without hashing them
+        again: a zstd stream (decompression is a function of its input) or an object stored raw (``bytes``,
+        ``sha256`` is ``raw_sha256``). Any other ``expand`` (MDS parsing) is code that may change between
+        versions: its output is hashed against ``raw_sha256``."""
+        return self.expand is None or (self.expand is bytes and self.sha256 == self.raw_sha256)
+
+    @property
+    def decoded_from(self) -> str | None:
+        """What proves the raw bytes this shard builds: the sha256 of the zstd object they are decompressed
+        from, or None when they are hashed against (or stored as) ``raw_sha256``, the cache key."""
+        return self.sha256 if self.expand is None else None
+
+
+def _proves(decoded_from: str | None, shard: Shard) -> bool:
+    """Whether bytes proven as ``decoded_from`` says are ``shard``'s raw bytes: bytes hashed against the key
+    are; bytes decompressed without a raw hash are only for a shard naming the same zstd object. Another
+    source's object claiming the same raw sha256 is not taken on its word (the cache is content-addressed):
+    the bytes are hashed before that shard reads them."""
+    return decoded_from is None or decoded_from == shard.decoded_from
+
 
 @dataclass
 class _Entry:
@@ -92,6 +114,7 @@ class _Entry:
     stamp: FileStamp | None
     region: CheckedRegion | None = None  # set once verified in this process
     max_token: int = -1  # largest token id, from the verified bytes (-1: not looked at, --verify off)
+    decoded_from: str | None = None  # ``Shard.decoded_from`` of the shard that proved it (None: raw-hashed)
     requested: int = 0  # when a request last read it (a ShardCache._clock tick); 0: prefetched, not read yet
 
 
@@ -101,6 +124,7 @@ class _Resident:
 
     data: np.ndarray  # uint8, read-only, over an immutable buffer nobody else can write
     max_token: int
+    decoded_from: str | None  # as ``_Entry.decoded_from``
 
 
 def _readonly(buffer: bytes | bytearray) -> np.ndarray:
@@ -279,25 +303,29 @@ class ShardCache:
         """The shard's tokens, verified in this process: a read-only array of its resident copy when it
         has one, else read (and checked) from disk on every access; fetches it when absent (``CacheFull``
         when it cannot fit the limit even after evicting all else)."""
-        key = shard.raw_sha256
         with self._lock:
-            resident = self._resident.get(key)
+            resident = self._resident_for(shard)
             if resident is not None:
-                self._resident.move_to_end(key)
+                self._resident.move_to_end(shard.raw_sha256)
                 self.stats.hits += 1
                 self.stats.resident_hits += 1
         if resident is None:
             entry = self._entry(shard)
             with self._lock:  # just proven (fetched or re-hashed) by this call or a concurrent one
-                resident = self._resident.get(key)
+                resident = self._resident_for(shard)
             if resident is None:
                 return self._view(shard, entry)
         return self._resident_view(shard, resident)
 
+    def _resident_for(self, shard: Shard) -> _Resident | None:
+        """The resident copy that proves ``shard``'s bytes, if any (caller holds ``_lock``)."""
+        resident = self._resident.get(shard.raw_sha256)
+        return resident if resident is not None and _proves(resident.decoded_from, shard) else None
+
     def _resident_view(self, shard: Shard, resident: _Resident) -> np.ndarray:
         return _in_vocabulary(shard, resident.max_token, resident.data.view(shard.dtype))
 
-    def _keep(self, shard: Shard, data: np.ndarray, max_token: int) -> None:
+    def _keep(self, shard: Shard, data: np.ndarray, max_token: int, decoded_from: str | None) -> None:
         """Make ``data`` (the shard's raw bytes, just proven) its resident copy, evicting the least
         recently read copies to stay within ``memory_bytes``; a shard larger than that is not kept."""
         size = data.nbytes
@@ -312,11 +340,12 @@ class ShardCache:
                 _, dropped = self._resident.popitem(last=False)
                 self.stats.resident_bytes -= dropped.data.nbytes
                 self.stats.resident_evictions += 1
-            self._resident[key] = _Resident(data, max_token)
+            self._resident[key] = _Resident(data, max_token, decoded_from)
             self.stats.resident_bytes += size
 
     def is_resident(self, shard: Shard) -> bool:
-        return shard.raw_sha256 in self._resident
+        with self._lock:
+            return self._resident_for(shard) is not None
 
     def _entry(self, shard: Shard, failed: CheckedRegion | None = None, demand: bool = True) -> _Entry:
         """The verified entry of ``shard``; ``failed``: a region of it that failed a read check, so the
@@ -324,7 +353,7 @@ class ShardCache:
         key = shard.raw_sha256
         with self._lock:
             entry = self._entries.get(key)
-            if failed is None and self._usable(entry):
+            if failed is None and self._usable(entry, shard):
                 self._entries.move_to_end(key)
                 self.stats.hits += 1
                 entry.requested = next(self._clock) if demand else entry.requested
@@ -333,7 +362,7 @@ class ShardCache:
         with key_lock:
             with self._lock:  # another thread may have loaded it while this one waited
                 entry = self._entries.get(key)
-                if self._usable(entry) and (failed is None or entry.region is not failed):
+                if self._usable(entry, shard) and (failed is None or entry.region is not failed):
                     self._entries.move_to_end(key)
                     self.stats.hits += 1
                     entry.requested = next(self._clock) if demand else entry.requested
@@ -351,8 +380,10 @@ class ShardCache:
             return entry
 
     @staticmethod
-    def _usable(entry: _Entry | None) -> TypeGuard[_Entry]:
-        return entry is not None and entry.region is not None and FileStamp.of(entry.path) == entry.stamp
+    def _usable(entry: _Entry | None, shard: Shard) -> TypeGuard[_Entry]:
+        """Verified in this process, unchanged since, and proving ``shard``'s bytes."""
+        return entry is not None and entry.region is not None and _proves(entry.decoded_from, shard) \
+            and FileStamp.of(entry.path) == entry.stamp
 
     def _view(self, shard: Shard, entry: _Entry) -> CheckedTokens:
         assert entry.region is not None
@@ -370,8 +401,9 @@ class ShardCache:
             key = shard.raw_sha256
             with self._lock:
                 entry = self._entries.get(key)
-                if (entry is not None and entry.region is not None) or key in self._pending \
-                        or key in self._resident:  # a resident copy needs no disk entry to be served
+                if (entry is not None and entry.region is not None and _proves(entry.decoded_from, shard)) \
+                        or key in self._pending \
+                        or self._resident_for(shard):  # a resident copy needs no disk entry to be served
                     continue
                 self._pending.add(key)
             started.append(self._pool.submit(self._prefetch_one, shard))
@@ -429,8 +461,8 @@ class ShardCache:
         digest, raw = self._build(shard, path, demand)
         region = CheckedRegion(open_handle(path, str(path)), 0, shard.raw_bytes, digest.finish(), str(path))
         if raw is not None:
-            self._keep(shard, raw, digest.max_token)
-        return _Entry(path, shard.raw_bytes, FileStamp.of(path), region, digest.max_token)
+            self._keep(shard, raw, digest.max_token, shard.decoded_from)
+        return _Entry(path, shard.raw_bytes, FileStamp.of(path), region, digest.max_token, shard.decoded_from)
 
     def _verified(self, shard: Shard, path: Path) -> _Entry | None:
         """An entry for ``path`` with the checksum table of the bytes just hashed, or None when they do not
@@ -467,7 +499,7 @@ class ShardCache:
         region = CheckedRegion(handle, 0, shard.raw_bytes, digest.finish(), str(path))
         if keep is not None:
             del into, chunk  # no writeable view of the kept bytes may outlive this function
-            self._keep(shard, _readonly(keep), digest.max_token)
+            self._keep(shard, _readonly(keep), digest.max_token, None)
         return _Entry(path, shard.raw_bytes, stamp, region, digest.max_token)
 
     def _build(self, shard: Shard, path: Path, demand: bool = True) -> tuple[Digest, np.ndarray | None]:
@@ -534,26 +566,31 @@ def _being_written(tmp: Path) -> bool:
     return False
 
 
-def _write_raw(shard: Shard, data: bytes, out: BinaryIO, keep: bool) -> tuple[Digest, bytes | bytearray | None]:
+def _write_raw(shard: Shard, data: bytes, out: BinaryIO,
+               keep: bool) -> tuple[Digest, bytes | bytearray | None]:
     """Decode ``data`` (its sha256 checked) into ``out`` one chunk at a time, each chunk's block sums and
-    largest token taken while it is in cache; refuse a stream longer or shorter than the shard or not
-    matching its raw sha256. Returns the digest and, with ``keep``, the one buffer that holds the raw bytes
-    (no writeable view of it outlives this call)."""
-    raw_hash, raw_size, digest = hashlib.sha256(), 0, Digest(shard.dtype)
+    largest token taken while it is in cache; refuse a stream longer or shorter than the shard, or, unless
+    the object proves them (``Shard.raw_proven_by_object``), raw bytes not matching the raw sha256. Returns
+    the digest and, with ``keep``, the one buffer that holds the raw bytes (no writeable view of it outlives
+    this call)."""
+    raw_hash = None if shard.raw_proven_by_object else hashlib.sha256()
+    raw_size, digest = 0, Digest(shard.dtype)
     kept, chunks = _raw_stream(shard, data, keep)
     for chunk in chunks:
         if raw_size + len(chunk) > shard.raw_bytes:  # never write past what was allocated
             raise CorruptData(f"{shard.label}: decompressed shard is longer than meta.json says")
-        raw_hash.update(chunk)
+        if raw_hash is not None:
+            raw_hash.update(chunk)
         digest.update(chunk)
         raw_size += len(chunk)
         out.write(chunk)
-    if raw_size != shard.raw_bytes or raw_hash.hexdigest() != shard.raw_sha256:
+    if raw_size != shard.raw_bytes or (raw_hash is not None and raw_hash.hexdigest() != shard.raw_sha256):
         raise CorruptData(f"{shard.label}: decompressed shard does not match meta.json")
     return digest, kept
 
 
-def _raw_stream(shard: Shard, data: bytes, keep: bool) -> tuple[bytes | bytearray | None, Iterator[memoryview]]:
+def _raw_stream(shard: Shard, data: bytes,
+                keep: bool) -> tuple[bytes | bytearray | None, Iterator[memoryview]]:
     """The buffer the raw bytes will be kept in (``keep``; else None) and the raw bytes in order, at most
     ``_READ_CHUNK`` at a time. A zstd stream is decompressed straight into that buffer (the chunks are views
     of it: one copy of the raw shard, never a second joined one) or, when nothing is kept, into one reused
