@@ -2,12 +2,27 @@
 
 Each entry is one shard's raw little-endian tokens in ``<raw_sha256>.bin``: content-addressed, so two
 sources sharing a shard share an entry and a changed shard can never be mistaken for the old one. An entry
-is verified (sha256 of the decompressed bytes) the first time this process uses it, and again whenever its
-file changes (inode, size or mtime); a shard fetched from its origin is checked twice (compressed hash before
-decompression, raw hash after) before it is installed by rename. The same pass takes a 4 KiB block checksum
-table from the verified bytes (``checked``): every later read of the entry is a ``pread`` checked against it,
-so bit rot that leaves the file's stat untouched, or a truncation, is caught on the read that meets it; the
-entry is then dropped and rebuilt from its shard. Token ids are checked against the source's vocabulary
+found on disk is verified (sha256 of its raw bytes) the first time this process uses it, and again whenever
+its file changes (inode, size or mtime). A shard fetched from its origin is hashed once, as it arrives: the
+sha256 of the stored object, before it is decoded, then its length after; it is installed by rename.
+
+Why the raw bytes of a zstd shard need no sha256 of their own (issue 18): zstd decompression is a function
+of its input (RFC 8878 defines one output for a valid frame), so once the object matches the sha256 its
+``meta.json`` commits to, its raw bytes are the ones ``mixer prepare`` compressed and hashed into
+``raw_sha256`` in the same pass. A second hash of them could only catch a meta.json whose two hashes
+disagree (both are committed together in the source's root, which a job pins: whoever could swap an object
+and its sha256 could rewrite ``raw_sha256`` as well), a decoder bug, or a memory fault while decoding; it
+cost more than the first (the raw bytes are larger). The length is still checked. One thing this proof
+does not give: that the bytes hash to ``raw_sha256``, the cache key. So bytes proven by an object serve
+only shards naming that same object (``_proves``); another source whose shard claims the same raw sha256
+re-hashes the file before reading it, and a file found on disk (another process may have built it) is
+always re-hashed. Where no proven object stands behind the raw bytes they are still hashed: a cached file,
+and an ``expand`` that parses (MDS), which is code, not a format; an object stored raw (``expand=bytes``)
+is its raw bytes, hashed once.
+
+The same pass takes a 4 KiB block checksum table from the proven bytes (``checked``): every later read of
+the entry is a ``pread`` checked against it, so bit rot that leaves the file's stat untouched, or a
+truncation, is caught on the read that meets it; the entry is then dropped and rebuilt from its shard. Token ids are checked against the source's vocabulary
 once, in that same pass. With ``limit_bytes`` the cache directory (``root``: everything under it, the
 document indexes kept there included) is a ``DiskBudget``: a shard's bytes are allocated before it is
 fetched, evicting the least recently used entries first, so the directory never holds more than the limit,
@@ -15,8 +30,8 @@ fetches in flight included; views already handed out stay valid after eviction b
 unlinked file open.
 
 Resident tier (``memory_bytes``, default 1 GiB per process; 0 turns it off): when this process has a
-shard's whole raw bytes in hand because it has just proven them (fetched, decompressed and matched against
-the raw sha256, or a cached file re-hashed), it keeps those very bytes, one immutable buffer, as the shard's
+shard's whole raw bytes in hand because it has just proven them (fetched and decoded from a proven object,
+or a cached file re-hashed), it keeps those very bytes, one immutable buffer, as the shard's
 resident copy, and ``get`` answers a read-only array view of them: no ``pread``, no block check, nothing a
 later change, truncation or removal of the file can reach (they are not a mapping of it). Resident copies are
 bounded by ``memory_bytes`` (least recently read evicted first) and independent of the disk entries: a disk

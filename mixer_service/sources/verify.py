@@ -4,8 +4,8 @@
 when the source is opened and each shard and each 8 MiB block of the document index the first time this
 process uses it, so a start costs O(1), not O(index) or O(corpus); ``full`` also hashes every shard and
 index block at open, before the server reports ready. sha256 is kept (it is what every existing
-``meta.json`` records): ~1.5 GB/s on one core here, about the speed zstd decompresses, so a lazily
-verified shard costs about twice its decompression.
+``meta.json`` records): ~1.5 GB/s on one core here, about the speed zstd decompresses; a lazily verified
+shard is hashed once, as its compressed object (``cache``: why that proves the raw bytes).
 """
 
 from __future__ import annotations
