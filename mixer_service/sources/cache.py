@@ -20,14 +20,15 @@ always re-hashed. Where no proven object stands behind the raw bytes they are st
 and an ``expand`` that parses (MDS), which is code, not a format; an object stored raw (``expand=bytes``)
 is its raw bytes, hashed once.
 
-The same pass takes a 4 KiB block checksum table from the proven bytes (``checked``): every later read of
-the entry is a ``pread`` checked against it, so bit rot that leaves the file's stat untouched, or a
-truncation, is caught on the read that meets it; the entry is then dropped and rebuilt from its shard. Token ids are checked against the source's vocabulary
-once, in that same pass. With ``limit_bytes`` the cache directory (``root``: everything under it, the
-document indexes kept there included) is a ``DiskBudget``: a shard's bytes are allocated before it is
-fetched, evicting the least recently used entries first, so the directory never holds more than the limit,
-fetches in flight included; views already handed out stay valid after eviction because they hold the
-unlinked file open.
+The pass that proves an entry's bytes (decoding a proven object, or re-hashing a file) also takes a 4 KiB
+block checksum table from them (``checked``): every later read of the entry is a ``pread`` checked against
+it, so bit rot that leaves the file's stat untouched, or a truncation, is caught on the read that meets it;
+the entry is then dropped and rebuilt from its shard. Token ids are checked against the source's
+vocabulary once, in that same pass. With ``limit_bytes`` the cache directory (``root``: everything under
+it, the document indexes kept there included) is a ``DiskBudget``: a shard's bytes are allocated before it
+is fetched, evicting the least recently used entries first, so the directory never holds more than the
+limit, fetches in flight included; views already handed out stay valid after eviction because they hold
+the unlinked file open.
 
 Resident tier (``memory_bytes``, default 1 GiB per process; 0 turns it off): when this process has a
 shard's whole raw bytes in hand because it has just proven them (fetched and decoded from a proven object,
@@ -583,11 +584,12 @@ def _being_written(tmp: Path) -> bool:
 
 
 def _write_raw(shard: Shard, data: bytes, out: BinaryIO) -> tuple[Digest, bytes | bytearray]:
-    """Decode ``data`` (its sha256 checked) into one buffer, take its block sums and largest token in one
-    pass and write it; refuse a stream longer or shorter than the shard, or, unless the object proves them
+    """Decode ``data`` (its sha256 checked) into one buffer, take its block sums and largest token and
+    write it; refuse a stream longer or shorter than the shard, or, unless the object proves them
     (``Shard.raw_proven_by_object``), raw bytes not matching the raw sha256. Whole-shard calls, not
     chunks: each call into zstd, hashlib or a write gives the GIL up and waits to take it back, which under
-    request threads costs more than the work (a 1 MiB chunking measured 1.6x slower a build)."""
+    request threads costs more than the work (1 MiB chunks built 1.6x slower with two Python threads
+    running)."""
     raw = _raw(shard, data)
     if len(raw) != shard.raw_bytes:  # never write past what was allocated
         raise CorruptData(f"{shard.label}: decompressed shard is "

@@ -43,7 +43,7 @@ class Digest:
         self._sums: list[np.ndarray] = []
         self.max_token = -1
 
-    def update(self, chunk: bytes | memoryview) -> None:
+    def update(self, chunk: bytes | bytearray | memoryview) -> None:
         data = self._pending + bytes(chunk) if self._pending else memoryview(chunk).cast("B")
         whole = len(data) - len(data) % CHECK_BLOCK
         if whole:
