@@ -59,16 +59,19 @@ def test_a_flipped_byte_in_the_compressed_object_is_refused_before_decompression
     shard = stored(tmp_path / "src", "s.zst", good, raw)
     bad = bytearray(good)
     bad[0] ^= 0x01  # the zstd magic number: a decoder would fail with its own message
-    (tmp_path / "src" / "s.zst").write_bytes(bytes(bad))
     with pytest.raises(zstandard.ZstdError, match="Unknown frame descriptor"):
         zstandard.ZstdDecompressor().decompressobj().decompress(bytes(bad))
-    for memory in (1 << 30, 0):
-        cache = ShardCache(tmp_path / f"cache-{memory}", memory_bytes=memory)
-        with pytest.raises(CorruptData, match=r"s\.zst: shard checksum mismatch"):
-            cache.get(shard)
-        assert cache.stats.fetches == 1 and not cache.is_resident(shard)
-        assert list(cache.directory.iterdir()) == []  # nothing named, no partial file
-        cache.close()
+    middle = bytearray(good)
+    middle[len(good) // 2] ^= 0x01  # inside the compressed data
+    for at, obj in enumerate((bad, middle)):
+        (tmp_path / "src" / "s.zst").write_bytes(bytes(obj))
+        for memory in (1 << 30, 0):
+            cache = ShardCache(tmp_path / f"cache-{at}-{memory}", memory_bytes=memory)
+            with pytest.raises(CorruptData, match=r"s\.zst: shard checksum mismatch"):
+                cache.get(shard)
+            assert cache.stats.fetches == 1 and not cache.is_resident(shard)
+            assert list(cache.directory.iterdir()) == []  # nothing named, no partial file
+            cache.close()
 
 
 def test_a_flipped_byte_in_a_cached_raw_file_is_refused_by_its_hash(tmp_path: Path, caplog) -> None:
