@@ -17,7 +17,9 @@ chunks each shard starts), then O(log num_shards) per position; memory O(num_sha
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,6 +32,9 @@ _EPOCHS_KEPT = 64  # per-epoch state kept per source: batches straddle at most a
 # rounds, bounding the one-off build); two windows are kept for a batch that straddles them.
 _WINDOW_TABLE_MAX = 1 << 20
 _WINDOWS_KEPT = 2
+# A sliding block reads W shards' scrambles (tabulated when a shard has up to 2^16 chunks: 256 KiB); a
+# block transition reuses W - 1 of them. Bounded for large W, where a batch then rebuilds the few it reads.
+_SCRAMBLES_KEPT = 64
 
 
 class EpochOrder(Protocol):
@@ -60,25 +65,40 @@ class GlobalOrder:
         return perm.apply(positions)
 
 
-class _WindowEpoch:
-    """One epoch of a ``WindowOrder``: shard permutation, chunk prefix sums and per-window permutations."""
+class _ShardSequence:
+    """One epoch's chunks with its shards in a keyed order and each shard's chunks in stream order: the
+    sequence both shard-local orders cut up."""
 
     def __init__(self, key: int, first_chunk: np.ndarray) -> None:
         num_shards = len(first_chunk) - 1
+        self.key = key
         self.first_chunk = first_chunk  # canonical-order index of each shard's first chunk, M at the end
         self.shard_at = Permutation(num_shards, derive_key(key, "shards")).apply(np.arange(num_shards))
-        counts = np.diff(first_chunk)[self.shard_at]  # chunks per shard, in permuted shard order
-        self.before = np.concatenate([[0], np.cumsum(counts)])  # epoch position of each permuted shard
-        self._key = key
+        self.counts = np.diff(first_chunk)[self.shard_at]  # chunks per shard, in permuted shard order
+        self.before = np.concatenate([[0], np.cumsum(self.counts)])  # epoch position of each permuted shard
+
+    def rank(self, slot: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        """Index in canonical chunk order of chunk ``offset`` (stream order) of permuted shard ``slot``."""
+        return self.first_chunk[self.shard_at[slot]] + offset
+
+
+class _WindowEpoch(_ShardSequence):
+    """One epoch of a ``WindowOrder``: the shard sequence and per-window permutations."""
+
+    def __init__(self, key: int, first_chunk: np.ndarray) -> None:
+        super().__init__(key, first_chunk)
         self._perms: dict[int, Permutation] = {}
 
     def window_perm(self, w: int, size: int) -> Permutation:
         return _bounded_cache(self._perms, w, lambda: Permutation(
-            size, derive_key(self._key, "window", w), table_max=_WINDOW_TABLE_MAX), keep=_WINDOWS_KEPT)
+            size, derive_key(self.key, "window", w), table_max=_WINDOW_TABLE_MAX), keep=_WINDOWS_KEPT)
 
 
-class WindowOrder:
-    """Shards permuted per epoch, chunks shuffled inside windows of ``window`` consecutive shards."""
+class _ShardedOrder(ABC):
+    """What the shard-local orders share: where each shard's chunks fall in an epoch whose chunk edges are
+    rotated, per-epoch state kept in a bounded cache, and the last step from canonical rank to chunk id."""
+
+    _EPOCH_TAG: str
 
     def __init__(self, key: int, num_chunks: int, seq_len: int, shard_offsets: np.ndarray, window: int,
                  rotation: Callable[[int], int]) -> None:
@@ -87,7 +107,7 @@ class WindowOrder:
         self._num_tokens = int(self._bounds[-1])
         self._window = window
         self._rotation = rotation
-        self._epochs: dict[int, _WindowEpoch] = {}
+        self._epochs: dict[int, _ShardSequence] = {}
 
     def _wrap(self, rot: int) -> int:
         """First chunk id whose start passes the end of the stream and wraps to its beginning."""
@@ -107,13 +127,31 @@ class WindowOrder:
         wrapped = np.clip(-(-(a - rot + s) // length), wrap, m) - wrap
         return unwrapped + wrapped
 
-    def _epoch(self, epoch: int) -> _WindowEpoch:
-        return _bounded_cache(self._epochs, epoch, lambda: _WindowEpoch(
-            derive_key(self._key, "window-epoch", epoch), self._first_chunks(self._rotation(epoch))))
+    @abstractmethod
+    def _new_epoch(self, key: int, first_chunk: np.ndarray) -> _ShardSequence: ...
+
+    @abstractmethod
+    def _ranks(self, state: Any, positions: np.ndarray) -> np.ndarray:
+        """Canonical rank of the chunk served at each position of the epoch ``state`` describes."""
+
+    def _epoch(self, epoch: int) -> Any:
+        return _bounded_cache(self._epochs, epoch, lambda: self._new_epoch(
+            derive_key(self._key, self._EPOCH_TAG, epoch), self._first_chunks(self._rotation(epoch))))
 
     def chunks(self, epoch: int, positions: np.ndarray) -> np.ndarray:
-        state = self._epoch(epoch)
-        positions = np.asarray(positions, dtype=np.int64)
+        rank = self._ranks(self._epoch(epoch), np.asarray(positions, dtype=np.int64))
+        return (rank + self._wrap(self._rotation(epoch))) % self._num_chunks
+
+
+class WindowOrder(_ShardedOrder):
+    """Shards permuted per epoch, chunks shuffled inside windows of ``window`` consecutive shards."""
+
+    _EPOCH_TAG = "window-epoch"
+
+    def _new_epoch(self, key: int, first_chunk: np.ndarray) -> _WindowEpoch:
+        return _WindowEpoch(key, first_chunk)
+
+    def _ranks(self, state: _WindowEpoch, positions: np.ndarray) -> np.ndarray:
         before, num_shards = state.before, len(state.shard_at)
         slot = np.searchsorted(before, positions, side="right") - 1  # permuted shard holding the position
         windows = slot // self._window
@@ -124,6 +162,99 @@ class WindowOrder:
             hi = int(before[min((w + 1) * self._window, num_shards)])
             shuffled[sel] = lo + state.window_perm(w, hi - lo).apply(positions[sel] - lo)
         slot = np.searchsorted(before, shuffled, side="right") - 1
-        shard = state.shard_at[slot]
-        rank = state.first_chunk[shard] + (shuffled - before[slot])  # index in canonical chunk order
-        return (rank + self._wrap(self._rotation(epoch))) % self._num_chunks
+        return state.rank(slot, shuffled - before[slot])
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One output block of a sliding epoch: a permutation of its positions, and its slices in order of
+    ``t``: the ``k``-th is chunks ``start[k]...`` (scrambled order) of permuted shard ``slot[k]``, at
+    in-block indices ``[cum[k], cum[k + 1])``."""
+
+    perm: Permutation
+    slot: np.ndarray
+    start: np.ndarray
+    cum: np.ndarray
+
+
+class _SlidingEpoch(_ShardSequence):
+    """One epoch of a ``SlidingOrder``: the shard sequence, where each output block starts, and the block
+    permutations and per-shard scrambles in use."""
+
+    def __init__(self, key: int, first_chunk: np.ndarray, window: int) -> None:
+        super().__init__(key, first_chunk)
+        nb = len(self.counts)
+        self.window = w = min(window, nb)  # W >= num_shards keeps every shard open: the same order
+        # Block j holds slice j - i of permuted shard i; slice t of n chunks is [t n // W, (t + 1) n // W).
+        # Sizes are summed over the shorter of the two axes: O(num_shards * W) numpy work, O(W) calls.
+        sizes = np.zeros(nb + w - 1, dtype=np.int64)
+        if w <= nb:
+            for t in range(w):
+                sizes[t:t + nb] += (t + 1) * self.counts // w - t * self.counts // w
+        else:
+            edges = np.arange(w + 1)
+            for i, n in enumerate(self.counts.tolist()):
+                sizes[i:i + w] += np.diff(edges * n // w)
+        self.block_start = np.concatenate([[0], np.cumsum(sizes)])
+        self._blocks: dict[int, _Block] = {}
+        self._scrambles: dict[int, Permutation] = {}
+        self._scrambles_kept = min(2 * w + 2, _SCRAMBLES_KEPT)
+
+    def block(self, j: int) -> _Block:
+        return _bounded_cache(self._blocks, j, lambda: self._make_block(j), keep=_WINDOWS_KEPT)
+
+    def _make_block(self, j: int) -> _Block:
+        w, nb = self.window, len(self.counts)
+        t = np.arange(max(0, j - nb + 1), min(w, j + 1))
+        slot = j - t
+        n = self.counts[slot]
+        start = t * n // w
+        cum = np.concatenate([[0], np.cumsum((t + 1) * n // w - start)])
+        size = int(self.block_start[j + 1] - self.block_start[j])
+        perm = Permutation(size, derive_key(self.key, "block", j), table_max=_WINDOW_TABLE_MAX)
+        return _Block(perm, slot, start, cum)
+
+    def unscramble(self, slot: int, index: np.ndarray) -> np.ndarray:
+        """Stream-order offset in permuted shard ``slot`` of the chunk at ``index`` of its scrambled order.
+
+        The scramble spreads neighbouring chunks over the shard's ``W`` slices (so a block holds no more
+        adjacent pairs than a window would), and keeps the shard's last chunk, the only one that can run
+        into the next shard, last: the neighbour shard is read only in the shard's last block."""
+        last = int(self.counts[slot]) - 1
+        if last < 2:
+            return index
+        perm = _bounded_cache(self._scrambles, slot, lambda: Permutation(
+            last, derive_key(self.key, "scramble", slot)), keep=self._scrambles_kept)
+        out = index.copy()
+        inner = index < last
+        out[inner] = perm.apply(index[inner])
+        return out
+
+
+class SlidingOrder(_ShardedOrder):
+    """Shards permuted per epoch and admitted one at a time: output block ``j`` serves, shuffled, the
+    ``t``-th ``W``-th of the ``j - t``-th permuted shard for every ``t < W``, so each shard is read during
+    ``W`` consecutive blocks and the epoch starts reading one shard, not ``W``."""
+
+    _EPOCH_TAG = "sliding-epoch"
+
+    def _new_epoch(self, key: int, first_chunk: np.ndarray) -> _SlidingEpoch:
+        return _SlidingEpoch(key, first_chunk, self._window)
+
+    def _ranks(self, state: _SlidingEpoch, positions: np.ndarray) -> np.ndarray:
+        block_start = state.block_start
+        blocks = np.searchsorted(block_start, positions, side="right") - 1  # skips empty blocks
+        slot = np.empty_like(positions)
+        index = np.empty_like(positions)  # in the slot's scrambled order
+        for j in np.unique(blocks).tolist():
+            sel = blocks == j
+            block = state.block(j)
+            inside = block.perm.apply(positions[sel] - block_start[j])
+            k = np.searchsorted(block.cum, inside, side="right") - 1
+            slot[sel] = block.slot[k]
+            index[sel] = block.start[k] + inside - block.cum[k]
+        offset = np.empty_like(positions)
+        for s in np.unique(slot).tolist():
+            sel = slot == s
+            offset[sel] = state.unscramble(s, index[sel])
+        return state.rank(slot, offset)
