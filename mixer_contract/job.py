@@ -19,24 +19,25 @@ JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_SOURCES = 256  # the exact-mixture bound grows as ceil(log2 K)/2 rows; 256 keeps it at 4
 DEFAULT_WINDOW_SHARDS = 16  # see docs/epoch_order.md for the measurement behind it
 MAX_WINDOW_SHARDS = 1 << 20
+ORDER_KINDS = ("global", "window", "sliding")
 
 
 @dataclass(frozen=True)
 class OrderSpec:
-    """A job's ``order`` option: ``{"kind": "window", "window_shards": W}`` (what new jobs get) or
-    ``{"kind": "global"}`` (what a stored config without the key means: every job before the default
-    changed)."""
+    """A job's ``order`` option: ``{"kind": "sliding", "window_shards": W}`` (what new jobs get),
+    ``{"kind": "window", "window_shards": W}`` (what new jobs got before issue 18) or ``{"kind": "global"}``
+    (what a stored config without the key means: every job before issue 10)."""
 
     kind: str = "global"
-    window_shards: int = 0  # only for "window"
+    window_shards: int = 0  # only for the shard-local kinds ("window", "sliding")
 
     @classmethod
     def parse(cls, data: Any) -> OrderSpec:
         if data is None:
             return cls()
-        if not isinstance(data, dict) or data.get("kind") not in ("global", "window"):
-            raise InvalidInput(f"order.kind: must be 'global' or 'window', got {str(data)[:80]}")
-        allowed = {"kind", "window_shards"} if data["kind"] == "window" else {"kind"}
+        if not isinstance(data, dict) or data.get("kind") not in ORDER_KINDS:
+            raise InvalidInput(f"order.kind: must be one of {list(ORDER_KINDS)}, got {str(data)[:80]}")
+        allowed = {"kind"} if data["kind"] == "global" else {"kind", "window_shards"}
         if set(data) - allowed:
             raise InvalidInput(f"order: unknown field(s) {sorted(set(data) - allowed)}")
         if data["kind"] == "global":
@@ -45,11 +46,11 @@ class OrderSpec:
         if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_WINDOW_SHARDS:
             raise InvalidInput(f"order.window_shards: must be an integer in [1, {MAX_WINDOW_SHARDS}], "
                                f"got {w!r}")
-        return cls("window", w)
+        return cls(data["kind"], w)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "window_shards": self.window_shards} if self.kind == "window" else {
-            "kind": self.kind}
+        return {"kind": self.kind} if self.kind == "global" else {
+            "kind": self.kind, "window_shards": self.window_shards}
 
 
 @dataclass(frozen=True)
@@ -118,12 +119,13 @@ class JobConfig:
 
     @classmethod
     def parse_new(cls, data: Any) -> JobConfig:
-        """A job being created: without an ``order`` it gets the window order (a bounded shard cache then
-        reads each shard once per epoch, docs/epoch_order.md), written into its stored config so the
-        document says which order decides its bytes. A config stored before, without the key, keeps the
-        global order it was served under: ``parse`` never changes a stored job's bytes."""
+        """A job being created: without an ``order`` it gets the sliding order (a bounded shard cache then
+        reads each shard once per epoch, and the first step reads one shard per source,
+        docs/epoch_order.md), written into its stored config so the document says which order decides its
+        bytes. A config stored before, without the key, keeps the global order it was served under, and one
+        stored with the window order keeps that: ``parse`` never changes a stored job's bytes."""
         if isinstance(data, dict) and "order" not in data:
-            data = data | {"order": {"kind": "window", "window_shards": DEFAULT_WINDOW_SHARDS}}
+            data = data | {"order": {"kind": "sliding", "window_shards": DEFAULT_WINDOW_SHARDS}}
         return cls.parse(data)
 
     def to_json(self) -> dict[str, Any]:

@@ -4,7 +4,8 @@ A source's canonical token stream is its documents in prepared order, each follo
 tokens). For a job with sequence length ``L`` an epoch is that stream rotated by a seeded offset and cut
 into ``M = ceil(S / L)`` chunks of ``L`` tokens (the last one wraps around to the start), served in a
 seeded order (``epoch_order.py``: one global permutation, or shards permuted and chunks shuffled inside
-windows of shards). Every quantity here is O(1) per sequence: no epoch is ever materialised.
+windows of shards, or shards admitted one at a time into a sliding window of them). Every quantity here is
+O(1) per sequence: no epoch is ever materialised.
 
 Repetition invariant (the one place it lives): a document counts as seen once in an epoch when every chunk
 that holds one of its tokens has been served in that epoch. All ``M`` chunks of epoch ``e`` are served
@@ -21,7 +22,7 @@ import numpy as np
 
 from mixer_contract.errors import InvalidInput, NotFound
 from mixer_contract.job import OrderSpec
-from mixer_service.engine.epoch_order import EpochOrder, GlobalOrder, WindowOrder
+from mixer_service.engine.epoch_order import EpochOrder, GlobalOrder, SlidingOrder, WindowOrder
 from mixer_service.engine.permutation import derive_key
 
 
@@ -72,10 +73,13 @@ class SourceLayout:
         # A source without shards (a flat token file) is one shard.
         shards = getattr(source, "shard_offsets", [0, self.num_tokens])
         self.shard_offsets = np.asarray(shards, dtype=np.int64)
-        self.order: EpochOrder = (
-            WindowOrder(self._key, self.num_chunks, seq_len, self.shard_offsets, order.window_shards,
-                        self.rotation)
-            if order is not None and order.kind == "window" else GlobalOrder(self._key, self.num_chunks))
+        self.order: EpochOrder
+        if order is None or order.kind == "global":
+            self.order = GlobalOrder(self._key, self.num_chunks)
+        else:
+            sharded = SlidingOrder if order.kind == "sliding" else WindowOrder
+            self.order = sharded(self._key, self.num_chunks, seq_len, self.shard_offsets, order.window_shards,
+                                 self.rotation)
 
     @property
     def num_docs(self) -> int:

@@ -19,6 +19,7 @@ from mixer_contract.job import (
     MAX_SOURCES,
     MAX_WINDOW_SHARDS,
     NAME_PATTERN,
+    ORDER_KINDS,
     ROLES,
 )
 from mixer_contract.schedule import MAX_PHASES, WEIGHT_PATTERN
@@ -73,10 +74,12 @@ class SourceModel(_Strict):
 
 
 class OrderModel(_Strict):
-    kind: Literal["global", "window"] = Field(description="global: chunks permuted over the whole source; "
-                                              "window: shards permuted, chunks shuffled inside W-shard "
-                                              "windows (docs/epoch_order.md)")
-    window_shards: int | None = Field(default=None, ge=1, le=MAX_WINDOW_SHARDS, description="W, for window")
+    kind: Literal[ORDER_KINDS] = Field(  # type: ignore[valid-type]
+        description="global: chunks permuted over the whole source; window: shards permuted, chunks shuffled "
+        "inside W-shard windows; sliding: shards permuted and admitted one at a time into a window of W "
+        "(docs/epoch_order.md)")
+    window_shards: int | None = Field(default=None, ge=1, le=MAX_WINDOW_SHARDS,
+                                      description="W, for window and sliding")
 
 
 class JobConfigModel(_Strict):
@@ -87,7 +90,7 @@ class JobConfigModel(_Strict):
     total_steps: bounded(TOTAL_STEPS)  # type: ignore[valid-type]
     allow_wrap: bool = Field(default=False, description="let a once-source start a second pass")
     order: OrderModel | None = Field(default=None, description="epoch order; a new job without it gets "
-                                     f"window order with W={DEFAULT_WINDOW_SHARDS}, written into its config")
+                                     f"sliding order with W={DEFAULT_WINDOW_SHARDS}, written into its config")
 
 
 class PhaseModel(_Strict):
