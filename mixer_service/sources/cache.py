@@ -238,10 +238,15 @@ class ShardCache:
         return []
 
     def check_limit(self, sources: Iterable) -> None:
-        """Refuse a limit too small to serve one window of the default window order of every source at once
-        (a job reads each of its sources at every step), plus what is under the root and cannot be evicted
-        (document indexes, source records) and a block of each remote index. The message gives the smallest
-        limit that works."""
+        """Refuse a limit too small to serve the default (sliding) order of every source at once (a job reads
+        each of its sources at every step), plus what is under the root and cannot be evicted (document
+        indexes, source records) and a block of each remote index. The message gives the smallest limit
+        that works.
+
+        A sliding block reads ``W`` shards, and the step that crosses into the next block one more (the
+        shard it admits), so ``W + 1`` per source: with only ``W`` the admitted shard evicts the least
+        recently read one, which is a shard still in use whenever the retiring shard was read after it in
+        the last step, and the next block fetches again."""
         if self.budget is None:
             return
         unit = block_size(self.budget.root)
@@ -252,7 +257,7 @@ class ShardCache:
         for source in sources:
             shards = getattr(source, "shards", None) or []
             if shards:
-                windows[source.meta.name] = min(DEFAULT_WINDOW_SHARDS, len(shards)) * on_disk(
+                windows[source.meta.name] = min(DEFAULT_WINDOW_SHARDS + 1, len(shards)) * on_disk(
                     max(s.raw_bytes for s in shards), unit)
             index = getattr(source, "doc_offsets", None)
             if isinstance(index, DocIndex) and index.is_cache:
@@ -264,7 +269,7 @@ class ShardCache:
             raise InvalidInput(
                 f"--cache-limit {self.budget.limit} bytes is too small: one window of the default order "
                 f"of each of the {len(windows)} sources needs {window} bytes "
-                f"({DEFAULT_WINDOW_SHARDS} shards, or all of them if fewer; the largest, {widest!r}, "
+                f"({DEFAULT_WINDOW_SHARDS + 1} shards, or all of them if fewer; the largest, {widest!r}, "
                 f"{windows.get(widest, 0)}) "
                 f"plus {fixed + index_blocks} bytes of document indexes and source records under "
                 f"{self.budget.root}; give at least --cache-limit {minimum}")
