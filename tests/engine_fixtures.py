@@ -48,9 +48,14 @@ def schedules(draw, names: list[str], max_start: int = 30) -> dict:
     return {"phases": phases}
 
 
+SLIDING_ORDERS = [{"kind": "sliding", "window_shards": w} for w in (1, 2, 3, 16)]
+ORDERS = [None, *[{"kind": "window", "window_shards": w} for w in (1, 2, 5)], *SLIDING_ORDERS[1::2]]
+
+
 @st.composite
-def jobs(draw, max_steps: int = 40, max_sources: int = 4, min_sources: int = 1):
-    """A random job (either epoch order): config, sources and a schedule log with changes mid-run."""
+def jobs(draw, max_steps: int = 40, max_sources: int = 4, min_sources: int = 1, orders: list = ORDERS):
+    """A random job (any epoch order, or one of ``orders``): config, sources and a schedule log with changes
+    mid-run."""
     n = draw(st.integers(min_sources, max_sources))
     names = [f"s{i}" for i in range(n)]
     roles = [draw(st.sampled_from(["repeat", "once"])) for _ in names]
@@ -70,9 +75,7 @@ def jobs(draw, max_steps: int = 40, max_sources: int = 4, min_sources: int = 1):
             "seed": draw(st.integers(0, 2**32)),
             "total_steps": max_steps,
             "allow_wrap": True,
-            "order": draw(st.sampled_from([None, {"kind": "window", "window_shards": 1},
-                                           {"kind": "window", "window_shards": 2},
-                                           {"kind": "window", "window_shards": 5}])),
+            "order": draw(st.sampled_from(orders)),
         }
     )
     n_versions = draw(st.integers(1, 3))

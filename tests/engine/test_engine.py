@@ -1,7 +1,8 @@
 """Property tests of every engine contract in docs/architecture.md (docs/design.md "Contracts").
 
-Each property is written once and runs on two families of random jobs: FEW (1 to 4 sources, 40 steps)
-and MANY (1 to 64 sources, 30 steps), both with schedule changes mid-run and either epoch order.
+Each property is written once and runs on three families of random jobs: FEW (1 to 4 sources, 40 steps)
+and MANY (1 to 64 sources, 30 steps) in any epoch order, and SLIDING (FEW in the default order of new jobs,
+W from 1 to past the number of shards), all with schedule changes mid-run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from engine_fixtures import ArraySource, cut_log, jobs, schedules
+from engine_fixtures import SLIDING_ORDERS, ArraySource, cut_log, jobs, schedules
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -26,13 +27,15 @@ from mixer_service.engine.mixture import UNBOUNDED_HORIZON, error_bound
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = jobs()
 MANY = jobs(max_steps=30, max_sources=64)
+SLIDING = jobs(orders=SLIDING_ORDERS)
 
 
 def on_each_job_family(test):
-    """Run a property on both families of random jobs: in the test, ``data.draw(job_family)`` is one job."""
+    """Run a property on each family of random jobs: in the test, ``data.draw(job_family)`` is one job."""
     test = SETTINGS(given(data=st.data())(test))
     return pytest.mark.parametrize("job_family", [pytest.param(FEW, id="few-sources"),
-                                                  pytest.param(MANY, id="many-sources")])(test)
+                                                  pytest.param(MANY, id="many-sources"),
+                                                  pytest.param(SLIDING, id="sliding-order")])(test)
 
 
 def two_source_engine(total_steps=100, weights=None, allow_wrap=False, web_docs=400, seq_len=16, batch=8):
@@ -113,10 +116,13 @@ def replay_counts(engine: MixingEngine, last_step: int) -> dict[str, np.ndarray]
     return out
 
 
+@pytest.mark.parametrize("job_family", [
+    pytest.param(jobs(max_steps=25), id="any-order"),
+    pytest.param(jobs(max_steps=25, orders=SLIDING_ORDERS), id="sliding-order")])
 @SETTINGS
-@given(jobs(max_steps=25), st.data())
-def test_replay_of_provenance_equals_repetition_counts(job, data):
-    engine, _ = job
+@given(data=st.data())
+def test_replay_of_provenance_equals_repetition_counts(job_family, data):
+    engine, _ = data.draw(job_family)
     step = data.draw(st.integers(0, engine.config.total_steps - 1))
     replayed = replay_counts(engine, step)
     for lay in engine.layouts:
