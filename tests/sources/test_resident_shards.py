@@ -198,7 +198,8 @@ def _engine(source: PreparedSource, order: dict) -> MixingEngine:
     return MixingEngine.create(config, {"web": source}, [(0, schedule)])
 
 
-@pytest.mark.parametrize("order", [{"kind": "global"}, {"kind": "window", "window_shards": 2}])
+@pytest.mark.parametrize("order", [{"kind": "global"}, {"kind": "window", "window_shards": 2},
+                                   {"kind": "sliding", "window_shards": 2}])
 def test_batches_are_byte_identical_with_the_tier_on_and_off(web: Path, tmp_path: Path, order: dict):
     """Many steps (epochs wrap: rows cross shards and the end of the stream), several ranks; the memory
     bound of two shards makes every step mix resident and checked shards."""

@@ -146,16 +146,17 @@ def test_mixer_serve_from_s3_with_a_cache_limit(s3, sources_dir, tmp_path) -> No
     assert sum(p.stat().st_size for p in (tmp_path / "cache" / "shards").glob("*.bin")) <= limit
 
 
-def test_prefetch_ahead_means_steady_steps_never_fetch(s3, many_shards, tmp_path) -> None:
-    """With the window order and a cache of a few shards, prefetching what the next step reads (known from
-    the schedule) leaves every step's own reads as cache hits."""
+@pytest.mark.parametrize("kind", ["window", "sliding"])
+def test_prefetch_ahead_means_steady_steps_never_fetch(s3, many_shards, tmp_path, kind) -> None:
+    """With a shard-local order and a cache of a few shards, prefetching what the next step reads (known
+    from the schedule) leaves every step's own reads as cache hits."""
     upload(s3, many_shards, "ahead/abc")
     cache = ShardCache(tmp_path / "cache", limit_bytes=8 * 40_000 * 2)
     origin = S3Origin(s3_client(s3), BUCKET, "ahead/abc")
     remote = PreparedSource.open_remote(origin, tmp_path / "index", cache)
     config = JobConfig.parse({"sources": [{"name": "abc", "role": "repeat"}], "seq_len": 256,
                               "global_batch": 4, "seed": 5, "total_steps": 400,
-                              "order": {"kind": "window", "window_shards": 2}})
+                              "order": {"kind": kind, "window_shards": 2}})
     engine = MixingEngine.create(config, {"abc": remote},
                                  [(0, Schedule.parse({"phases": [{"start_step": 0, "weights": {"abc": 1}}]},
                                                      ["abc"]))])
