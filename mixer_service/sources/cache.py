@@ -243,10 +243,10 @@ class ShardCache:
         indexes, source records) and a block of each remote index. The message gives the smallest limit
         that works.
 
-        A sliding block reads ``W`` shards, and the step that crosses into the next block one more (the
-        shard it admits), so ``W + 1`` per source: with only ``W`` the admitted shard evicts the least
-        recently read one, which is a shard still in use whenever the retiring shard was read after it in
-        the last step, and the next block fetches again."""
+        Per source ``W + 2`` shards: a sliding block reads ``W``, the step into the next block one more
+        (the shard it admits), and the retiring shard's last chunk runs into the next shard of the stream.
+        With ``W`` only, the admitted shard evicts one still in use and every block refetches; with
+        ``W + 1``, the neighbour does (``tests/engine/test_epoch_order.py``, an LRU over an epoch)."""
         if self.budget is None:
             return
         unit = block_size(self.budget.root)
@@ -257,7 +257,7 @@ class ShardCache:
         for source in sources:
             shards = getattr(source, "shards", None) or []
             if shards:
-                windows[source.meta.name] = min(DEFAULT_WINDOW_SHARDS + 1, len(shards)) * on_disk(
+                windows[source.meta.name] = min(DEFAULT_WINDOW_SHARDS + 2, len(shards)) * on_disk(
                     max(s.raw_bytes for s in shards), unit)
             index = getattr(source, "doc_offsets", None)
             if isinstance(index, DocIndex) and index.is_cache:
@@ -269,7 +269,7 @@ class ShardCache:
             raise InvalidInput(
                 f"--cache-limit {self.budget.limit} bytes is too small: one window of the default order "
                 f"of each of the {len(windows)} sources needs {window} bytes "
-                f"({DEFAULT_WINDOW_SHARDS + 1} shards, or all of them if fewer; the largest, {widest!r}, "
+                f"({DEFAULT_WINDOW_SHARDS + 2} shards, or all of them if fewer; the largest, {widest!r}, "
                 f"{windows.get(widest, 0)}) "
                 f"plus {fixed + index_blocks} bytes of document indexes and source records under "
                 f"{self.budget.root}; give at least --cache-limit {minimum}")

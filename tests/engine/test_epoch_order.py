@@ -145,14 +145,17 @@ def test_a_sliding_block_holds_no_more_stream_neighbours_than_a_window():
         assert share["sliding"] < 1.25 * share["window"]
 
 
-def lru_fetches(lay: SourceLayout, rows: int, capacity: int) -> int:
+def lru_fetches(lay: SourceLayout, rows: int, capacity: int, neighbours: bool) -> int:
     """Shard loads of an LRU cache of ``capacity`` shards serving one epoch, ``rows`` positions a step,
-    each step reading its shards (by first token) in id order, as ``SourceLayout.gather`` does."""
+    each step reading its shards in id order: the shards its chunks start in, or (``neighbours``) every
+    shard they read, the next one for a chunk running past its shard's end included."""
     cache: OrderedDict[int, None] = OrderedDict()
     loads = 0
     for step in range(lay.num_chunks // rows):
         starts = lay.sequence_starts(np.arange(step * rows, (step + 1) * rows))
-        for shard in np.unique(np.searchsorted(lay.shard_offsets, starts, side="right") - 1).tolist():
+        read = (lay.shards_touched(starts) if neighbours
+                else np.unique(np.searchsorted(lay.shard_offsets, starts, side="right") - 1))
+        for shard in read.tolist():
             if shard in cache:
                 cache.move_to_end(shard)
                 continue
@@ -164,14 +167,19 @@ def lru_fetches(lay: SourceLayout, rows: int, capacity: int) -> int:
 
 
 @pytest.mark.parametrize("window", [4, 8])
-def test_a_cache_of_w_plus_one_shards_reads_each_shard_once_per_sliding_epoch(window):
-    """What ``ShardCache.check_limit`` demands: the step into the next block reads the W shards in use and
-    the one it admits. With room for W only, admitting a shard evicts one still in use whenever the
-    retiring shard was read after it in the last step, and blocks refetch."""
+def test_a_cache_of_w_plus_two_shards_serves_a_sliding_epoch(window):
+    """What ``ShardCache.check_limit`` demands. The step into the next block reads the W shards in use
+    and the one it admits: with room for W + 1 each shard's own chunks load it once per epoch, with W an
+    admitted shard evicts one still in use and blocks refetch. The retiring shard's last chunk also reads
+    the next shard of the stream (a random one): W + 2 then loads about what a cache twice the size does
+    (each shard, and the neighbours), W + 1 far more."""
     lay = sliding_layout(window)
     num_shards = len(lay.shard_offsets) - 1
-    assert lru_fetches(lay, 16, window + 1) == num_shards
-    assert lru_fetches(lay, 16, window) > 1.5 * num_shards
+    assert lru_fetches(lay, 16, window + 1, neighbours=False) == num_shards
+    assert lru_fetches(lay, 16, window, neighbours=False) > 1.5 * num_shards
+    roomy = lru_fetches(lay, 16, 2 * window + 2, neighbours=True)
+    assert lru_fetches(lay, 16, window + 2, neighbours=True) <= 1.2 * roomy < lru_fetches(
+        lay, 16, window + 1, neighbours=True)
 
 
 def test_the_global_order_is_the_permutation_every_job_had():

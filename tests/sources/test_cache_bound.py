@@ -114,8 +114,8 @@ def test_a_limit_below_one_window_is_refused_at_start_with_the_minimum(s3, web, 
     minimum, message = minimum_limit(s3, tmp_path)
     shard_bytes = SHARD_TOKENS * 2
     assert "exited with 2" in message and "one window of the default order" in message
-    assert "(17 shards, or all of them if fewer" in message
-    assert minimum >= 17 * shard_bytes  # the 16 shards of a sliding block and the one it admits, plus indexes
+    assert "(18 shards, or all of them if fewer" in message
+    assert minimum >= 18 * shard_bytes  # a sliding block's 16, the one it admits, a neighbour; plus indexes
     with pytest.raises(RuntimeError, match=f"give at least --cache-limit {minimum}"):
         serve(s3, tmp_path, minimum - 1, workers=2).start()
     with serve(s3, tmp_path, minimum) as srv:  # the minimum works, for a new job in the default order
