@@ -1,7 +1,7 @@
 """The order in which one epoch serves a source's chunks: position ``q`` of epoch ``e`` -> chunk id.
 
-Both orders are keyed bijections on ``[0, M)`` per epoch, computed per position without materialising the
-epoch, so the repetition invariant (every chunk once per epoch, e or e+1 views) holds for either.
+Every order is a keyed bijection on ``[0, M)`` per epoch, computed per position without materialising the
+epoch, so the repetition invariant (every chunk once per epoch, e or e+1 views) holds for each.
 
 * ``GlobalOrder``: one Feistel permutation over all ``M`` chunks. Best mixing, but consecutive positions
   land anywhere in the corpus, so every step touches random shards (a bounded cache thrashes).
@@ -10,9 +10,15 @@ epoch, so the repetition invariant (every chunk once per epoch, e or e+1 views) 
   next window starts. A stretch of positions then reads from ``W`` shards only (plus a neighbour shard
   for a chunk that runs past the end of its shard), so a cache of about ``2 W`` shards per source serves
   the epoch with each shard fetched once. A chunk belongs to the shard holding its first token.
+* ``SlidingOrder`` (what new jobs get): the same permuted shards, admitted one at a time. Each shard's
+  chunks are cut into ``W`` slices; output block ``j`` serves, in a permutation of its own, slice ``t`` of
+  permuted shard ``j - t`` for every ``t < W``. The epoch's first block reads one shard (the window
+  order's first step reads ``W``), a block reads ``W``, each shard is read during ``W`` consecutive
+  blocks, and a cache of ``W + 2`` shards serves the epoch (docs/epoch_order.md).
 
-Lookup cost of ``WindowOrder``: O(num_shards) once per epoch (a shard permutation and a prefix sum of the
-chunks each shard starts), then O(log num_shards) per position; memory O(num_shards), never O(M).
+Lookup cost of the shard-local orders: once per epoch a shard permutation and a prefix sum of the chunks
+each shard starts (O(num_shards)); the sliding order also sums its block sizes (O(num_shards * W) numpy
+work). Then O(log num_shards) per position; memory O(num_shards + W), never O(M).
 """
 
 from __future__ import annotations
