@@ -1,4 +1,5 @@
-"""What a window epoch order costs in shuffle quality, against the global order and mosaicml-streaming.
+"""What a shard-local epoch order (window, sliding) costs in shuffle quality, against the global order and
+mosaicml-streaming.
 
 One web source of ``--tokens`` tokens in shards of 2**26 tokens (the prepare default until 2026-12), cut
 into sequences of L=2048; each step takes ``--rows`` of them (486 = 95% of a 512-row batch). For every
@@ -18,7 +19,8 @@ order the whole first epoch is laid out (position -> chunk -> shard of its first
 Peers, in the same run: our global order (``"order": {"kind": "global"}``, every job's order before issue
 10) and mosaicml-streaming's ``py1br`` and ``py1e`` shuffles with a block of the same W shards' samples.
 
-    python bench/bench_epoch_order.py [--tokens 2e10] [--windows 1 2 4 8 16 32 64] [--rows 486]
+    python bench/bench_epoch_order.py [--tokens 2e10] [--windows 1 2 4 8 16 32 64] [--kinds window sliding]
+                                      [--rows 486]
 """
 
 from __future__ import annotations
@@ -43,14 +45,14 @@ class _ShapeOnly:
         self.shard_offsets = np.r_[np.arange(0, num_tokens, SHARD_TOKENS), num_tokens].astype(np.int64)
 
 
-def our_epoch(source: _ShapeOnly, window: int | None, rows: int, steps: int = 100,
+def our_epoch(source: _ShapeOnly, kind: str, window: int | None, rows: int, steps: int = 100,
               rounds: int = 5) -> tuple[np.ndarray, float, float]:
     """Chunk ids of epoch 0 in serving order; ms for a cold first step; ms per step over ``steps``
     consecutive steps from mid-epoch (per-window state amortised as in serving), best of ``rounds``."""
     from mixer_contract.job import OrderSpec
     from mixer_service.engine.layout import SourceLayout
 
-    order = OrderSpec("window", window) if window else OrderSpec()
+    order = OrderSpec(kind, window) if window else OrderSpec()
     lay = SourceLayout(source, "web", L, seed=1, repeat=False, order=order)
     t0 = time.perf_counter()
     lay.order.chunks(0, np.arange(rows))
@@ -114,6 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=float, default=2e10)
     ap.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    ap.add_argument("--kinds", nargs="+", choices=("window", "sliding"), default=["window", "sliding"])
     ap.add_argument("--rows", type=int, default=486, help="rows of this source per step")
     ap.add_argument("--cache-fraction", type=float, default=0.10)
     ap.add_argument("--peer-windows", type=int, nargs="+", default=[8, 16],
@@ -125,8 +128,9 @@ def main() -> None:
     cache = max(1, int(num_shards * args.cache_fraction))
     print(f"source: {int(args.tokens):.3g} tokens, {num_shards} shards of {SHARD_TOKENS} tokens, L={L}, "
           f"{args.rows} rows/step, LRU cache {cache} shards ({args.cache_fraction:.0%})")
-    runs = [("global (before issue 10)", None, lambda: our_epoch(source, None, args.rows))]
-    runs += [(f"window W={w}", w, lambda w=w: our_epoch(source, w, args.rows)) for w in args.windows]
+    runs = [("global (before issue 10)", None, lambda: our_epoch(source, "global", None, args.rows))]
+    runs += [(f"{kind} W={w}", w, lambda w=w, k=kind: our_epoch(source, k, w, args.rows))
+             for kind in args.kinds for w in args.windows]
     for algo in ("py1br", "py1e"):
         runs += [(f"streaming {algo} block={w} shards", w,
                   lambda w=w, a=algo: streaming_epoch(source, a, w, args.rows)) for w in args.peer_windows]

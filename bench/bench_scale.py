@@ -8,15 +8,17 @@ mosaicml-streaming. Both are uploaded to one moto S3 server on loopback.
 
 Measured, each in its own process so RSS is its own:
 
-* ``mixer serve`` local and remote (``--cache-limit`` = ``--cache-fraction`` of the raw tokens, window
-  order): seconds from spawn to ready, to the first batch (job created in between), steady tokens/s over
-  HTTP (one client, ``--steps`` steps), peak RSS, local disk used.
+* ``mixer serve`` local and remote (``--cache-limit`` = ``--cache-fraction`` of the raw tokens, the
+  shard-local ``--order``, sliding by default as for new jobs): seconds from spawn to ready, to the first
+  batch (job created in between), steady tokens/s over HTTP (one client, ``--steps`` steps), peak RSS,
+  local disk used.
 * The data layer in process (engine + sources, no HTTP): local, and remote with ``prefetch_ahead``
   (what a serving path does between requests): steady tokens/s, shard fetches per step, cache hit ratio.
 * The peer: ``StreamingDataset(remote=s3://..., cache_limit=same bytes, shuffle=True)`` with
   ``S3_ENDPOINT_URL`` at the same server: seconds to first sample, steady tokens/s, fetches, disk, RSS.
 
-    .venv/bin/python bench/bench_scale.py --sizes 1e7 1e8 [--work /tmp/bench-scale] [--json out.json]
+    .venv/bin/python bench/bench_scale.py --sizes 1e7 1e8 [--order window|sliding] [--work /tmp/bench-scale]
+                                          [--json out.json]
 """
 
 from __future__ import annotations
@@ -119,18 +121,18 @@ def s3_server(work: Path):
 # -- our service over HTTP -------------------------------------------------------------------------
 
 
-def job(window: bool) -> dict:
+def job(order: str) -> dict:
     from mixer_contract.schedule import Schedule
 
     config = {"sources": [{"name": "web", "role": "repeat"}], "seq_len": SEQ_LEN, "global_batch": BATCH,
               "seed": 7, "total_steps": 10**6}
-    if window:
-        config["order"] = {"kind": "window", "window_shards": WINDOW_SHARDS}
+    if order != "global":
+        config["order"] = {"kind": order, "window_shards": WINDOW_SHARDS}
     return {"job_id": "bench", "config": config, "author": "bench", "reason": "bench",
             "schedule": Schedule.constant({"web": 1})}
 
 
-def serve_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | None, window: bool) -> dict:
+def serve_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | None, order: str) -> dict:
     import httpx
 
     from mixer_service.service.process import ServerProcess
@@ -151,7 +153,7 @@ def serve_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | N
     ready = time.perf_counter() - t0
     try:
         with httpx.Client(base_url=srv.url, timeout=120) as client:
-            r = client.post("/v1/jobs", json=job(window=window))
+            r = client.post("/v1/jobs", json=job(order))
             r.raise_for_status()
             r = client.get("/v1/jobs/bench/batches/0")
             r.raise_for_status()
@@ -170,7 +172,7 @@ def serve_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | N
 # -- the data layer in process, and the peer (run as child processes of this script) -----------------
 
 
-def inproc_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | None, window: bool) -> dict:
+def inproc_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | None, order: str) -> dict:
     from mixer_contract.job import JobConfig
     from mixer_contract.schedule import Schedule
     from mixer_service.engine import MixingEngine
@@ -187,7 +189,7 @@ def inproc_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | 
                                          work / "inproc-index", cache)
     else:
         src = PreparedSource.open(work / "sources" / "web", cache=cache)
-    spec = job(window=window)
+    spec = job(order)
     config = JobConfig.parse(spec["config"])
     engine = MixingEngine.create(config, {"web": src}, [(0, Schedule.parse(spec["schedule"], ["web"]))])
     engine.batch(0)
@@ -206,7 +208,7 @@ def inproc_run(work: Path, steps: int, endpoint: str | None, cache_limit: int | 
             "rss_mb": peak_rss_mb(), "disk_mb": du_mb(cache_dir)}
 
 
-def peer_run(work: Path, steps: int, endpoint: str, cache_limit: int, window: bool) -> dict:
+def peer_run(work: Path, steps: int, endpoint: str, cache_limit: int, order: str) -> dict:
     from streaming import StreamingDataset
     from streaming.base.util import clean_stale_shared_memory
 
@@ -238,10 +240,9 @@ ROLES = {"inproc": inproc_run, "peer": peer_run}
 
 
 def child(role: str, work: Path, steps: int, endpoint: str | None, cache_limit: int | None,
-          window: bool = False) -> dict:
-    args = [sys.executable, __file__, "--role", role, "--work", str(work), "--steps", str(steps)]
-    if window:
-        args.append("--window")
+          order: str = "global") -> dict:
+    args = [sys.executable, __file__, "--role", role, "--work", str(work), "--steps", str(steps),
+            "--order", order]
     if endpoint:
         args += ["--endpoint", endpoint]
     if cache_limit is not None:
@@ -257,15 +258,15 @@ def run_size(num_tokens: int, args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     data = build(work, num_tokens, args.shard_divisor)
     limit = int(data["tokens"] * 2 * args.cache_fraction)
-    out: dict = {"data": data, "cache_limit_mb": limit / 2**20}
+    out: dict = {"data": data, "cache_limit_mb": limit / 2**20, "order": args.order}
     log(f"bench {num_tokens:.0e}: {data}")
-    out["serve_local"] = serve_run(work, args.steps, None, None, window=False)
-    out["serve_local_window"] = serve_run(work, args.steps, None, None, window=True)
+    out["serve_local"] = serve_run(work, args.steps, None, None, "global")
+    out["serve_local_window"] = serve_run(work, args.steps, None, None, args.order)
     out["inproc_local"] = child("inproc", work, args.steps, None, None)
-    out["inproc_local_window"] = child("inproc", work, args.steps, None, None, window=True)
+    out["inproc_local_window"] = child("inproc", work, args.steps, None, None, args.order)
     with s3_server(work) as endpoint:
-        out["serve_s3"] = serve_run(work, args.steps, endpoint, limit, window=True)
-        out["inproc_s3"] = child("inproc", work, args.steps, endpoint, limit, window=True)
+        out["serve_s3"] = serve_run(work, args.steps, endpoint, limit, args.order)
+        out["inproc_s3"] = child("inproc", work, args.steps, endpoint, limit, args.order)
         if not args.skip_peer:
             out["peer_s3"] = child("peer", work, args.steps, endpoint, limit)
     for key, value in out.items():
@@ -277,14 +278,15 @@ def run_size(num_tokens: int, args: argparse.Namespace) -> dict:
 def table(results: dict) -> str:
     rows = ["| tokens | path | ready (s) | first batch (s) | steady tok/s | fetches/step | hit ratio "
             "| RSS MB | disk MB |", "|---|---|---|---|---|---|---|---|---|"]
-    names = {"serve_local": "mixer serve, local, global order",
-             "serve_local_window": "mixer serve, local, window order",
-             "serve_s3": "mixer serve, S3 (10% cache, window), route prefetches",
-             "inproc_local": "engine in process, local, global + prefetch",
-             "inproc_local_window": "engine in process, local, window + prefetch",
-             "inproc_s3": "engine in process, S3 (10% cache, window) + prefetch",
-             "peer_s3": "streaming StreamingDataset, S3 (10% cache)"}
     for size, r in results.items():
+        order = r["order"]
+        names = {"serve_local": "mixer serve, local, global order",
+                 "serve_local_window": f"mixer serve, local, {order} order",
+                 "serve_s3": f"mixer serve, S3 (10% cache, {order}), route prefetches",
+                 "inproc_local": "engine in process, local, global + prefetch",
+                 "inproc_local_window": f"engine in process, local, {order} + prefetch",
+                 "inproc_s3": f"engine in process, S3 (10% cache, {order}) + prefetch",
+                 "peer_s3": "streaming StreamingDataset, S3 (10% cache)"}
         for key, label in names.items():
             if key not in r:
                 continue
@@ -305,14 +307,15 @@ def main() -> None:
     p.add_argument("--shard-divisor", type=int, default=64, help="about this many shards per source")
     p.add_argument("--json", type=Path)
     p.add_argument("--skip-peer", action="store_true", help="ours only (the peer is the slow part)")
-    p.add_argument("--window", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--order", choices=("global", "window", "sliding"), default="sliding",
+                   help="the shard-local order of the non-global rows (new jobs get sliding)")
     p.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     p.add_argument("--endpoint", help=argparse.SUPPRESS)
     p.add_argument("--cache-limit", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.role:
         role = ROLES[args.role]
-        print(json.dumps(role(args.work, args.steps, args.endpoint, args.cache_limit, args.window)))
+        print(json.dumps(role(args.work, args.steps, args.endpoint, args.cache_limit, args.order)))
         return
     results = {f"{size:.0e}": run_size(int(size), args) for size in args.sizes}
     print(table(results))

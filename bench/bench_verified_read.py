@@ -5,7 +5,8 @@ shard not resident), and from the shard's resident copy (the proven bytes ``Shar
 the path of a resident shard); then a whole engine batch (64 x 2048, boundaries included) over a prepared
 source, the number the check is measured against.
 
-    .venv/bin/python bench/bench_verified_read.py [--tokens 4e6] [--repeat 200] [--order global|window]
+    .venv/bin/python bench/bench_verified_read.py [--tokens 4e6] [--repeat 200]
+                                                  [--order global|window|sliding]
 
 Run it from another checkout (``PYTHONPATH=<old tree>``) to time the engine batch of older code; the
 read rows need ``sources.checked``. Page cache is warm (the numbers are CPU cost, as a steady server sees).
@@ -111,7 +112,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=float, default=4e6)
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--order", choices=("global", "window"), default="global",
+    ap.add_argument("--order", choices=("global", "window", "sliding"), default="global",
                     help="the engine job's epoch order (global: what this bench always timed)")
     args = ap.parse_args()
     print(f"loadavg(1m)={os.getloadavg()[0]:.2f}  {ROWS} x {SEQ} uint16 rows, {args.tokens:.0e} tokens")

@@ -5,7 +5,8 @@ mail, Python and Linux docs: ~27 M tokens), repeated to ``--tokens``. Written tw
 
 * ours: a prepared source (``mixer prepare``'s writer; zstd shards of ``--shard-tokens``), served by one
   ``mixer serve`` over the S3 prefix (``--cache-limit``) and read by ``client.MixerLoader`` (its defaults:
-  zstd on the wire, prefetch 4) with the job the README shows (no ``order`` key) unless ``--order window``;
+  zstd on the wire, prefetch 4) with the job the README shows (no ``order`` key: the sliding order, W=16)
+  unless ``--order window`` or ``--order sliding`` names one;
 * the peer: MDS written by streaming's own ``MDSWriter`` at its defaults (64 MiB shards, zstd), read by
   ``StreamingDataset(remote=s3://…, cache_limit=…, shuffle=True)`` (default ``shuffle_algo``, py1e) inside a
   torch ``DataLoader(num_workers=--workers)``, ranks told by ``RANK``/``WORLD_SIZE``/``LOCAL_*`` as torchrun
@@ -24,7 +25,7 @@ that computes ``--compute-ms`` a step behind ``MixerLoader`` with ``--latency-ms
 (a proxy in front of moto); ``cold`` spawn -> first batch of the README's job (abc + web, L 2049, batch 512)
 at ``--cold-sizes``, local and S3, prepared and adopted (Megatron).
 
-    python bench/bench_vs_streaming.py --tokens 1e9 --ranks 1 8 64 [--order window] [--json out.json]
+    python bench/bench_vs_streaming.py --tokens 1e9 --ranks 1 8 64 [--order window|sliding] [--json out.json]
 """
 
 from __future__ import annotations
@@ -275,8 +276,8 @@ def ours_job(rows: int, world: int, order: str, sources: dict[str, float], seq_l
     config: dict = {"sources": [{"name": n, "role": roles.get(n, "once")} for n in sources],
                     "seq_len": seq_len, "global_batch": global_batch or rows * world, "seed": 7,
                     "total_steps": total_steps, "allow_wrap": allow_wrap}
-    if order == "window":
-        config["order"] = {"kind": "window"}
+    if order != "default":
+        config["order"] = {"kind": order}
     return {"job_id": f"bench-{uuid.uuid4().hex[:6]}", "config": config, "author": "bench",
             "reason": "bench_vs_streaming", "schedule": {"phases": [{"start_step": 0, "weights": sources}]}}
 
@@ -536,8 +537,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="the peer's DataLoader workers per rank")
     p.add_argument("--cache-fraction", type=float, default=0.25)
     p.add_argument("--shard-tokens", type=int, default=1 << 23, help="our prepared shards (tokens)")
-    p.add_argument("--order", choices=("default", "window"), default="default",
-                   help="default: the job has no order key (the README's); window: adds {'kind': 'window'}")
+    p.add_argument("--order", choices=("default", "window", "sliding"), default="default",
+                   help="default: the job has no order key (the README's; the server writes the sliding "
+                   "order in); window or sliding: adds {'kind': ORDER}")
     p.add_argument("--peer-default-block", action="store_true",
                    help="streaming's default shuffle_block_size instead of one sized to the cache")
     p.add_argument("--parts", nargs="+", default=["h2h", "remote", "stall", "cold"],
@@ -564,7 +566,7 @@ def main() -> None:
     out: dict = {"started": started, "command": " ".join(sys.argv), "order": args.order, "load_start": load(),
                  "real_tokens": int(tokens.size), "corpora": corpora,
                  "args": {k: str(v) for k, v in vars(args).items()}}
-    log(f"bench: order {args.order!r} ({'no order key' if args.order == 'default' else 'window'}), "
+    log(f"bench: order {args.order!r} ({'no order key' if args.order == 'default' else args.order}), "
         f"load {load()}")
     if {"h2h", "remote", "stall"} & set(args.parts):
         data = build(int(args.tokens), args)
