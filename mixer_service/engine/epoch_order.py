@@ -38,8 +38,9 @@ _EPOCHS_KEPT = 64  # per-epoch state kept per source: batches straddle at most a
 # rounds, bounding the one-off build); two windows are kept for a batch that straddles them.
 _WINDOW_TABLE_MAX = 1 << 20
 _WINDOWS_KEPT = 2
-# A sliding block reads W shards' scrambles (tabulated when a shard has up to 2^16 chunks: 256 KiB); a
-# block transition reuses W - 1 of them. Bounded for large W, where a batch then rebuilds the few it reads.
+# A sliding block reads W shards' scrambles, tabulated when a shard has up to 2^16 chunks (256 KiB), and
+# the next block W - 1 of the same ones; at most 64 are kept per epoch.
+_SCRAMBLE_TABLE_MAX = 1 << 16
 _SCRAMBLES_KEPT = 64
 
 
@@ -171,21 +172,23 @@ class WindowOrder(_ShardedOrder):
         return state.rank(slot, shuffled - before[slot])
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Block:
     """One output block of a sliding epoch: a permutation of its positions, and its slices in order of
     ``t``: the ``k``-th is chunks ``start[k]...`` (scrambled order) of permuted shard ``slot[k]``, at
-    in-block indices ``[cum[k], cum[k + 1])``."""
+    in-block indices ``[cum[k], cum[k + 1])``. ``ranks``: the canonical rank at each in-block index,
+    tabulated when the block is built (a block is read over several steps, each chunk of it once)."""
 
     perm: Permutation
     slot: np.ndarray
     start: np.ndarray
     cum: np.ndarray
+    ranks: np.ndarray | None = None
 
 
 class _SlidingEpoch(_ShardSequence):
-    """One epoch of a ``SlidingOrder``: the shard sequence, where each output block starts, and the block
-    permutations and per-shard scrambles in use."""
+    """One epoch of a ``SlidingOrder``: the shard sequence, where each output block starts, and the blocks
+    and per-shard scrambles in use."""
 
     def __init__(self, key: int, first_chunk: np.ndarray, window: int) -> None:
         super().__init__(key, first_chunk)
@@ -204,7 +207,9 @@ class _SlidingEpoch(_ShardSequence):
         self.block_start = np.concatenate([[0], np.cumsum(sizes)])
         self._blocks: dict[int, _Block] = {}
         self._scrambles: dict[int, Permutation] = {}
-        self._scrambles_kept = min(2 * w + 2, _SCRAMBLES_KEPT)
+        # A block reads W scrambles; tabulate them only when the blocks in reach (2 W + 2) fit the bound,
+        # else each rebuild would cost a whole shard for a slice of it: Feistel rounds per chunk then.
+        self._scramble_table_max = _SCRAMBLE_TABLE_MAX if 2 * w + 2 <= _SCRAMBLES_KEPT else 0
 
     def block(self, j: int) -> _Block:
         return _bounded_cache(self._blocks, j, lambda: self._make_block(j), keep=_WINDOWS_KEPT)
@@ -217,10 +222,25 @@ class _SlidingEpoch(_ShardSequence):
         start = t * n // w
         cum = np.concatenate([[0], np.cumsum((t + 1) * n // w - start)])
         size = int(self.block_start[j + 1] - self.block_start[j])
-        perm = Permutation(size, derive_key(self.key, "block", j), table_max=_WINDOW_TABLE_MAX)
-        return _Block(perm, slot, start, cum)
+        block = _Block(Permutation(size, derive_key(self.key, "block", j), table_max=_WINDOW_TABLE_MAX),
+                       slot, start, cum)
+        if size <= _WINDOW_TABLE_MAX:
+            block.ranks = self.ranks(block, np.arange(size))
+        return block
 
-    def unscramble(self, slot: int, index: np.ndarray) -> np.ndarray:
+    def ranks(self, block: _Block, inside: np.ndarray) -> np.ndarray:
+        """Canonical rank of the chunk at each in-block index (before the block's permutation)."""
+        if block.ranks is not None:
+            return block.ranks[inside]
+        k = np.searchsorted(block.cum, inside, side="right") - 1
+        offset = np.empty_like(inside)
+        for slice_ in np.unique(k).tolist():  # one slice per shard in a block
+            sel = k == slice_
+            offset[sel] = self._unscramble(int(block.slot[slice_]),
+                                           block.start[slice_] + inside[sel] - block.cum[slice_])
+        return self.rank(block.slot[k], offset)
+
+    def _unscramble(self, slot: int, index: np.ndarray) -> np.ndarray:
         """Stream-order offset in permuted shard ``slot`` of the chunk at ``index`` of its scrambled order.
 
         The scramble spreads neighbouring chunks over the shard's ``W`` slices (so a block holds no more
@@ -230,7 +250,8 @@ class _SlidingEpoch(_ShardSequence):
         if last < 2:
             return index
         perm = _bounded_cache(self._scrambles, slot, lambda: Permutation(
-            last, derive_key(self.key, "scramble", slot)), keep=self._scrambles_kept)
+            last, derive_key(self.key, "scramble", slot), table_max=self._scramble_table_max),
+            keep=_SCRAMBLES_KEPT)
         out = index.copy()
         inner = index < last
         out[inner] = perm.apply(index[inner])
@@ -250,17 +271,9 @@ class SlidingOrder(_ShardedOrder):
     def _ranks(self, state: _SlidingEpoch, positions: np.ndarray) -> np.ndarray:
         block_start = state.block_start
         blocks = np.searchsorted(block_start, positions, side="right") - 1  # skips empty blocks
-        slot = np.empty_like(positions)
-        index = np.empty_like(positions)  # in the slot's scrambled order
+        ranks = np.empty_like(positions)
         for j in np.unique(blocks).tolist():
             sel = blocks == j
             block = state.block(j)
-            inside = block.perm.apply(positions[sel] - block_start[j])
-            k = np.searchsorted(block.cum, inside, side="right") - 1
-            slot[sel] = block.slot[k]
-            index[sel] = block.start[k] + inside - block.cum[k]
-        offset = np.empty_like(positions)
-        for s in np.unique(slot).tolist():
-            sel = slot == s
-            offset[sel] = state.unscramble(s, index[sel])
-        return state.rank(slot, offset)
+            ranks[sel] = state.ranks(block, block.perm.apply(positions[sel] - block_start[j]))
+        return ranks
