@@ -225,10 +225,10 @@ class _SlidingEpoch(_ShardSequence):
         block = _Block(Permutation(size, derive_key(self.key, "block", j), table_max=_WINDOW_TABLE_MAX),
                        slot, start, cum)
         if size <= _WINDOW_TABLE_MAX:
-            block.ranks = self.ranks(block, np.arange(size))
+            block.ranks = self.ranks_in(block, np.arange(size))
         return block
 
-    def ranks(self, block: _Block, inside: np.ndarray) -> np.ndarray:
+    def ranks_in(self, block: _Block, inside: np.ndarray) -> np.ndarray:
         """Canonical rank of the chunk at each in-block index (before the block's permutation)."""
         if block.ranks is not None:
             return block.ranks[inside]
@@ -275,5 +275,5 @@ class SlidingOrder(_ShardedOrder):
         for j in np.unique(blocks).tolist():
             sel = blocks == j
             block = state.block(j)
-            ranks[sel] = state.ranks(block, block.perm.apply(positions[sel] - block_start[j]))
+            ranks[sel] = state.ranks_in(block, block.perm.apply(positions[sel] - block_start[j]))
         return ranks

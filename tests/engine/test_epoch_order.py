@@ -145,6 +145,22 @@ def test_a_sliding_block_holds_no_more_stream_neighbours_than_a_window():
         assert share["sliding"] < 1.25 * share["window"]
 
 
+@pytest.mark.parametrize("window", [4, 40])
+def test_blocks_resolved_per_position_give_the_tabulated_order(window, monkeypatch):
+    """Blocks past the table bound (a shard of over 2^20 chunks) resolve each position through the slices
+    and scrambles; W past 31 leaves the scrambles untabulated. Both are the same order."""
+    from mixer_service.engine import epoch_order
+
+    positions = np.arange(sliding_layout(window).num_chunks)
+    tabulated = [sliding_layout(window).order.chunks(epoch, positions) for epoch in (0, 1)]
+    monkeypatch.setattr(epoch_order, "_WINDOW_TABLE_MAX", 0)
+    lay = sliding_layout(window)
+    for epoch, expected in enumerate(tabulated):
+        np.testing.assert_array_equal(lay.order.chunks(epoch, positions), expected)
+        assert lay.order._epoch(epoch).block(3).ranks is None
+    assert sorted(tabulated[0].tolist()) == positions.tolist()
+
+
 def lru_fetches(lay: SourceLayout, rows: int, capacity: int, neighbours: bool) -> int:
     """Shard loads of an LRU cache of ``capacity`` shards serving one epoch, ``rows`` positions a step,
     each step reading its shards in id order: the shards its chunks start in, or (``neighbours``) every
