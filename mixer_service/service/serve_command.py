@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "every one before ready; off: trust files of the right size (benchmarks only)")
     p.add_argument("--cache-limit", type=_byte_count, default=None,
                    help="a hard bound on the bytes under --cache-dir (shards, index blocks, records), e.g. "
-                   "20G; least recently used evicted; below one window of every source: refused at start "
-                   "(None: unbounded)")
+                   "20G; least recently used evicted; below one window of every source (18 shards of the "
+                   "default order): refused at start (None: unbounded)")
     p.add_argument("--memory-cache", type=_byte_count, default=None, metavar="BYTES",
                    help="bytes of proven shards each worker process keeps in memory and serves with no disk "
                    "read (filled only by a fetch or a verification of a whole shard; least recently read "
