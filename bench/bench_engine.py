@@ -46,7 +46,8 @@ def make_engine(sources: dict, seq_len: int = L, global_batch: int = B, total_st
     from mixer_contract.schedule import Schedule
     from mixer_service.engine import MixingEngine
 
-    config = JobConfig.parse(job_config(seq_len, global_batch, total_steps, allow_wrap=True))
+    # parse_new: the order a job created through the API gets (the default), not a stored config's
+    config = JobConfig.parse_new(job_config(seq_len, global_batch, total_steps, allow_wrap=True))
     sched = Schedule.parse(schedule(DOMAIN_WEIGHT), config.source_names)
     return MixingEngine.create(config, sources, [(0, sched)])
 
