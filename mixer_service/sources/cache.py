@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import itertools
 import logging
 import os
@@ -473,23 +474,28 @@ class ShardCache:
         path = self._path(shard)
         stamp = FileStamp.of(path)
         if trust_file and stamp is not None and stamp.size == shard.raw_bytes:
-            entry = self._verified(shard, path)
+            try:
+                handle = io.FileIO(path, "r")
+            except FileNotFoundError:  # evicted by another process since the stat: fetched again below
+                handle = None
+            entry = self._verified(shard, path, handle) if handle is not None else None
             if entry is not None:
                 return entry
-        if trust_file and stamp is not None:
-            log.warning("cached shard does not match its hash; fetching it again", extra={
-                "event": "cache.mismatch", "cache_file": str(path), "shard": shard.label})
-        digest, raw = self._build(shard, path, demand)
-        region = CheckedRegion(open_handle(path, str(path)), 0, shard.raw_bytes, digest.finish(), str(path))
+            if handle is not None:
+                handle.close()
+                log.warning(f"cached shard {path} does not match its hash; fetching it again", extra={
+                    "event": "cache.mismatch", "cache_file": str(path), "shard": shard.label})
+        handle, digest, raw = self._build(shard, path, demand)
+        region = CheckedRegion(handle, 0, shard.raw_bytes, digest.finish(), str(path))
         if raw is not None:
             self._keep(shard, raw, digest.max_token, shard.decoded_from)
-        return _Entry(path, shard.raw_bytes, FileStamp.of(path), region, digest.max_token, shard.decoded_from)
+        return _Entry(path, shard.raw_bytes, FileStamp.of_open(handle.fileno()), region, digest.max_token,
+                      shard.decoded_from)
 
-    def _verified(self, shard: Shard, path: Path) -> _Entry | None:
-        """An entry for ``path`` with the checksum table of the bytes just hashed, or None when they do not
-        match the shard (``--verify off``: length checks only, nothing hashed)."""
-        handle = open_handle(path, str(path))
-        stamp = FileStamp.of(path)
+    def _verified(self, shard: Shard, path: Path, handle: io.FileIO) -> _Entry | None:
+        """An entry for ``path`` (open as ``handle``) with the checksum table of the bytes just hashed, or
+        None when they do not match the shard (``--verify off``: length checks only, nothing hashed)."""
+        stamp = FileStamp.of_open(handle.fileno())
         if self.verify == VerifyMode.OFF:
             unchecked = CheckedRegion(handle, 0, shard.raw_bytes, None, str(path))
             return _Entry(path, shard.raw_bytes, stamp, unchecked)
@@ -523,11 +529,13 @@ class ShardCache:
             self._keep(shard, _readonly(keep), digest.max_token, None)
         return _Entry(path, shard.raw_bytes, stamp, region, digest.max_token)
 
-    def _build(self, shard: Shard, path: Path, demand: bool = True) -> tuple[Digest, np.ndarray | None]:
+    def _build(self, shard: Shard, path: Path,
+               demand: bool = True) -> tuple[io.FileIO, Digest, np.ndarray | None]:
         """Allocate its bytes within the limit, fetch, check the object's sha256 (before decoding it),
         decode, check the length (and the raw sha256 where the object does not prove the raw bytes), install
-        by rename: a torn or wrong file is never named. Returns the block checksums (and largest token id)
-        of the bytes it proved, and those bytes (read-only) when they may be kept resident."""
+        by rename: a torn or wrong file is never named. Returns a read handle on the file, opened before
+        its rename (another process may evict it as soon as it is named), the block checksums (and largest
+        token id) of the bytes it proved, and those bytes (read-only) when they may be kept resident."""
         started = time.perf_counter()
         tmp = self.directory / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
@@ -550,7 +558,12 @@ class ShardCache:
                 if hashlib.sha256(data).hexdigest() != shard.sha256:
                     raise CorruptData(f"{shard.label}: shard checksum mismatch (corrupt or truncated)")
                 digest, raw = _write_raw(shard, data, out)
-            self._install(tmp, path)
+            handle = open_handle(tmp, str(path))
+            try:
+                self._install(tmp, path)
+            except BaseException:
+                handle.close()
+                raise
         except zstandard.ZstdError as exc:
             tmp.unlink(missing_ok=True)
             raise CorruptData(f"{shard.label}: cannot decompress shard ({exc})") from exc
@@ -560,7 +573,7 @@ class ShardCache:
         log.info("shard cached", extra={"event": "cache.fetched", "shard": shard.label,
                                         "bytes": shard.raw_bytes,
                                         "seconds": round(time.perf_counter() - started, 3)})
-        return digest, _readonly(raw) if 0 < shard.raw_bytes <= self.memory_bytes else None
+        return handle, digest, _readonly(raw) if 0 < shard.raw_bytes <= self.memory_bytes else None
 
 
 def _in_vocabulary(shard: Shard, max_token: int, tokens: _Tokens) -> _Tokens:

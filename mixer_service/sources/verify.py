@@ -47,3 +47,10 @@ class FileStamp:
         except OSError:
             return None
         return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def of_open(cls, fd: int) -> FileStamp:
+        """The stamp of an open file: the one it had when opened, even if another process has unlinked its
+        name since (an eviction between a stat and an open)."""
+        st = os.fstat(fd)
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)

@@ -24,6 +24,7 @@ from mixer_contract.errors import CorruptData
 from mixer_contract.job import JobConfig
 from mixer_service.prepare.tokenizer import ByteTokenizer
 from mixer_service.prepare.writer import prepare_source
+from mixer_service.service.source_registry import SOURCE_RECHECK_S
 from mixer_service.sources import PreparedSource, ShardCache
 from mixer_service.sources.adopted import AdoptedSource
 from mixer_service.sources.source_format import INDEX_BLOCK_ENTRIES, META_FILE, OFFSETS_FILE, MetaFile
@@ -150,11 +151,17 @@ def test_meta_json_edits_that_keep_the_fingerprint_are_refused_by_every_replica(
     with Server(root, state) as running:
         assert httpx.post(f"{running.url}/v1/jobs", json=job("web")).status_code == 201
         assert httpx.get(f"{running.url}/v1/jobs/j-web/batches/0").status_code == 200
+        pinned = httpx.get(f"{running.url}/v1/jobs/j-web/batches/1").content
         meta = json.loads(original)
         meta["shards"][0], meta["shards"][1] = meta["shards"][1], meta["shards"][0]
         (sharded / META_FILE).write_text(json.dumps(meta, indent=2))
         assert MetaFile.load(sharded).source.fingerprint == src.meta.fingerprint  # unchanged
-        r = httpx.get(f"{running.url}/v1/jobs/j-web/batches/1")
+        # Refused within SOURCE_RECHECK_S; until then only the bytes the job pinned are served.
+        deadline = time.monotonic() + SOURCE_RECHECK_S + 5
+        while (r := httpx.get(f"{running.url}/v1/jobs/j-web/batches/1")).status_code == 200:
+            assert r.content == pinned, "a wrong byte served while the edit was not yet seen"
+            assert time.monotonic() < deadline, "still served long after meta.json changed"
+            time.sleep(0.05)
         assert r.status_code == 503 and "web" in r.text, r.text
     with Server(root, state) as fresh:
         r = httpx.get(f"{fresh.url}/v1/jobs/j-web/batches/1")

@@ -25,6 +25,7 @@ from mixer_contract.schedule import Schedule
 from mixer_service.engine import MixingEngine
 from mixer_service.prepare.tokenizer import ByteTokenizer
 from mixer_service.prepare.writer import prepare_source
+from mixer_service.service.source_registry import SOURCE_RECHECK_S
 from mixer_service.sources import PreparedSource
 
 STEPS = range(6)
@@ -70,6 +71,17 @@ def assert_unavailable(r: httpx.Response, *names: str) -> None:
         assert r.headers["content-type"].startswith("application/problem+json")
     for name in names:
         assert name in r.text, r.text
+
+
+def refused_within_recheck(url: str, step: int, pinned: bytes, *names: str) -> None:
+    """``step`` is refused (503 naming ``names``) within ``SOURCE_RECHECK_S`` of a change to a source's
+    files; until then every answer is the bytes the job pinned, never others."""
+    deadline = time.monotonic() + SOURCE_RECHECK_S + 5
+    while (r := batch(url, step)).status_code == 200:
+        assert wire.decode(r.content).tokens.tobytes() == pinned, "a wrong byte served inside the window"
+        assert time.monotonic() < deadline, f"step {step} still served long after the change"
+        time.sleep(0.05)
+    assert_unavailable(r, *names)
 
 
 def flip_every(path: Path, stride: int = 97) -> None:
@@ -156,23 +168,23 @@ def test_edited_index_of_the_same_shape_is_refused(root: Path, tmp_path: Path) -
 def test_index_edited_in_place_under_a_running_server(root: Path, tmp_path: Path) -> None:
     with server(root, tmp_path / "state") as srv:
         assert create_job(srv.url).status_code == 201
-        assert batch(srv.url, 0).status_code == 200
+        pinned = served(srv.url)
         mapped = np.load(root / "abc" / "doc_offsets.npy", mmap_mode="r+")
         mapped[10] += 3  # the server maps this very file
         mapped.flush()
         del mapped
         assert_unavailable(httpx.get(f"{srv.url}/v1/ready"), "doc_offsets.npy")
-        assert_unavailable(batch(srv.url, 1), "abc", "doc_offsets.npy")
+        refused_within_recheck(srv.url, STEPS[1], pinned[1], "abc", "doc_offsets.npy")
 
 
 def test_meta_removed_under_a_running_server(root: Path, tmp_path: Path) -> None:
     with server(root, tmp_path / "state") as srv:
         assert create_job(srv.url).status_code == 201
-        assert batch(srv.url, 0).status_code == 200
+        pinned = served(srv.url)
         (root / "sotu" / "meta.json").unlink()
         assert_unavailable(httpx.get(f"{srv.url}/v1/ready"), "sotu", "meta.json")
-        assert_unavailable(batch(srv.url, 1), "sotu", "meta.json")
-        assert batch(srv.url, 0).status_code == 503  # not even a step served before the change
+        refused_within_recheck(srv.url, STEPS[1], pinned[1], "sotu", "meta.json")
+        assert batch(srv.url, STEPS[0]).status_code == 503  # not even a step served before the change
 
 
 def test_a_shard_put_back_is_accepted_again(tmp_path: Path) -> None:
