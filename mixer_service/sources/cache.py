@@ -2,37 +2,30 @@
 
 Each entry is one shard's raw little-endian tokens in ``<raw_sha256>.bin``: content-addressed, so two
 sources sharing a shard share an entry and a changed shard can never be mistaken for the old one. An entry
-found on disk is verified (sha256 of its raw bytes) the first time this process uses it, and again whenever
-its file changes (inode, size or mtime). A shard fetched from its origin is hashed once, as it arrives: the
-sha256 of the stored object, before it is decoded, then its length after; it is installed by rename.
+is verified (sha256 of its raw bytes) the first time this process uses it, and again whenever its file
+changes (inode, size or mtime). A shard fetched from its origin is checked twice as it arrives: the sha256 of
+the stored object before it is decoded, then the sha256 of the decoded bytes against ``raw_sha256``, the
+cache key; it is installed by rename.
 
-Why the raw bytes of a zstd shard need no sha256 of their own (issue 18): zstd decompression is a function
-of its input (RFC 8878 defines one output for a valid frame), so once the object matches the sha256 its
-``meta.json`` commits to, its raw bytes are the ones ``mixer prepare`` compressed and hashed into
-``raw_sha256`` in the same pass. A second hash of them could only catch a meta.json whose two hashes
-disagree (both are committed together in the source's root, which a job pins: whoever could swap an object
-and its sha256 could rewrite ``raw_sha256`` as well), a decoder bug, or a memory fault while decoding; it
-cost more than the first (the raw bytes are larger). The length is still checked. One thing this proof
-does not give: that the bytes hash to ``raw_sha256``, the cache key. So bytes proven by an object serve
-only shards naming that same object (``_proves``); another source whose shard claims the same raw sha256
-re-hashes the file before reading it, and a file found on disk (another process may have built it) is
-always re-hashed. Where no proven object stands behind the raw bytes they are still hashed: a cached file,
-and an ``expand`` that parses (MDS), which is code, not a format; an object stored raw (``expand=bytes``)
-is its raw bytes, hashed once.
+Why the raw bytes are hashed although the object's hash was checked (issue 18 tried skipping it): the cache
+is content-addressed by ``raw_sha256`` and shared by every source, and a matching object proves only its own
+decompression, not that it decodes to the key. With the raw hash skipped, a meta.json whose ``raw_sha256``
+lies made one shard serve different bytes depending on what another source had read, and ``--verify off``
+handed the liar's bytes to an honest source (``tests/sources/test_hostile_cache.py``). The raw hash is one
+``hashlib`` call over the decoded buffer (~9 ms a 16 MiB shard here, about a quarter of a build).
 
-The pass that proves an entry's bytes (decoding a proven object, or re-hashing a file) also takes a 4 KiB
-block checksum table from them (``checked``): every later read of the entry is a ``pread`` checked against
+The pass that proves an entry's bytes (decoding and hashing an object, or re-hashing a file) also takes a 4
+KiB block checksum table from them (``checked``): every later read of the entry is a ``pread`` checked against
 it, so bit rot that leaves the file's stat untouched, or a truncation, is caught on the read that meets it;
-the entry is then dropped and rebuilt from its shard. Token ids are checked against the source's
-vocabulary once, in that same pass. With ``limit_bytes`` the cache directory (``root``: everything under
-it, the document indexes kept there included) is a ``DiskBudget``: a shard's bytes are allocated before it
-is fetched, evicting the least recently used entries first, so the directory never holds more than the
-limit, fetches in flight included; views already handed out stay valid after eviction because they hold
-the unlinked file open.
+the entry is then dropped and rebuilt from its shard. Token ids are checked against the source's vocabulary
+once, in that same pass. With ``limit_bytes`` the cache directory (``root``: everything under it, the document
+indexes kept there included) is a ``DiskBudget``: a shard's bytes are allocated before it is fetched, evicting
+the least recently used entries first, so the directory never holds more than the limit, fetches in flight
+included; views already handed out stay valid after eviction because they hold the unlinked file open.
 
 Resident tier (``memory_bytes``, default 1 GiB per process; 0 turns it off): when this process has a
-shard's whole raw bytes in hand because it has just proven them (fetched and decoded from a proven object,
-or a cached file re-hashed), it keeps those very bytes, one immutable buffer, as the shard's
+shard's whole raw bytes in hand because it has just proven them (fetched, decoded and hashed, or a cached
+file re-hashed), it keeps those very bytes, one immutable buffer, as the shard's
 resident copy, and ``get`` answers a read-only array view of them: no ``pread``, no block check, nothing a
 later change, truncation or removal of the file can reach (they are not a mapping of it). Resident copies are
 bounded by ``memory_bytes`` (least recently read evicted first) and independent of the disk entries: a disk
@@ -101,27 +94,7 @@ class Shard:
     def label(self) -> str:
         return self.origin.describe(self.file)
 
-    @property
-    def raw_proven_by_object(self) -> bool:
-        """Whether its stored object, once it matches ``sha256``, proves the raw bytes without hashing them
-        again: a zstd stream (decompression is a function of its input) or an object stored raw (``bytes``,
-        ``sha256`` is ``raw_sha256``). Any other ``expand`` (MDS parsing) is code that may change between
-        versions: its output is hashed against ``raw_sha256``."""
-        return self.expand is None or (self.expand is bytes and self.sha256 == self.raw_sha256)
 
-    @property
-    def decoded_from(self) -> str | None:
-        """What proves the raw bytes this shard builds: the sha256 of the zstd object they are decompressed
-        from, or None when they are hashed against (or stored as) ``raw_sha256``, the cache key."""
-        return self.sha256 if self.expand is None else None
-
-
-def _proves(decoded_from: str | None, shard: Shard) -> bool:
-    """Whether bytes proven as ``decoded_from`` says are ``shard``'s raw bytes: bytes hashed against the key
-    are; bytes decompressed without a raw hash are only for a shard naming the same zstd object. Another
-    source's object claiming the same raw sha256 is not taken on its word (the cache is content-addressed):
-    the bytes are hashed before that shard reads them."""
-    return decoded_from is None or decoded_from == shard.decoded_from
 
 
 @dataclass
@@ -131,7 +104,7 @@ class _Entry:
     stamp: FileStamp | None
     region: CheckedRegion | None = None  # set once verified in this process
     max_token: int = -1  # largest token id, from the verified bytes (-1: not looked at, --verify off)
-    decoded_from: str | None = None  # ``Shard.decoded_from`` of the shard that proved it (None: raw-hashed)
+    max_dtype: np.dtype | None = None  # the dtype the bytes were read as to take ``max_token``
     requested: int = 0  # when a request last read it (a ShardCache._clock tick); 0: prefetched, not read yet
 
 
@@ -141,7 +114,7 @@ class _Resident:
 
     data: np.ndarray  # uint8, read-only, over an immutable buffer nobody else can write
     max_token: int
-    decoded_from: str | None  # as ``_Entry.decoded_from``
+    max_dtype: np.dtype  # as ``_Entry.max_dtype``
 
 
 def _readonly(buffer: bytes | bytearray) -> np.ndarray:
@@ -326,7 +299,7 @@ class ShardCache:
         has one, else read (and checked) from disk on every access; fetches it when absent (``CacheFull``
         when it cannot fit the limit even after evicting all else)."""
         with self._lock:
-            resident = self._resident_for(shard)
+            resident = self._resident.get(shard.raw_sha256)
             if resident is not None:
                 self._resident.move_to_end(shard.raw_sha256)
                 self.stats.hits += 1
@@ -334,20 +307,16 @@ class ShardCache:
         if resident is None:
             entry = self._entry(shard)
             with self._lock:  # just proven (fetched or re-hashed) by this call or a concurrent one
-                resident = self._resident_for(shard)
+                resident = self._resident.get(shard.raw_sha256)
             if resident is None:
                 return self._view(shard, entry)
         return self._resident_view(shard, resident)
 
-    def _resident_for(self, shard: Shard) -> _Resident | None:
-        """The resident copy that proves ``shard``'s bytes, if any (caller holds ``_lock``)."""
-        resident = self._resident.get(shard.raw_sha256)
-        return resident if resident is not None and _proves(resident.decoded_from, shard) else None
 
     def _resident_view(self, shard: Shard, resident: _Resident) -> np.ndarray:
-        return _in_vocabulary(shard, resident.max_token, resident.data.view(shard.dtype))
+        return _in_vocabulary(shard, resident.max_token, resident.max_dtype, resident.data.view(shard.dtype))
 
-    def _keep(self, shard: Shard, data: np.ndarray, max_token: int, decoded_from: str | None) -> None:
+    def _keep(self, shard: Shard, data: np.ndarray, max_token: int) -> None:
         """Make ``data`` (the shard's raw bytes, just proven) its resident copy, evicting the least
         recently read copies to stay within ``memory_bytes``; a shard larger than that is not kept."""
         size = data.nbytes
@@ -362,12 +331,11 @@ class ShardCache:
                 _, dropped = self._resident.popitem(last=False)
                 self.stats.resident_bytes -= dropped.data.nbytes
                 self.stats.resident_evictions += 1
-            self._resident[key] = _Resident(data, max_token, decoded_from)
+            self._resident[key] = _Resident(data, max_token, shard.dtype)
             self.stats.resident_bytes += size
 
     def is_resident(self, shard: Shard) -> bool:
-        with self._lock:
-            return self._resident_for(shard) is not None
+        return shard.raw_sha256 in self._resident
 
     def _entry(self, shard: Shard, failed: CheckedRegion | None = None, demand: bool = True) -> _Entry:
         """The verified entry of ``shard``; ``failed``: a region of it that failed a read check, so the
@@ -375,7 +343,7 @@ class ShardCache:
         key = shard.raw_sha256
         with self._lock:
             entry = self._entries.get(key)
-            if failed is None and self._usable(entry, shard):
+            if failed is None and self._usable(entry):
                 self._entries.move_to_end(key)
                 self.stats.hits += 1
                 entry.requested = next(self._clock) if demand else entry.requested
@@ -384,7 +352,7 @@ class ShardCache:
         with key_lock:
             with self._lock:  # another thread may have loaded it while this one waited
                 entry = self._entries.get(key)
-                if self._usable(entry, shard) and (failed is None or entry.region is not failed):
+                if self._usable(entry) and (failed is None or entry.region is not failed):
                     self._entries.move_to_end(key)
                     self.stats.hits += 1
                     entry.requested = next(self._clock) if demand else entry.requested
@@ -402,16 +370,14 @@ class ShardCache:
             return entry
 
     @staticmethod
-    def _usable(entry: _Entry | None, shard: Shard) -> TypeGuard[_Entry]:
-        """Verified in this process, unchanged since, and proving ``shard``'s bytes."""
-        return entry is not None and entry.region is not None and _proves(entry.decoded_from, shard) \
-            and FileStamp.of(entry.path) == entry.stamp
+    def _usable(entry: _Entry | None) -> TypeGuard[_Entry]:
+        return entry is not None and entry.region is not None and FileStamp.of(entry.path) == entry.stamp
 
     def _view(self, shard: Shard, entry: _Entry) -> CheckedTokens:
         assert entry.region is not None
         view = CheckedTokens(entry.region, shard.dtype, shard.num_tokens,
                              recover=lambda failed: self._entry(shard, failed).region)
-        return _in_vocabulary(shard, entry.max_token, view)
+        return _in_vocabulary(shard, entry.max_token, entry.max_dtype, view)
 
     def prefetch(self, shards: Iterable[Shard]) -> list[Future]:
         """Start loading the shards not yet present, in the background; failures surface on ``get``.
@@ -423,9 +389,8 @@ class ShardCache:
             key = shard.raw_sha256
             with self._lock:
                 entry = self._entries.get(key)
-                if (entry is not None and entry.region is not None and _proves(entry.decoded_from, shard)) \
-                        or key in self._pending \
-                        or self._resident_for(shard):  # a resident copy needs no disk entry to be served
+                if (entry is not None and entry.region is not None) or key in self._pending \
+                        or key in self._resident:  # a resident copy needs no disk entry to be served
                     continue
                 self._pending.add(key)
             started.append(self._pool.submit(self._prefetch_one, shard))
@@ -488,9 +453,9 @@ class ShardCache:
         handle, digest, raw = self._build(shard, path, demand)
         region = CheckedRegion(handle, 0, shard.raw_bytes, digest.finish(), str(path))
         if raw is not None:
-            self._keep(shard, raw, digest.max_token, shard.decoded_from)
+            self._keep(shard, raw, digest.max_token)
         return _Entry(path, shard.raw_bytes, FileStamp.of_open(handle.fileno()), region, digest.max_token,
-                      shard.decoded_from)
+                      shard.dtype)
 
     def _verified(self, shard: Shard, path: Path, handle: io.FileIO) -> _Entry | None:
         """An entry for ``path`` (open as ``handle``) with the checksum table of the bytes just hashed, or
@@ -526,8 +491,8 @@ class ShardCache:
         region = CheckedRegion(handle, 0, shard.raw_bytes, digest.finish(), str(path))
         if keep is not None:
             del into, chunk  # no writeable view of the kept bytes may outlive this function
-            self._keep(shard, _readonly(keep), digest.max_token, None)
-        return _Entry(path, shard.raw_bytes, stamp, region, digest.max_token)
+            self._keep(shard, _readonly(keep), digest.max_token)
+        return _Entry(path, shard.raw_bytes, stamp, region, digest.max_token, shard.dtype)
 
     def _build(self, shard: Shard, path: Path,
                demand: bool = True) -> tuple[io.FileIO, Digest, np.ndarray | None]:
@@ -576,11 +541,21 @@ class ShardCache:
         return handle, digest, _readonly(raw) if 0 < shard.raw_bytes <= self.memory_bytes else None
 
 
-def _in_vocabulary(shard: Shard, max_token: int, tokens: _Tokens) -> _Tokens:
+def _in_vocabulary(shard: Shard, max_token: int, max_dtype: np.dtype | None, tokens: _Tokens) -> _Tokens:
     """``tokens``, unless the largest id taken when they were proven lies outside the vocabulary: then
-    ``CorruptData`` naming the first such token (resident copy and checked reads alike)."""
-    if shard.vocab_size is not None and max_token >= shard.vocab_size:
-        pos, token = find_token_above(tokens, shard.vocab_size) or (-1, max_token)
+    ``CorruptData`` naming the first such token (resident copy and checked reads alike). An entry shared by
+    a shard that reads the same bytes as another dtype (content-addressed: only a crafted meta.json does
+    that) has no largest id for this dtype: its tokens are scanned on every read."""
+    if shard.vocab_size is None or max_dtype is None:
+        return tokens
+    if max_dtype != shard.dtype:
+        found = find_token_above(tokens, shard.vocab_size)
+    elif max_token >= shard.vocab_size:
+        found = find_token_above(tokens, shard.vocab_size) or (-1, max_token)
+    else:
+        found = None
+    if found is not None:
+        pos, token = found
         raise CorruptData(f"{shard.label}: token id {token} at token offset {pos} is outside the "
                           f"vocabulary ({shard.vocab_size} ids)")
     return tokens
@@ -603,8 +578,8 @@ def _being_written(tmp: Path) -> bool:
 
 def _write_raw(shard: Shard, data: bytes, out: BinaryIO) -> tuple[Digest, bytes | bytearray]:
     """Decode ``data`` (its sha256 checked) into one buffer, take its block sums and largest token and
-    write it; refuse a stream longer or shorter than the shard, or, unless the object proves them
-    (``Shard.raw_proven_by_object``), raw bytes not matching the raw sha256. Whole-shard calls, not
+    write it; refuse a stream longer or shorter than the shard, or raw bytes not matching the raw sha256
+    (the cache key, module docstring). Whole-shard calls, not
     chunks: each call into zstd, hashlib or a write gives the GIL up and waits to take it back, which under
     request threads costs more than the work (1 MiB chunks built 1.6x slower with two Python threads
     running)."""
@@ -612,7 +587,7 @@ def _write_raw(shard: Shard, data: bytes, out: BinaryIO) -> tuple[Digest, bytes 
     if len(raw) != shard.raw_bytes:  # never write past what was allocated
         raise CorruptData(f"{shard.label}: decompressed shard is "
                           f"{'longer' if len(raw) > shard.raw_bytes else 'shorter'} than meta.json says")
-    if not shard.raw_proven_by_object and hashlib.sha256(raw).hexdigest() != shard.raw_sha256:
+    if hashlib.sha256(raw).hexdigest() != shard.raw_sha256:
         raise CorruptData(f"{shard.label}: decompressed shard does not match meta.json")
     digest = Digest(shard.dtype)
     digest.update(raw)
