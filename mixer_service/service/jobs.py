@@ -151,11 +151,11 @@ class SharedHeadRead:
     it returns was read after every member arrived, and the high water covers every member's step. The
     others wait for it (they start after it did; the wait is at most one store round trip)."""
 
-    __slots__ = ("incarnation", "max_step", "closed", "done", "view", "error")
+    __slots__ = ("incarnation", "steps", "closed", "done", "view", "error")
 
     def __init__(self, incarnation: str, step: int) -> None:
         self.incarnation = incarnation
-        self.max_step = step
+        self.steps = [step]  # each waiting member's step; one that leaves before the read takes its step out
         self.closed = False
         self.done: threading.Event | None = None  # made when a second member joins (one request: no wait)
         self.view: JobView | None = None
@@ -208,7 +208,7 @@ class JobManager:
             if group is None or group.incarnation != runtime.incarnation:
                 group = self._open_reads[job_id] = SharedHeadRead(runtime.incarnation, step)
             else:
-                group.max_step = max(group.max_step, step)
+                group.steps.append(step)
                 if group.done is None:
                     group.done = threading.Event()
         return group
@@ -234,6 +234,16 @@ class JobManager:
                            f"{max_tokens} per request (--max-request-tokens): use a larger world")
         return ranks
 
+    def leave(self, job_id: str, group: SharedHeadRead, step: int) -> None:
+        """A request that will not be served after all (cancelled while it waited for a batch thread) takes
+        its step out of its group, so the group's read does not mark it served."""
+        with self._lock:
+            if group.closed:
+                return
+            group.steps.remove(step)
+            if not group.steps and self._open_reads.get(job_id) is group:
+                del self._open_reads[job_id]
+
     def _shared_mark(self, job_id: str, group: SharedHeadRead) -> JobView:
         with self._lock:
             lead, group.closed = not group.closed, True
@@ -241,7 +251,7 @@ class JobManager:
                 del self._open_reads[job_id]
         if lead:
             try:
-                group.view = self._mark(job_id, group.max_step, group.incarnation)
+                group.view = self._mark(job_id, max(group.steps), group.incarnation)
             except BaseException as exc:
                 group.error = exc
                 raise

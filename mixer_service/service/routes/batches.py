@@ -44,10 +44,15 @@ async def serve_batch(state: Any, job_id: str, step: int, rank: int, world: int,
     no_head_read = "head_read" in state.unsafe_off
     group = None if no_head_read else state.jobs.admit(job_id, step, rank, world,
                                                         state.limits.max_request_tokens)
-    body, tokens = await anyio.to_thread.run_sync(
-        make_batch, state.jobs, state.limits.max_request_tokens, state.prefetched, job_id, step, rank, world,
-        compression, boundaries, no_head_read, group,
-        limiter=getattr(state, "batch_limiter", None))
+    try:
+        body, tokens = await anyio.to_thread.run_sync(
+            make_batch, state.jobs, state.limits.max_request_tokens, state.prefetched, job_id, step, rank,
+            world, compression, boundaries, no_head_read, group,
+            limiter=getattr(state, "batch_limiter", None))
+    except BaseException:
+        if group is not None:  # never reached a thread (cancelled while queued): its step is not served
+            state.jobs.leave(job_id, group, step)
+        raise
     metrics = state.metrics
     metrics.batches.labels(job_id).inc()
     for name, count in tokens:
