@@ -42,7 +42,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[64])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--compression", default="none")

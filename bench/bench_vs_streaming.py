@@ -20,10 +20,11 @@ batch, median over ranks; ours also server spawn -> ready), peak disk of the cac
 0.2 s), peak RSS (sum of every process's high-water mark: server and ranks for ours, ranks and their
 DataLoader workers for the peer).
 
-Parts (``--parts``): ``h2h`` the table above at ``--ranks``; ``remote`` ours local vs S3; ``stall`` a trainer
+Parts (``--parts``): ``h2h`` those measurements at ``--ranks``; ``remote`` ours local vs S3; ``stall`` a trainer
 that computes ``--compute-ms`` a step behind ``MixerLoader`` with ``--latency-ms`` added to every S3 request
 (a proxy in front of moto); ``cold`` spawn -> first batch of the README's job (abc + web, L 2049, batch 512)
-at ``--cold-sizes``, local and S3, prepared and adopted (Megatron).
+at ``--cold-sizes``, local and S3, prepared and adopted (Megatron, its ``mixer adopt --index`` record shipped
+beside it, as docs/scale.md tells corpus owners to).
 
     python bench/bench_vs_streaming.py --tokens 1e9 --ranks 1 8 64 [--order window|sliding] [--json out.json]
 """
@@ -437,9 +438,22 @@ def part_stall(args: argparse.Namespace, data: dict, endpoint: str, out: dict) -
     out["stall_compute_ms"] = trainer.compute_ms
 
 
+def ship_index(corpus: Path) -> None:
+    """``mixer adopt --index`` over an adopted corpus (once): the record every server then copies instead of
+    reading the corpus, as a corpus owner ships it (docs/scale.md, "Adopting tokenized corpora in place")."""
+    from mixer_service.sources.adopted import INDEX_SUBDIR
+
+    if (corpus / INDEX_SUBDIR).is_dir():
+        return
+    log(f"cold: mixer adopt --index {corpus} (once; shipped with the corpus)")
+    subprocess.run([sys.executable, "-m", "mixer_service.cli", "adopt", "--index", str(corpus)], check=True,
+                   cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
+
+
 def part_cold(args: argparse.Namespace, out: dict) -> None:
     """spawn -> first batch of the README's job (abc repeat + web once, L 2049, batch 512, allow_wrap),
-    rank 0 of 64, at each size: local prepared, S3 prepared, local adopted Megatron, S3 adopted Megatron."""
+    rank 0 of 64, at each size: local prepared, S3 prepared, local adopted Megatron, S3 adopted Megatron
+    (with its shipped index)."""
     from client import MixerClient
 
     abc = prepared_sources() / DOMAIN
@@ -447,8 +461,9 @@ def part_cold(args: argparse.Namespace, out: dict) -> None:
     for size in args.cold_sizes:
         data = build(int(size), args, formats=("prepared", "megatron"))
         key = data["key"]
+        ship_index(data["megatron"])  # `mixer adopt --index`, once, shipped with the corpus (not timed)
         for fmt, web, stores in (("prepared", data["sources"] / "web", ("local", "s3")),
-                                 ("megatron", data["megatron"], ("local",))):  # adopted: local only so far
+                                 ("megatron", data["megatron"], ("local", "s3"))):
             local = WORK / key / f"cold-{fmt}"
             shutil.rmtree(local, ignore_errors=True)
             local.mkdir(parents=True)

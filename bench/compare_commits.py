@@ -68,7 +68,7 @@ def serve(tree: Path, state: Path, args: list[str], env: dict[str, str] | None =
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--commit", default="de34881", help="B: the commit to compare against")
     ap.add_argument("--rows", type=int, nargs="+", default=[64])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 64])

@@ -39,4 +39,7 @@ scripts/fetch_fashion_mnist.sh >/dev/null
 # Optional: promtool and nginx binaries for the deploy checks (skipped with a reason when unavailable).
 say "tools: promtool and nginx for the deploy checks (optional)"
 deploy/scripts/fetch-tools.sh >/dev/null 2>&1 || say "deploy tools unavailable; their checks will skip"
+# Optional: wrk, the C load generator of bench/compare_commits.py and bench/bench_guarantees.py.
+command -v wrk >/dev/null || (apt_install wrk "the HTTP benchmarks' load generator" >/dev/null 2>&1) ||
+  say "wrk unavailable: install it before running bench/compare_commits.py or bench/bench_guarantees.py"
 say "done"

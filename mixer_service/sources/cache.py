@@ -241,7 +241,7 @@ class ShardCache:
         if self.budget.limit < minimum:
             widest = max(windows, key=windows.__getitem__) if windows else None
             raise InvalidInput(
-                f"--cache-limit {self.budget.limit} bytes is too small: one window of the default order "
+                f"--cache-limit {self.budget.limit} bytes is too small: the default (sliding) order "
                 f"of each of the {len(windows)} sources needs {window} bytes "
                 f"({DEFAULT_WINDOW_SHARDS + 2} shards, or all of them if fewer; the largest, {widest!r}, "
                 f"{windows.get(widest, 0)}) "
