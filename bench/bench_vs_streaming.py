@@ -20,7 +20,7 @@ batch, median over ranks; ours also server spawn -> ready), peak disk of the cac
 0.2 s), peak RSS (sum of every process's high-water mark: server and ranks for ours, ranks and their
 DataLoader workers for the peer).
 
-Parts (``--parts``): ``h2h`` those measurements at ``--ranks``; ``remote`` ours local vs S3; ``stall`` a trainer
+Parts (``--parts``): ``h2h`` these at ``--ranks``; ``remote`` ours local vs S3; ``stall`` a trainer
 that computes ``--compute-ms`` a step behind ``MixerLoader`` with ``--latency-ms`` added to every S3 request
 (a proxy in front of moto); ``cold`` spawn -> first batch of the README's job (abc + web, L 2049, batch 512)
 at ``--cold-sizes``, local and S3, prepared and adopted (Megatron, its ``mixer adopt --index`` record shipped
