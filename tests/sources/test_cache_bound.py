@@ -113,7 +113,7 @@ def test_a_limit_below_one_window_is_refused_at_start_with_the_minimum(s3, web, 
     upload(s3, web, "bound/web")
     minimum, message = minimum_limit(s3, tmp_path)
     shard_bytes = SHARD_TOKENS * 2
-    assert "exited with 2" in message and "one window of the default order" in message
+    assert "exited with 2" in message and "the default (sliding) order" in message
     assert "(18 shards, or all of them if fewer" in message
     assert minimum >= 18 * shard_bytes  # a sliding block's 16, the one it admits, a neighbour; plus indexes
     with pytest.raises(RuntimeError, match=f"give at least --cache-limit {minimum}"):

@@ -127,7 +127,7 @@ def test_the_cache_limit_leaves_room_for_a_window_of_adopted_shards(corpus, tmp_
     adopted = AdoptedSource.open(tmp_path / "d", ShardCache(tmp_path / "c1"))
     assert len(adopted.shards) > 2
     small = ShardCache(tmp_path / "c2", limit_bytes=1 << 16)
-    with pytest.raises(InvalidInput, match="one window of the default order of each of the 1 sources"):
+    with pytest.raises(InvalidInput, match=r"the default \(sliding\) order of each of the 1 sources"):
         small.check_limit([AdoptedSource.open(tmp_path / "d", small)])
     megatron_dir = tmp_path / "m"
     write_megatron(megatron_dir / "doc", docs, tok.eos_id)
