@@ -156,13 +156,16 @@ def test_disk_usage_never_exceeds_the_limit_under_concurrent_load(s3, web, tmp_p
         with DuPoller(tmp_path / "cache") as du, ThreadPoolExecutor(2 * WORLD) as pool:
             asks = [pool.submit(ask, job, rank) for job in JOBS for rank in range(WORLD)]
             wrong = list(itertools.chain(*(a.result() for a in asks)))
-        metrics = httpx.get(f"{srv.url}/metrics").text
+        # /metrics counts per worker process (docs/operations.md): ask on fresh connections, which land on
+        # either worker, until one that evicted answers.
+        evicting = [httpx.get(f"{srv.url}/metrics").text for _ in range(30)]
     assert not wrong, wrong[:5]
     assert du.samples > 20, "du was not polled under load"
     assert du.peak <= limit, f"du showed {du.peak} bytes under a {limit}-byte limit " \
                              f"(unlocked walks: {du.peak_unlocked})"
     assert du.peak > limit - 4 * SHARD_TOKENS * 2, "the load never filled the cache: nothing was tested"
-    assert re.search(r'mixer_shard_cache\{stat="evictions"\} [1-9]', metrics), "nothing was evicted"
+    assert any(re.search(r'mixer_shard_cache\{stat="evictions"\} [1-9]', m) for m in evicting), \
+        "nothing was evicted"
 
 
 def test_a_shard_larger_than_the_limit_is_refused_and_a_prefetch_that_would_evict_hot_shards_skipped(
