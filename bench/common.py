@@ -198,7 +198,7 @@ def moto_s3(uploads: Iterable[tuple[Path, str]]) -> Iterator[str]:
                 httpx.get(endpoint, timeout=1)
                 break
             time.sleep(0.1)
-        client = s3_client(endpoint)
+        client = s3_client(endpoint, timeout_s=300)  # uploads of GB objects: moto takes its time
         client.create_bucket(Bucket=S3_BUCKET)
         for path, key in uploads:
             client.upload_file(str(path), S3_BUCKET, key)
@@ -209,9 +209,10 @@ def moto_s3(uploads: Iterable[tuple[Path, str]]) -> Iterator[str]:
 
 
 def upload_tree(local: Path, prefix: str) -> list[tuple[Path, str]]:
-    """(file, key) for every file under ``local``, keys under ``prefix``; hidden ones (caches) left out."""
+    """(file, key) for every file under ``local``, keys under ``prefix``; hidden directories (caches) left
+    out, hidden files kept (an adopted corpus's shipped ``mixer-index/`` holds only dot-files)."""
     return [(f, f"{prefix}/{f.relative_to(local).as_posix()}") for f in sorted(local.rglob("*"))
-            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(local).parts)]
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(local).parts[:-1])]
 
 
 @contextlib.contextmanager
