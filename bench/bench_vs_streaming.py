@@ -4,7 +4,8 @@ Data: GPT-2 BPE of every real corpus ``common.REAL_CORPORA`` installs (State of 
 mail, Python and Linux docs: ~27 M tokens), repeated to ``--tokens``. Written twice from the same stream:
 
 * ours: a prepared source (``mixer prepare``'s writer; zstd shards of ``--shard-tokens``), served by one
-  ``mixer serve`` over the S3 prefix (``--cache-limit``) and read by ``client.MixerLoader`` (its defaults:
+  ``mixer serve`` (default workers: one per core) over the S3 prefix (``--cache-limit``) and read by
+  ``client.MixerLoader`` (its defaults:
   zstd on the wire, prefetch 4) with the job the README shows (no ``order`` key: the sliding order, W=16)
   unless ``--order window`` or ``--order sliding`` names one;
 * the peer: MDS written by streaming's own ``MDSWriter`` at its defaults (64 MiB shards, zstd), read by
@@ -298,7 +299,8 @@ class Server:
         empty = WORK / "empty"
         empty.mkdir(parents=True, exist_ok=True)
         self.cache = cache
-        self.proc = ServerProcess(sources_dir or empty, state, env=S3_CREDENTIALS)
+        # workers=None: mixer serve's default (one per usable core), as a user runs it
+        self.proc = ServerProcess(sources_dir or empty, state, env=S3_CREDENTIALS, workers=None)
         self.proc.args += ["--cache-dir", str(cache)]
         if cache_limit is not None:
             self.proc.args += ["--cache-limit", str(cache_limit)]
@@ -357,7 +359,7 @@ def peer_cell(ranks: int, args: argparse.Namespace, data: dict, endpoint: str) -
 
 def start_profile(pid: int, out: Path) -> subprocess.Popen:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--format", "raw", "--rate", "100",
                              "--nonblocking", "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -154,12 +154,15 @@ class ServerProcess:
     """A ``mixer serve`` process; ``MIXER_*`` variables are not inherited, only those passed in ``env``."""
 
     def __init__(self, sources_dir: Path, state_dir: Path, port: int | None = None, *,
-                 redis_url: str | None = None, env: dict[str, str] | None = None, workers: int = 1,
+                 redis_url: str | None = None, env: dict[str, str] | None = None, workers: int | None = 1,
                  extra_args: list[str] | None = None) -> None:
+        """``workers=None``: ``mixer serve``'s own default (one per usable core)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "mixer_service.cli", "serve", "--sources-dir", str(sources_dir),
-                     "--state-dir", str(state_dir), "--port", str(self.port), "--workers", str(workers)]
+                     "--state-dir", str(state_dir), "--port", str(self.port)]
+        if workers is not None:
+            self.args += ["--workers", str(workers)]
         if redis_url:
             self.args += ["--redis-url", redis_url]
         self.args += extra_args or []
