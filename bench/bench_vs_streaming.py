@@ -359,8 +359,8 @@ def peer_cell(ranks: int, args: argparse.Namespace, data: dict, endpoint: str) -
 
 def start_profile(pid: int, out: Path) -> subprocess.Popen:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--format", "raw", "--rate", "100",
-                             "--nonblocking", "-o", str(out)],
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--format", "raw",
+                             "--rate", "100", "--nonblocking", "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
