@@ -304,7 +304,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "data" / "bench" / "scale")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--cache-fraction", type=float, default=0.10)
-    p.add_argument("--shard-divisor", type=int, default=64, help="about this many shards per source")
+    p.add_argument("--shard-divisor", type=int, default=256,
+                   help="about this many shards per source (the 10%% cache must hold the default order's 18)")
     p.add_argument("--json", type=Path)
     p.add_argument("--skip-peer", action="store_true", help="ours only (the peer is the slow part)")
     p.add_argument("--order", choices=("global", "window", "sliding"), default="sliding",
