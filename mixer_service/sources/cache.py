@@ -95,8 +95,6 @@ class Shard:
         return self.origin.describe(self.file)
 
 
-
-
 @dataclass
 class _Entry:
     path: Path
@@ -312,15 +310,19 @@ class ShardCache:
                 return self._view(shard, entry)
         return self._resident_view(shard, resident)
 
-
     def _resident_view(self, shard: Shard, resident: _Resident) -> np.ndarray:
         return _in_vocabulary(shard, resident.max_token, resident.max_dtype, resident.data.view(shard.dtype))
 
+    def _keepable(self, shard: Shard) -> bool:
+        """Whether a shard's proven bytes may become its resident copy (one larger than ``memory_bytes``
+        is never kept)."""
+        return 0 < shard.raw_bytes <= self.memory_bytes
+
     def _keep(self, shard: Shard, data: np.ndarray, max_token: int) -> None:
         """Make ``data`` (the shard's raw bytes, just proven) its resident copy, evicting the least
-        recently read copies to stay within ``memory_bytes``; a shard larger than that is not kept."""
+        recently read copies to stay within ``memory_bytes``."""
         size = data.nbytes
-        if size > self.memory_bytes or size != shard.raw_bytes:
+        if not self._keepable(shard) or size != shard.raw_bytes:
             return
         key = shard.raw_sha256
         with self._lock:
@@ -468,7 +470,7 @@ class ShardCache:
         sha, digest, offset = hashlib.sha256(), Digest(shard.dtype), 0
         # Read into the buffer the resident copy will be (when it may be kept): the bytes hashed are the
         # bytes kept, with no second read of the file.
-        keep = bytearray(shard.raw_bytes) if 0 < shard.raw_bytes <= self.memory_bytes else None
+        keep = bytearray(shard.raw_bytes) if self._keepable(shard) else None
         into = memoryview(keep) if keep is not None else None
         chunk: bytes | memoryview
         while offset < shard.raw_bytes:
@@ -496,11 +498,11 @@ class ShardCache:
 
     def _build(self, shard: Shard, path: Path,
                demand: bool = True) -> tuple[io.FileIO, Digest, np.ndarray | None]:
-        """Allocate its bytes within the limit, fetch, check the object's sha256 (before decoding it),
-        decode, check the length (and the raw sha256 where the object does not prove the raw bytes), install
-        by rename: a torn or wrong file is never named. Returns a read handle on the file, opened before
-        its rename (another process may evict it as soon as it is named), the block checksums (and largest
-        token id) of the bytes it proved, and those bytes (read-only) when they may be kept resident."""
+        """Allocate its bytes within the limit, fetch, check the object's sha256 (before decoding it), decode,
+        check the length and the raw sha256, install by rename: a torn or wrong file is never named. Returns a
+        read handle on the file, opened before its rename (another process may evict it as soon as it is
+        named), the block checksums (and largest token id) of the bytes it proved, and those bytes (read-only)
+        when they may be kept resident."""
         started = time.perf_counter()
         tmp = self.directory / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
@@ -538,7 +540,7 @@ class ShardCache:
         log.info("shard cached", extra={"event": "cache.fetched", "shard": shard.label,
                                         "bytes": shard.raw_bytes,
                                         "seconds": round(time.perf_counter() - started, 3)})
-        return handle, digest, _readonly(raw) if 0 < shard.raw_bytes <= self.memory_bytes else None
+        return handle, digest, _readonly(raw) if self._keepable(shard) else None
 
 
 def _in_vocabulary(shard: Shard, max_token: int, max_dtype: np.dtype | None, tokens: _Tokens) -> _Tokens:
@@ -579,10 +581,9 @@ def _being_written(tmp: Path) -> bool:
 def _write_raw(shard: Shard, data: bytes, out: BinaryIO) -> tuple[Digest, bytes | bytearray]:
     """Decode ``data`` (its sha256 checked) into one buffer, take its block sums and largest token and
     write it; refuse a stream longer or shorter than the shard, or raw bytes not matching the raw sha256
-    (the cache key, module docstring). Whole-shard calls, not
-    chunks: each call into zstd, hashlib or a write gives the GIL up and waits to take it back, which under
-    request threads costs more than the work (1 MiB chunks built 1.6x slower with two Python threads
-    running)."""
+    (the cache key, module docstring). Whole-shard calls, not chunks: each call into zstd, hashlib or a
+    write gives the GIL up and waits to take it back, which under request threads costs more than the work
+    (1 MiB chunks built 1.6x slower with two Python threads running)."""
     raw = _raw(shard, data)
     if len(raw) != shard.raw_bytes:  # never write past what was allocated
         raise CorruptData(f"{shard.label}: decompressed shard is "

@@ -5,7 +5,7 @@ when the source is opened and each shard and each 8 MiB block of the document in
 process uses it, so a start costs O(1), not O(index) or O(corpus); ``full`` also hashes every shard and
 index block at open, before the server reports ready. sha256 is kept (it is what every existing
 ``meta.json`` records): ~1.5 GB/s on one core here, about the speed zstd decompresses; a lazily verified
-shard is hashed once, as its compressed object (``cache``: why that proves the raw bytes).
+shard is hashed twice, as its compressed object and as its raw bytes (``cache``: why both).
 """
 
 from __future__ import annotations
