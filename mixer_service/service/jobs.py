@@ -151,10 +151,10 @@ class SharedHeadRead:
     it returns was read after every member arrived, and the high water covers every member's step. The
     others wait for it (they start after it did; the wait is at most one store round trip)."""
 
-    __slots__ = ("incarnation", "steps", "closed", "done", "view", "error")
+    __slots__ = ("runtime", "steps", "closed", "done", "view", "error")
 
-    def __init__(self, incarnation: str, step: int) -> None:
-        self.incarnation = incarnation
+    def __init__(self, runtime: JobRuntime, step: int) -> None:
+        self.runtime = runtime  # the one held when the group opened: its incarnation is the one marked
         self.steps = [step]  # each waiting member's step; one that leaves before the read takes its step out
         self.closed = False
         self.done: threading.Event | None = None  # made when a second member joins (one request: no wait)
@@ -205,8 +205,8 @@ class JobManager:
         self._check_request(runtime.config, step, rank, world, max_tokens)
         with self._lock:
             group = self._open_reads.get(job_id)
-            if group is None or group.incarnation != runtime.incarnation:
-                group = self._open_reads[job_id] = SharedHeadRead(runtime.incarnation, step)
+            if group is None or group.runtime.incarnation != runtime.incarnation:
+                group = self._open_reads[job_id] = SharedHeadRead(runtime, step)
             else:
                 group.steps.append(step)
                 if group.done is None:
@@ -222,7 +222,7 @@ class JobManager:
             return view, RankSlice.of(rank, world, view.runtime.config.global_batch)
         runtime = self._jobs.get(job_id) or self.view(job_id).runtime
         ranks = self._check_request(runtime.config, step, rank, world, max_tokens)
-        return self._mark(job_id, step, runtime.incarnation), ranks
+        return self._mark(job_id, step, runtime), ranks
 
     @staticmethod
     def _check_request(config: JobConfig, step: int, rank: int, world: int, max_tokens: int) -> RankSlice:
@@ -251,7 +251,7 @@ class JobManager:
                 del self._open_reads[job_id]
         if lead:
             try:
-                group.view = self._mark(job_id, max(group.steps), group.incarnation)
+                group.view = self._mark(job_id, max(group.steps), group.runtime)
             except BaseException as exc:
                 group.error = exc
                 raise
@@ -268,14 +268,13 @@ class JobManager:
         assert group.view is not None
         return group.view
 
-    def _mark(self, job_id: str, step: int, incarnation: str) -> JobView:
-        """Raise the high water to ``step`` and return the head of that same store operation, checked."""
-        runtime = self._jobs.get(job_id)
-        if runtime is not None:
-            self._require_sources(runtime.config)
+    def _mark(self, job_id: str, step: int, held: JobRuntime) -> JobView:
+        """Raise the high water to ``step`` and return the head of that same store operation, checked
+        against everything seen (``held``: the runtime the request was checked against)."""
+        self._require_sources(held.config)
         started = time.monotonic()
         try:
-            head = self.store.mark_served(job_id, step, incarnation)
+            head = self.store.mark_served(job_id, step, held.incarnation)
         except NotFound:
             self._missing(job_id, started)
             raise
