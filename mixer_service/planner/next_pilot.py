@@ -67,7 +67,10 @@ def suggest_pilots(fit: SptFit, target_tokens: float, delta_range: tuple[float, 
 
 
 def _shrink(curves: np.ndarray, optima: np.ndarray, sigma: float) -> float:
-    """sqrt(Var(δ* | measured curve) / Var(δ*)) by the ensemble Kalman update (curves: [law, checkpoint])."""
+    """sqrt(Var(δ* | measured curve) / Var(δ*)) by the ensemble Kalman update (curves: [law, checkpoint]).
+    ``c_yy`` is singular when the laws' curves are collinear and far larger than ``sigma`` (a bootstrap
+    stopped early by its deadline leaves few, alike laws): the least-squares (pseudo-inverse) solution is
+    the update then, and the same one otherwise."""
     z = optima - optima.mean()
     prior = float(z @ z) / (z.size - 1)
     if prior <= 0:
@@ -75,7 +78,7 @@ def _shrink(curves: np.ndarray, optima: np.ndarray, sigma: float) -> float:
     y = curves - curves.mean(axis=0)
     c_yy = y.T @ y / (z.size - 1) + sigma**2 * np.eye(y.shape[1])
     c_zy = z @ y / (z.size - 1)
-    posterior = prior - float(c_zy @ np.linalg.solve(c_yy, c_zy))
+    posterior = prior - float(c_zy @ np.linalg.lstsq(c_yy, c_zy, rcond=None)[0])
     return float(np.sqrt(max(posterior, 0.0) / prior))
 
 

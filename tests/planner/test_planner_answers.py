@@ -83,3 +83,19 @@ def test_next_pilot_is_expected_to_narrow_the_interval(paper_fit):
     assert 0 < best.delta <= 0.1 and best.tokens <= BUDGET * (1 + 1e-9)
     assert best.expected_width < best.width_now
     assert suggest_pilots(fit_overfitting_law(paper_runs(), n_bootstrap=3), BUDGET) == []  # too few laws
+
+
+def test_collinear_bootstrap_curves_shrink_the_interval_instead_of_failing():
+    """Found as a 500 from ``POST /v1/plan/spt`` (flaky in ``test_plan_api``): a bootstrap cut short by its
+    deadline left curves that were collinear and far above the noise, so the Kalman update's covariance was
+    singular and ``np.linalg.solve`` raised. The update is the least-squares one then: a ratio in [0, 1]."""
+    from mixer_service.planner.next_pilot import _shrink
+
+    rng = np.random.default_rng(0)
+    optima = rng.normal(size=20)
+    for scale in (1e3, 1e9):
+        curves = np.outer(optima + rng.normal(scale=0.1, size=20), [1.0, 2.0, 3.0, 4.0]) * scale
+        ratio = _shrink(curves, optima, 1e-6)
+        assert 0.0 <= ratio < 0.5, "a curve that tracks the optimum must narrow its interval"
+    independent = rng.normal(size=(20, 4))
+    assert 0.5 < _shrink(independent, optima, 1e-6) <= 1.0
