@@ -180,7 +180,11 @@ def rank_ours(a: argparse.Namespace) -> dict:
 
     t0 = wait_for_go(Path(a.ready), Path(a.go))
     cpu = time.process_time()  # the rank's process: its loader threads included
-    with MixerLoader(a.url, a.job, rank=a.rank, world=a.world, end_step=a.steps) as loader:
+    options = {}  # the loader's defaults, as a user gets them, unless --loaders names others
+    if a.loader:
+        steps, options["compression"] = a.loader.split(":")
+        options["steps_per_request"] = int(steps)
+    with MixerLoader(a.url, a.job, rank=a.rank, world=a.world, end_step=a.steps, **options) as loader:
         out = consume(iter(loader), a.steps, a.compute_ms / 1000, t0)
     return out | {"rss_mb": peak_rss_mb(), "cpu_s": time.process_time() - cpu}
 
@@ -326,7 +330,7 @@ class Server:
 
 
 def ours_cell(ranks: int, args: argparse.Namespace, data: dict, where: str, endpoint: str | None,
-              profile: Path | None = None) -> dict:
+              profile: Path | None = None, loader: str = "default") -> dict:
     from bench_service import cpu_seconds  # here, not at the top: rank processes import this module
 
     url = f"s3://{S3_BUCKET}/{data['key']}/sources" if where == "s3" else None
@@ -335,7 +339,8 @@ def ours_cell(ranks: int, args: argparse.Namespace, data: dict, where: str, endp
         job = srv.create(ours_job(args.rows, ranks, args.order, {"web": 1.0}, args.seq_len, args.steps))
         spy = start_profile(srv.proc.proc.pid, profile) if profile else None
         cpu = cpu_seconds(srv.proc)
-        out = run_ranks("ours", ranks, args, srv.proc.url, job, [], {}, [srv.cache])
+        options = [] if loader == "default" else ["--loader", loader]
+        out = run_ranks("ours", ranks, args, srv.proc.url, job, options, {}, [srv.cache])
         out["server_cpu_s"] = cpu_seconds(srv.proc) - cpu  # the whole cell: ranks' start-up included
         if spy:
             stop_profile(spy)
@@ -409,16 +414,27 @@ def uploads(data: dict) -> list[tuple[Path, str]]:
 # -- the parts ---------------------------------------------------------------------------------------------
 
 
+def loader_spec(text: str) -> str:
+    """``default`` or ``K:none|zstd``, checked before any data is built."""
+    if text != "default":
+        steps, _, compression = text.partition(":")
+        if not steps.isdigit() or compression not in ("none", "zstd"):
+            raise argparse.ArgumentTypeError(f"{text!r}: want 'default' or K:none|zstd, e.g. 4:none")
+    return text
+
+
 def part_h2h(args: argparse.Namespace, data: dict, endpoint: str, out: dict) -> None:
     for ranks in args.ranks:
-        log(f"h2h: {ranks} ranks, ours from S3 (load {load()})")
-        ours = ours_cell(ranks, args, data, "s3", endpoint,
-                         profile=WORK / f"profile-{ranks}.txt" if ranks in args.profile_ranks else None)
-        log(f"  ours {json.dumps(ours)}")
+        cells = {}
+        for loader in args.loaders:
+            log(f"h2h: {ranks} ranks, ours from S3, loader {loader} (load {load()})")
+            profile = WORK / f"profile-{ranks}.txt" if ranks in args.profile_ranks else None
+            cells[loader] = ours_cell(ranks, args, data, "s3", endpoint, profile=profile, loader=loader)
+            log(f"  ours {json.dumps(cells[loader])}")
         log(f"h2h: {ranks} ranks, streaming from S3 (load {load()})")
         peer = peer_cell(ranks, args, data, endpoint)
         log(f"  peer {json.dumps(peer)}")
-        out.setdefault("h2h", {})[str(ranks)] = {"ours": ours, "peer": peer}
+        out.setdefault("h2h", {})[str(ranks)] = {"ours": cells, "peer": peer}
 
 
 def part_remote(args: argparse.Namespace, data: dict, endpoint: str, out: dict) -> None:
@@ -516,19 +532,21 @@ def report(out: dict) -> None:
               f"(order: {out['order']})")
         rows = []
         for ranks, cell in out["h2h"].items():
-            o, p = cell["ours"], cell["peer"]
-            rows.append([ranks, f"{o.get('tokens_per_s', nan) / 1e6:.2f} M",
-                         f"{p.get('tokens_per_s', nan) / 1e6:.2f} M",
-                         ratio(o.get("tokens_per_s"), p.get("tokens_per_s")),
-                         f"{o.get('first_batch_s', nan):.2f}", f"{p.get('first_batch_s', nan):.2f}",
-                         ratio(o.get("first_batch_s"), p.get("first_batch_s")),
-                         f"{o.get('disk_mb', nan):.0f}", f"{p.get('disk_mb', nan):.0f}",
-                         f"{o.get('server_rss_mb', nan):.0f}+{o.get('ranks_rss_mb', nan):.0f}",
-                         f"{p.get('rss_mb', nan):.0f}", ratio(o.get("rss_mb"), p.get("rss_mb")),
-                         f"{o['load']} / {p['load']}", o.get("error", "") + p.get("error", "")])
-        print_table(["ranks", "ours tok/s", "peer tok/s", "ratio", "ours 1st s", "peer 1st s", "ratio",
-                     "ours disk MB", "peer disk MB", "ours RSS MB srv+ranks", "peer RSS MB", "ratio", "load",
-                     "error"], rows)
+            p = cell["peer"]
+            for loader, o in cell["ours"].items():
+                rows.append([ranks, loader, f"{o.get('tokens_per_s', nan) / 1e6:.2f} M",
+                             f"{p.get('tokens_per_s', nan) / 1e6:.2f} M",
+                             ratio(o.get("tokens_per_s"), p.get("tokens_per_s")),
+                             f"{o.get('first_batch_s', nan):.2f}", f"{p.get('first_batch_s', nan):.2f}",
+                             ratio(o.get("first_batch_s"), p.get("first_batch_s")),
+                             f"{o.get('disk_mb', nan):.0f}", f"{p.get('disk_mb', nan):.0f}",
+                             f"{o.get('server_rss_mb', nan):.0f}+{o.get('ranks_rss_mb', nan):.0f}",
+                             f"{p.get('rss_mb', nan):.0f}", ratio(o.get("rss_mb"), p.get("rss_mb")),
+                             f"{o.get('ranks_cpu_s', nan):.1f}+{o.get('server_cpu_s', nan):.1f}",
+                             f"{o['load']} / {p['load']}", o.get("error", "") + p.get("error", "")])
+        print_table(["ranks", "our loader", "ours tok/s", "peer tok/s", "ratio", "ours 1st s", "peer 1st s",
+                     "ratio", "ours disk MB", "peer disk MB", "ours RSS MB srv+ranks", "peer RSS MB", "ratio",
+                     "ours CPU s ranks+srv", "load", "error"], rows)
     if "remote" in out:
         print("\nOurs, local vs S3 (two interleaved runs each)")
         rows = []
@@ -565,6 +583,9 @@ def main() -> None:
     p.add_argument("--order", choices=("default", "window", "sliding"), default="default",
                    help="default: the job has no order key (the README's; the server writes the sliding "
                    "order in); window or sliding: adds {'kind': ORDER}")
+    p.add_argument("--loaders", nargs="+", default=["default"], type=loader_spec,
+                   help="h2h: run ours once per loader: 'default' (MixerLoader's defaults) or K:none|zstd "
+                   "(K steps a request, that wire compression)")
     p.add_argument("--peer-default-block", action="store_true",
                    help="streaming's default shuffle_block_size instead of one sized to the cache")
     p.add_argument("--parts", nargs="+", default=["h2h", "remote", "stall", "cold"],
@@ -577,7 +598,7 @@ def main() -> None:
     p.add_argument("--profile-ranks", type=int, nargs="*", default=[],
                    help="record the server with py-spy in the cells of these rank counts")
     p.add_argument("--json", type=Path, default=WORK / "results.json")
-    for hidden in ("role", "url", "job", "ready", "go", "local"):
+    for hidden in ("role", "url", "job", "ready", "go", "local", "loader"):
         p.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
     for hidden in ("rank", "world", "cache-limit", "shuffle-block"):
         p.add_argument(f"--{hidden}", type=int, help=argparse.SUPPRESS)

@@ -27,12 +27,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from client.errors import JobReplaced
+from client.errors import ClientRequestError, JobReplaced
 from client.history import LogPins
 from client.http import MixerClient
+from mixer_contract.values import STEPS
+from mixer_contract.wire import WireBatch
 
 THREAD_PREFIX = "mixer-prefetch"
 _MAX_WORKERS = 4  # requests are I/O-bound; a few in flight hide latency, more only load the service
+STEPS_PER_REQUEST = 8  # the fixed costs of a request (HTTP, framing, the server's head read), over 8 steps
+_REQUEST_TOKENS = 1 << 20  # fewer steps a request when they hold more: the fixed costs are then a few %
 
 
 class MixerLoader:
@@ -41,7 +45,13 @@ class MixerLoader:
     Yields ``{"input_ids", "labels": LongTensor[b, seq_len - 1], "source_ids": LongTensor[b], "step": int,
     "sources": list[str]}`` (``source_ids`` index ``sources``). Up to ``prefetch`` steps are fetched ahead by
     a small thread pool and handed out strictly in step order; a fetch that failed (after the client's
-    retries) raises in the consumer at that step, and the next call retries that same step. ``rank`` and
+    retries) raises in the consumer at that step, and the next call retries that same step. A request asks
+    for up to ``steps_per_request`` consecutive steps (docs/protocol.md), so its fixed costs on both ends
+    are paid once for them: the first request after a start asks for one (the first batch comes as soon as
+    it can), and fewer are asked for when they would hold over 2^20 tokens or the server answers with fewer
+    (one that predates the option, or a 413 from its ``--max-request-tokens``). The last step of a request
+    is marked served when it arrives, so a schedule change takes effect up to ``prefetch +
+    steps_per_request - 1`` steps after the one being trained. ``rank`` and
     ``world`` default to the process group, else ``RANK``/``WORLD_SIZE``, else 0 and 1 (see
     ``data_parallel_position``). ``end_step`` defaults to the job's ``total_steps``.
 
@@ -54,10 +64,14 @@ class MixerLoader:
     def __init__(self, client_or_urls: MixerClient | str | list[str], job: str, start_step: int = 0,
                  end_step: int | None = None, rank: int | None = None, world: int | None = None,
                  prefetch: int = 4, pin_memory: bool = False, token: str | None = None,
-                 compression: str = "zstd", boundaries: bool = False) -> None:
+                 compression: str = "zstd", boundaries: bool = False,
+                 steps_per_request: int = STEPS_PER_REQUEST) -> None:
         self.rank, self.world = data_parallel_position(rank, world)
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        if not STEPS.low <= steps_per_request <= STEPS.high:
+            raise ValueError(f"steps_per_request must be in [{STEPS.low}, {STEPS.high}], "
+                             f"got {steps_per_request}")
         owned: MixerClient | None = None
         if isinstance(client_or_urls, MixerClient):
             if token is not None:
@@ -66,13 +80,16 @@ class MixerLoader:
         else:
             self.client = owned = MixerClient(client_or_urls, token=token)  # closed with the loader
         self.job, self.end_step, self.prefetch, self.compression = job, end_step, prefetch, compression
-        self.boundaries = boundaries
+        self.boundaries, self.steps_per_request = boundaries, steps_per_request
+        self._per_request = 1  # steps the next request asks for: 1 until the first batch arrived
+        self._cap = steps_per_request  # lowered to what a server answered when it sent fewer than asked
         self._pin = pin_memory and torch.cuda.is_available()  # pinning needs a CUDA driver; no-op on CPU
         self._incarnation: str | None = None  # of the first batch: every later one must match
         self._pins = LogPins()  # the schedule history each received step was computed under
         self._next_step = start_step  # the next step __next__ returns
         self._submitted = start_step  # the next step to hand to the pool
-        self._pending: deque[Future[dict[str, Any]]] = deque()
+        self._pending: deque[tuple[int, int, Future[list[dict[str, Any]]]]] = deque()  # first, count, fetch
+        self._ready: deque[dict[str, Any]] = deque()  # received batches of _next_step, _next_step + 1, ...
         self._pool = ThreadPoolExecutor(min(prefetch, _MAX_WORKERS), thread_name_prefix=THREAD_PREFIX)
         # also runs when the loader is garbage-collected or the interpreter exits, so threads never leak
         self._finalizer = weakref.finalize(self, _shutdown, self._pool, owned)
@@ -88,12 +105,18 @@ class MixerLoader:
         if self._next_step >= self.end_step:
             raise StopIteration
         self._fill()
-        future = self._pending.popleft()
-        try:
-            batch = future.result()
-        except BaseException:
-            self._restart(self._next_step)  # drop the look-ahead; the next call fetches this step again
-            raise
+        if not self._ready:
+            first, count, future = self._pending.popleft()
+            try:
+                batches = future.result()
+            except BaseException:
+                self._restart(self._next_step)  # drop the look-ahead; the next call fetches this step again
+                raise
+            self._learn(len(batches), count, batches[0]["input_ids"])
+            if len(batches) < count:  # ask again from the first step missing, for as many as it sent
+                self._drop_pending(first + len(batches))
+            self._ready.extend(batches)
+        batch = self._ready.popleft()
         self._check_incarnation(batch.pop("incarnation", None))
         try:
             self._pins.check(self._next_step, batch.pop("log_chain", None), batch.pop("log_since", None))
@@ -149,18 +172,36 @@ class MixerLoader:
                  tb: TracebackType | None) -> None:
         self.close()
 
+    def _learn(self, got: int, asked: int, inputs: torch.Tensor) -> None:
+        """Steps a request asks for from now on: ``steps_per_request``, fewer when they would hold over
+        ``_REQUEST_TOKENS`` tokens, and no more than a server answered with when it sent fewer than asked."""
+        if got < asked:
+            self._cap = got
+        per_batch = inputs.numel() + inputs.shape[0]  # rows x seq_len
+        self._per_request = max(1, min(self._cap, _REQUEST_TOKENS // per_batch))
+
     def _fill(self) -> None:
         assert self.end_step is not None
-        while len(self._pending) < self.prefetch and self._submitted < self.end_step:
-            self._pending.append(self._pool.submit(_fetch, self.client, self.job, self._submitted, self.rank,
-                                                   self.world, self.compression, self._pin, self.boundaries))
-            self._submitted += 1
+        while self._submitted < self.end_step and self._submitted - self._next_step < self.prefetch:
+            count = min(self._per_request, self.end_step - self._submitted)
+            self._pending.append(self._submit(self._submitted, count))
+            self._submitted += count
 
-    def _restart(self, step: int) -> None:
-        for future in self._pending:
+    def _submit(self, first: int, count: int) -> tuple[int, int, Future[list[dict[str, Any]]]]:
+        return first, count, self._pool.submit(_fetch, self.client, self.job, first, count, self.rank,
+                                               self.world, self.compression, self._pin, self.boundaries)
+
+    def _drop_pending(self, step: int) -> None:
+        """Forget the requests in flight; the next ``_fill`` asks again from ``step``."""
+        for _, _, future in self._pending:
             future.cancel()  # queued ones never run; running ones finish and are dropped
         self._pending.clear()
-        self._next_step = self._submitted = step
+        self._submitted = step
+
+    def _restart(self, step: int) -> None:
+        self._drop_pending(step)
+        self._ready.clear()
+        self._next_step = step
 
 
 class MixerDataset(IterableDataset[dict[str, Any]]):
@@ -218,10 +259,21 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"{name}={value!r} in the environment is not an integer") from None
 
 
-def _fetch(client: MixerClient, job: str, step: int, rank: int, world: int, compression: str,
-           pin: bool, boundaries: bool) -> dict[str, Any]:
-    """Runs in a pool thread; a plain function, so pending work never keeps the loader itself alive."""
-    batch = client.batch(job, step, rank, world, compression, boundaries=boundaries)
+def _fetch(client: MixerClient, job: str, step: int, steps: int, rank: int, world: int, compression: str,
+           pin: bool, boundaries: bool) -> list[dict[str, Any]]:
+    """Runs in a pool thread; a plain function, so pending work never keeps the loader itself alive. A
+    request too large for the server (413, its ``--max-request-tokens``) is asked again for half the steps."""
+    try:
+        batches = client.batches(job, step, steps, rank, world, compression, boundaries=boundaries)
+    except ClientRequestError as exc:
+        if exc.status != 413 or steps == 1:
+            raise
+        return _fetch(client, job, step, steps // 2, rank, world, compression, pin, boundaries)
+    return [_tensors(batch, pin) | {"step": step + offset} for offset, batch in enumerate(batches)]
+
+
+def _tensors(batch: WireBatch, pin: bool) -> dict[str, Any]:
+    """What the trainer gets for one served batch (the class docstring lists it)."""
     tokens = torch.from_numpy(batch.tokens.astype(np.int64))
     tensors = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
                "source_ids": torch.from_numpy(batch.source_ids.astype(np.int64))}
@@ -232,7 +284,7 @@ def _fetch(client: MixerClient, job: str, step: int, rank: int, world: int, comp
         extra["max_seqlen"] = max_seqlen
     if pin:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
-    return tensors | extra | {"step": step, "sources": list(batch.header["sources"]),
+    return tensors | extra | {"sources": list(batch.header["sources"]),
                               "incarnation": batch.header.get("incarnation"),
                               "log_chain": batch.header.get("log_chain"),
                               "log_since": batch.header.get("log_since")}

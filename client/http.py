@@ -96,11 +96,24 @@ class MixerClient:
 
         ``boundaries=True`` also asks for the start offset of every document piece in each row.
         """
-        verify = _checked(wire.decode, {"job": job, "step": step, "rank": rank, "world": world},
-                          boundaries=boundaries)
+        return self.batches(job, step, 1, rank, world, compression, boundaries)[0]
+
+    def batches(
+        self, job: str, step: int, steps: int, rank: int = 0, world: int = 1, compression: str = "zstd",
+        boundaries: bool = False,
+    ) -> list[wire.WireBatch]:
+        """The batches of steps ``step, step + 1, ...`` in one request, each verified like ``batch``'s.
+
+        A server that predates several steps a request sends only the first; the list then holds fewer
+        than ``steps`` batches (never other steps), and the caller asks again for the rest.
+        """
+        verify = _checked_frames({"job": job, "step": step, "rank": rank, "world": world}, steps,
+                                 boundaries=boundaries)
         params: dict[str, Any] = {"rank": rank, "world": world, "compression": compression}
         if boundaries:
             params["boundaries"] = "true"
+        if steps != 1:
+            params["steps"] = steps
         return self._request("GET", job_path(job, "batches", step), verify, params=params)
 
     def image_batch(
@@ -270,21 +283,39 @@ class MixerClient:
         return delay
 
 
-def _checked(decode: Callable[[bytes], T], want: dict[str, Any], boundaries: bool = False
-             ) -> Callable[[httpx.Response], T]:
+def _checked(decode: Callable[[bytes], T], want: dict[str, Any]) -> Callable[[httpx.Response], T]:
     """Decode a framed body and check its header echoes the request: a misrouting proxy or cache would
     otherwise train on the wrong data silently. Header fields the client does not know are ignored."""
 
     def parse(response: httpx.Response) -> T:
         decoded = decode(response.content)
-        got = {k: decoded.header.get(k) for k in want}  # type: ignore[attr-defined]
-        if got != want:
-            raise wire.WireError(f"asked for {want}, the batch header says {got}")
-        if boundaries and decoded.boundaries is None:  # type: ignore[attr-defined]
-            raise wire.WireError("asked for boundaries; this replica sent none (it predates the option)")
+        _check_echo(decoded.header, want)  # type: ignore[attr-defined]
         return decoded
 
     return parse
+
+
+def _checked_frames(want: dict[str, Any], steps: int, boundaries: bool
+                    ) -> Callable[[httpx.Response], list[wire.WireBatch]]:
+    """``_checked`` for a body of consecutive steps from ``want["step"]``: 1 to ``steps`` of them."""
+
+    def parse(response: httpx.Response) -> list[wire.WireBatch]:
+        batches = wire.decode_frames(response.content)
+        if len(batches) > steps:
+            raise wire.WireError(f"asked for {steps} step(s), the body holds {len(batches)}")
+        for offset, batch in enumerate(batches):
+            _check_echo(batch.header, want | {"step": want["step"] + offset})
+            if boundaries and batch.boundaries is None:
+                raise wire.WireError("asked for boundaries; this replica sent none (it predates the option)")
+        return batches
+
+    return parse
+
+
+def _check_echo(header: dict[str, Any], want: dict[str, Any]) -> None:
+    got = {k: header.get(k) for k in want}
+    if got != want:
+        raise wire.WireError(f"asked for {want}, the batch header says {got}")
 
 
 def job_path(job: str, *parts: str | int) -> str:

@@ -50,6 +50,8 @@ VERSION = IntRange("version", 1, doc="schedule version, 1-based")
 RANK = IntRange("rank", 0, doc="this trainer's rank, 0-based")
 WORLD = IntRange("world", 1, doc="number of ranks sharing the global batch")
 COUNT = IntRange("count", 0, doc="a non-negative count")
+# Several steps in one batch request spread its fixed costs (HTTP, framing, the head read) over them.
+STEPS = IntRange("steps", 1, 64, doc="consecutive steps one batch request returns")
 # Job shapes: bounded so one job cannot ask for more memory per batch than a machine has.
 SEQ_LEN = IntRange("seq_len", 2, 2**20, doc="tokens per sequence")
 GLOBAL_BATCH = IntRange("global_batch", 1, 2**20, doc="sequences per global batch")

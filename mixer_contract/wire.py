@@ -98,18 +98,30 @@ def _frame(header: dict[str, Any], raw: bytes | memoryview, compression: str) ->
     return b"".join((MAGIC, _LEN.pack(len(head)), head, payload))
 
 
-def _unframe(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """Header and verified, decompressed payload of any framed message."""
-    if len(data) < 8 or data[:4] != MAGIC:
+def _unframe(data: bytes) -> tuple[dict[str, Any], bytes | memoryview]:
+    """Header and verified, decompressed payload of a body that is exactly one framed message."""
+    header, payload, end = _unframe_at(data, 0)
+    if end != len(data):
+        raise WireError(f"payload is {len(data) - end + header['payload_bytes']} bytes, "
+                        f"header says {header['payload_bytes']}")
+    return header, payload
+
+
+def _unframe_at(data: bytes, start: int) -> tuple[dict[str, Any], bytes | memoryview, int]:
+    """The framed message at ``start`` of ``data``: header, verified payload, and where the next begins."""
+    view = memoryview(data)
+    if len(data) - start < 8 or view[start : start + 4] != MAGIC:
         raise WireError("not a mixer batch: bad magic")
-    (head_len,) = _LEN.unpack_from(data, 4)
+    (head_len,) = _LEN.unpack_from(data, start + 4)
+    begin = start + 8 + head_len
     try:
-        header = json.loads(data[8 : 8 + head_len])
+        header = json.loads(bytes(view[start + 8 : begin]))
     except ValueError as exc:
         raise WireError("batch header is not valid JSON") from exc
-    payload = data[8 + head_len :]
-    if len(payload) != header.get("payload_bytes"):
-        raise WireError(f"payload is {len(payload)} bytes, header says {header.get('payload_bytes')}")
+    size = header.get("payload_bytes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or begin + size > len(data):
+        raise WireError(f"payload is {len(data) - begin} bytes, header says {size}")
+    payload: bytes | memoryview = view[begin : begin + size]
     if header["compression"] == "zstd":
         try:
             payload = _zstd().ZstdDecompressor().decompress(payload)
@@ -117,7 +129,7 @@ def _unframe(data: bytes) -> tuple[dict[str, Any], bytes]:
             raise WireError(f"zstd payload does not decompress: {exc}") from exc
     if _crc32()(payload) != header["crc32"]:
         raise WireError("batch checksum mismatch")
-    return header, payload
+    return header, payload, begin + size
 
 
 def encode(tokens: np.ndarray, source_ids: np.ndarray, header: dict[str, Any], compression: str,
@@ -138,12 +150,27 @@ def encode(tokens: np.ndarray, source_ids: np.ndarray, header: dict[str, Any], c
 
 def decode(data: bytes) -> WireBatch:
     with _malformed():
-        header, payload = _unframe(data)
-        dtype = np.dtype(header["dtype"]).newbyteorder("<")
-        tokens = np.frombuffer(payload, dtype=dtype).reshape(header["shape"])
-        boundaries = header.get("boundaries")
-        rows = None if boundaries is None else _check_boundaries(boundaries, tokens.shape)
-        return WireBatch(header, tokens, np.asarray(header["source_ids"], dtype=np.int64), rows)
+        return _batch(*_unframe(data))
+
+
+def decode_frames(data: bytes) -> list[WireBatch]:
+    """Every batch of a body that holds several framed messages back to back (a request for several
+    steps: docs/protocol.md), in order; any damage in any of them fails the whole body."""
+    batches = []
+    with _malformed():
+        start = 0
+        while start < len(data) or not batches:
+            header, payload, start = _unframe_at(data, start)
+            batches.append(_batch(header, payload))
+    return batches
+
+
+def _batch(header: dict[str, Any], payload: bytes | memoryview) -> WireBatch:
+    dtype = np.dtype(header["dtype"]).newbyteorder("<")
+    tokens = np.frombuffer(payload, dtype=dtype).reshape(header["shape"])
+    boundaries = header.get("boundaries")
+    rows = None if boundaries is None else _check_boundaries(boundaries, tokens.shape)
+    return WireBatch(header, tokens, np.asarray(header["source_ids"], dtype=np.int64), rows)
 
 
 def _check_boundaries(boundaries: Any, shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -182,13 +209,13 @@ def decode_samples(data: bytes) -> WireSamples:
         return _samples(*_unframe(data))
 
 
-def _samples(header: dict[str, Any], payload: bytes) -> WireSamples:
+def _samples(header: dict[str, Any], payload: bytes | memoryview) -> WireSamples:
     ends = np.cumsum(header["lengths"]).tolist()
     if (ends[-1] if ends else 0) != len(payload):
         raise WireError("sample lengths do not add up to the payload")
     starts = [0] + ends[:-1]
     return WireSamples(
         header,
-        [payload[a:b] for a, b in zip(starts, ends, strict=True)],
+        [bytes(payload[a:b]) for a, b in zip(starts, ends, strict=True)],
         np.asarray(header["labels"], dtype=np.int64),
     )

@@ -196,47 +196,58 @@ class JobManager:
             raise
         return JobView(self._reconcile(job_id, head, started), head)
 
-    def admit(self, job_id: str, step: int, rank: int, world: int, max_tokens: int) -> SharedHeadRead | None:
-        """On a batch request's arrival: check it against the runtime held and join the job's open shared
-        head read (None when this process holds no runtime yet: ``serve`` then reads alone)."""
+    def admit(self, job_id: str, step: int, rank: int, world: int, max_tokens: int,
+              steps: int = 1) -> SharedHeadRead | None:
+        """On a batch request's arrival (for ``steps`` steps from ``step``): check it against the runtime
+        held and join the job's open shared head read with its last step (None when this process holds no
+        runtime yet: ``serve`` then reads alone)."""
         runtime = self._jobs.get(job_id)
         if runtime is None:
             return None
-        self._check_request(runtime.config, step, rank, world, max_tokens)
+        last = self._check_request(runtime.config, step, rank, world, max_tokens, steps)[1]
         with self._lock:
             group = self._open_reads.get(job_id)
             if group is None or group.runtime.incarnation != runtime.incarnation:
-                group = self._open_reads[job_id] = SharedHeadRead(runtime, step)
+                group = self._open_reads[job_id] = SharedHeadRead(runtime, last)
             else:
-                group.steps.append(step)
+                group.steps.append(last)
                 if group.done is None:
                     group.done = threading.Event()
         return group
 
     def serve(self, job_id: str, step: int, rank: int, world: int, max_tokens: int,
-              group: SharedHeadRead | None = None) -> tuple[JobView, RankSlice]:
-        """Validate a batch request, mark the step served, and return the runtime that plans it; ``group``
-        (from ``admit``) shares the store round trip with the requests that arrived with this one."""
+              group: SharedHeadRead | None = None, steps: int = 1) -> tuple[JobView, RankSlice]:
+        """Validate a batch request for ``steps`` steps from ``step``, mark its last step served, and return
+        the runtime that plans them all; ``group`` (from ``admit``) shares the store round trip with the
+        requests that arrived with this one."""
         if group is not None:  # checked by ``admit`` against the same incarnation's config
             view = self._shared_mark(job_id, group)
             return view, RankSlice.of(rank, world, view.runtime.config.global_batch)
         runtime = self._jobs.get(job_id) or self.view(job_id).runtime
-        ranks = self._check_request(runtime.config, step, rank, world, max_tokens)
-        return self._mark(job_id, step, runtime), ranks
+        ranks, last = self._check_request(runtime.config, step, rank, world, max_tokens, steps)
+        return self._mark(job_id, last, runtime), ranks
 
     @staticmethod
-    def _check_request(config: JobConfig, step: int, rank: int, world: int, max_tokens: int) -> RankSlice:
+    def _check_request(config: JobConfig, step: int, rank: int, world: int, max_tokens: int,
+                       steps: int = 1) -> tuple[RankSlice, int]:
+        """The rank's slice and the request's last step, or the error that refuses it."""
         check_step(step, config.total_steps)
+        last = step + steps - 1
+        if last >= config.total_steps:
+            raise InvalidInput(f"steps: {steps} steps from step {step} run past the job's last step "
+                               f"{config.total_steps - 1}")
         ranks = RankSlice.of(rank, world, config.global_batch)
-        tokens = config.global_batch // ranks.world * config.seq_len
+        tokens = config.global_batch // ranks.world * config.seq_len * steps
         if tokens > max_tokens:
-            raise TooLarge(f"rank {rank} of {world} asks for {tokens} tokens; this server answers at most "
-                           f"{max_tokens} per request (--max-request-tokens): use a larger world")
-        return ranks
+            many = f"{steps} steps of " if steps > 1 else ""
+            raise TooLarge(f"rank {rank} of {world} asks for {many}{tokens // steps} tokens; this server "
+                           f"answers at most {max_tokens} per request (--max-request-tokens): use a larger "
+                           "world" + (" or fewer steps per request" if steps > 1 else ""))
+        return ranks, last
 
     def leave(self, job_id: str, group: SharedHeadRead, step: int) -> None:
         """A request that will not be served after all (cancelled while it waited for a batch thread) takes
-        its step out of its group, so the group's read does not mark it served."""
+        its (last) step out of its group, so the group's read does not mark it served."""
         with self._lock:
             if group.closed:
                 return

@@ -23,7 +23,9 @@ CASES = [
     "", "rank=1&world=4", "rank=3&world=4&compression=zstd", "boundaries=true", "boundaries=1&rank=0&world=2",
     "compression=zstd&boundaries=false",
     "rank=4&world=4",  # a rank outside the world: the route's 422
+    "steps=3", "steps=2&rank=1&world=4&compression=zstd&boundaries=true",
     "world=0", "rank=-1", "compression=gzip", "boundaries=maybe", "rank=01",  # the route decides these
+    "steps=0", "steps=65", "steps=03", "steps=2000",
 ]
 
 

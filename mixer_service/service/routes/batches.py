@@ -17,13 +17,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mixer_contract import wire
 from mixer_contract.errors import MixerError
 from mixer_contract.job import JOB_ID_PATTERN
-from mixer_contract.values import RANK, STEP, WORLD, RankSlice, check_step
+from mixer_contract.values import RANK, STEP, STEPS, WORLD, RankSlice, check_step
 from mixer_service.engine import MixingEngine
 from mixer_service.service.auth import require_reader, role_of
 from mixer_service.service.jobs import JobManager, SharedHeadRead
 from mixer_service.service.problems import ProblemError, from_error, responses
 from mixer_service.service.routes.deps import jobs
-from mixer_service.service.routes.models import JobId, Rank, Step, World
+from mixer_service.service.routes.models import JobId, Rank, Step, Steps, World
 from mixer_service.sources.prefetch import prefetch_ahead
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["batches"], dependencies=[Depends(require_reader)])
@@ -33,28 +33,30 @@ router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["batches"], dependencies=[D
             responses=responses(404, 413, ok={"content": {wire.MEDIA_TYPE: {}},
                                               "description": "docs/protocol.md"}))
 async def get_batch(request: Request, job_id: JobId, step: Step, rank: Rank = 0, world: World = 1,
-                    compression: Literal["none", "zstd"] = "none", boundaries: bool = False) -> Response:
-    return await serve_batch(request.app.state, job_id, step, rank, world, compression, boundaries)
+                    compression: Literal["none", "zstd"] = "none", boundaries: bool = False,
+                    steps: Steps = 1) -> Response:
+    return await serve_batch(request.app.state, job_id, step, rank, world, compression, boundaries, steps)
 
 
 async def serve_batch(state: Any, job_id: str, step: int, rank: int, world: int, compression: str,
-                      boundaries: bool) -> Response:
-    """One batch response, made in one hop to the batch threads; the route and ``BatchFastPath`` share it.
-    The request joins its job's shared head read on arrival, before it waits for a thread."""
+                      boundaries: bool, steps: int = 1) -> Response:
+    """One batch response (``steps`` framed batches back to back), made in one hop to the batch threads;
+    the route and ``BatchFastPath`` share it. The request joins its job's shared head read on arrival,
+    before it waits for a thread."""
     no_head_read = "head_read" in state.unsafe_off
     group = None if no_head_read else state.jobs.admit(job_id, step, rank, world,
-                                                        state.limits.max_request_tokens)
+                                                        state.limits.max_request_tokens, steps)
     try:
         body, tokens = await anyio.to_thread.run_sync(
             make_batch, state.jobs, state.limits.max_request_tokens, state.prefetched, job_id, step, rank,
-            world, compression, boundaries, no_head_read, group,
+            world, compression, boundaries, no_head_read, group, steps,
             limiter=getattr(state, "batch_limiter", None))
     except BaseException:
-        if group is not None:  # never reached a thread (cancelled while queued): its step is not served
-            state.jobs.leave(job_id, group, step)
+        if group is not None:  # never reached a thread (cancelled while queued): its steps are not served
+            state.jobs.leave(job_id, group, step + steps - 1)
         raise
     metrics = state.metrics
-    metrics.batches.labels(job_id).inc()
+    metrics.batches.labels(job_id).inc(steps)
     for name, count in tokens:
         metrics.tokens.labels(job_id, name).inc(count)
     return Response(body, media_type=wire.MEDIA_TYPE)
@@ -76,27 +78,27 @@ class BatchFastPath:
         self.app, self.api = app, api
         self.route = next(r for r in router.routes if getattr(r, "endpoint", None) is get_batch)
 
-    def _parse(self, scope: Scope) -> tuple[str, int, int, int, str, bool] | None:
+    def _parse(self, scope: Scope) -> tuple[str, int, int, int, str, bool, int] | None:
         """The route's parameters when they are all canonical and in range, else None (the route decides)."""
         if scope["type"] != "http" or scope["method"] != "GET":
             return None
         found = self._PATH.fullmatch(scope["path"])
         if found is None or not JOB_ID_PATTERN.fullmatch(found[1]):
             return None
-        query = dict(rank="0", world="1", compression="none", boundaries="false")
+        query = dict(rank="0", world="1", compression="none", boundaries="false", steps="1")
         pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
         given = dict(pairs)
         if len(given) != len(pairs) or not given.keys() <= query.keys():
             return None
         query.update(given)
-        if not (self._INT.fullmatch(query["rank"]) and self._INT.fullmatch(query["world"])) \
+        if not all(self._INT.fullmatch(query[name]) for name in ("rank", "world", "steps")) \
                 or query["compression"] not in ("none", "zstd") or query["boundaries"] not in self._BOOL:
             return None
-        step, rank, world = int(found[2]), int(query["rank"]), int(query["world"])
+        step, rank, world, steps = int(found[2]), int(query["rank"]), int(query["world"]), int(query["steps"])
         if not (STEP.low <= step <= STEP.high and RANK.low <= rank <= RANK.high
-                and WORLD.low <= world <= WORLD.high):
+                and WORLD.low <= world <= WORLD.high and STEPS.low <= steps <= STEPS.high):
             return None
-        return found[1], step, rank, world, query["compression"], self._BOOL[query["boundaries"]]
+        return found[1], step, rank, world, query["compression"], self._BOOL[query["boundaries"]], steps
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         params = self._parse(scope)
@@ -135,31 +137,37 @@ def prefetch_new_steps(engine: MixingEngine, prefetched: dict[tuple[str, str], i
 
 
 def make_batch(manager: JobManager, max_tokens: int, prefetched: dict[tuple[str, str], int], job_id: str,
-               step: int, rank: int, world: int, compression: str, boundaries: bool,
-               no_head_read: bool = False,
-               group: SharedHeadRead | None = None) -> tuple[bytes, list[tuple[str, int]]]:
-    """The response body of one batch request (the step marked served first) and the tokens it carries
-    per source. ``prefetched``: (job, incarnation) -> the highest step whose successors were prefetched.
-    ``group``: the shared head read the request joined on arrival (``JobManager.admit``).
-    ``no_head_read`` (benchmarks only, ``app.unsafe_switches``): the runtime this process holds, unproven."""
+                 step: int, rank: int, world: int, compression: str, boundaries: bool,
+                 no_head_read: bool = False, group: SharedHeadRead | None = None,
+                 steps: int = 1) -> tuple[bytes, list[tuple[str, int]]]:
+    """The response body of one batch request -- ``steps`` framed batches from ``step``, the last of them
+    marked served first -- and the tokens it carries per source. ``prefetched``: (job, incarnation) -> the
+    highest step whose successors were prefetched. ``group``: the shared head read the request joined on
+    arrival (``JobManager.admit``). ``no_head_read`` (benchmarks only, ``app.unsafe_switches``): the
+    runtime this process holds, unproven."""
     if no_head_read and (held := manager._jobs.get(job_id)) is not None:
-        check_step(step, held.config.total_steps)
+        check_step(step + steps - 1, held.config.total_steps)
         runtime, ranks = held, RankSlice.of(rank, world, held.config.global_batch)
     else:
-        view, ranks = manager.serve(job_id, step, rank, world, max_tokens, group)
+        # Marking the last step served fixes every step up to it: a schedule change committed later takes
+        # effect after it, so the runtime of this head plans all of them.
+        view, ranks = manager.serve(job_id, step, rank, world, max_tokens, group, steps)
         runtime = view.runtime
     config = runtime.config
     engine = runtime.engine
-    batch = engine.batch(step, ranks.rank, ranks.world)
-    prefetch_new_steps(engine, prefetched, (job_id, runtime.incarnation), step)
     names = config.source_names
-    header = {"job": job_id, "incarnation": runtime.incarnation, "step": step, "rank": ranks.rank,
-              "world": ranks.world, "sources": names, "schedule_version": engine.version_at(step),
-              **runtime.log_pin(step)}
-    starts = engine.row_boundaries(step, ranks.rank, ranks.world) if boundaries else None
-    body = wire.encode(batch.tokens, batch.source_ids, header, compression, boundaries=starts)
-    counts = np.bincount(batch.source_ids, minlength=len(names)).tolist()
-    return body, [(name, n * config.seq_len) for name, n in zip(names, counts, strict=True) if n]
+    bodies, counts = [], np.zeros(len(names), dtype=np.int64)
+    for at in range(step, step + steps):
+        batch = engine.batch(at, ranks.rank, ranks.world)
+        prefetch_new_steps(engine, prefetched, (job_id, runtime.incarnation), at)
+        header = {"job": job_id, "incarnation": runtime.incarnation, "step": at, "rank": ranks.rank,
+                  "world": ranks.world, "sources": names, "schedule_version": engine.version_at(at),
+                  **runtime.log_pin(at)}
+        starts = engine.row_boundaries(at, ranks.rank, ranks.world) if boundaries else None
+        bodies.append(wire.encode(batch.tokens, batch.source_ids, header, compression, boundaries=starts))
+        counts += np.bincount(batch.source_ids, minlength=len(names))
+    body = bodies[0] if steps == 1 else b"".join(bodies)
+    return body, [(name, int(n) * config.seq_len) for name, n in zip(names, counts, strict=True) if n]
 
 
 @router.get("/provenance/{step}", responses=responses(404))

@@ -30,6 +30,7 @@ from mixer_contract.values import (
     SEED,
     SEQ_LEN,
     STEP,
+    STEPS,
     TOTAL_STEPS,
     TRAINED_STEP,
     WORLD,
@@ -47,6 +48,7 @@ Step = bounded(STEP)
 TrainedStep = bounded(TRAINED_STEP)
 Rank = bounded(RANK)
 World = bounded(WORLD)
+Steps = bounded(STEPS)
 Seed = bounded(SEED)
 Count = bounded(COUNT)
 SourceName = Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
