@@ -342,10 +342,30 @@ def ours_cell(ranks: int, args: argparse.Namespace, data: dict, where: str, endp
         options = [] if loader == "default" else ["--loader", loader]
         out = run_ranks("ours", ranks, args, srv.proc.url, job, options, {}, [srv.cache])
         out["server_cpu_s"] = cpu_seconds(srv.proc) - cpu  # the whole cell: ranks' start-up included
+        out["cache"] = cache_counts(srv.proc.url)
         if spy:
             stop_profile(spy)
     return out | {"server_ready_s": srv.ready_s, "server_rss_mb": srv.rss_mb,
                   "rss_mb": out.get("ranks_rss_mb", 0) + srv.rss_mb}
+
+
+def cache_counts(url: str, scrapes: int = 24) -> dict[str, int]:
+    """The shard cache's counters summed over the server's workers: each scrape of /metrics is answered by
+    one worker, so the distinct answers of a few scrapes are the workers' (two workers with equal counters
+    would be counted once)."""
+    import httpx
+
+    seen = set()
+    for _ in range(scrapes):
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        seen.add(tuple(sorted((line.split('"')[1], int(float(line.rsplit(" ", 1)[1])))
+                              for line in text.splitlines() if line.startswith("mixer_shard_cache{"))))
+    totals: dict[str, int] = {}
+    for answer in seen:
+        for stat, value in answer:
+            if not stat.endswith(("_bytes", "limit_bytes")) or stat == "fetched_bytes":
+                totals[stat] = totals.get(stat, 0) + value
+    return totals | {"workers_seen": len(seen)}
 
 
 def peer_cell(ranks: int, args: argparse.Namespace, data: dict, endpoint: str) -> dict:

@@ -49,8 +49,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TypeGuard, TypeVar
@@ -437,27 +438,39 @@ class ShardCache:
 
     def _load(self, shard: Shard, trust_file: bool = True, demand: bool = True) -> _Entry:
         """Verify the cached file (building it first when absent, wrong, or not ``trust_file``) and open it
-        for checked reads."""
+        for checked reads. One process of the host builds a shard at a time: the workers of a server share
+        the directory, and each used to fetch and decode every shard itself (2 workers, 138 fetches of ~65
+        shards in the 8-rank head-to-head, docs/scale.md); a worker that waited verifies the file the other
+        built instead."""
         path = self._path(shard)
         stamp = FileStamp.of(path)
-        if trust_file and stamp is not None and stamp.size == shard.raw_bytes:
-            try:
-                handle = io.FileIO(path, "r")
-            except FileNotFoundError:  # evicted by another process since the stat: fetched again below
-                handle = None
-            entry = self._verified(shard, path, handle) if handle is not None else None
-            if entry is not None:
+        if trust_file and (entry := self._found(shard, path, stamp)) is not None:
+            return entry
+        with one_builder(self.directory / f".{path.name}.building"):
+            again = FileStamp.of(path)
+            if trust_file and again != stamp and (entry := self._found(shard, path, again)) is not None:
                 return entry
-            if handle is not None:
-                handle.close()
-                log.warning(f"cached shard {path} does not match its hash; fetching it again", extra={
-                    "event": "cache.mismatch", "cache_file": str(path), "shard": shard.label})
-        handle, digest, raw = self._build(shard, path, demand)
+            handle, digest, raw = self._build(shard, path, demand)
         region = CheckedRegion(handle, 0, shard.raw_bytes, digest.finish(), str(path))
         if raw is not None:
             self._keep(shard, raw, digest.max_token)
         return _Entry(path, shard.raw_bytes, FileStamp.of_open(handle.fileno()), region, digest.max_token,
                       shard.dtype)
+
+    def _found(self, shard: Shard, path: Path, stamp: FileStamp | None) -> _Entry | None:
+        """The entry of the file at ``path`` (seen as ``stamp``) if it holds the shard's bytes, else None."""
+        if stamp is None or stamp.size != shard.raw_bytes:
+            return None
+        try:
+            handle = io.FileIO(path, "r")
+        except FileNotFoundError:  # evicted by another process since the stat: fetched again
+            return None
+        entry = self._verified(shard, path, handle)
+        if entry is None:
+            handle.close()
+            log.warning(f"cached shard {path} does not match its hash; fetching it again", extra={
+                "event": "cache.mismatch", "cache_file": str(path), "shard": shard.label})
+        return entry
 
     def _verified(self, shard: Shard, path: Path, handle: io.FileIO) -> _Entry | None:
         """An entry for ``path`` (open as ``handle``) with the checksum table of the bytes just hashed, or
@@ -561,6 +574,39 @@ def _in_vocabulary(shard: Shard, max_token: int, max_dtype: np.dtype | None, tok
         raise CorruptData(f"{shard.label}: token id {token} at token offset {pos} is outside the "
                           f"vocabulary ({shard.vocab_size} ids)")
     return tokens
+
+
+@contextmanager
+def one_builder(lock_path: Path) -> Iterator[None]:
+    """Hold ``lock_path`` exclusively across the host's processes (``flock``; a dead holder's lock is
+    released by the kernel), and remove it on release. A waiter that locked a file removed meanwhile (its
+    inode no longer the name's) opens the name again, so two holders never overlap."""
+    while True:
+        try:
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the directory itself was removed while serving: put it back
+                lock_path.parent.mkdir(parents=True, exist_ok=True)
+                continue
+        except OSError as exc:
+            raise SourceUnavailable(f"cannot write into the shard cache at {lock_path.parent} "
+                                    f"({exc.strerror or exc})") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        os.close(fd)
 
 
 def _being_written(tmp: Path) -> bool:

@@ -1,0 +1,96 @@
+"""The worker processes of one server share a cache directory: one of them fetches and decodes a shard, the
+others wait and verify the file it installed (before, each fetched it itself: 138 fetches of ~65 shards with
+two workers in the 8-rank head-to-head). A builder killed mid-build (SIGKILL) releases the shard to the next.
+Real processes, a real cache directory; the store is slowed so that the processes overlap."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from test_cache_eviction_race import shard_at
+
+ROOT = Path(__file__).resolve().parents[2]
+
+WORKER = textwrap.dedent("""
+    import json, sys, time, hashlib
+    from pathlib import Path
+    import numpy as np
+    from mixer_service.sources import ShardCache
+    from mixer_service.sources.cache import Shard
+    from mixer_service.sources.origins import LocalOrigin
+
+    src, cache_dir, go, delay, out = sys.argv[1:6]
+
+    class SlowStore(LocalOrigin):  # an object store that takes `delay` seconds to answer
+        def read(self, name):
+            Path(out + ".reading").touch()
+            time.sleep(float(delay))
+            return super().read(name)
+
+    meta = json.loads(Path(src, "shard.json").read_text())
+    shard = Shard(SlowStore(Path(src)), "s.zst", meta["n"], np.dtype("<u2"), meta["sha"], meta["raw_sha"],
+                  vocab_size=50257)
+    cache = ShardCache(Path(cache_dir), memory_bytes=0)
+    while not Path(go).exists():
+        time.sleep(0.005)
+    tokens = np.asarray(cache.get(shard)[:])
+    Path(out).write_text(json.dumps({"fetches": cache.stats.fetches, "verified": cache.stats.verified,
+                                     "digest": hashlib.sha256(tokens.tobytes()).hexdigest(),
+                                     "raw_sha": shard.raw_sha256}))
+""")
+
+
+def start(tmp_path: Path, name: str, delay: float) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "src"), str(tmp_path / "cache"),
+                             str(tmp_path / "go"), str(delay), str(tmp_path / name)], env=env)
+
+
+def setup(tmp_path: Path) -> str:
+    shard, want = shard_at(tmp_path / "src")
+    (tmp_path / "src" / "shard.json").write_text(json.dumps(
+        {"n": shard.num_tokens, "sha": shard.sha256, "raw_sha": shard.raw_sha256}))
+    return hashlib.sha256(want.tobytes()).hexdigest()
+
+
+def wait_for(path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_two_workers_needing_one_shard_fetch_it_once(tmp_path) -> None:
+    want = setup(tmp_path)
+    procs = [start(tmp_path, f"w{i}", delay=1.0) for i in range(2)]
+    (tmp_path / "go").touch()
+    assert all(p.wait(120) == 0 for p in procs)
+    results = [json.loads((tmp_path / f"w{i}").read_text()) for i in range(2)]
+    assert all(r["digest"] == want for r in results)
+    assert sorted(r["fetches"] for r in results) == [0, 1]  # one fetched, the other waited
+    assert sorted(r["verified"] for r in results) == [0, 1]  # ... and verified what the first installed
+    assert not list((tmp_path / "cache").glob(".*.building"))
+
+
+def test_a_builder_killed_mid_fetch_hands_the_shard_to_the_next(tmp_path) -> None:
+    want = setup(tmp_path)
+    stuck = start(tmp_path, "stuck", delay=600.0)
+    (tmp_path / "go").touch()
+    wait_for(tmp_path / "stuck.reading")  # it holds the build lock and waits on its store
+    other = start(tmp_path, "other", delay=0.0)
+    time.sleep(1.0)
+    assert other.poll() is None  # waiting for the stuck builder
+    stuck.send_signal(signal.SIGKILL)
+    stuck.wait(30)
+    assert other.wait(60) == 0
+    result = json.loads((tmp_path / "other").read_text())
+    assert result["digest"] == want and result["fetches"] == 1
+    assert [p.name for p in (tmp_path / "cache").glob("*.bin")] == [f"{result['raw_sha']}.bin"]
