@@ -576,11 +576,19 @@ def _in_vocabulary(shard: Shard, max_token: int, max_dtype: np.dtype | None, tok
     return tokens
 
 
+BUILD_WAIT_S = 15.0  # a worker waits this long for another's build of a shard, then builds it itself
+_LOCK_POLL_S = 0.005
+
+
 @contextmanager
-def one_builder(lock_path: Path) -> Iterator[None]:
+def one_builder(lock_path: Path, wait_s: float | None = None) -> Iterator[bool]:
     """Hold ``lock_path`` exclusively across the host's processes (``flock``; a dead holder's lock is
-    released by the kernel), and remove it on release. A waiter that locked a file removed meanwhile (its
-    inode no longer the name's) opens the name again, so two holders never overlap."""
+    released by the kernel) and remove it on release; yields True. A waiter that locked a file removed
+    meanwhile (its inode no longer the name's) opens the name again, so two holders never overlap. After
+    ``wait_s`` (default ``BUILD_WAIT_S``) it yields False without the lock: a holder stopped (SIGSTOP) or
+    stuck on its store must not stall every worker; the caller then builds on its own, as each worker
+    did before (its own temporary file, an atomic rename of verified bytes)."""
+    deadline = time.monotonic() + (BUILD_WAIT_S if wait_s is None else wait_s)
     while True:
         try:
             try:
@@ -592,9 +600,14 @@ def one_builder(lock_path: Path) -> Iterator[None]:
             raise SourceUnavailable(f"cannot write into the shard cache at {lock_path.parent} "
                                     f"({exc.strerror or exc})") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+            if _lock_until(fd, deadline) and os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
                 break
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                log.warning("another worker's build of a shard is taking too long; building it here too",
+                            extra={"event": "cache.build_wait_expired", "lock": str(lock_path)})
+                yield False
+                return
         except FileNotFoundError:
             pass
         except BaseException:
@@ -602,11 +615,23 @@ def one_builder(lock_path: Path) -> Iterator[None]:
             raise
         os.close(fd)
     try:
-        yield
+        yield True
     finally:
         with suppress(FileNotFoundError):
             os.unlink(lock_path)
         os.close(fd)
+
+
+def _lock_until(fd: int, deadline: float) -> bool:
+    """``flock(fd, LOCK_EX)``, polled until ``deadline``; whether it was taken."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_LOCK_POLL_S)
 
 
 def _being_written(tmp: Path) -> bool:

@@ -1,6 +1,7 @@
 """The worker processes of one server share a cache directory: one of them fetches and decodes a shard, the
 others wait and verify the file it installed (before, each fetched it itself: 138 fetches of ~65 shards with
 two workers in the 8-rank head-to-head). A builder killed mid-build (SIGKILL) releases the shard to the next.
+A builder stopped (SIGSTOP) holds the lock: the others wait a bounded time, then build the shard themselves.
 Real processes, a real cache directory; the store is slowed so that the processes overlap."""
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ WORKER = textwrap.dedent("""
     import json, sys, time, hashlib
     from pathlib import Path
     import numpy as np
-    from mixer_service.sources import ShardCache
+    from mixer_service.sources import ShardCache, cache as cache_module
     from mixer_service.sources.cache import Shard
     from mixer_service.sources.origins import LocalOrigin
 
-    src, cache_dir, go, delay, out = sys.argv[1:6]
+    src, cache_dir, go, delay, out, wait = sys.argv[1:7]
+    cache_module.BUILD_WAIT_S = float(wait)
 
     class SlowStore(LocalOrigin):  # an object store that takes `delay` seconds to answer
         def read(self, name):
@@ -48,10 +50,10 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def start(tmp_path: Path, name: str, delay: float) -> subprocess.Popen:
+def start(tmp_path: Path, name: str, delay: float, wait: float = 60.0) -> subprocess.Popen:
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "src"), str(tmp_path / "cache"),
-                             str(tmp_path / "go"), str(delay), str(tmp_path / name)], env=env)
+                             str(tmp_path / "go"), str(delay), str(tmp_path / name), str(wait)], env=env)
 
 
 def setup(tmp_path: Path) -> str:
@@ -94,3 +96,21 @@ def test_a_builder_killed_mid_fetch_hands_the_shard_to_the_next(tmp_path) -> Non
     result = json.loads((tmp_path / "other").read_text())
     assert result["digest"] == want and result["fetches"] == 1
     assert [p.name for p in (tmp_path / "cache").glob("*.bin")] == [f"{result['raw_sha']}.bin"]
+
+
+def test_a_stopped_builder_delays_the_others_only_for_the_wait_bound(tmp_path) -> None:
+    want = setup(tmp_path)
+    stopped = start(tmp_path, "stopped", delay=1.0)
+    (tmp_path / "go").touch()
+    wait_for(tmp_path / "stopped.reading")
+    stopped.send_signal(signal.SIGSTOP)  # holds the build lock, frozen
+    try:
+        other = start(tmp_path, "other", delay=0.0, wait=1.0)
+        assert other.wait(60) == 0  # built it itself once the bound passed
+        result = json.loads((tmp_path / "other").read_text())
+        assert result["digest"] == want and result["fetches"] == 1
+    finally:
+        stopped.send_signal(signal.SIGCONT)
+    assert stopped.wait(60) == 0  # and the stopped one, resumed, installs the same bytes
+    assert json.loads((tmp_path / "stopped").read_text())["digest"] == want
+    assert not list((tmp_path / "cache").glob(".*.building"))
