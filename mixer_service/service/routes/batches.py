@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mixer_contract import wire
 from mixer_contract.errors import MixerError
-from mixer_contract.job import JOB_ID_PATTERN
+from mixer_contract.job import JOB_ID_PATTERN, JobConfig
 from mixer_contract.values import RANK, STEP, STEPS, WORLD, RankSlice, check_step
 from mixer_service.engine import MixingEngine
 from mixer_service.service.auth import require_reader, role_of
@@ -121,25 +121,34 @@ class BatchFastPath:
         await response(scope, receive, send)
 
 
-PREFETCH_STEPS = 2  # steps ahead of the one asked for whose shards are loaded before they are asked for
+PREFETCH_STEPS = 2  # steps ahead of the one asked for whose shards are loaded before they are asked for...
+PREFETCH_TOKENS = 1 << 22  # ...or more steps, until they hold this many tokens: a shard's build (0.1-0.3 s
+# from S3) then overlaps serving ~4M tokens, which at full speed is what hides it (docs/scale.md)
+PREFETCH_MAX_STEPS = 128  # below the engine's 256 remembered steps: those planned ahead are still there
+
+
+def prefetch_horizon(config: JobConfig) -> int:
+    """How many steps ahead of a request the shards are loaded: ``PREFETCH_STEPS``, more for small steps."""
+    step_tokens = config.global_batch * config.seq_len
+    return min(PREFETCH_MAX_STEPS, max(PREFETCH_STEPS, -(-PREFETCH_TOKENS // step_tokens)))
 
 
 def prefetch_new_steps(engine: MixingEngine, prefetched: dict[tuple[str, str], int], key: tuple[str, str],
                        step: int) -> None:
     """The schedule makes the future known: start loading the shards of steps up to ``step +
-    PREFETCH_STEPS`` that no earlier request of ``key`` (job, incarnation) asked for. Each step's shards are
-    worked out once (the whole step: ranks usually come to every replica), not once per step that looks
+    prefetch_horizon`` that no earlier request of ``key`` (job, incarnation) asked for. Each step's shards
+    are worked out once (the whole step: ranks usually come to every replica), not once per step that looks
     ahead to it; ``prefetched`` keeps the highest step asked for."""
-    first, last = max(prefetched.get(key, -1), step) + 1, step + PREFETCH_STEPS
+    first, last = max(prefetched.get(key, -1), step) + 1, step + prefetch_horizon(engine.config)
     if first <= last:
         prefetched[key] = last
         prefetch_ahead(engine, first - 1, lookahead=last - first + 1)
 
 
 def make_batch(manager: JobManager, max_tokens: int, prefetched: dict[tuple[str, str], int], job_id: str,
-                 step: int, rank: int, world: int, compression: str, boundaries: bool,
-                 no_head_read: bool = False, group: SharedHeadRead | None = None,
-                 steps: int = 1) -> tuple[bytes, list[tuple[str, int]]]:
+               step: int, rank: int, world: int, compression: str, boundaries: bool,
+               no_head_read: bool = False, group: SharedHeadRead | None = None,
+               steps: int = 1) -> tuple[bytes, list[tuple[str, int]]]:
     """The response body of one batch request -- ``steps`` framed batches from ``step``, the last of them
     marked served first -- and the tokens it carries per source. ``prefetched``: (job, incarnation) -> the
     highest step whose successors were prefetched. ``group``: the shared head read the request joined on
