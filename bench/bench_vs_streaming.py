@@ -4,10 +4,10 @@ Data: GPT-2 BPE of every real corpus ``common.REAL_CORPORA`` installs (State of 
 mail, Python and Linux docs: ~27 M tokens), repeated to ``--tokens``. Written twice from the same stream:
 
 * ours: a prepared source (``mixer prepare``'s writer; zstd shards of ``--shard-tokens``), served by one
-  ``mixer serve`` (default workers: one per core) over the S3 prefix (``--cache-limit``) and read by
-  ``client.MixerLoader`` (its defaults:
-  zstd on the wire, prefetch 4) with the job the README shows (no ``order`` key: the sliding order, W=16)
-  unless ``--order window`` or ``--order sliding`` names one;
+  ``mixer serve`` (default workers: one per core) over the S3 prefix (its ``--cache-limit``: below) and
+  read by ``client.MixerLoader`` (its defaults: zstd on the wire, prefetch 4, one step in the first request
+  and 8 a request after it; ``--loaders`` runs others too, in the h2h part) with the job the README shows (no
+  ``order`` key: the sliding order, W=16) unless ``--order window`` or ``--order sliding`` names one;
 * the peer: MDS written by streaming's own ``MDSWriter`` at its defaults (64 MiB shards, zstd), read by
   ``StreamingDataset(remote=s3://…, cache_limit=…, shuffle=True)`` (default ``shuffle_algo``, py1e) inside a
   torch ``DataLoader(num_workers=--workers)``, ranks told by ``RANK``/``WORLD_SIZE``/``LOCAL_*`` as torchrun
@@ -27,7 +27,15 @@ that computes ``--compute-ms`` a step behind ``MixerLoader`` with ``--latency-ms
 at ``--cold-sizes``, local and S3, prepared and adopted (Megatron, its ``mixer adopt --index`` record shipped
 beside it, as docs/scale.md tells corpus owners to).
 
-    python bench/bench_vs_streaming.py --tokens 1e9 --ranks 1 8 64 [--order window|sliding] [--json out.json]
+Everything is written under data/bench/vs_streaming (the data of a --tokens size is built once, ~4 min at
+1e9, and reused). A whole run at 1e9 with ranks 1 and 8 takes ~15 min and the whole machine; 64 ranks need
+~40 GB of RAM (ours ~0.6 GB a rank, the peer ~1.9 GB a rank with its two DataLoader workers).
+
+    python bench/bench_vs_streaming.py --tokens 1e9 --ranks 1 8 [--order window|sliding] [--json out.json]
+
+The h2h table: "tok/s ours/peer" (higher is better for us), "1st ours/peer" (first batch; lower is
+better), "RSS ours/peer", CPU seconds of our server and ranks over the cell, and the 1-minute load average
+at the end of our cell / the peer's.
 """
 
 from __future__ import annotations
@@ -436,10 +444,14 @@ def uploads(data: dict) -> list[tuple[Path, str]]:
 
 def loader_spec(text: str) -> str:
     """``default`` or ``K:none|zstd``, checked before any data is built."""
+    from mixer_contract.values import STEPS
+
     if text != "default":
         steps, _, compression = text.partition(":")
-        if not steps.isdigit() or compression not in ("none", "zstd"):
-            raise argparse.ArgumentTypeError(f"{text!r}: want 'default' or K:none|zstd, e.g. 4:none")
+        in_range = steps.isdigit() and STEPS.low <= int(steps) <= STEPS.high
+        if not in_range or compression not in ("none", "zstd"):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: want 'default' or K:none|zstd with K in {STEPS.low}..{STEPS.high}, e.g. 4:none")
     return text
 
 
@@ -562,11 +574,14 @@ def report(out: dict) -> None:
                              f"{o.get('disk_mb', nan):.0f}", f"{p.get('disk_mb', nan):.0f}",
                              f"{o.get('server_rss_mb', nan):.0f}+{o.get('ranks_rss_mb', nan):.0f}",
                              f"{p.get('rss_mb', nan):.0f}", ratio(o.get("rss_mb"), p.get("rss_mb")),
-                             f"{o.get('ranks_cpu_s', nan):.1f}+{o.get('server_cpu_s', nan):.1f}",
-                             f"{o['load']} / {p['load']}", o.get("error", "") + p.get("error", "")])
-        print_table(["ranks", "our loader", "ours tok/s", "peer tok/s", "ratio", "ours 1st s", "peer 1st s",
-                     "ratio", "ours disk MB", "peer disk MB", "ours RSS MB srv+ranks", "peer RSS MB", "ratio",
-                     "ours CPU s ranks+srv", "load", "error"], rows)
+                             f"{o.get('server_cpu_s', nan):.1f}+{o.get('ranks_cpu_s', nan):.1f}",
+                             f"{o['load']} / {p['load']}",
+                             "; ".join(f"{side}: {c['error']}" for side, c in (("ours", o), ("peer", p))
+                                       if c.get("error"))])
+        print_table(["ranks", "our loader", "ours tok/s", "peer tok/s", "tok/s ours/peer", "ours 1st s",
+                     "peer 1st s", "1st ours/peer", "ours disk MB", "peer disk MB", "ours RSS MB srv+ranks",
+                     "peer RSS MB", "RSS ours/peer", "ours CPU s srv+ranks", "load ours / peer", "error"],
+                    rows)
     if "remote" in out:
         print("\nOurs, local vs S3 (two interleaved runs each)")
         rows = []
@@ -592,32 +607,41 @@ def report(out: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=float, default=1e9)
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--tokens", type=float, default=1e9,
+                   help="tokens of the h2h/remote/stall corpus (default 1e9)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 8, 64],
+                   help="h2h: rank counts (default 1 8 64)")
     p.add_argument("--steps", type=int, default=30, help="steps per rank (the first is the cold one)")
     p.add_argument("--rows", type=int, default=8, help="rows per rank and step (the per-device batch)")
     p.add_argument("--seq-len", type=int, default=2049)
     p.add_argument("--workers", type=int, default=2, help="the peer's DataLoader workers per rank")
-    p.add_argument("--cache-fraction", type=float, default=0.25)
+    p.add_argument("--cache-fraction", type=float, default=0.25,
+                   help="both sides' cache limit, as a fraction of the raw tokens (default 0.25)")
     p.add_argument("--shard-tokens", type=int, default=1 << 23, help="our prepared shards (tokens)")
     p.add_argument("--order", choices=("default", "window", "sliding"), default="default",
                    help="default: the job has no order key (the README's; the server writes the sliding "
                    "order in); window or sliding: adds {'kind': ORDER}")
     p.add_argument("--loaders", nargs="+", default=["default"], type=loader_spec,
-                   help="h2h: run ours once per loader: 'default' (MixerLoader's defaults) or K:none|zstd "
-                   "(K steps a request, that wire compression)")
+                   help="h2h only: run ours once per loader: 'default' (MixerLoader's defaults, i.e. 8:zstd "
+                   "after a first request of one step) or K:none|zstd (K in 1..64 steps a request, that wire "
+                   "compression); the other parts use the defaults")
     p.add_argument("--peer-default-block", action="store_true",
                    help="streaming's default shuffle_block_size instead of one sized to the cache")
     p.add_argument("--parts", nargs="+", default=["h2h", "remote", "stall", "cold"],
                    choices=["h2h", "remote", "stall", "cold"])
-    p.add_argument("--remote-ranks", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--stall-steps", type=int, default=150)
-    p.add_argument("--compute-ms", type=float, default=0.0, help="model time per step (stall part: 100)")
-    p.add_argument("--latency-ms", type=float, nargs=2, default=[20.0, 50.0])
-    p.add_argument("--cold-sizes", type=float, nargs="+", default=[1e6, 1e9])
+    p.add_argument("--remote-ranks", type=int, nargs="+", default=[1, 8],
+                   help="remote: rank counts (default 1 8)")
+    p.add_argument("--stall-steps", type=int, default=150, help="stall: steps of the trainer (default 150)")
+    p.add_argument("--compute-ms", type=float, default=0.0,
+                   help="model time per step in h2h and remote (default 0); the stall part: 100 unless set")
+    p.add_argument("--latency-ms", type=float, nargs=2, default=[20.0, 50.0], metavar=("LOW", "HIGH"),
+                   help="stall: each S3 request is held a uniform LOW..HIGH ms (default 20 50)")
+    p.add_argument("--cold-sizes", type=float, nargs="+", default=[1e6, 1e9],
+                   help="cold: corpus sizes in tokens (default 1e6 1e9)")
     p.add_argument("--profile-ranks", type=int, nargs="*", default=[],
                    help="record the server with py-spy in the cells of these rank counts")
-    p.add_argument("--json", type=Path, default=WORK / "results.json")
+    p.add_argument("--json", type=Path, default=WORK / "results.json",
+                   help="where the results go (default data/bench/vs_streaming/results.json)")
     for hidden in ("role", "url", "job", "ready", "go", "local", "loader"):
         p.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
     for hidden in ("rank", "world", "cache-limit", "shuffle-block"):

@@ -491,7 +491,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=runner(cmd_schedule_history, "schedule history"))
     p = actions.add_parser("set", parents=[common],
                            help="change the schedule (reads the ETag, sends If-Match)",
-                           description="Takes effect at max(--requested-step, highest served step + 1).")
+                           description="Takes effect at max(--requested-step, highest served step + 1); "
+                           "trainers' loaders request up to 11 steps ahead of training (MixerLoader's "
+                           "prefetch + steps_per_request - 1), so mixer jobs shows the served step.")
     p.add_argument("job")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--file", help='JSON file ("-" for stdin): {"phases": [...]} or a whole change body')

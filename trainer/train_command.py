@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from client import MixerClient, MixerClientError, MixerLoader
+from client.dataset import STEPS_PER_REQUEST
 from client.export import parse_steps
 from trainer.evaluate import evaluate
 from trainer.finetune import FinetuneConfig, epoch_batches, finetune
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--url", help="service URL, or several replicas comma-separated (failover)")
     g.add_argument("--job", help="the job to train on (its config fixes seq_len and the global batch)")
     g.add_argument("--prefetch", type=int, default=4, help="batches fetched ahead per rank (default 4)")
+    g.add_argument("--steps-per-request", type=int, default=STEPS_PER_REQUEST,
+                   help=f"steps one batch request asks for after the first (default {STEPS_PER_REQUEST}; "
+                   "fewer when they would hold over 2^20 tokens). A request marks its last step served, so a "
+                   "schedule change lands up to prefetch + this - 1 steps after the step being trained")
     g.add_argument("--report-interval", type=int, default=10,
                    help="rank 0 reports the trained step to the service every N steps (default 10)")
     g.add_argument("--data-log", action="store_true",
@@ -176,7 +181,7 @@ def _run(args: argparse.Namespace, client: MixerClient, rank: int) -> int:
     # Built before train() initialises the process group: rank and world come from torchrun's RANK and
     # WORLD_SIZE, so every rank reads only its own rows.
     with MixerLoader(client, args.job, end_step=config["total_steps"], prefetch=args.prefetch,
-                     boundaries=args.doc_causal_mask) as loader:
+                     boundaries=args.doc_causal_mask, steps_per_request=args.steps_per_request) as loader:
         batches = _DataLog(loader, args.out / f"data-rank{loader.rank}.jsonl") if args.data_log else loader
         progress = ProgressLine(max_steps, args.progress_interval,
                                 domain_repetition(client, args.job, repeated))

@@ -74,7 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="schedule versions per job (409 beyond)")
     limits.add_argument("--max-request-tokens", type=int,
                         default=ServiceLimits.max_request_tokens,
-                        help="rows x seq_len of one batch response (413 beyond: use a larger world)")
+                        help="steps x rows x seq_len of one batch response (413 beyond: use a larger world "
+                        "or fewer steps a request)")
     limits.add_argument("--max-body-bytes", type=int,
                         default=ServiceLimits.max_body_bytes, help="request body size (413 beyond)")
     limits.add_argument("--threads", type=int, default=ServiceLimits.threads,
