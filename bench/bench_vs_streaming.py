@@ -13,19 +13,20 @@ mail, Python and Linux docs: ~27 M tokens), repeated to ``--tokens``. Written tw
   torch ``DataLoader(num_workers=--workers)``, ranks told by ``RANK``/``WORLD_SIZE``/``LOCAL_*`` as torchrun
   would. Samples are ``--seq-len`` consecutive tokens: the same sequences the engine cuts.
 
-Both read from one moto S3 server (its own process, loopback); the cache limit is ``--cache-fraction`` of the
-raw tokens on both sides. Each cell starts cold (fresh server, fresh caches) and runs ``R`` rank processes,
-each with its own loader, ``--rows`` rows a step, ``--steps`` steps; they import first, then start together.
+Both read from one S3 server (``--s3``: moto or s3rver; its own process, loopback); the cache limit is
+``--cache-fraction`` of the raw tokens on both sides. Each cell starts cold (fresh server, fresh caches) and
+runs ``R`` rank processes, each with its own loader, ``--rows`` rows a step, ``--steps`` steps; they import
+first, then start together.
 Measured per cell: tokens/s over all ranks after their first batch, first batch (loader built -> first
 batch, median over ranks; ours also server spawn -> ready), peak disk of the cache dirs (polled every
 0.2 s), peak RSS (sum of every process's high-water mark: server and ranks for ours, ranks and their
 DataLoader workers for the peer).
 
 Parts (``--parts``): ``h2h`` these at ``--ranks``; ``remote`` ours local vs S3; ``stall`` a trainer
-that computes ``--compute-ms`` a step behind ``MixerLoader`` with ``--latency-ms`` added to every S3 request
-(a proxy in front of moto); ``cold`` spawn -> first batch of the README's job (abc + web, L 2049, batch 512)
-at ``--cold-sizes``, local and S3, prepared and adopted (Megatron, its ``mixer adopt --index`` record shipped
-beside it, as docs/scale.md tells corpus owners to).
+that computes ``--compute-ms`` a step behind ``MixerLoader`` with ``--latency-ms`` added to every S3
+request (a proxy in front of the S3 server); ``cold`` spawn -> first batch of the README's job (abc + web,
+L 2049, batch 512) at ``--cold-sizes``, local and S3, prepared and adopted (Megatron, its ``mixer adopt
+--index`` record shipped beside it, as docs/scale.md tells corpus owners to).
 
 Everything is written under data/bench/vs_streaming (the data of a --tokens size is built once, ~4 min at
 1e9, and reused). A whole run at 1e9 with ranks 1 and 8 takes ~15 min and the whole machine; 64 ranks need
@@ -60,12 +61,13 @@ from common import (
     DOMAIN,
     S3_BUCKET,
     S3_CREDENTIALS,
+    S3_STORES,
     latency_proxy,
     log,
-    moto_s3,
     prepared_sources,
     print_table,
     real_token_stream,
+    s3_store,
     tiled_mds,
     tiled_megatron,
     tiled_prepared,
@@ -528,7 +530,7 @@ def part_cold(args: argparse.Namespace, out: dict) -> None:
             (local / DOMAIN).symlink_to(abc)
             (local / "web").symlink_to(web)
             files = upload_tree(abc, f"{key}/cold-{fmt}/{DOMAIN}") + upload_tree(web, f"{key}/cold-{fmt}/web")
-            with moto_s3(files if "s3" in stores else []) as endpoint:
+            with s3_store(args.s3, files if "s3" in stores else []) as endpoint:
                 for where in stores:
                     url = f"s3://{S3_BUCKET}/{key}/cold-{fmt}" if where == "s3" else None
                     label = f"{key} {fmt} {where}"
@@ -625,6 +627,9 @@ def main() -> None:
                    help="h2h only: run ours once per loader: 'default' (MixerLoader's defaults, i.e. 8:zstd "
                    "after a first request of one step) or K:none|zstd (K in 1..64 steps a request, that wire "
                    "compression); the other parts use the defaults")
+    p.add_argument("--s3", choices=S3_STORES, default="moto",
+                   help="the S3 server: moto (default; a ranged GET reads the whole object) or s3rver (npm, "
+                   "installed on first use; a ranged GET reads its range, as a real store's does)")
     p.add_argument("--peer-default-block", action="store_true",
                    help="streaming's default shuffle_block_size instead of one sized to the cache")
     p.add_argument("--parts", nargs="+", default=["h2h", "remote", "stall", "cold"],
@@ -653,8 +658,8 @@ def main() -> None:
         return
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     tokens, _, corpora = real_token_stream()
-    out: dict = {"started": started, "command": " ".join(sys.argv), "order": args.order, "load_start": load(),
-                 "real_tokens": int(tokens.size), "corpora": corpora,
+    out: dict = {"started": started, "command": " ".join(sys.argv), "order": args.order, "s3": args.s3,
+                 "load_start": load(), "real_tokens": int(tokens.size), "corpora": corpora,
                  "args": {k: str(v) for k, v in vars(args).items()}}
     log(f"bench: order {args.order!r} ({'no order key' if args.order == 'default' else args.order}), "
         f"load {load()}")
@@ -663,9 +668,9 @@ def main() -> None:
         out["data"] = {"tokens": data["tokens"], "docs": data["docs"],
                        "cache_mb": data["cache_limit"] / 2**20, "mds_shards": data["mds_shards"],
                        "peer_shuffle_block": data["peer_shuffle_block"]}
-        log(f"bench: {out['data']}; uploading to moto")
+        log(f"bench: {out['data']}; uploading to {args.s3}")
         with ExitStack() as stack:
-            endpoint = stack.enter_context(moto_s3(uploads(data)))
+            endpoint = stack.enter_context(s3_store(args.s3, uploads(data)))
             for name, part in (("h2h", part_h2h), ("remote", part_remote), ("stall", part_stall)):
                 if name in args.parts:
                     part(args, data, endpoint, out)

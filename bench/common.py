@@ -174,38 +174,72 @@ if __name__ == "__main__":
 
 
 S3_BUCKET = "bench"
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+# s3rver accepts only its own key pair; moto accepts any, so one pair serves both stores
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER",
                   "AWS_DEFAULT_REGION": "us-east-1"}
+S3_STORES = ("moto", "s3rver")
+S3RVER = "s3rver@3.7.1"  # npm; serves objects from files, so a ranged GET reads only its range
+
+
+def moto_s3(uploads: Iterable[tuple[Path, str]]) -> contextlib.AbstractContextManager[str]:
+    """moto's S3 server (``s3_store("moto", uploads)``)."""
+    return s3_store("moto", uploads)
 
 
 @contextlib.contextmanager
-def moto_s3(uploads: Iterable[tuple[Path, str]]) -> Iterator[str]:
-    """moto's S3 server on a loopback port, in a process of its own (a store is not a thread of the client
-    that measures it), with bucket ``S3_BUCKET`` holding each (local file, key); yields the endpoint URL."""
+def s3_store(kind: str, uploads: Iterable[tuple[Path, str]]) -> Iterator[str]:
+    """An S3 server on a loopback port, in a process of its own (a store is not a thread of the client that
+    measures it), with bucket ``S3_BUCKET`` holding each (local file, key); yields the endpoint URL.
+
+    ``moto``: Python, in memory; a ranged GET reads the whole object (5 ms from 16 MiB, ~500 ms from 1 GiB
+    here), so reads of a few bytes of a large object cost what the object's size does. ``s3rver`` (Node, from
+    npm, installed under data/bench/s3rver on first use): objects in files, a ranged GET reads its range
+    (64 KiB from 1 GiB: 3 ms), as a real object store's does."""
     import httpx
 
     from mixer_service.service.process import free_port
     from mixer_service.sources.origins import s3_client
 
+    if kind not in S3_STORES:
+        raise ValueError(f"S3 store {kind!r}: one of {S3_STORES}")
     os.environ.update(S3_CREDENTIALS)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            with contextlib.suppress(httpx.TransportError):
-                httpx.get(endpoint, timeout=1)
-                break
-            time.sleep(0.1)
-        client = s3_client(endpoint, timeout_s=300)  # uploads of GB objects: moto takes its time
-        client.create_bucket(Bucket=S3_BUCKET)
-        for path, key in uploads:
-            client.upload_file(str(path), S3_BUCKET, key)
-        yield endpoint
-    finally:
-        server.terminate()
-        server.wait(10)
+    with tempfile.TemporaryDirectory(dir=BENCH_DATA if kind == "s3rver" else None) as store:
+        if kind == "moto":
+            cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        else:
+            cmd = [str(_s3rver()), "--directory", store, "--address", "127.0.0.1", "--port", str(port),
+                   "--silent"]
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        endpoint = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(300):
+                with contextlib.suppress(httpx.TransportError):
+                    httpx.get(endpoint, timeout=1)
+                    break
+                time.sleep(0.1)
+            client = s3_client(endpoint, timeout_s=300)  # uploads of GB objects: moto takes its time
+            client.create_bucket(Bucket=S3_BUCKET)
+            for path, key in uploads:
+                client.upload_file(str(path), S3_BUCKET, key)
+            yield endpoint
+        finally:
+            server.terminate()
+            server.wait(10)
+
+
+def _s3rver() -> Path:
+    """The s3rver command, installed from npm on first use (Node.js and npm must be on PATH)."""
+    prefix = BENCH_DATA / "s3rver"
+    command = prefix / "node_modules" / ".bin" / "s3rver"
+    if not command.exists():
+        if shutil.which("npm") is None:
+            raise SystemExit("--s3 s3rver needs Node.js and npm (e.g. apt-get install nodejs npm)")
+        log(f"bench: installing {S3RVER} from npm into {prefix}")
+        prefix.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", S3RVER],
+                       check=True, stdout=subprocess.DEVNULL)
+    return command
 
 
 def upload_tree(local: Path, prefix: str) -> list[tuple[Path, str]]:
