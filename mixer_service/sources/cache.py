@@ -584,11 +584,28 @@ _LOCK_POLL_S = 0.005
 def one_builder(lock_path: Path, wait_s: float | None = None) -> Iterator[bool]:
     """Hold ``lock_path`` exclusively across the host's processes (``flock``; a dead holder's lock is
     released by the kernel) and remove it on release; yields True. A waiter that locked a file removed
-    meanwhile (its inode no longer the name's) opens the name again, so two holders never overlap. After
+    meanwhile (its inode no longer the name's) opens the name again, so two holders never overlap (unless
+    someone else deletes the file: then builds may overlap, which costs a fetch, never a wrong byte). After
     ``wait_s`` (default ``BUILD_WAIT_S``) it yields False without the lock: a holder stopped (SIGSTOP) or
     stuck on its store must not stall every worker; the caller then builds on its own, as each worker
     did before (its own temporary file, an atomic rename of verified bytes)."""
-    deadline = time.monotonic() + (BUILD_WAIT_S if wait_s is None else wait_s)
+    fd = _lock(lock_path, time.monotonic() + (BUILD_WAIT_S if wait_s is None else wait_s))
+    if fd is None:
+        log.warning("another worker's build of a shard is taking too long; building it here too",
+                    extra={"event": "cache.build_wait_expired", "lock": str(lock_path)})
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        with suppress(FileNotFoundError):
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:  # not a file someone put in its place
+                os.unlink(lock_path)
+        os.close(fd)
+
+
+def _lock(lock_path: Path, deadline: float) -> int | None:
+    """An open descriptor of ``lock_path`` holding its lock, or None once ``deadline`` passed."""
     while True:
         try:
             try:
@@ -601,25 +618,15 @@ def one_builder(lock_path: Path, wait_s: float | None = None) -> Iterator[bool]:
                                     f"({exc.strerror or exc})") from exc
         try:
             if _lock_until(fd, deadline) and os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
-                break
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                log.warning("another worker's build of a shard is taking too long; building it here too",
-                            extra={"event": "cache.build_wait_expired", "lock": str(lock_path)})
-                yield False
-                return
+                return fd
         except FileNotFoundError:
-            pass
+            pass  # removed by its holder after this one opened it: open the name again
         except BaseException:
             os.close(fd)
             raise
         os.close(fd)
-    try:
-        yield True
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(lock_path)
-        os.close(fd)
+        if time.monotonic() >= deadline:
+            return None
 
 
 def _lock_until(fd: int, deadline: float) -> bool:

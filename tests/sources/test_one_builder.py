@@ -96,6 +96,7 @@ def test_a_builder_killed_mid_fetch_hands_the_shard_to_the_next(tmp_path) -> Non
     result = json.loads((tmp_path / "other").read_text())
     assert result["digest"] == want and result["fetches"] == 1
     assert [p.name for p in (tmp_path / "cache").glob("*.bin")] == [f"{result['raw_sha']}.bin"]
+    assert not list((tmp_path / "cache").glob(".*.building"))  # the next builder removed the dead one's
 
 
 def test_a_stopped_builder_delays_the_others_only_for_the_wait_bound(tmp_path) -> None:
@@ -113,4 +114,24 @@ def test_a_stopped_builder_delays_the_others_only_for_the_wait_bound(tmp_path) -
         stopped.send_signal(signal.SIGCONT)
     assert stopped.wait(60) == 0  # and the stopped one, resumed, installs the same bytes
     assert json.loads((tmp_path / "stopped").read_text())["digest"] == want
+    assert not list((tmp_path / "cache").glob(".*.building"))
+
+
+def test_a_lock_file_deleted_by_someone_else_costs_a_fetch_and_no_other_lock(tmp_path) -> None:
+    """Found by review: A's release unlinked the lock file B had made after an outsider deleted A's, so a
+    third worker overlapped B too. A and B may both fetch (the outsider broke A's lock); C waits for B."""
+    want = setup(tmp_path)
+    first = start(tmp_path, "first", delay=2.0)
+    (tmp_path / "go").touch()
+    wait_for(tmp_path / "first.reading")
+    [lock] = (tmp_path / "cache").glob(".*.building")
+    lock.unlink()  # an operator's rm, a tmp reaper
+    second = start(tmp_path, "second", delay=5.0)
+    wait_for(tmp_path / "second.reading")  # it made and holds a lock file of its own
+    assert first.wait(60) == 0  # A releases while B builds: B's lock file must stay
+    third = start(tmp_path, "third", delay=0.0)
+    assert second.wait(60) == 0 and third.wait(60) == 0
+    results = {n: json.loads((tmp_path / n).read_text()) for n in ("first", "second", "third")}
+    assert all(r["digest"] == want for r in results.values())
+    assert results["third"]["fetches"] == 0 and results["third"]["verified"] == 1
     assert not list((tmp_path / "cache").glob(".*.building"))
