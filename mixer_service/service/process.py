@@ -177,17 +177,20 @@ class ServerProcess:
             raise RuntimeError(f"mixer serve on port {self.port} is already running")
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=self._stderr)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mixer serve exited with {self.proc.returncode}: {self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/v1/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"mixer serve did not become ready in {timeout:g} s: {self.tail()}")
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mixer serve exited with {self.proc.returncode}: {self.tail()}")
+                try:
+                    if httpx.get(f"{self.url}/v1/ready", timeout=1).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            raise RuntimeError(f"mixer serve did not become ready in {timeout:g} s: {self.tail()}")
+        except BaseException:  # also a SIGTERM or Ctrl-C while waiting: never leave the server running
+            self.stop()
+            raise
 
     def tail(self, chars: int = 2000) -> str:
         """The end of the server's stderr, for error messages."""
