@@ -30,7 +30,7 @@ L 2049, batch 512) at ``--cold-sizes``, local and S3, prepared and adopted (Mega
 
 Everything is written under data/bench/vs_streaming (the data of a --tokens size is built once, ~4 min at
 1e9, and reused). A whole run at 1e9 with ranks 1 and 8 takes ~15 min and the whole machine; 64 ranks need
-~40 GB of RAM (ours ~0.6 GB a rank, the peer ~1.9 GB a rank with its two DataLoader workers).
+~120 GB of RAM (the peer ~1.9 GB a rank with its two DataLoader workers; ours ~0.6 GB a rank).
 
     python bench/bench_vs_streaming.py --tokens 1e9 --ranks 1 8 [--order window|sliding] [--json out.json]
 
