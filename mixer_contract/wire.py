@@ -156,7 +156,7 @@ def decode(data: bytes) -> WireBatch:
 def decode_frames(data: bytes) -> list[WireBatch]:
     """Every batch of a body that holds several framed messages back to back (a request for several
     steps: docs/protocol.md), in order; any damage in any of them fails the whole body."""
-    batches = []
+    batches: list[WireBatch] = []
     with _malformed():
         start = 0
         while start < len(data) or not batches:
