@@ -64,7 +64,8 @@ def failure_message(error: MixerClientError, url: str) -> str:
     if isinstance(error, HTTPStatusError):
         return f"HTTP {error.status} {problem_line(error.title, error.detail)} ({error.url})"
     if isinstance(error, RequestError):
-        return f"cannot reach {url}: {' '.join(str(error.__cause__ or error).split())}"
+        return (f"cannot reach {url}: {' '.join(str(error.__cause__ or error).split())} (is mixer serve "
+                "running there? --url or $MIXER_URL names the server)")
     return str(error)
 
 

@@ -190,6 +190,22 @@ def settings_of(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings.from_values(values)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on before anything is written or logged as serving (uvicorn
+    would log "serving", then die with a bare ``[Errno 98]``)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InvalidInput(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                               "another process holds it (another mixer serve?): stop it or give another "
+                               "--port") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -199,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     from mixer_service.service.auth import check_bind
 
     check_bind(settings.host, _tokens(), settings.insecure_bind)
+    _check_port_free(settings.host, settings.port)
     os.environ[SETTINGS_ENV] = settings.to_json()
     if settings.cache_limit is not None and settings.worker_count > 1:
         _sources(settings).close()  # refuse a too small limit once: uvicorn restarts failed workers

@@ -208,6 +208,7 @@ def test_tokens_come_from_the_environment(mixer, job, monkeypatch):
 def test_unreachable_server_exits_5(mixer):
     code, out, err = mixer("status", "--url", f"http://127.0.0.1:{free_port()}")
     assert code == 5 and "cannot reach" in err and out == ""
+    assert "is mixer serve running there? --url or $MIXER_URL names the server" in err  # the next step
 
 
 def test_store_down_exits_5(tmp_path, redis_server, monkeypatch, capsys):

@@ -235,6 +235,24 @@ def test_a_missing_sources_dir_is_refused_before_anything_is_written(tmp_path, f
     assert "serving" not in run.stderr and not (tmp_path / "state").exists()
 
 
+def test_a_busy_port_is_refused_before_anything_is_written(tmp_path, free_port):
+    """Found: ``mixer serve`` on a port another process listens on logged "serving", then uvicorn died with a
+    bare ``[Errno 98] Address already in use``."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", free_port))
+        holder.listen()
+        run = subprocess.run([sys.executable, "-m", "mixer_service.cli", "serve", "--sources-dir", ".",
+                              "--state-dir", "state", "--port", str(free_port), "--workers", "1"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"--port {free_port}: cannot listen on 127.0.0.1:{free_port}" in run.stderr
+    assert "another --port" in run.stderr
+    assert "serving" not in run.stderr and not (tmp_path / "state").exists()
+
+
 @pytest.mark.parametrize("http_version", ["2", "3"])
 def test_a_body_without_length_headers_over_http2_is_still_counted(http_version) -> None:
     """Found: the shortcut for requests without a body (no Content-Length, no Transfer-Encoding: none in
