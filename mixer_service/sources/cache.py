@@ -581,22 +581,22 @@ _LOCK_POLL_S = 0.005
 
 
 @contextmanager
-def one_builder(lock_path: Path, wait_s: float | None = None) -> Iterator[bool]:
+def one_builder(lock_path: Path) -> Iterator[None]:
     """Hold ``lock_path`` exclusively across the host's processes (``flock``; a dead holder's lock is
-    released by the kernel) and remove it on release; yields True. A waiter that locked a file removed
+    released by the kernel) and remove it on release. A waiter that locked a file removed
     meanwhile (its inode no longer the name's) opens the name again, so two holders never overlap (unless
     someone else deletes the file: then builds may overlap, which costs a fetch, never a wrong byte). After
-    ``wait_s`` (default ``BUILD_WAIT_S``) it yields False without the lock: a holder stopped (SIGSTOP) or
+    ``BUILD_WAIT_S`` it goes on without the lock: a holder stopped (SIGSTOP) or
     stuck on its store must not stall every worker; the caller then builds on its own, as each worker
     did before (its own temporary file, an atomic rename of verified bytes)."""
-    fd = _lock(lock_path, time.monotonic() + (BUILD_WAIT_S if wait_s is None else wait_s))
+    fd = _lock(lock_path, time.monotonic() + BUILD_WAIT_S)
     if fd is None:
         log.warning("another worker's build of a shard is taking too long; building it here too",
                     extra={"event": "cache.build_wait_expired", "lock": str(lock_path)})
-        yield False
+        yield
         return
     try:
-        yield True
+        yield
     finally:
         with suppress(FileNotFoundError):
             if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:  # not a file someone put in its place

@@ -168,13 +168,14 @@ def make_batch(manager: JobManager, max_tokens: int, prefetched: dict[tuple[str,
     bodies, counts = [], np.zeros(len(names), dtype=np.int64)
     for at in range(step, step + steps):
         batch = engine.batch(at, ranks.rank, ranks.world)
-        prefetch_new_steps(engine, prefetched, (job_id, runtime.incarnation), at)
         header = {"job": job_id, "incarnation": runtime.incarnation, "step": at, "rank": ranks.rank,
                   "world": ranks.world, "sources": names, "schedule_version": engine.version_at(at),
                   **runtime.log_pin(at)}
         starts = engine.row_boundaries(at, ranks.rank, ranks.world) if boundaries else None
         bodies.append(wire.encode(batch.tokens, batch.source_ids, header, compression, boundaries=starts))
         counts += np.bincount(batch.source_ids, minlength=len(names))
+    # once, from the last step: the request's own steps were just read, so their shards are in
+    prefetch_new_steps(engine, prefetched, (job_id, runtime.incarnation), step + steps - 1)
     body = bodies[0] if steps == 1 else b"".join(bodies)
     return body, [(name, int(n) * config.seq_len) for name, n in zip(names, counts, strict=True) if n]
 
