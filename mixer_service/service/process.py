@@ -219,3 +219,6 @@ class ServerProcess:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+        if exc_type is not None:  # what the server said is the first thing a failure report needs
+            print(f"mixer serve on port {self.port} (stderr, last 8000 chars):\n{self.tail(8000)}",
+                  file=sys.stderr)

@@ -129,7 +129,10 @@ def build_app():
     return create_app(
         Settings(
             store=open_store(settings.redis_url, settings.state_dir / "state.sqlite", settings.store),
-            sources=_sources(settings),
+            # The parent checked the limit before any worker started; a worker that refused now (when what
+            # the cache holds was measured a little differently) would only take itself out of a running
+            # server, in a restart loop.
+            sources=_sources(settings, check_limit=settings.worker_count == 1),
             tokens=_tokens(),
             limits=settings.limits,
             plan=settings.plan,
@@ -137,13 +140,15 @@ def build_app():
     )
 
 
-def _sources(settings: ServeSettings):
-    """The sources ``settings`` name, opened (a cache limit too small for them is refused here)."""
+def _sources(settings: ServeSettings, check_limit: bool = True):
+    """The sources ``settings`` name, opened (a cache limit too small for them is refused here, unless not
+    ``check_limit``)."""
     from mixer_service.service.source_registry import SourceRegistry
 
     return SourceRegistry.load(settings.sources_dir, settings.cache_dir, verify=settings.verify,
                                cache_limit=settings.cache_limit, remote_urls=list(settings.sources_urls),
-                               s3_endpoint=settings.s3_endpoint, memory_bytes=settings.memory_cache_bytes)
+                               s3_endpoint=settings.s3_endpoint, memory_bytes=settings.memory_cache_bytes,
+                               check_limit=check_limit)
 
 
 def _byte_count(text: str) -> int:
@@ -218,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     _check_port_free(settings.host, settings.port)
     os.environ[SETTINGS_ENV] = settings.to_json()
     if settings.cache_limit is not None and settings.worker_count > 1:
-        _sources(settings).close()  # refuse a too small limit once: uvicorn restarts failed workers
+        _sources(settings).close()  # refuse a too small limit here, once: the workers do not check it
     logging.getLogger(__name__).info("serving", extra={
         "host": settings.host, "port": settings.port, "store": "redis" if settings.redis_url else "embedded"})
     uvicorn.run(

@@ -48,11 +48,13 @@ class SourceRegistry:
     def load(cls, root: Path | None, cache_dir: Path | None = None, *,
              verify: str | VerifyMode = DEFAULT_VERIFY,
              cache_limit: int | None = None, remote_urls: Sequence[str] = (),
-             s3_endpoint: str | None = None, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> SourceRegistry:
+             s3_endpoint: str | None = None, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+             check_limit: bool = True) -> SourceRegistry:
         """Open every source under ``root`` (sub-directories with a ``meta.json``) and under each
         ``s3://bucket/prefix`` of ``remote_urls``; shards are cached in ``cache_dir`` (default
         ``root/.cache``) within ``cache_limit`` bytes, and up to ``memory_bytes`` of proven shards in
-        memory (``ShardCache``)."""
+        memory (``ShardCache``); ``check_limit``: refuse a ``cache_limit`` too small for them
+        (``ShardCache.check_limit``)."""
         if root is not None and not root.is_dir():
             raise InvalidInput(f"--sources-dir {root}: not a directory")
         if cache_dir is None:
@@ -76,7 +78,8 @@ class SourceRegistry:
                                      f"one level down){_found(_listed(url, s3_endpoint))}")
             for name, opener, where in openers:
                 registry._open(name, where, opener)
-        cache.check_limit(registry.sources.values())
+        if check_limit:
+            cache.check_limit(registry.sources.values())
         if root is not None and not local and not remote_urls:
             registry._nothing_at(str(root), f"--sources-dir {root} holds no source (no sub-directory with a "
                                  f"meta.json or an adoption manifest){_found(_local_entries(root))}")

@@ -62,7 +62,7 @@ import zstandard
 from mixer_contract.errors import CorruptData, InvalidInput, MixerError, SourceUnavailable
 from mixer_contract.job import DEFAULT_WINDOW_SHARDS
 from mixer_service.sources.checked import CheckedRegion, CheckedTokens, Digest, find_token_above, open_handle
-from mixer_service.sources.disk_budget import CacheFull, DiskBudget, allocated_bytes, block_size, on_disk
+from mixer_service.sources.disk_budget import CacheFull, DiskBudget, block_size, on_disk
 from mixer_service.sources.doc_index import DocIndex
 from mixer_service.sources.origins import Origin
 from mixer_service.sources.verify import DEFAULT_VERIFY, FileStamp, VerifyMode
@@ -223,9 +223,7 @@ class ShardCache:
         if self.budget is None:
             return
         unit = block_size(self.budget.root)
-        with self._lock:
-            evictable = sum(on_disk(e.size, unit) for e in self._entries.values())
-        fixed = allocated_bytes(self.budget.root) - evictable
+        fixed = self.budget.fixed()
         windows, index_blocks = {}, 0
         for source in sources:
             shards = getattr(source, "shards", None) or []
@@ -265,6 +263,17 @@ class ShardCache:
                 self.stats.evictions += 1
                 return True
         return demand and self._evict_foreign()
+
+    def evictable_bytes(self) -> int:
+        """Every file of its directory: shards of any worker (evictable), files being fetched into it (to
+        become shards, or removed) and build locks (empty)."""
+        total = 0
+        for entry in _scan(self.directory):
+            try:
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue  # gone since the listing
+        return total
 
     def _recently_read(self) -> set[str]:
         """The most recently read entries that together fit in half the limit (caller holds ``_lock``)."""
@@ -692,3 +701,11 @@ def _raw(shard: Shard, data: bytes) -> bytes | bytearray:
     del view  # a bytearray with a view exported cannot grow
     into += reader.read(1)
     return into
+
+
+def _scan(directory: Path) -> list[os.DirEntry]:
+    """The regular files directly in ``directory`` ([] when it is gone)."""
+    try:
+        return [e for e in os.scandir(directory) if e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []

@@ -42,6 +42,11 @@ class Tenant(Protocol):
         request waiting on it (a prefetch gets less)."""
         ...
 
+    def evictable_bytes(self) -> int:
+        """Allocated bytes under the root it could give back (or that are in flight to become such): not
+        part of what a limit must hold for good."""
+        ...
+
 
 def allocated_bytes(root: Path) -> int:
     """What ``du -s -B1 root`` reports: allocated blocks of every file and directory, hard links once."""
@@ -120,6 +125,14 @@ class DiskBudget:
 
     def used(self) -> int:
         return allocated_bytes(self.root)
+
+    def fixed(self) -> int:
+        """What the root holds that no tenant can give back (source records, index headers, directories): the
+        same for the same sources however warm the cache or busy the other workers, so a limit accepted once
+        is accepted again at a restart."""
+        with self._thread_lock:
+            tenants = [t for t in (ref() for ref in self._tenants) if t is not None]
+        return max(0, self.used() - sum(t.evictable_bytes() for t in tenants))
 
     def create(self, path: Path, *, demand: bool) -> int:
         """Create ``path`` (a new file under the root) and return its descriptor, with room for the block its

@@ -357,6 +357,14 @@ class DocIndex:
         finally:
             os.close(fd)
 
+    def evictable_bytes(self) -> int:
+        """Its blocks on disk past the header's file-system block (which is never given back)."""
+        try:
+            allocated = os.stat(self.path).st_blocks * 512
+        except OSError:
+            return 0
+        return max(0, allocated - on_disk(self._offset, block_size(self.path.parent)))
+
     def evict_one(self, demand: bool) -> bool:
         """Give back one block's bytes (``DiskBudget`` asks, for a request only: a prefetch never costs a
         lookup its block): the first verified here, else one another run or worker left on disk."""

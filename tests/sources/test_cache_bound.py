@@ -8,6 +8,7 @@ import fcntl
 import itertools
 import re
 import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,7 @@ from service_helpers import RAW, Server, reblock
 from test_sources_s3 import BUCKET, CREDENTIALS, s3, upload  # noqa: F401  (s3 is a fixture)
 
 from mixer_contract import wire
+from mixer_contract.errors import InvalidInput
 from mixer_contract.job import JobConfig
 from mixer_contract.schedule import Schedule
 from mixer_service.engine import MixingEngine
@@ -224,6 +226,44 @@ def test_remote_index_blocks_count_and_are_given_back_when_a_request_needs_the_r
     assert cache.stats.evictions > 0
 
 
+def test_a_warm_document_index_does_not_raise_the_smallest_limit(s3, tmp_path) -> None:  # noqa: F811
+    """Blocks of a remote document index fetched by one run are given back when a request needs the room, so
+    the next start asks no larger limit than a cold one did: they were counted as fixed, and a server
+    restarted at the limit it had accepted refused to start once its index was warm."""
+    docs = iter_documents([RAW / "abc"], fmt="text", split_regex=r"^X:", glob="**/*.abc")
+    source = tmp_path / "abc"
+    prepare_source(docs, source, load_tokenizer(), name="abc", shard_tokens=SHARD_TOKENS, progress=False)
+    reblock(source, 2048)
+    upload(s3, source, "indexed/abc")
+    from mixer_service.sources.origins import S3Origin, s3_client
+
+    root = tmp_path / "cache"
+
+    def opened() -> tuple[ShardCache, PreparedSource]:
+        cache = ShardCache(root / "shards", limit_bytes=1 << 30, root=root)
+        origin = S3Origin(s3_client(s3), BUCKET, "indexed/abc")
+        return cache, PreparedSource.open_remote(origin, root / "index", cache)
+
+    def smallest_limit() -> int:
+        cache, remote = opened()
+        assert cache.budget is not None
+        cache.budget.limit = 1
+        with pytest.raises(InvalidInput) as refused:
+            cache.check_limit([remote])
+        cache.close()
+        found = re.search(r"give at least --cache-limit (\d+)", str(refused.value))
+        assert found, refused.value
+        return int(found.group(1))
+
+    cold, before = smallest_limit(), disk_usage(root)
+    cache, remote = opened()
+    for i in range(0, len(remote), 7):
+        remote.document(i)
+    cache.close()
+    assert disk_usage(root) > before + 4 * 16384  # index blocks (and shards) now on disk
+    assert smallest_limit() == cold
+
+
 def test_a_partial_shard_is_removed_at_start_unless_its_writer_holds_it(web, tmp_path) -> None:
     """Found: a partial file named after a live process id (pid 1, or one reused after a container restart)
     was never removed and counted as unevictable forever. Only a writer's lock keeps one now."""
@@ -253,3 +293,41 @@ def test_a_cache_directory_deleted_while_serving_is_made_again(web, tmp_path) ->
     shutil.rmtree(tmp_path / "cache" / "shards")
     cache._entries.clear()  # as a fresh worker would: nothing cached in memory either
     assert (source.tokens.shard(1)[:1].size == 1) and (source.tokens.shard(0)[:100] == first).all()
+
+
+FOREIGN_FETCH = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)  # as a worker holds the file it fetches into
+os.posix_fallocate(fd, 0, int(sys.argv[2]))
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_minimum_limit_holds_while_another_worker_is_fetching(s3, web, tmp_path, workers) -> None:  # noqa: F811
+    """The smallest limit a server names is accepted again however busy the cache is: a fetch in flight
+    (another worker's, or another server's on the same directory) is not a fixed cost. It was counted as one,
+    so the second worker of a server at the minimum refused to start while the first fetched (CI, stop 26:
+    the server went down mid-test), and a restart beside a busy worker refused the flags it had accepted."""
+    upload(s3, web, "bound/web")
+    minimum, _ = minimum_limit(s3, tmp_path)
+    shards = tmp_path / "cache" / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    in_flight = 3 * SHARD_TOKENS * 2
+    writer = subprocess.Popen([sys.executable, "-c", FOREIGN_FETCH, str(shards / f".{'a' * 64}.bin.tmp-1-1"),
+                               str(in_flight)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "holding\n"
+        assert disk_usage(tmp_path / "cache") >= in_flight
+        with serve(s3, tmp_path, minimum, workers=workers) as srv:
+            body = {"job_id": "j", "config": {k: v for k, v in JOBS["window"].items() if k != "order"},
+                    "schedule": SCHEDULE, "author": "t", "reason": "t"}
+            assert httpx.post(f"{srv.url}/v1/jobs", json=body).status_code == 201
+            for step in range(3):  # on fresh connections: either worker
+                assert httpx.get(f"{srv.url}/v1/jobs/j/batches/{step}").status_code == 200
+            assert "too small" not in srv.tail(100_000) and "died" not in srv.tail(100_000)
+    finally:
+        writer.kill()
+        writer.wait()
