@@ -46,6 +46,7 @@ import io
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -71,6 +72,9 @@ log = logging.getLogger(__name__)
 _Tokens = TypeVar("_Tokens", CheckedTokens, np.ndarray)
 
 _READ_CHUNK = 1 << 22  # bytes hashed a read while verifying an entry (a multiple of the check block)
+# What a shard cache writes into its directory: KEY.bin, .KEY.bin.tmp-PID-THREAD (being fetched) and
+# .KEY.bin.building (one_builder's lock).
+_OWN_FILE = re.compile(r"[0-9a-f]{64}\.bin|\.[0-9a-f]{64}\.bin\.(?:tmp-\d+-\d+|building)")
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,6 @@ class CacheStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
-
 
 class ShardCache:
     """Decompressed shards under ``directory``; with ``limit_bytes``, everything under ``root`` (default
@@ -265,10 +268,14 @@ class ShardCache:
         return demand and self._evict_foreign()
 
     def evictable_bytes(self) -> int:
-        """Every file of its directory: shards of any worker (evictable), files being fetched into it (to
-        become shards, or removed) and build locks (empty)."""
+        """The files of its directory it knows: shards of any worker (evictable), files being fetched into it
+        (to become shards, or removed) and build locks (empty). Anything else there counts as fixed."""
+        try:
+            entries = [e for e in os.scandir(self.directory) if _OWN_FILE.fullmatch(e.name)]
+        except OSError:
+            return 0  # gone: made again on the next fetch
         total = 0
-        for entry in _scan(self.directory):
+        for entry in entries:
             try:
                 total += entry.stat(follow_symlinks=False).st_blocks * 512
             except OSError:
@@ -701,11 +708,3 @@ def _raw(shard: Shard, data: bytes) -> bytes | bytearray:
     del view  # a bytearray with a view exported cannot grow
     into += reader.read(1)
     return into
-
-
-def _scan(directory: Path) -> list[os.DirEntry]:
-    """The regular files directly in ``directory`` ([] when it is gone)."""
-    try:
-        return [e for e in os.scandir(directory) if e.is_file(follow_symlinks=False)]
-    except OSError:
-        return []
