@@ -149,6 +149,9 @@ def unsafe_switches() -> frozenset[str]:
     return names
 
 
+CACHE_STATS_INTERVAL_S = 1.0
+
+
 async def _watch_high_water(app: FastAPI, interval_s: float) -> None:
     """Put back, within ``interval_s``, what a restored store forgot of the steps this process served."""
     while True:
@@ -157,17 +160,28 @@ async def _watch_high_water(app: FastAPI, interval_s: float) -> None:
             app.state.metrics.faults.labels(fault).inc()
 
 
+async def _publish_cache_stats(app: FastAPI, interval_s: float = CACHE_STATS_INTERVAL_S) -> None:
+    """One worker of several: its shard cache's counts reach the scrapes the other workers answer (within
+    ``interval_s``); the directory's bytes, which a scrape measures itself, are left out (a ``du`` walk)."""
+    while True:
+        app.state.metrics.set_cache_stats(app.state.jobs.sources.cache_stats(disk=False))
+        await asyncio.sleep(interval_s)
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.limits.threads
         app.state.batch_limiter = anyio.CapacityLimiter(settings.limits.batch_threads)
-        watch = None
+        tasks = []
         if settings.limits.high_water_watch_s > 0:
-            watch = asyncio.create_task(_watch_high_water(app, settings.limits.high_water_watch_s))
+            tasks.append(asyncio.create_task(_watch_high_water(app, settings.limits.high_water_watch_s)))
+        if app.state.metrics.workers is not None:
+            tasks.append(asyncio.create_task(_publish_cache_stats(app)))
         yield
-        if watch is not None:
-            watch.cancel()
+        for task in tasks:
+            task.cancel()
+        app.state.metrics.forget()
 
     app = FastAPI(title="mixer-service", version="1", lifespan=lifespan,
                   description="Exact, deterministic data mixing for specialized pretraining. Wire format: "

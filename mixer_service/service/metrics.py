@@ -1,17 +1,39 @@
-"""Prometheus metrics; names are a contract with deploy/ (dashboard and alert rules)."""
+"""Prometheus metrics; names are a contract with deploy/ (dashboard and alert rules).
+
+With several ``--workers``, ``mixer serve`` gives the workers one fresh directory for prometheus-client's
+multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``): each worker writes its values there and a scrape, answered
+by any of them, reads every worker's. Counters and latencies are the sums over the server's workers (a
+worker that died still counts what it served), job gauges are the most recent a worker read from the store,
+and the shard cache's per-process stats are summed over the live workers, while the bytes of the cache
+directory they share are read by the worker that answers.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.samples import Sample
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 QUANTILES = ("0", "0.5", "0.9", "1")
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own switch, read when it is imported
+SHARED_CACHE_STATS = frozenset({"used_bytes", "limit_bytes"})  # of the directory the workers share
+SERVED = ("mixer_batches_served", "mixer_tokens_served")
+
+
+def multiprocess_dir() -> Path | None:
+    """The directory this process's metric values are written to, when it is one worker of several."""
+    value = os.environ.get(MULTIPROCESS_DIR_ENV)
+    return Path(value) if value else None
 
 
 class Metrics:
@@ -32,10 +54,11 @@ class Metrics:
             "mixer_repetition_count",
             "Repetition count quantiles over domain documents at the trained step",
             ["job", "source", "quantile"],
-            registry=r,
+            registry=r, multiprocess_mode="mostrecent",
         )
         self.schedule_version = Gauge(
-            "mixer_schedule_version", "Current schedule version", ["job"], registry=r
+            "mixer_schedule_version", "Current schedule version", ["job"], registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.faults = Counter(
             "mixer_faults",
@@ -47,22 +70,83 @@ class Metrics:
             "mixer_shard_cache",
             "Shard cache of this replica: cumulative hits, misses, fetches, fetched_bytes, hashes, "
             "evictions, resident_hits (hits answered from memory), resident_evictions; and used_bytes / "
-            "limit_bytes (disk), resident_bytes / memory_limit_bytes (this process's memory)",
+            "limit_bytes (disk), resident_bytes / memory_limit_bytes (memory); with several workers, summed "
+            "over the live ones (used_bytes and limit_bytes: the directory they share)",
             ["stat"],
-            registry=r,
+            registry=r, multiprocess_mode="livesum",
         )
-        self.store_up = Gauge("mixer_store_up", "1 when the state store answers", registry=r)
-        self.trained_step = Gauge("mixer_trained_step", "Step trainers reported", ["job"], registry=r)
-        self.high_water = Gauge("mixer_served_high_water", "Highest step served", ["job"], registry=r)
+        self.store_up = Gauge("mixer_store_up", "1 when the state store answers", registry=r,
+                              multiprocess_mode="mostrecent")
+        self.trained_step = Gauge("mixer_trained_step", "Step trainers reported", ["job"], registry=r,
+                                  multiprocess_mode="mostrecent")
+        self.high_water = Gauge("mixer_served_high_water", "Highest step served", ["job"], registry=r,
+                                multiprocess_mode="mostrecent")
         self.forecast_steps = Gauge(
             "mixer_forecast_steps_to_overfit",
             "Steps from the last eval until the domain held-out loss is forecast to turn up "
-            "(+Inf: not before the end)", ["job", "source"], registry=r)
+            "(+Inf: not before the end)", ["job", "source"], registry=r, multiprocess_mode="mostrecent")
         self.forecast_auto_applies = Counter(
             "mixer_forecast_auto_applies",
             "Decisions of the overfitting watch's auto-apply policy on warned proposals, by outcome "
             "(applied, outside_limits, conflict, failed)", ["job", "outcome"], registry=r)
-        self.exposition = Exposition(r)
+        self.shared_cache: dict[str, float] = {}
+        directory = multiprocess_dir()
+        self.workers = Workers(directory, self.shared_cache) if directory is not None else None
+        self.exposition = Exposition(self.workers.registry if self.workers is not None else r)
+
+    def set_cache_stats(self, stats: dict[str, int | None]) -> None:
+        """The shard cache's stats: this process's into ``mixer_shard_cache`` (summed over the workers), the
+        shared directory's bytes kept for the worker that answers a scrape."""
+        for stat, value in stats.items():
+            if value is None:
+                continue
+            if self.workers is not None and stat in SHARED_CACHE_STATS:
+                self.shared_cache[stat] = value
+            else:
+                self.shard_cache.labels(stat).set(value)
+
+    def served(self) -> list[Metric]:
+        """The families of batches and tokens served, by every worker of this server."""
+        families = self.workers.collect() if self.workers is not None else \
+            [*self.batches.collect(), *self.tokens.collect()]
+        return [family for family in families if family.name in SERVED]
+
+    def forget(self) -> None:
+        """At a worker's exit: its live gauges no longer count (its counters do)."""
+        if self.workers is not None:
+            mark_process_dead(os.getpid(), str(self.workers.directory))
+
+
+class Workers:
+    """Every worker's values (prometheus-client's files in ``directory``) as one exposition, with the shared
+    cache directory's bytes as this worker last measured them."""
+
+    def __init__(self, directory: Path, shared_cache: dict[str, float]) -> None:
+        self.directory, self.shared_cache = directory, shared_cache
+        self._files = MultiProcessCollector(None, str(directory))
+        self.registry = CollectorRegistry()
+        self.registry.register(self)  # type: ignore[arg-type]
+
+    def collect(self) -> Iterator[Metric]:
+        _forget_dead(self.directory)
+        for family in self._files.collect():
+            if family.name == "mixer_shard_cache":
+                family.samples += [Sample(family.name, {"stat": stat}, float(value))
+                                   for stat, value in sorted(self.shared_cache.items())]
+            yield family
+
+
+def _forget_dead(directory: Path) -> None:
+    """A worker killed (or crashed) never says it died: its live gauges (resident bytes, say) would be added
+    to its replacement's for as long as the server runs."""
+    for path in directory.glob("gauge_live*_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            mark_process_dead(pid, str(directory))
+        except PermissionError:
+            pass  # alive, another user's
 
 
 class Exposition:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -226,6 +230,32 @@ def run(args: argparse.Namespace) -> int:
         _sources(settings).close()  # refuse a too small limit here, once: the workers do not check it
     logging.getLogger(__name__).info("serving", extra={
         "host": settings.host, "port": settings.port, "store": "redis" if settings.redis_url else "embedded"})
+    with _metrics_directory(settings.worker_count):
+        _run_uvicorn(uvicorn, settings)
+    return 0
+
+
+@contextlib.contextmanager
+def _metrics_directory(workers: int) -> Iterator[None]:
+    """Several workers write their metric values into one fresh directory, which any of them reads for a
+    scrape (``metrics.py``); one worker keeps them in memory. Fresh at every start: values a killed server
+    left would be counted again."""
+    from mixer_service.service.metrics import MULTIPROCESS_DIR_ENV
+
+    os.environ.pop(MULTIPROCESS_DIR_ENV, None)
+    if workers == 1:
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="mixer-metrics-")
+    os.environ[MULTIPROCESS_DIR_ENV] = directory
+    try:
+        yield
+    finally:
+        os.environ.pop(MULTIPROCESS_DIR_ENV, None)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _run_uvicorn(uvicorn, settings: ServeSettings) -> None:
     uvicorn.run(
         "mixer_service.service.serve_command:build_app",
         factory=True,
@@ -241,4 +271,3 @@ def run(args: argparse.Namespace) -> int:
         timeout_keep_alive=settings.limits.timeout_keep_alive,  # type: ignore[arg-type]  # a float timer
         h11_max_incomplete_event_size=64 * 1024,  # request line + headers
     )
-    return 0

@@ -160,15 +160,16 @@ class SourceRegistry:
             for n, s in sorted(self.sources.items())
         ]
 
-    def cache_stats(self) -> dict[str, int | None]:
+    def cache_stats(self, disk: bool = True) -> dict[str, int | None]:
         """Shard cache counters (hits, misses, fetches, fetched bytes, hashes, evictions, resident hits and
         bytes) and its sizes, for metrics: what a serving path exports to watch fetches per step, the hit
-        ratio and how much is served from memory."""
+        ratio and how much is served from memory. ``disk``: with the directory's bytes (a ``du`` walk)."""
         if self.cache is None:
             return {}
-        return self.cache.stats.as_dict() | {"used_bytes": self.cache.used_bytes,
-                                             "limit_bytes": self.cache.limit_bytes,
-                                             "memory_limit_bytes": self.cache.memory_bytes}
+        stats = self.cache.stats.as_dict() | {"memory_limit_bytes": self.cache.memory_bytes}
+        if disk:
+            stats |= {"used_bytes": self.cache.used_bytes, "limit_bytes": self.cache.limit_bytes}
+        return stats
 
     def close(self) -> None:
         if self.cache is not None:

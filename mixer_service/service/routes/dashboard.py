@@ -43,24 +43,23 @@ def dashboard_asset(asset: str) -> Response:
 
 @router.get("/v1/stats", tags=["stats"], dependencies=[Depends(require_reader)])
 def serving_stats(request: Request) -> dict[str, Any]:
-    """Batches and tokens this replica process has served per job since it started.
+    """Batches and tokens this replica (all its worker processes) has served per job since it started.
 
     Monotonic counters (the same ones ``/metrics`` exports); a rate is the difference of two reads over
     the difference of their ``time``. Each replica counts only what it served itself — for a
     deployment-wide rate use the served high water of ``GET /v1/jobs`` or sum ``/metrics`` over replicas.
     """
-    metrics = request.app.state.metrics
     jobs: dict[str, dict[str, Any]] = {}
 
     def entry(job: str) -> dict[str, Any]:
         return jobs.setdefault(job, {"batches": 0, "tokens": {}})
 
-    for family in metrics.batches.collect():
+    for family in request.app.state.metrics.served():
         for sample in family.samples:
-            if sample.name.endswith("_total"):
+            if not sample.name.endswith("_total"):
+                continue
+            if family.name == "mixer_batches_served":
                 entry(sample.labels["job"])["batches"] = int(sample.value)
-    for family in metrics.tokens.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
+            else:
                 entry(sample.labels["job"])["tokens"][sample.labels["source"]] = int(sample.value)
     return {"time": time.time(), "scope": "replica", "jobs": jobs}

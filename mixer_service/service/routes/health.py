@@ -60,9 +60,7 @@ async def metrics(request: Request) -> Response:
 def _refresh_gauges(app) -> None:
     """Job gauges are read from the shared store at scrape time, so every replica reports the same."""
     m, manager = app.state.metrics, app.state.jobs
-    for stat, value in manager.sources.cache_stats().items():
-        if value is not None:
-            m.shard_cache.labels(stat).set(value)
+    m.set_cache_stats(manager.sources.cache_stats())
     try:
         job_ids = manager.store.list_jobs()
     except StoreUnavailable:
