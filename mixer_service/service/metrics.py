@@ -19,7 +19,7 @@ from pathlib import Path
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -114,7 +114,7 @@ class Metrics:
     def forget(self) -> None:
         """At a worker's exit: its live gauges no longer count (its counters do)."""
         if self.workers is not None:
-            mark_process_dead(os.getpid(), str(self.workers.directory))
+            _drop_live_gauges(self.workers.directory, os.getpid())
 
 
 class Workers:
@@ -144,9 +144,15 @@ def _forget_dead(directory: Path) -> None:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            mark_process_dead(pid, str(directory))
+            _drop_live_gauges(directory, pid)
         except PermissionError:
             pass  # alive, another user's
+
+
+def _drop_live_gauges(directory: Path, pid: int) -> None:
+    """prometheus-client's ``mark_process_dead``, when a scrape on another worker may have done it first."""
+    for path in directory.glob(f"gauge_live*_{pid}.db"):
+        path.unlink(missing_ok=True)
 
 
 class Exposition:
