@@ -7,12 +7,11 @@ serve, plan) and the client side (the operator commands and export), so neither 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from client import export, operator_cli
 from mixer_contract.errors import MixerError
-from mixer_service.logs import configure
+from mixer_service.logs import configure_from_env
 from mixer_service.planner import plan_command
 from mixer_service.prepare import prepare_command
 from mixer_service.service import serve_command
@@ -32,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The service logs its lifecycle; interactive commands keep stderr for progress bars and errors.
-    configure(os.environ.get("MIXER_LOG_LEVEL") or ("INFO" if args.command == "serve" else "WARNING"))
+    configure_from_env("INFO" if args.command == "serve" else "WARNING")
     try:
         return args.func(args)
     except MixerError as exc:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+
+LEVEL_ENV = "MIXER_LOG_LEVEL"
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -36,3 +39,8 @@ def configure(level: str = "INFO") -> None:
     handler = _StderrHandler()
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def configure_from_env(default: str) -> None:
+    """``configure`` at ``$MIXER_LOG_LEVEL``, else at ``default``."""
+    configure(os.environ.get(LEVEL_ENV) or default)

@@ -132,3 +132,18 @@ def start_redis_server(directory: Path, port: int | None = None,
         return start_redis(directory, port, persistence, highest_port)
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+def worker_pids(server: Server) -> set[int]:
+    """The server's uvicorn workers: the children of its process that multiprocessing spawned."""
+    assert server.proc is not None
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == server.proc.pid and b"spawn_main" in cmdline:
+            found.add(int(stat.parent.name))
+    return found

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
+import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mixer_contract.errors import InvalidInput
+from mixer_service.logs import configure_from_env
 from mixer_service.service.settings import (
     DEFAULT_MEMORY_BYTES,
     SETTINGS_ENV,
@@ -128,20 +133,39 @@ def build_app():
     from mixer_service.store import open_store
 
     settings = ServeSettings.from_json(os.environ[SETTINGS_ENV])
+    if settings.worker_count > 1:
+        _start_worker()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     CappedConnections.max_connections = settings.limits.connections
     return create_app(
         Settings(
             store=open_store(settings.redis_url, settings.state_dir / "state.sqlite", settings.store),
-            # The parent checked the limit before any worker started; a worker that refused now (when what
-            # the cache holds was measured a little differently) would only take itself out of a running
+            # ``run`` checked the limit before uvicorn started; a worker that refused now (when what the
+            # cache holds was measured a little differently) would only take itself out of a running
             # server, in a restart loop.
-            sources=_sources(settings, check_limit=settings.worker_count == 1),
+            sources=_sources(settings, check_limit=False),
             tokens=_tokens(),
             limits=settings.limits,
             plan=settings.plan,
         )
     )
+
+
+def _start_worker() -> None:
+    """A worker uvicorn spawned starts with Python's default logging (bare WARNING lines, nothing below): it
+    logs as ``mixer serve`` does. And it ends with its parent: uvicorn does not watch for a parent that was
+    SIGKILLed, whose workers kept serving on the port (a restart then failed, "address already in use")."""
+    configure_from_env("INFO")
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # SIGTERM: uvicorn's graceful shutdown
+    if os.getppid() != parent.pid:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _sources(settings: ServeSettings, check_limit: bool = True):
@@ -167,7 +191,7 @@ def _byte_count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
     if number > 0 and value == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is less than one byte (0 turns it off)")
+        raise argparse.ArgumentTypeError(f"{text!r} is less than one byte")
     return value
 
 
@@ -226,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     check_bind(settings.host, _tokens(), settings.insecure_bind)
     _check_port_free(settings.host, settings.port)
     os.environ[SETTINGS_ENV] = settings.to_json()
-    if settings.cache_limit is not None and settings.worker_count > 1:
+    if settings.cache_limit is not None:
         _sources(settings).close()  # refuse a too small limit here, once: the workers do not check it
     logging.getLogger(__name__).info("serving", extra={
         "host": settings.host, "port": settings.port, "store": "redis" if settings.redis_url else "embedded"})
@@ -246,13 +270,31 @@ def _metrics_directory(workers: int) -> Iterator[None]:
     if workers == 1:
         yield
         return
-    directory = tempfile.mkdtemp(prefix="mixer-metrics-")
+    _remove_orphaned_metrics()
+    directory = tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-")
     os.environ[MULTIPROCESS_DIR_ENV] = directory
     try:
         yield
     finally:
         os.environ.pop(MULTIPROCESS_DIR_ENV, None)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+_METRICS_PREFIX = "mixer-metrics-"
+
+
+def _remove_orphaned_metrics() -> None:
+    """The directories of servers that were SIGKILLed (named after their process id) go at the next start."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
+        owner = path.name[len(_METRICS_PREFIX):].split("-", 1)[0]
+        if not owner.isdigit():
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass  # alive: another user's server
 
 
 def _run_uvicorn(uvicorn, settings: ServeSettings) -> None:

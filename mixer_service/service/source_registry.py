@@ -80,6 +80,7 @@ class SourceRegistry:
                 registry._open(name, where, opener)
         if check_limit:
             cache.check_limit(registry.sources.values())
+        cache.fit()
         if root is not None and not local and not remote_urls:
             registry._nothing_at(str(root), f"--sources-dir {root} holds no source (no sub-directory with a "
                                  f"meta.json or an adoption manifest){_found(_local_entries(root))}")

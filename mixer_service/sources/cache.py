@@ -178,6 +178,12 @@ class ShardCache:
         self._adopt_existing()
         if self.budget is not None:
             self.budget.add_tenant(self)
+
+    def fit(self) -> None:
+        """Evict until the directory is within the limit (a smaller one than the last run's). Not at open: a
+        start refused for a limit that is too small must leave the cache as it found it (another server
+        may be serving from it, and a typo such as ``--cache-limit 20`` would have emptied it)."""
+        if self.budget is not None:
             self.budget.fit()
 
     def _adopt_existing(self) -> None:
@@ -245,8 +251,10 @@ class ShardCache:
                 f"of each of the {len(windows)} sources needs {window} bytes "
                 f"({DEFAULT_WINDOW_SHARDS + 2} shards, or all of them if fewer; the largest, {widest!r}, "
                 f"{windows.get(widest, 0)}) "
-                f"plus {fixed + index_blocks} bytes of document indexes and source records under "
-                f"{self.budget.root}; give at least --cache-limit {minimum}")
+                f"plus {index_blocks} bytes for a block of each remote document index, plus {fixed} bytes "
+                f"under {self.budget.root} that no cache may evict (source records, document index headers, "
+                f"directories, and any file the cache did not write there); give at least --cache-limit "
+                f"{minimum}")
 
     def evict_one(self, demand: bool) -> bool:
         """Drop the least recently used entry not being loaded (``DiskBudget`` asks, holding its lock). A

@@ -13,25 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import Server, new_job
+from service_helpers import Server, new_job, worker_pids
 
 STEPS = 24
 MEMORY = 64 << 20
-
-
-def worker_pids(server: Server) -> set[int]:
-    """The server's uvicorn workers: the children of its process that multiprocessing spawned."""
-    assert server.proc is not None
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == server.proc.pid and b"spawn_main" in cmdline:
-            found.add(int(stat.parent.name))
-    return found
 
 
 def samples(text: str, name: str) -> dict[str, float]:

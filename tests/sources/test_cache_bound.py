@@ -334,3 +334,31 @@ def test_the_minimum_limit_holds_while_another_worker_is_fetching(s3, web, tmp_p
     finally:
         writer.kill()
         writer.wait()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_refused_start_leaves_the_cache_as_it_was(s3, web, tmp_path, where) -> None:  # noqa: F811
+    """Found by a new user: a start refused for a limit too small (a typo: ``--cache-limit 20`` for ``20G``)
+    first evicted down to that limit, emptying the cache another server was serving from."""
+    upload(s3, web, "bound/web")
+
+    def server(limit: int) -> Server:
+        if where == "s3":
+            return serve(s3, tmp_path, limit)
+        return Server(web.parent, tmp_path / "state", extra_args=[
+            "--cache-dir", str(tmp_path / "cache"), "--cache-limit", str(limit)])
+
+    with server(1 << 30) as srv:
+        body = {"job_id": "j", "config": {k: v for k, v in JOBS["window"].items() if k != "order"},
+                "schedule": SCHEDULE, "author": "t", "reason": "t"}
+        assert httpx.post(f"{srv.url}/v1/jobs", json=body).status_code == 201
+        for step in range(3):
+            assert httpx.get(f"{srv.url}/v1/jobs/j/batches/{step}").status_code == 200
+        cached = {p.name for p in (tmp_path / "cache" / "shards").glob("*.bin")}
+        assert cached
+        for limit in (1, 20):
+            with pytest.raises(RuntimeError, match="too small"):
+                server(limit).start()
+            # a subset: the running server's prefetch may add shards meanwhile (within 1 GiB, none go)
+            assert cached <= {p.name for p in (tmp_path / "cache" / "shards").glob("*.bin")}
+        assert httpx.get(f"{srv.url}/v1/jobs/j/batches/3").status_code == 200
