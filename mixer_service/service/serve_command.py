@@ -264,9 +264,13 @@ def _metrics_directory(workers: int) -> Iterator[None]:
     """Several workers write their metric values into one fresh directory, which any of them reads for a
     scrape (``metrics.py``); one worker keeps them in memory. Fresh at every start: values a killed server
     left would be counted again."""
+    # Dropped before metrics.py (prometheus-client) is imported: prometheus-client picks its value class
+    # from these (the lower-case one is deprecated, still honoured) when it is imported, and an operator's
+    # would put one worker in multiprocess mode with no directory (it did not start).
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
+        os.environ.pop(name, None)
     from mixer_service.service.metrics import MULTIPROCESS_DIR_ENV
 
-    os.environ.pop(MULTIPROCESS_DIR_ENV, None)
     if workers == 1:
         yield
         return
