@@ -47,6 +47,7 @@ import itertools
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -194,7 +195,7 @@ class ShardCache:
             if not _being_written(path):
                 path.unlink(missing_ok=True)
         for path in self.directory.glob("*.bin"):
-            stamp = FileStamp.of(path)
+            stamp = _regular(path)
             if stamp is not None:
                 found.append((stamp.mtime_ns, path.stem, _Entry(path, stamp.size, stamp)))
         for _, key, entry in sorted(found):
@@ -279,7 +280,8 @@ class ShardCache:
         """The files of its directory it knows: shards of any worker (evictable), files being fetched into it
         (to become shards, or removed) and build locks (empty). Anything else there counts as fixed."""
         try:
-            entries = [e for e in os.scandir(self.directory) if _OWN_FILE.fullmatch(e.name)]
+            entries = [e for e in os.scandir(self.directory)
+                       if _OWN_FILE.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
         except OSError:
             return 0  # gone: made again on the next fetch
         total = 0
@@ -305,7 +307,7 @@ class ShardCache:
             mine = set(self._entries)
         others = []
         for path in self.directory.glob("*.bin"):
-            stamp = FileStamp.of(path)
+            stamp = _regular(path)
             if stamp is not None and path.stem not in mine:
                 others.append((stamp.mtime_ns, path))
         if not others:
@@ -716,3 +718,14 @@ def _raw(shard: Shard, data: bytes) -> bytes | bytearray:
     del view  # a bytearray with a view exported cannot grow
     into += reader.read(1)
     return into
+
+
+def _regular(path: Path) -> FileStamp | None:
+    """``path``'s stamp when it is a regular file (not a directory or a link named like a shard, which an
+    eviction could not ``unlink`` or would not free), else None."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+    except OSError:
+        return None
+    return FileStamp.of(path)
