@@ -99,3 +99,44 @@ def test_a_killed_servers_metrics_directory_is_not_left_for_good(sources_dir, tm
         pass  # the next start of the same server, stopped cleanly
     left = [p.name for p in tmpdir.iterdir() if p.name.startswith("mixer-metrics-")]
     assert not left, f"left in $TMPDIR after a crash and a clean restart: {left}"
+
+
+@pytest.fixture
+def full_tmpdir(tmp_path):
+    """A 128 KiB tmpfs with 32 KiB left: ``$TMPDIR`` on a full disk (root only; skipped elsewhere)."""
+    import subprocess
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (not root)")
+    try:
+        (mount / "filler").write_bytes(b"x" * (96 << 10))
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_tmpdir_does_not_put_the_workers_in_a_crash_loop(sources_dir, tmp_path, full_tmpdir) -> None:
+    """Found: with ``$TMPDIR`` full, ``mkdtemp`` still succeeds, but prometheus-client's value files there are
+    sparse and ``mmap``ed: the first write to a page the file system cannot back kills the worker with
+    SIGBUS. Every worker died at its first requests ("Child process [N] died", nothing else in the log) and
+    uvicorn restarted it, forever: the server never became ready. Before 7038fea metrics were in memory and a
+    full /tmp cost nothing. A server must serve, or stop with a message that says why."""
+    srv = Server(sources_dir, tmp_path / "state", workers=2, env={"TMPDIR": str(full_tmpdir)})
+    try:
+        srv.start(timeout=30)
+    except RuntimeError as exc:
+        assert srv.proc is not None and srv.proc.poll() is not None, f"neither serving nor stopped: {exc}"
+        assert "space" in str(exc).lower() or "TMPDIR" in str(exc), exc
+        return
+    try:
+        job = new_job(srv.url)
+        for step in range(STEPS):
+            for _ in range(3):  # fresh connections: either worker
+                assert httpx.get(f"{srv.url}/v1/jobs/{job}/batches/{step}").status_code == 200
+        assert httpx.get(f"{srv.url}/metrics").status_code == 200
+        assert "died" not in srv.tail(100_000)
+    finally:
+        srv.stop()
