@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -104,3 +105,84 @@ def test_a_fetch_that_never_ends_is_not_left_out_of_the_minimum(sources, tmp_pat
     finally:
         writer.kill()
         writer.wait()
+
+
+BUSY_SERVER = """
+import sys, traceback
+from pathlib import Path
+from mixer_service.sources import PreparedSource, ShardCache
+root, source, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+cache = ShardCache(root / "shards", limit_bytes=2 << 20, root=root, memory_bytes=0)  # thrashes: fetch, evict
+src = PreparedSource.open(source, cache=cache)
+print("ready", flush=True)
+failed = 0
+for _ in range(rounds):
+    for i in range(len(src.shards)):
+        try:
+            src.tokens.shard(i)[:1]
+        except Exception:
+            failed += 1
+            traceback.print_exc(limit=1)
+print("failed", failed, flush=True)
+"""
+
+
+def _named_minimum(root: Path, source: Path) -> int:
+    """What a server starting on ``root`` (the parent's check, ``SourceRegistry.load``) names as the minimum."""
+    from mixer_contract.errors import InvalidInput
+    from mixer_service.sources import PreparedSource, ShardCache
+
+    cache = ShardCache(root / "shards", limit_bytes=1 << 40, root=root, memory_bytes=0)
+    try:
+        src = PreparedSource.open(source, cache=cache)
+        assert cache.budget is not None
+        cache.budget.limit = 1
+        with pytest.raises(InvalidInput) as refused:
+            cache.check_limit([src])
+    finally:
+        cache.close()
+    found = re.search(r"give at least --cache-limit (\d+)", str(refused.value))
+    assert found, refused.value
+    return int(found.group(1))
+
+
+def test_the_minimum_is_the_same_while_another_server_fetches_and_evicts(sources, tmp_path) -> None:
+    """Found: ``DiskBudget.fixed`` walks the root (``du``) and then lists the tenants' files without the
+    budget's lock, which every allocation and eviction takes: a shard allocated or evicted by another server
+    on the same directory between the two counts once and not the other, so the minimum a start names moved
+    by a shard (refusing a restart at the limit it had accepted, the case 44b3b1d set out to fix) or fell
+    below the true one (12 of 100 starts here named
+    4718592, 4726784 or 4988928 bytes)."""
+    root = tmp_path / "cache"
+    quiet = _named_minimum(root, sources / "web")
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_SERVER, str(root), str(sources / "web"), "1000000"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert busy.stdout is not None and busy.stdout.readline() == "ready\n"
+        named = [_named_minimum(root, sources / "web") for _ in range(400)]
+    finally:
+        busy.kill()
+        busy.wait()
+    assert set(named) == {quiet}, f"quiet: {quiet}; while another server fetched: {sorted(set(named))}"
+
+
+def test_a_starting_cache_does_not_remove_a_fetch_in_flight(sources, tmp_path) -> None:
+    """Found: a fetch creates its partial file (``DiskBudget.create``) and only then ``flock``s it; a shard
+    cache opening the directory in between (a worker uvicorn restarts, a second server, the parent's limit
+    check) sees a partial file nobody holds, takes it for a dead writer's and unlinks it. The fetch then fails
+    at its rename (FileNotFoundError: a request's 500) after writing bytes ``du`` no longer sees."""
+    root = tmp_path / "cache"
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_SERVER, str(root), str(sources / "web"), "12"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from mixer_service.sources import ShardCache
+
+    assert busy.stdout is not None and busy.stdout.readline() == "ready\n"
+    try:
+        while busy.poll() is None:
+            ShardCache(root / "shards", limit_bytes=1 << 40, root=root, memory_bytes=0).close()
+            time.sleep(0.002)  # leave the busy server room to fetch
+        out, err = busy.communicate()
+    finally:
+        busy.kill()
+        busy.wait()
+    assert "failed 0\n" in out, f"{out.strip()}: {err[-600:]}"
