@@ -40,6 +40,7 @@ skipped, never waited for.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -191,9 +192,11 @@ class ShardCache:
         """Entries left by an earlier process count against the limit (oldest first); verified on use. Partial
         files of processes that died mid-fetch are removed (they hold allocated bytes)."""
         found = []
-        for path in self.directory.glob(".*.tmp-*"):
-            if not _being_written(path):
-                path.unlink(missing_ok=True)
+        # Under the budget's lock, in which a writer creates and locks its partial file (DiskBudget.create).
+        with self.budget.locked() if self.budget is not None else contextlib.nullcontext():
+            for path in self.directory.glob(".*.tmp-*"):
+                if not _being_written(path):
+                    path.unlink(missing_ok=True)
         for path in self.directory.glob("*.bin"):
             stamp = _regular(path)
             if stamp is not None:
@@ -564,12 +567,15 @@ class ShardCache:
                 if hashlib.sha256(data).hexdigest() != shard.sha256:
                     raise CorruptData(f"{shard.label}: shard checksum mismatch (corrupt or truncated)")
                 digest, raw = _write_raw(shard, data, out)
-            handle = open_handle(tmp, str(path))
-            try:
-                self._install(tmp, path)
-            except BaseException:
-                handle.close()
-                raise
+                out.flush()
+                # Renamed before ``out`` is closed: closing releases the flock, and a cache opening the
+                # directory in between took the file for a dead writer's and removed it (the rename failed).
+                handle = open_handle(tmp, str(path))
+                try:
+                    self._install(tmp, path)
+                except BaseException:
+                    handle.close()
+                    raise
         except zstandard.ZstdError as exc:
             tmp.unlink(missing_ok=True)
             raise CorruptData(f"{shard.label}: cannot decompress shard ({exc})") from exc

@@ -130,9 +130,10 @@ class DiskBudget:
         """What the root holds that no tenant can give back (source records, index headers, directories): the
         same for the same sources however warm the cache or busy the other workers, so a limit accepted once
         is accepted again at a restart."""
-        with self._thread_lock:
+        with self.locked():  # a snapshot: every allocation, install and eviction takes it (else a shard
+            # allocated or evicted between the walk and the listing counted once and not the other)
             tenants = [t for t in (ref() for ref in self._tenants) if t is not None]
-        return max(0, self.used() - sum(t.evictable_bytes() for t in tenants))
+            return max(0, self.used() - sum(t.evictable_bytes() for t in tenants))
 
     def create(self, path: Path, *, demand: bool) -> int:
         """Create ``path`` (a new file under the root) and return its descriptor, with room for the block its
@@ -140,7 +141,11 @@ class DiskBudget:
         allocation."""
         with self.locked():
             self._make_room(block_size(self.root), demand)
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # Held before the lock is released: a cache opening the directory removes, under this lock, the
+            # partial files nobody holds (a dead writer's), and would take this one for such.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return fd
 
     def allocate(self, fd: int, offset: int, length: int, *, demand: bool, what: str) -> None:
         """Allocate ``[offset, offset + length)`` of ``fd`` (a file under the root) once it fits, evicting
