@@ -122,7 +122,7 @@ for _ in range(rounds):
             src.tokens.shard(i)[:1]
         except Exception:
             failed += 1
-            traceback.print_exc(limit=1)
+            traceback.print_exc()
 print("failed", failed, flush=True)
 """
 
@@ -167,10 +167,11 @@ def test_the_minimum_is_the_same_while_another_server_fetches_and_evicts(sources
 
 
 def test_a_starting_cache_does_not_remove_a_fetch_in_flight(sources, tmp_path) -> None:
-    """Found: a fetch creates its partial file (``DiskBudget.create``) and only then ``flock``s it; a shard
-    cache opening the directory in between (a worker uvicorn restarts, a second server, the parent's limit
-    check) sees a partial file nobody holds, takes it for a dead writer's and unlinks it. The fetch then fails
-    at its rename (FileNotFoundError: a request's 500) after writing bytes ``du`` no longer sees."""
+    """Found: a fetch's partial file was unlocked twice: between its creation (``DiskBudget.create``) and the
+    writer's ``flock``, and between the close of the written file (which drops the ``flock``) and its rename.
+    A shard cache opening the directory then (a worker uvicorn restarts, a second server, the parent's limit
+    check) took it for a dead writer's and unlinked it: the fetch failed at its rename (FileNotFoundError, a
+    request's 500), after writing bytes ``du`` no longer saw."""
     root = tmp_path / "cache"
     busy = subprocess.Popen([sys.executable, "-c", BUSY_SERVER, str(root), str(sources / "web"), "12"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
