@@ -2,7 +2,8 @@
 
 ``mixer serve`` owns prometheus-client's multiprocess switch: it drops ``PROMETHEUS_MULTIPROC_DIR`` and sets
 its own fresh directory (several workers) or none (one worker). prometheus-client reads the switch, in either
-case (the lower-case name is deprecated but honoured, ``prometheus_client/values.py``), when it is imported."""
+case (the lower-case name is deprecated but honoured, ``prometheus_client/values.py``), when it is
+imported."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def _children(pid: int) -> set[int]:
 
 
 def _served(url: str, job: str) -> float:
-    found = re.search(rf'^mixer_batches_served_total\{{job="{job}"\}} (\S+)$', httpx.get(f"{url}/metrics").text,
-                      re.M)
+    text = httpx.get(f"{url}/metrics").text
+    found = re.search(rf'^mixer_batches_served_total\{{job="{job}"\}} (\S+)$', text, re.M)
     assert found, "no mixer_batches_served_total for the job"
     return float(found.group(1))
 
@@ -41,8 +42,8 @@ def _served(url: str, job: str) -> float:
 def test_one_worker_ignores_an_operators_multiprocess_dir(sources_dir, tmp_path, name) -> None:
     """Found: with ``PROMETHEUS_MULTIPROC_DIR`` in the environment, ``--workers 1`` did not start at all
     ("Error loading ASGI app factory: expected str, bytes or os.PathLike object, not NoneType"):
-    ``_metrics_directory`` imported ``metrics.py`` (hence prometheus-client, which picks its multiprocess value
-    class from the environment at import) before it dropped the variable, so the metrics were built in
+    ``_metrics_directory`` imported ``metrics.py`` (hence prometheus-client, which picks its multiprocess
+    value class from the environment at import) before it dropped the variable, so the metrics were built in
     multiprocess mode with no directory. With the lower-case name (never dropped) a missing directory
     stopped it (FileNotFoundError: .../gauge_mostrecent_PID.db) and an existing one received its values."""
     missing = tmp_path / "no-such-dir"
@@ -73,7 +74,8 @@ def test_two_workers_ignore_an_operators_stale_multiprocess_dir(sources_dir, tmp
 
 
 def test_a_killed_servers_metrics_directory_is_not_left_for_good(sources_dir, tmp_path) -> None:
-    """Found: a fresh ``mixer-metrics-*`` directory per start under ``$TMPDIR`` is removed at a clean stop only;
+    """Found: a fresh ``mixer-metrics-*`` directory per start under ``$TMPDIR`` is removed at a clean stop
+    only;
     one a SIGKILLed server left (an OOM kill, a node drain with no grace) is never removed, by this start or
     any later one, so every crash leaks one directory of the workers' mmap files."""
     tmpdir = tmp_path / "tmp"

@@ -1,5 +1,5 @@
-"""Hostile review of the cache-limit minimum (commits 44b3b1d, 1909d2a): odd entries in the shard directory and
-a fetch that never ends, against a real ``mixer serve`` at the smallest limit it accepts."""
+"""Hostile review of the cache-limit minimum (commits 44b3b1d, 1909d2a): odd entries in the shard directory
+and a fetch that never ends, against a real ``mixer serve`` at the smallest limit it accepts."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def sources(tmp_path_factory) -> Path:
     """Every State of the Union address in shards of 2^17 tokens (dozens of shards), as a local source."""
     root = tmp_path_factory.mktemp("hostile") / "sources"
     docs = iter_documents([RAW / "sotu"], fmt="text", glob="*.txt")
-    prepare_source(docs, root / "web", load_tokenizer(), name="web", shard_tokens=SHARD_TOKENS, progress=False)
+    prepare_source(docs, root / "web", load_tokenizer(), name="web", shard_tokens=SHARD_TOKENS,
+                   progress=False)
     return root
 
 
@@ -128,7 +129,8 @@ print("failed", failed, flush=True)
 
 
 def _named_minimum(root: Path, source: Path) -> int:
-    """What a server starting on ``root`` (the parent's check, ``SourceRegistry.load``) names as the minimum."""
+    """What a server starting on ``root`` (the parent's check, ``SourceRegistry.load``) names as the
+    minimum."""
     from mixer_contract.errors import InvalidInput
     from mixer_service.sources import PreparedSource, ShardCache
 
