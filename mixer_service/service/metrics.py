@@ -23,9 +23,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mixer_service.service.settings import MULTIPROCESS_DIR_ENV
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 QUANTILES = ("0", "0.5", "0.9", "1")
-MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own switch, read when it is imported
 SHARED_CACHE_STATS = frozenset({"used_bytes", "limit_bytes"})  # of the directory the workers share
 SERVED = ("mixer_batches_served", "mixer_tokens_served")
 

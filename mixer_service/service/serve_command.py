@@ -20,6 +20,8 @@ from mixer_contract.errors import InvalidInput
 from mixer_service.logs import configure_from_env
 from mixer_service.service.settings import (
     DEFAULT_MEMORY_BYTES,
+    MULTIPROCESS_DIR_ENV,
+    MULTIPROCESS_DIR_ENVS,
     SETTINGS_ENV,
     VERIFY_MODES,
     PlanLimits,
@@ -128,13 +130,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_app():
     """Uvicorn factory: the app of the ``ServeSettings`` that ``run`` passed in ``SETTINGS_ENV``."""
+    settings = ServeSettings.from_json(os.environ[SETTINGS_ENV])
+    if settings.worker_count > 1:
+        _start_worker()  # before prometheus-client is imported (below): it may drop its multiprocess mode
+
     from mixer_service.service.app import Settings, create_app
     from mixer_service.service.connections import CappedConnections
     from mixer_service.store import open_store
 
-    settings = ServeSettings.from_json(os.environ[SETTINGS_ENV])
-    if settings.worker_count > 1:
-        _start_worker()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     CappedConnections.max_connections = settings.limits.connections
     return create_app(
@@ -156,6 +159,7 @@ def _start_worker() -> None:
     logs as ``mixer serve`` does. And it ends with its parent: uvicorn does not watch for a parent that was
     SIGKILLed, whose workers kept serving on the port (a restart then failed, "address already in use")."""
     configure_from_env("INFO")
+    _reserve_metric_files()
     parent = multiprocessing.parent_process()
     if parent is None or not sys.platform.startswith("linux"):
         return
@@ -166,6 +170,34 @@ def _start_worker() -> None:
 
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# The files prometheus-client's multiprocess mode makes for the kinds of metrics.py's metrics, and what of
+# each is reserved on disk (its own start is 64 KiB, sparse).
+METRIC_FILES = ("counter", "histogram", "gauge_mostrecent", "gauge_livesum")
+METRIC_FILE_BYTES = 256 << 10
+
+
+def _reserve_metric_files() -> None:
+    """Allocate this worker's metric files before prometheus-client maps them: it makes them sparse, and the
+    first write to a page a full ``$TMPDIR`` cannot back killed the worker (SIGBUS), which uvicorn restarted,
+    forever. Without the room, this worker's metrics stay in its memory (a scrape it answers shows its own
+    counts only), and it says so."""
+    directory = os.environ.get(MULTIPROCESS_DIR_ENV)
+    if not directory:
+        return
+    try:
+        for kind in METRIC_FILES:
+            fd = os.open(os.path.join(directory, f"{kind}_{os.getpid()}.db"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, METRIC_FILE_BYTES)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        for kind in METRIC_FILES:
+            Path(directory, f"{kind}_{os.getpid()}.db").unlink(missing_ok=True)
+        del os.environ[MULTIPROCESS_DIR_ENV]
+        logging.getLogger(__name__).warning(
+            "metrics of this worker are its own: no room for them in the shared metrics directory", extra={
+                "event": "metrics.per_worker", "directory": directory, "error": exc.strerror or str(exc)})
 
 
 def _sources(settings: ServeSettings, check_limit: bool = True):
@@ -264,13 +296,9 @@ def _metrics_directory(workers: int) -> Iterator[None]:
     """Several workers write their metric values into one fresh directory, which any of them reads for a
     scrape (``metrics.py``); one worker keeps them in memory. Fresh at every start: values a killed server
     left would be counted again."""
-    # Dropped before metrics.py (prometheus-client) is imported: prometheus-client picks its value class
-    # from these (the lower-case one is deprecated, still honoured) when it is imported, and an operator's
-    # would put one worker in multiprocess mode with no directory (it did not start).
-    for name in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
+    # An operator's would put one worker in multiprocess mode with no directory (it did not start).
+    for name in MULTIPROCESS_DIR_ENVS:
         os.environ.pop(name, None)
-    from mixer_service.service.metrics import MULTIPROCESS_DIR_ENV
-
     if workers == 1:
         yield
         return

@@ -20,6 +20,10 @@ from mixer_service.sources.cache import DEFAULT_MEMORY_BYTES
 from mixer_service.store.base import StoreLimits
 
 SETTINGS_ENV = "MIXER_SERVE_SETTINGS"
+# prometheus-client's multiprocess switch, read when it is imported (the lower-case name is deprecated and
+# still honoured): ``mixer serve`` owns it (metrics.py).
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MULTIPROCESS_DIR_ENVS = (MULTIPROCESS_DIR_ENV, "prometheus_multiproc_dir")
 VERIFY_MODES = ("off", "fast", "full")
 
 

@@ -140,5 +140,6 @@ def test_a_full_tmpdir_does_not_put_the_workers_in_a_crash_loop(sources_dir, tmp
                 assert httpx.get(f"{srv.url}/v1/jobs/{job}/batches/{step}").status_code == 200
         assert httpx.get(f"{srv.url}/metrics").status_code == 200
         assert "died" not in srv.tail(100_000)
+        assert "no room for them in the shared metrics directory" in srv.tail(100_000)  # and it says so
     finally:
         srv.stop()

@@ -15,6 +15,8 @@ import httpx
 import pytest
 from service_helpers import Server, new_job, worker_pids
 
+from mixer_service.service.serve_command import METRIC_FILE_BYTES, METRIC_FILES
+
 STEPS = 24
 MEMORY = 64 << 20
 
@@ -76,6 +78,10 @@ def test_every_scrape_counts_what_every_worker_served(server) -> None:
     metrics_dir = Path((Path("/proc") / str(killed) / "environ").read_bytes().split(
         b"PROMETHEUS_MULTIPROC_DIR=")[1].split(b"\0")[0].decode())
     assert metrics_dir.is_dir()
+    for pid in old:  # every file prometheus-client maps was allocated before (a full $TMPDIR: no SIGBUS)
+        files = {p.name: p.stat() for p in metrics_dir.glob(f"*_{pid}.db")}
+        assert set(files) == {f"{kind}_{pid}.db" for kind in METRIC_FILES}
+        assert all(st.st_blocks * 512 >= METRIC_FILE_BYTES for st in files.values())
     os.kill(killed, signal.SIGKILL)
     until(lambda: _workers(server, without=killed), 30)
     until(consistent)  # what the killed worker served still counts; its memory no longer does
