@@ -329,23 +329,21 @@ class StateStore(ABC):
         Optimistic concurrency: ``StaleVersion`` unless the log still ends at ``expected`` (same version and
         chain) of the same incarnation, so of N concurrent callers with the same expectation exactly one
         wins. ``plan`` owns the effective-step rule; it runs before the commit and outside any lock (it may
-        be slow), and again with the fresh high water whenever serving moved past its bound: then as if
-        serving were twice as far past it again (trainers that overtook one attempt overtake the next by as
-        much: 8 steps a request, a store slow under load), so a change as soon as possible lands instead of
-        racing them. If it raises, nothing changes. The commit is atomic with ``max_high_water``.
+        be slow), and again with the fresh high water whenever serving moved past its bound; overtaken
+        twice, it plans as if serving were twice as far past the last bound again (trainers that overtake
+        every attempt, 8 steps a request to a store slow under load, would win all of them), so a change as
+        soon as possible lands. If it raises, nothing changes. The commit is atomic with ``max_high_water``.
         """
         check_job_id(job_id)
         VERSION.check(expected.version, "expected version")
         to_json(schedule, "schedule")
         head = self.head(job_id)
-        overtaken_from: int | None = None
-        for _ in range(MAX_COMMIT_ATTEMPTS):
+        lead = 0
+        for attempt in range(MAX_COMMIT_ATTEMPTS):
             _raise_if_stale(job_id, head, incarnation, expected)
             if head.version >= self.limits.max_versions:
                 raise Conflict(f"job {job_id!r} has reached the limit of {self.limits.max_versions} "
                                "schedule versions")
-            lead = 0 if overtaken_from is None else 2 * max(0, head.served_high_water - overtaken_from)
-            overtaken_from = head.served_high_water
             planned = plan(head.served_high_water + lead)
             if planned.max_high_water >= planned.effective_step:
                 raise AssertionError(f"a change plan must keep its bound below its effective step: {planned}")
@@ -365,6 +363,8 @@ class StateStore(ABC):
                 extra={"job_id": job_id, "bound": planned.max_high_water,
                        "high_water": blocked.served_high_water},
             )
+            if attempt >= 1:
+                lead = 2 * max(0, blocked.served_high_water - planned.max_high_water)
             head = blocked
         _raise_if_stale(job_id, head, incarnation, expected)
         raise Conflict(

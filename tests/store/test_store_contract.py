@@ -304,7 +304,7 @@ def test_commit_gives_up_when_serving_keeps_overtaking(store: StateStore, job: s
 def test_commit_plans_ahead_of_trainers_that_advance_while_it_commits(store: StateStore, job: str) -> None:
     """Found under load (tests/service/test_faults.py, Redis restarting): trainers asking 8 steps a request
     moved the high water past every plan's bound, 8 times in a row, and a change as soon as possible was a
-    409. An attempt that was overtaken by N steps plans the next 2N further ahead, and lands."""
+    409. Overtaken twice, an attempt plans twice as far past the last bound as serving went, and lands."""
     def eight_steps_a_request(effective_step: int) -> None:
         mark_step(store, job, store.served_high_water(job) + 8)
 
