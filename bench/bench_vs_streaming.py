@@ -359,23 +359,18 @@ def ours_cell(ranks: int, args: argparse.Namespace, data: dict, where: str, endp
                   "rss_mb": out.get("ranks_rss_mb", 0) + srv.rss_mb}
 
 
-def cache_counts(url: str, scrapes: int = 24) -> dict[str, int]:
-    """The shard cache's counters summed over the server's workers: each scrape of /metrics is answered by
-    one worker, so the distinct answers of a few scrapes are the workers' (two workers with equal counters
-    would be counted once)."""
+def cache_counts(url: str) -> dict[str, int]:
+    """The shard cache's counters summed over the server's workers: a scrape answers for all of them, once
+    each has published its own (within ``CACHE_STATS_INTERVAL_S``, docs/operations.md "Metrics")."""
     import httpx
 
-    seen = set()
-    for _ in range(scrapes):
-        text = httpx.get(f"{url}/metrics", timeout=30).text
-        seen.add(tuple(sorted((line.split('"')[1], int(float(line.rsplit(" ", 1)[1])))
-                              for line in text.splitlines() if line.startswith("mixer_shard_cache{"))))
-    totals: dict[str, int] = {}
-    for answer in seen:
-        for stat, value in answer:
-            if not stat.endswith(("_bytes", "limit_bytes")) or stat == "fetched_bytes":
-                totals[stat] = totals.get(stat, 0) + value
-    return totals | {"workers_seen": len(seen)}
+    from mixer_service.service.app import CACHE_STATS_INTERVAL_S
+
+    time.sleep(CACHE_STATS_INTERVAL_S + 0.5)
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    counts = {line.split('"')[1]: int(float(line.rsplit(" ", 1)[1]))
+              for line in text.splitlines() if line.startswith("mixer_shard_cache{")}
+    return {stat: n for stat, n in counts.items() if not stat.endswith("_bytes") or stat == "fetched_bytes"}
 
 
 def peer_cell(ranks: int, args: argparse.Namespace, data: dict, endpoint: str) -> dict:
