@@ -147,3 +147,15 @@ def worker_pids(server: Server) -> set[int]:
         if int(fields[1]) == server.proc.pid and b"spawn_main" in cmdline:
             found.add(int(stat.parent.name))
     return found
+
+
+# `python -c FOREIGN_FETCH PATH BYTES`: another process fetching a shard into PATH (a partial file it holds
+# flocked, BYTES allocated) that never finishes; prints "holding" once it does.
+FOREIGN_FETCH = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)  # as a worker holds the file it fetches into
+os.posix_fallocate(fd, 0, int(sys.argv[2]))
+print("holding", flush=True)
+time.sleep(600)
+"""

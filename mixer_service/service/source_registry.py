@@ -167,7 +167,8 @@ class SourceRegistry:
         ratio and how much is served from memory. ``disk``: with the directory's bytes (a ``du`` walk)."""
         if self.cache is None:
             return {}
-        stats = self.cache.stats.as_dict() | {"memory_limit_bytes": self.cache.memory_bytes}
+        stats: dict[str, int | None] = {**self.cache.stats.as_dict(),
+                                        "memory_limit_bytes": self.cache.memory_bytes}
         if disk:
             stats |= {"used_bytes": self.cache.used_bytes, "limit_bytes": self.cache.limit_bytes}
         return stats

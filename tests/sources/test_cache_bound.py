@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import RAW, Server, reblock
+from service_helpers import FOREIGN_FETCH, RAW, Server, reblock
 from test_sources_s3 import BUCKET, CREDENTIALS, s3, upload  # noqa: F401  (s3 is a fixture)
 
 from mixer_contract import wire
@@ -296,16 +296,6 @@ def test_a_cache_directory_deleted_while_serving_is_made_again(web, tmp_path) ->
     shutil.rmtree(tmp_path / "cache" / "shards")
     cache._entries.clear()  # as a fresh worker would: nothing cached in memory either
     assert (source.tokens.shard(1)[:1].size == 1) and (source.tokens.shard(0)[:100] == first).all()
-
-
-FOREIGN_FETCH = """
-import fcntl, os, sys, time
-fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
-fcntl.flock(fd, fcntl.LOCK_EX)  # as a worker holds the file it fetches into
-os.posix_fallocate(fd, 0, int(sys.argv[2]))
-print("holding", flush=True)
-time.sleep(600)
-"""
 
 
 @pytest.mark.parametrize("workers", [1, 2])

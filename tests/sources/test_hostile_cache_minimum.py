@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import RAW, Server
+from service_helpers import FOREIGN_FETCH, RAW, Server
 
 from mixer_service.prepare.readers import iter_documents
 from mixer_service.prepare.tokenizer import load_tokenizer
@@ -79,14 +79,6 @@ def test_a_directory_named_like_a_shard_does_not_break_eviction(sources, tmp_pat
     assert "IsADirectoryError" not in log
 
 
-FOREIGN_FETCH = """
-import fcntl, os, sys, time
-fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
-fcntl.flock(fd, fcntl.LOCK_EX)  # as a worker holds the file it fetches into
-os.posix_fallocate(fd, 0, int(sys.argv[2]))
-print("holding", flush=True)
-time.sleep(600)
-"""
 
 
 def test_a_fetch_that_never_ends_is_not_left_out_of_the_minimum(sources, tmp_path) -> None:
