@@ -23,7 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mixer_service.service.settings import MULTIPROCESS_DIR_ENV
+from mixer_service.service.settings import MULTIPROCESS_DIR_ENV, process_gone
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 QUANTILES = ("0", "0.5", "0.9", "1")
@@ -142,12 +142,8 @@ def _forget_dead(directory: Path) -> None:
     to its replacement's for as long as the server runs."""
     for path in directory.glob("gauge_live*_*.db"):
         pid = int(path.stem.rsplit("_", 1)[1])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if process_gone(pid):
             _drop_live_gauges(directory, pid)
-        except PermissionError:
-            pass  # alive, another user's
 
 
 def _drop_live_gauges(directory: Path, pid: int) -> None:

@@ -28,6 +28,7 @@ from mixer_service.service.settings import (
     ServeSettings,
     ServiceLimits,
     plan_limits_from_env,
+    process_gone,
 )
 from mixer_service.store.base import StoreLimits
 
@@ -319,14 +320,8 @@ def _remove_orphaned_metrics() -> None:
     """The directories of servers that were SIGKILLed (named after their process id) go at the next start."""
     for path in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
         owner = path.name[len(_METRICS_PREFIX):].split("-", 1)[0]
-        if not owner.isdigit():
-            continue
-        try:
-            os.kill(int(owner), 0)
-        except ProcessLookupError:
+        if owner.isdigit() and process_gone(int(owner)):
             shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            pass  # alive: another user's server
 
 
 def _run_uvicorn(uvicorn, settings: ServeSettings) -> None:

@@ -82,6 +82,17 @@ def usable_cores(cgroup: Path = CGROUP) -> int:
     return max(1, min(cores, -(-int(quota) // int(period))))
 
 
+def process_gone(pid: int) -> bool:
+    """Whether no process has id ``pid`` (one of another user's is not gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     sources_dir: Path | None = None

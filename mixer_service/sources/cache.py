@@ -147,6 +147,7 @@ class CacheStats:
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
 
+
 class ShardCache:
     """Decompressed shards under ``directory``; with ``limit_bytes``, everything under ``root`` (default
     ``directory``; the server's ``--cache-dir``, which also holds remote document indexes) stays within it.
@@ -730,8 +731,7 @@ def _regular(path: Path) -> FileStamp | None:
     """``path``'s stamp when it is a regular file (not a directory or a link named like a shard, which an
     eviction could not ``unlink`` or would not free), else None."""
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None
+        st = os.lstat(path)
     except OSError:
         return None
-    return FileStamp.of(path)
+    return FileStamp(st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
